@@ -1,0 +1,240 @@
+"""Loading BLIP-2 (hub id or local folder) and building one from a config.
+
+Everything goes through transformers' `Blip2ForConditionalGeneration` and
+`Blip2Processor`; no remote code is ever trusted.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoTokenizer,
+    Blip2Config,
+    Blip2ForConditionalGeneration,
+    Blip2Processor,
+    Blip2QFormerConfig,
+    Blip2VisionConfig,
+    BlipImageProcessorPil,
+    OPTConfig,
+    T5Config,
+)
+
+log = logging.getLogger(__name__)
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+DEFAULT_MODEL = str(ASSETS / "shapes-blip2")
+IMAGE_TOKEN = "<image>"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be loaded; the message is one line meant for the user."""
+
+
+@dataclass
+class LoadedModel:
+    """A BLIP-2 with its processor and where it came from."""
+
+    model: Blip2ForConditionalGeneration
+    processor: Blip2Processor
+    name: str
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def family(self) -> str:
+        """'opt' for decoder-only language models, 't5' for encoder-decoder ones."""
+        return "opt" if self.model.config.use_decoder_only_language_model else "t5"
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelLoadError(f"device {device!r} was asked for but no CUDA GPU is available")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device, family: str) -> torch.dtype:
+    """float16 on a GPU for OPT, bfloat16 for T5 (which overflows in float16), float32 on CPU."""
+    if isinstance(dtype, torch.dtype):
+        resolved = dtype
+    elif dtype in (None, "auto"):
+        if device.type == "cpu":
+            resolved = torch.float32
+        else:
+            resolved = torch.bfloat16 if family == "t5" else torch.float16
+    elif dtype in DTYPES:
+        resolved = DTYPES[dtype]
+    else:
+        raise ModelLoadError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    if resolved == torch.float16 and family == "t5":
+        raise ModelLoadError("FlanT5 overflows in float16: use --dtype bfloat16 or float32")
+    return resolved
+
+
+def _read_config(name: str) -> Blip2Config:
+    local = Path(name)
+    if local.exists() and not local.is_dir():
+        raise ModelLoadError(f"{name} is a file, not a model folder")
+    if local.is_dir() and not (local / "config.json").exists():
+        raise ModelLoadError(f"{name} is a folder without config.json: not a saved BLIP-2 model")
+    try:
+        config = Blip2Config.from_pretrained(name)
+    except OSError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if local.is_dir() or name.startswith((".", "/", "~")):
+            raise ModelLoadError(f"cannot read a BLIP-2 config from {name}: {first}") from err
+        raise ModelLoadError(
+            f"cannot load {name!r} from the Hugging Face hub (no such model, or the hub is "
+            f"unreachable from here): {first}"
+        ) from err
+    except (ValueError, KeyError) as err:
+        raise ModelLoadError(f"{name} is not a BLIP-2 model: {err}") from err
+    if getattr(config, "model_type", None) != "blip-2":
+        raise ModelLoadError(
+            f"{name} is a {getattr(config, 'model_type', 'unknown')!r} model, not BLIP-2"
+        )
+    return config
+
+
+def load_model(
+    name: str | None = None,
+    device: str | None = "auto",
+    dtype: str | torch.dtype | None = "auto",
+    device_map: str | None = None,
+) -> LoadedModel:
+    """Load a BLIP-2 and its processor from a hub id or a local `save_pretrained` folder.
+
+    `device_map="auto"` spreads a model that does not fit one GPU through accelerate.
+    """
+    name = name or os.environ.get("ECOFLAP_MODEL") or DEFAULT_MODEL
+    config = _read_config(name)
+    family = "opt" if config.use_decoder_only_language_model else "t5"
+    target = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, target, family)
+    try:
+        processor = load_processor(name)
+        kwargs = {"dtype": torch_dtype}
+        if device_map:
+            kwargs["device_map"] = device_map
+        model = Blip2ForConditionalGeneration.from_pretrained(name, **kwargs)
+    except torch.OutOfMemoryError as err:
+        raise ModelLoadError(f"{name} does not fit in memory on {target}: {err}") from err
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0]
+        raise ModelLoadError(f"cannot load the weights of {name}: {first}") from err
+    if not device_map:
+        try:
+            model.to(target)
+        except torch.OutOfMemoryError as err:
+            del model
+            raise ModelLoadError(f"{name} does not fit in memory on {target}") from err
+    model.eval()
+    first_param = next(model.parameters())
+    log.info("loaded %s on %s (%s)", name, first_param.device, first_param.dtype)
+    return LoadedModel(model, processor, name, first_param.device, torch_dtype)
+
+
+def load_processor(name: str) -> Blip2Processor:
+    """The model's processor, with the PIL image backend: no torchvision is needed."""
+    tokenizer = AutoTokenizer.from_pretrained(name)
+    image_processor = BlipImageProcessorPil.from_pretrained(name)
+    config = Blip2Config.from_pretrained(name)
+    return Blip2Processor(image_processor, tokenizer, num_query_tokens=config.num_query_tokens)
+
+
+def small_blip2_config(
+    tokenizer,
+    family: str = "opt",
+    hidden: int = 32,
+    vision_layers: int = 2,
+    qformer_layers: int = 1,
+    language_layers: int = 2,
+    image_size: int = 32,
+    patch_size: int = 8,
+    num_query_tokens: int = 4,
+    heads: int = 2,
+) -> Blip2Config:
+    """A small BLIP-2 config (OPT or T5 language model) whose vocabulary fits `tokenizer`."""
+    vision = Blip2VisionConfig(
+        hidden_size=hidden,
+        intermediate_size=4 * hidden,
+        num_hidden_layers=vision_layers,
+        num_attention_heads=heads,
+        image_size=image_size,
+        patch_size=patch_size,
+        initializer_range=0.02,
+    )
+    qformer = Blip2QFormerConfig(
+        hidden_size=hidden,
+        num_hidden_layers=qformer_layers,
+        num_attention_heads=heads,
+        intermediate_size=4 * hidden,
+        encoder_hidden_size=hidden,
+        vocab_size=len(tokenizer),
+    )
+    vocab = len(tokenizer)
+    if family == "opt":
+        text = OPTConfig(
+            vocab_size=vocab,
+            hidden_size=hidden,
+            num_hidden_layers=language_layers,
+            ffn_dim=4 * hidden,
+            num_attention_heads=heads,
+            max_position_embeddings=128,
+            word_embed_proj_dim=hidden,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+    elif family == "t5":
+        text = T5Config(
+            vocab_size=vocab,
+            d_model=hidden,
+            d_kv=hidden // heads,
+            d_ff=4 * hidden,
+            num_layers=language_layers,
+            num_decoder_layers=language_layers,
+            num_heads=heads,
+            feed_forward_proj="gated-gelu",
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            decoder_start_token_id=tokenizer.pad_token_id,
+            tie_word_embeddings=False,
+        )
+    else:
+        raise ValueError(f"unknown language model family {family!r}: use 'opt' or 't5'")
+    return Blip2Config(
+        vision_config=vision.to_dict(),
+        qformer_config=qformer.to_dict(),
+        text_config=text.to_dict(),
+        num_query_tokens=num_query_tokens,
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+    )
+
+
+def build_blip2(config: Blip2Config, seed: int = 0) -> Blip2ForConditionalGeneration:
+    """A randomly initialised BLIP-2 that is not degenerate.
+
+    transformers' defaults start the ViT at ~zero (initializer_range 1e-10) and the
+    query tokens at exactly zero; either one keeps the vision path from ever learning.
+    """
+    config.vision_config.initializer_range = max(config.vision_config.initializer_range, 0.02)
+    torch.manual_seed(seed)
+    model = Blip2ForConditionalGeneration(config)
+    with torch.no_grad():
+        model.query_tokens.normal_(0.0, 0.02)
+    return model.eval()
+
+
+def build_processor(tokenizer, config: Blip2Config) -> Blip2Processor:
+    """A processor for a model built from a config (image size from the vision config)."""
+    size = config.vision_config.image_size
+    image_processor = BlipImageProcessorPil(size={"height": size, "width": size})
+    return Blip2Processor(image_processor, tokenizer, num_query_tokens=config.num_query_tokens)
