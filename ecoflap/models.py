@@ -78,29 +78,35 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device, family:
     return resolved
 
 
-def _read_config(name: str) -> Blip2Config:
-    local = Path(name)
+def _read_config(name: str) -> tuple[Blip2Config, str]:
+    """The BLIP-2 config and the path or hub id to load from, or one clear error line."""
+    local = Path(name).expanduser()
+    looks_local = name.startswith((".", "/", "~")) or local.exists()
+    if name.startswith((".", "/", "~")) and not local.exists():
+        raise ModelLoadError(f"no model folder at {name}")
     if local.exists() and not local.is_dir():
         raise ModelLoadError(f"{name} is a file, not a model folder")
     if local.is_dir() and not (local / "config.json").exists():
         raise ModelLoadError(f"{name} is a folder without config.json: not a saved BLIP-2 model")
+    source = str(local) if local.is_dir() else name
     try:
-        config = Blip2Config.from_pretrained(name)
+        raw, _ = Blip2Config.get_config_dict(source)
     except OSError as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        if local.is_dir() or name.startswith((".", "/", "~")):
+        if looks_local or local.is_dir():
             raise ModelLoadError(f"cannot read a BLIP-2 config from {name}: {first}") from err
         raise ModelLoadError(
             f"cannot load {name!r} from the Hugging Face hub (no such model, or the hub is "
             f"unreachable from here): {first}"
         ) from err
-    except (ValueError, KeyError) as err:
-        raise ModelLoadError(f"{name} is not a BLIP-2 model: {err}") from err
-    if getattr(config, "model_type", None) != "blip-2":
-        raise ModelLoadError(
-            f"{name} is a {getattr(config, 'model_type', 'unknown')!r} model, not BLIP-2"
-        )
-    return config
+    except ValueError as err:
+        raise ModelLoadError(f"{name} has an unreadable config.json: {err}") from err
+    if raw.get("model_type") != "blip-2":
+        raise ModelLoadError(f"{name} is a {raw.get('model_type', 'unknown')!r} model, not BLIP-2")
+    try:
+        return Blip2Config.from_pretrained(source), source
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ModelLoadError(f"{name} has a BLIP-2 config that cannot be read: {err}") from err
 
 
 def load_model(
@@ -114,16 +120,16 @@ def load_model(
     `device_map="auto"` spreads a model that does not fit one GPU through accelerate.
     """
     name = name or os.environ.get("ECOFLAP_MODEL") or DEFAULT_MODEL
-    config = _read_config(name)
+    config, source = _read_config(name)
     family = "opt" if config.use_decoder_only_language_model else "t5"
     target = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, target, family)
     try:
-        processor = load_processor(name)
+        processor = load_processor(source)
         kwargs = {"dtype": torch_dtype}
         if device_map:
             kwargs["device_map"] = device_map
-        model = Blip2ForConditionalGeneration.from_pretrained(name, **kwargs)
+        model = Blip2ForConditionalGeneration.from_pretrained(source, **kwargs)
     except torch.OutOfMemoryError as err:
         raise ModelLoadError(f"{name} does not fit in memory on {target}: {err}") from err
     except (OSError, ValueError) as err:

@@ -1,0 +1,236 @@
+"""ECoFLaP stage 1: how important is each group of weights, and how sparse may it be.
+
+Scores come from the calibration loss of the whole multimodal model, either from
+forward passes only (zeroth-order: a central finite difference along a random
+direction) or from exact gradients (first-order). `allocate_sparsity` turns group scores
+into per-group keep counts that hit the global keep budget exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .anatomy import PrunableLayer, group_key
+from .data import calibration_loss
+from .pruners.sequential import _replaying
+
+AGGREGATES = ("sum", "avg")
+SCORE_KINDS = ("zeroth", "first")
+
+
+@dataclass
+class Group:
+    """Prunable matrices that share one sparsity."""
+
+    name: str
+    layers: list[PrunableLayer]
+    score: float
+
+    @property
+    def numel(self) -> int:
+        return sum(l.numel for l in self.layers)
+
+
+def _noise(weight: torch.Tensor, seed: int) -> torch.Tensor:
+    generator = torch.Generator(device=weight.device).manual_seed(seed)
+    return torch.randn(weight.shape, generator=generator, device=weight.device, dtype=weight.dtype)
+
+
+@torch.no_grad()
+def directional_derivative(model, weight: torch.Tensor, batch: dict, z: torch.Tensor, eps: float) -> float:
+    """(L(W + eps z) - L(W - eps z)) / (2 eps); W is put back bit for bit."""
+    original = weight.detach().clone()
+    try:
+        weight.add_(z, alpha=eps)
+        plus = calibration_loss(model, batch).item()
+        weight.copy_(original)
+        weight.sub_(z, alpha=eps)
+        minus = calibration_loss(model, batch).item()
+    finally:
+        weight.copy_(original)
+    return (plus - minus) / (2 * eps)
+
+
+def _image_feature_cache(model, batches: list[dict]) -> dict:
+    """Outputs of the vision encoder and the Q-Former per batch, to replay them."""
+    caches: dict = {model.vision_model: [], model.qformer: []}
+    handles = [m.register_forward_hook(lambda mod, a, out: caches[mod].append(out)) for m in caches]
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                model.get_image_features(batch["pixel_values"], return_dict=True)
+    finally:
+        for h in handles:
+            h.remove()
+    return caches
+
+
+def zeroth_order_scores(
+    model,
+    layers: list[PrunableLayer],
+    batches: list[dict],
+    eps: float = 1e-3,
+    noise_samples: int = 1,
+    seed: int = 0,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> dict[str, float]:
+    """Sum over batches of |directional derivative| along fresh Gaussian directions.
+
+    Forward passes only (no autograd graph). Layers of the language model reuse the
+    image features, which their perturbation cannot change, instead of recomputing them.
+    """
+    if eps <= 0:
+        raise ValueError(f"eps must be positive (got {eps})")
+    if noise_samples < 1:
+        raise ValueError(f"noise samples must be at least 1 (got {noise_samples})")
+    caches = _image_feature_cache(model, batches)
+    state = {"batch": 0}
+    scores: dict[str, float] = {}
+    for n, layer in enumerate(layers):
+        weight = layer.module.weight
+        with contextlib.ExitStack() as ctx:
+            if layer.modality == "language":
+                for module, outputs in caches.items():
+                    ctx.enter_context(_replaying(module, outputs, state))
+            elif layer.stack in ("qformer", "projection"):
+                ctx.enter_context(_replaying(model.vision_model, caches[model.vision_model], state))
+            total = 0.0
+            for b, batch in enumerate(batches):
+                state["batch"] = b
+                for k in range(noise_samples):
+                    z = _noise(weight, seed * 1_000_003 + layer.index * 10_007 + b * 101 + k)
+                    total += abs(directional_derivative(model, weight, batch, z, eps)) / noise_samples
+        scores[layer.name] = total
+        if progress:
+            progress(f"stage 1 (zeroth-order): {layer.name}", n + 1, len(layers))
+    return scores
+
+
+def first_order_scores(
+    model,
+    layers: list[PrunableLayer],
+    batches: list[dict],
+    progress: Callable[[str, int, int], None] | None = None,
+) -> dict[str, float]:
+    """Mean over batches of sum_ij |dL/dW_ij| * |W_ij|, by exact gradients.
+
+    Each gradient is reduced to one number the moment it exists and then freed, and only
+    the prunable weights require gradients, so no full set of gradients is ever held.
+    """
+    params = list(model.parameters())
+    saved = [p.requires_grad for p in params]
+    scores = {l.name: 0.0 for l in layers}
+    handles = []
+
+    def reducer(name):
+        def hook(p):
+            scores[name] += (p.grad.float().abs() * p.detach().float().abs()).sum().item()
+            p.grad = None
+        return hook
+
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        for l in layers:
+            l.module.weight.requires_grad_(True)
+            handles.append(l.module.weight.register_post_accumulate_grad_hook(reducer(l.name)))
+        for b, batch in enumerate(batches):
+            with torch.enable_grad():
+                calibration_loss(model, batch).backward()
+            if progress:
+                progress("stage 1 (first-order)", b + 1, len(batches))
+    finally:
+        for h in handles:
+            h.remove()
+        for p, flag in zip(params, saved):
+            p.requires_grad_(flag)
+            p.grad = None
+    return {name: s / len(batches) for name, s in scores.items()}
+
+
+def group_scores(
+    layers: list[PrunableLayer], layer_scores: dict[str, float], granularity: str, aggregate: str = "sum"
+) -> list[Group]:
+    """Groups in forward order with the sum (or per-weight mean) of their matrices' scores."""
+    if aggregate not in AGGREGATES:
+        raise ValueError(f"unknown aggregate {aggregate!r}: use one of {', '.join(AGGREGATES)}")
+    groups: dict[str, list[PrunableLayer]] = {}
+    for layer in layers:
+        groups.setdefault(group_key(layer, granularity), []).append(layer)
+    result = []
+    for name, members in groups.items():
+        score = sum(layer_scores[l.name] for l in members)
+        if aggregate == "avg":
+            score /= sum(l.numel for l in members)
+        result.append(Group(name, members, score))
+    return result
+
+
+def allocate_sparsity(
+    scores: list[float], sizes: list[int], sparsity: float, max_sparsity: float
+) -> list[int]:
+    """Keep counts per group: exactly floor(N (1 - s)) in all, none sparser than the cap
+    (by more than one weight, where the cap equals the target and rounding forces it).
+
+    Every group first keeps ceil(n (1 - s_max)); the rest of the budget goes in
+    proportion to the scores (largest remainder, so the total is exact), groups that
+    fill up drop out and what they could not take is shared again.
+    """
+    if not 0 <= sparsity < 1:
+        raise ValueError(f"sparsity must be in [0, 1) (got {sparsity})")
+    if not sparsity <= max_sparsity <= 1:
+        raise ValueError(
+            f"max per-layer sparsity ({max_sparsity}) must be between the target ({sparsity}) and 1"
+        )
+    if len(scores) != len(sizes) or not sizes:
+        raise ValueError("allocate_sparsity needs one score per group and at least one group")
+    if any(s < 0 or not math.isfinite(s) for s in scores):
+        raise ValueError("group scores must be finite and non-negative")
+    total = sum(sizes)
+    budget = int(math.floor(total * (1 - sparsity) + 1e-9))
+    floors = [int(math.floor(n * (1 - max_sparsity) + 1e-9)) for n in sizes]
+    if sum(floors) > budget:
+        raise ValueError(
+            f"max per-layer sparsity {max_sparsity} cannot reach the target {sparsity}: raise it"
+        )
+    keep = [min(n, math.ceil(n * (1 - max_sparsity) - 1e-9)) for n in sizes]
+    # With the cap at (or within rounding of) the target, the ceilings can overshoot the
+    # budget; the groups with the smallest fractional need round down (cap +1 weight).
+    excess = sum(keep) - budget
+    if excess > 0:
+        fractional = [k for k in range(len(sizes)) if keep[k] > floors[k]]
+        fractional.sort(key=lambda k: (sizes[k] * (1 - max_sparsity) - floors[k], scores[k]))
+        for k in fractional[:excess]:
+            keep[k] -= 1
+    remaining = budget - sum(keep)
+    while remaining > 0:
+        active = [k for k in range(len(sizes)) if keep[k] < sizes[k]]
+        weights = [scores[k] for k in active]
+        if sum(weights) <= 0:
+            weights = [sizes[k] - keep[k] for k in active]
+        norm = sum(weights)
+        shares = [w / norm * remaining for w in weights]
+        add = [int(math.floor(s)) for s in shares]
+        order = sorted(range(len(active)), key=lambda i: (shares[i] - add[i], weights[i]), reverse=True)
+        for i in order[: remaining - sum(add)]:
+            add[i] += 1
+        for i, k in enumerate(active):
+            keep[k] += min(add[i], sizes[k] - keep[k])
+        remaining = budget - sum(keep)
+    return keep
+
+
+def split_count(total: int, sizes: list[int]) -> list[int]:
+    """Split `total` over parts in proportion to `sizes`, exactly (largest remainder)."""
+    whole = sum(sizes)
+    shares = [total * n / whole for n in sizes]
+    parts = [int(math.floor(x)) for x in shares]
+    order = sorted(range(len(sizes)), key=lambda i: shares[i] - parts[i], reverse=True)
+    for i in order[: total - sum(parts)]:
+        parts[i] += 1
+    return parts

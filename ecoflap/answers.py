@@ -1,0 +1,53 @@
+"""Asking a BLIP-2 about an image: a question, or an empty one for a caption."""
+
+from __future__ import annotations
+
+import torch
+from PIL import Image
+
+from .data import Example, encode, prompt_for
+
+
+def prepare_image(image: Image.Image) -> Image.Image:
+    """Any PIL image (RGBA, CMYK, 16-bit, palette, animated) as the RGB frame models expect."""
+    if getattr(image, "is_animated", False):
+        image.seek(0)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        import numpy as np
+
+        array = np.asarray(image, dtype=np.float64)
+        top = array.max() or 1.0
+        image = Image.fromarray((array / top * 255).astype("uint8"))
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    return image.convert("RGB")
+
+
+@torch.no_grad()
+def ask(loaded, images: list[Image.Image], questions: list[str], max_new_tokens: int = 20) -> list[str]:
+    """Greedy answers, one per (image, question); empty questions get captions."""
+    if len(images) != len(questions):
+        raise ValueError("ask needs one question per image")
+    model, processor = loaded.model, loaded.processor
+    decoder_only = model.config.use_decoder_only_language_model
+    answers: list[str | None] = [None] * len(images)
+    # One batch per prompt: equal lengths, so no padding inside a generation batch.
+    by_prompt: dict[str, list[int]] = {}
+    for i, q in enumerate(questions):
+        by_prompt.setdefault(prompt_for(q), []).append(i)
+    for _prompt, idx in by_prompt.items():
+        examples = [Example(prepare_image(images[i]), questions[i], "") for i in idx]
+        batch = encode(processor, examples, decoder_only, with_target=False)
+        inputs = {
+            "pixel_values": batch["pixel_values"].to(loaded.device, loaded.dtype),
+            "input_ids": batch["input_ids"].to(loaded.device),
+            "attention_mask": batch["attention_mask"].to(loaded.device),
+        }
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
+        if decoder_only:
+            out = out[:, inputs["input_ids"].shape[1]:]
+        for i, text in zip(idx, processor.batch_decode(out, skip_special_tokens=True)):
+            answers[i] = text.strip()
+    return answers

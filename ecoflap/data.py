@@ -1,0 +1,143 @@
+"""Image-text examples, their encoding for BLIP-2, and the calibration loss.
+
+The loss is the language-model loss of the target text given the image and prompt, for
+OPT (decoder-only: prompt and target in one sequence, prompt masked out) and T5
+(encoder gets image + prompt, decoder predicts the target).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from .models import ASSETS, IMAGE_TOKEN
+
+DEFAULT_CALIBRATION = ASSETS / "calibration"
+IGNORE = -100
+
+
+@dataclass
+class Example:
+    """An image with a question (empty for a caption) and its target answer."""
+
+    image: Image.Image
+    question: str
+    answer: str
+
+
+def prompt_for(question: str) -> str:
+    """The BLIP-2 VQA prompt; an empty question means captioning, with no prompt at all."""
+    question = (question or "").strip()
+    return f"Question: {question} Answer:" if question else ""
+
+
+def load_examples(folder: str | Path = DEFAULT_CALIBRATION, limit: int | None = None) -> list[Example]:
+    """Read `examples.jsonl` ({"image", "question", "answer"} per line) from a folder."""
+    folder = Path(folder)
+    index = folder / "examples.jsonl"
+    if not index.exists():
+        raise FileNotFoundError(f"no calibration set at {folder} (expected {index.name})")
+    examples = []
+    with open(index) as f:
+        for line in f:
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            with Image.open(folder / row["image"]) as img:
+                image = img.convert("RGB")
+            examples.append(Example(image, row.get("question", ""), row["answer"]))
+            if limit is not None and len(examples) >= limit:
+                break
+    return examples
+
+
+def take(examples: list[Example], n: int, what: str) -> list[Example]:
+    """The first n examples, or a clear error if there are not that many."""
+    if n <= 0:
+        raise ValueError(f"{what}: the number of calibration samples must be at least 1 (got {n})")
+    if n > len(examples):
+        raise ValueError(
+            f"{what}: {n} calibration samples were asked for but the calibration set has "
+            f"only {len(examples)}"
+        )
+    return examples[:n]
+
+
+def encode(processor, examples: list[Example], decoder_only: bool, with_target: bool = True) -> dict:
+    """Tensors for a batch: pixel_values, input_ids, attention_mask, labels.
+
+    Built at token level (image tokens + prompt + target) so that exactly the target
+    tokens carry labels, whatever the tokenizer. Without target: the generation prompt.
+    """
+    tokenizer = processor.tokenizer
+    image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    image_ids = [image_id] * processor.num_query_tokens
+    pixel_values = processor.image_processor(
+        [ex.image for ex in examples], return_tensors="pt"
+    )["pixel_values"]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    inputs, labels = [], []
+    for ex in examples:
+        prompt = tokenizer(prompt_for(ex.question))["input_ids"]
+        if not with_target:
+            inputs.append(image_ids + prompt)
+            labels.append([IGNORE])
+        elif decoder_only:
+            target = tokenizer(" " + ex.answer.strip(), add_special_tokens=False)["input_ids"]
+            target = target + [tokenizer.eos_token_id]
+            inputs.append(image_ids + prompt + target)
+            labels.append([IGNORE] * (len(image_ids) + len(prompt)) + target)
+        else:
+            inputs.append(image_ids + prompt)
+            labels.append(tokenizer(ex.answer.strip())["input_ids"])
+    input_ids, attention_mask = _pad(inputs, pad)
+    label_ids, _ = _pad(labels, IGNORE)
+    return {
+        "pixel_values": pixel_values,
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "labels": label_ids,
+    }
+
+
+def _pad(rows: list[list[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:
+    length = max(len(r) for r in rows)
+    ids = torch.full((len(rows), length), value, dtype=torch.long)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        mask[i, : len(row)] = 1
+    return ids, mask
+
+
+def batches(processor, examples: list[Example], batch_size: int, decoder_only: bool, device, dtype) -> list[dict]:
+    """Encode examples once, in batches, already on the model's device and dtype."""
+    if batch_size <= 0:
+        raise ValueError(f"batch size must be at least 1 (got {batch_size})")
+    out = []
+    for start in range(0, len(examples), batch_size):
+        batch = encode(processor, examples[start : start + batch_size], decoder_only)
+        out.append({k: _to(v, device, dtype) for k, v in batch.items()})
+    return out
+
+
+def _to(tensor: torch.Tensor, device, dtype) -> torch.Tensor:
+    return tensor.to(device=device, dtype=dtype) if tensor.is_floating_point() else tensor.to(device)
+
+
+def token_mask(batch: dict, stack_name: str) -> torch.Tensor | None:
+    """Which positions of a stack's inputs are real tokens (None: all of them)."""
+    if stack_name in ("language", "language.encoder"):
+        return batch["attention_mask"].bool()
+    if stack_name == "language.decoder":
+        return batch["labels"] != IGNORE
+    return None
+
+
+def calibration_loss(model, batch: dict) -> torch.Tensor:
+    """Mean token cross-entropy of the target text, given image and prompt."""
+    return model(**batch).loss

@@ -1,0 +1,75 @@
+"""Tiny BLIP-2s built from configs (OPT and T5) and random calibration data: no network."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ecoflap.data import Example
+from ecoflap.models import LoadedModel, build_blip2, build_processor, small_blip2_config
+from ecoflap.toy.tokenizer import build_tokenizer
+
+WORDS = "red green blue yellow circle square triangle one two three yes no".split()
+QUESTIONS = ["", "what color is the circle?", "how many shapes are there?", "is there a red square?"]
+
+
+def tiny_model(family: str, seed: int = 0, smooth: bool = False, **config) -> LoadedModel:
+    """`smooth`: GELU instead of OPT's ReLU, for tests of derivatives (no kinks)."""
+    tokenizer = build_tokenizer(family)
+    config = small_blip2_config(tokenizer, family, **config)
+    if smooth and family == "opt":
+        config.text_config.activation_function = "gelu"
+    model = build_blip2(config, seed=seed)
+    return LoadedModel(model, build_processor(tokenizer, config), f"tiny-{family}", torch.device("cpu"), torch.float32)
+
+
+def random_examples(n: int, seed: int = 0) -> list[Example]:
+    rng = random.Random(seed)
+    state = np.random.RandomState(seed)
+    examples = []
+    for _ in range(n):
+        size = rng.randint(24, 64)
+        image = Image.fromarray((state.rand(size, size, 3) * 255).astype("uint8"))
+        answer = " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 5)))
+        examples.append(Example(image, rng.choice(QUESTIONS), answer))
+    return examples
+
+
+@pytest.fixture(params=["opt", "t5"])
+def family(request):
+    return request.param
+
+
+@pytest.fixture
+def loaded(family):
+    return tiny_model(family)
+
+
+@pytest.fixture(scope="session")
+def examples():
+    return random_examples(32)
+
+
+@pytest.fixture
+def calibration_folder(tmp_path, examples):
+    folder = tmp_path / "calibration"
+    folder.mkdir()
+    with open(folder / "examples.jsonl", "w") as f:
+        for i, ex in enumerate(examples):
+            ex.image.save(folder / f"{i}.png")
+            f.write(json.dumps({"image": f"{i}.png", "question": ex.question, "answer": ex.answer}) + "\n")
+    return folder
+
+
+@pytest.fixture
+def saved_model(tmp_path, family):
+    loaded = tiny_model(family)
+    folder = tmp_path / f"tiny-{family}"
+    loaded.model.save_pretrained(folder)
+    loaded.processor.save_pretrained(folder)
+    return folder

@@ -1,0 +1,173 @@
+"""End-to-end pruning of tiny BLIP-2s (OPT and T5) against independent references."""
+
+import math
+
+import pytest
+import torch
+
+from ecoflap.anatomy import prunable_layers, stacks
+from ecoflap.data import IGNORE, batches
+from ecoflap.pipeline import PruneOptions, prune
+from ecoflap.pruners.masks import per_row_count
+from ecoflap.weights import WeightStore
+
+from conftest import tiny_model
+
+ALL = ("vision", "qformer", "projection", "language")
+
+
+def test_anatomy_forward_order_and_tags(loaded, family):
+    layers = prunable_layers(loaded.model)
+    assert {l.modality for l in layers} == {"vision", "language"}
+    order = [s.name for s in stacks(loaded.model)]
+    positions = [(order.index(l.stack), l.block) for l in layers]
+    assert positions == sorted(positions)
+    assert layers[0].name.startswith("vision_model.encoder.layers.0.")
+    assert all("lm_head" not in l.name and "embed" not in l.name for l in layers)
+    everything = prunable_layers(loaded.model, ALL)
+    assert {l.modality for l in everything} == {"vision", "qformer", "language"}
+    assert any(l.name == "language_projection" for l in everything)
+    with pytest.raises(ValueError, match="unknown module set"):
+        prunable_layers(loaded.model, ("vision", "embeddings"))
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+@pytest.mark.parametrize("sparsity", [0.3, 0.5])
+def test_uniform_methods_hit_the_target(loaded, examples, method, sparsity):
+    result = prune(loaded, method, sparsity, PruneOptions(samples=16, batch_size=8), examples)
+    for row in result.layers:
+        layer = loaded.model.get_submodule(row["name"])
+        rows, columns = layer.weight.shape
+        if method == "wanda":
+            per_row = (layer.weight == 0).sum(dim=1)
+            assert (per_row == per_row_count(columns, sparsity)).all(), row["name"]
+        else:
+            assert row["zeros"] == math.floor(rows * columns * sparsity + 1e-9), row["name"]
+    total = sum(r["numel"] for r in result.layers)
+    rows_total = sum(loaded.model.get_submodule(r["name"]).weight.shape[0] for r in result.layers)
+    zeros = result.achieved_sparsity * total
+    assert total * sparsity - rows_total - 1e-6 <= zeros <= total * sparsity + 1e-6
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+def test_nm_every_group_has_n_zeros(loaded, examples, method):
+    result = prune(loaded, method, 0.5, PruneOptions(samples=8, nm="2:4"), examples)
+    for row in result.layers:
+        w = loaded.model.get_submodule(row["name"]).weight
+        assert ((w == 0).reshape(w.shape[0], -1, 4).sum(-1) >= 2).all(), row["name"]
+
+
+def _inputs_seen_by(model, layer, batches_, token_rule):
+    """Sum of squares of a layer's real-token inputs, from plain full forward passes."""
+    total = torch.zeros(layer.module.in_features)
+    seen = {}
+    handle = layer.module.register_forward_pre_hook(lambda m, a: seen.__setitem__("x", a[0].detach()))
+    try:
+        with torch.no_grad():
+            for batch in batches_:
+                model(**batch)
+                x = seen["x"]
+                mask = token_rule(batch)
+                if mask is not None and x.dim() == 3 and mask.shape == x.shape[:2]:
+                    x = x[mask]
+                x = x.reshape(-1, x.shape[-1])
+                total += (x * x).sum(0)
+    finally:
+        handle.remove()
+    return total
+
+
+def _token_rule(stack):
+    if stack == "language.decoder":
+        return lambda b: b["labels"] != IGNORE
+    if stack.startswith("language"):
+        return lambda b: b["attention_mask"].bool()
+    return lambda b: None
+
+
+def test_wanda_zeros_are_the_lowest_scores_with_sequential_inputs(family, examples):
+    loaded = tiny_model(family)
+    layers = prunable_layers(loaded.model)
+    store = WeightStore(layers)
+    prune(loaded, "wanda", 0.5, PruneOptions(samples=16, batch_size=8), examples)
+    pruned = store.snapshot()
+    data = batches(loaded.processor, examples[:16], 8, family == "opt", loaded.device, loaded.dtype)
+    order = [s.name for s in stacks(loaded.model)]
+    checked = 0
+    for target in layers:
+        if target.block not in (0, 1):
+            continue
+        # Blocks before the target's are pruned, the target's block and later ones are not:
+        # exactly what the target saw during sequential calibration.
+        key = (order.index(target.stack), target.block)
+        store.load({l.name: (pruned if (order.index(l.stack), l.block) < key else store.original)[l.name]
+                    for l in layers})
+        sq = _inputs_seen_by(loaded.model, target, data, _token_rule(target.stack))
+        original = store.original[target.name]
+        scores = original.abs() * sq.sqrt()
+        zero = pruned[target.name] == 0
+        k = per_row_count(original.shape[1], 0.5)
+        assert (zero.sum(1) == k).all()
+        worst_pruned = torch.where(zero, scores, torch.full_like(scores, -1)).max(1).values
+        best_kept = torch.where(~zero, scores, torch.full_like(scores, float("inf"))).min(1).values
+        assert (worst_pruned <= best_kept * (1 + 1e-4) + 1e-12).all(), target.name
+        checked += 1
+    assert checked >= 8
+    store.restore()
+
+
+@pytest.mark.parametrize("scores", ["zeroth", "first"])
+@pytest.mark.parametrize("granularity", ["layer", "block", "model"])
+def test_ecoflap_keeps_exactly_the_budget(loaded, examples, scores, granularity):
+    options = PruneOptions(samples=16, stage1_samples=8, scores=scores, granularity=granularity)
+    result = prune(loaded, "ecoflap", 0.5, options, examples)
+    total = sum(r["numel"] for r in result.layers)
+    zeros = sum(r["zeros"] for r in result.layers)
+    assert total - zeros == math.floor(total * 0.5)
+    assert sum(g["numel"] - g["keep"] for g in result.groups) == zeros
+    for g in result.groups:
+        assert g["sparsity"] <= 0.6 + 1e-9
+    assert result.timings["stage1_s"] > 0 and result.timings["stage2_s"] > 0
+    assert result.peak_memory_bytes > 0
+
+
+def test_ecoflap_with_sparsegpt_and_all_modules(loaded, examples):
+    options = PruneOptions(samples=16, stage1_samples=8, stage2="sparsegpt", include=ALL, granularity="layer")
+    result = prune(loaded, "ecoflap", 0.6, options, examples)
+    total = sum(r["numel"] for r in result.layers)
+    assert total - sum(r["zeros"] for r in result.layers) == math.floor(total * 0.4 + 1e-9)
+    assert set(result.sparsity_by_modality) == {"vision", "qformer", "language"}
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt", "ecoflap"])
+def test_restore_is_bit_identical_after_any_method(loaded, examples, method):
+    layers = prunable_layers(loaded.model, ALL)
+    before = {n: p.detach().clone() for n, p in loaded.model.named_parameters()}
+    store = WeightStore(layers)
+    for _ in range(3):
+        prune(loaded, method, 0.6, PruneOptions(samples=8, stage1_samples=8, include=ALL), examples)
+        assert not store.is_original()
+        store.restore()
+    for n, p in loaded.model.named_parameters():
+        assert torch.equal(p, before[n]), n
+
+
+@pytest.mark.parametrize(
+    "method,sparsity,options,message",
+    [
+        ("nope", 0.5, PruneOptions(), "unknown method"),
+        ("wanda", 1.0, PruneOptions(), r"\[0, 1\)"),
+        ("wanda", -0.1, PruneOptions(), r"\[0, 1\)"),
+        ("ecoflap", 0.5, PruneOptions(max_sparsity=0.4), "below the target"),
+        ("ecoflap", 0.5, PruneOptions(eps=0), "eps"),
+        ("wanda", 0.5, PruneOptions(nm="4:2"), "N:M"),
+        ("wanda", 0.5, PruneOptions(samples=0), "at least 1"),
+        ("wanda", 0.5, PruneOptions(samples=10_000), "only 32"),
+        ("ecoflap", 0.5, PruneOptions(granularity="row"), "granularity"),
+    ],
+)
+def test_bad_settings_are_rejected_before_any_change(loaded, examples, method, sparsity, options, message):
+    store = WeightStore(prunable_layers(loaded.model, ALL))
+    with pytest.raises(ValueError, match=message):
+        prune(loaded, method, sparsity, options, examples)
+    assert store.is_original()

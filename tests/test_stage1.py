@@ -1,0 +1,89 @@
+"""ECoFLaP stage 1: the zeroth-order estimate, the first-order scores, and their costs."""
+
+import torch
+
+from ecoflap.allocation import directional_derivative, first_order_scores, zeroth_order_scores
+from ecoflap.anatomy import prunable_layers
+from ecoflap.data import batches, calibration_loss
+
+from conftest import tiny_model
+
+
+def _data(loaded, examples, n=8, batch_size=4):
+    return batches(loaded.processor, examples[:n], batch_size,
+                   loaded.model.config.use_decoder_only_language_model, loaded.device, loaded.dtype)
+
+
+def _fd_vs_autograd(loaded, examples, eps):
+    model = loaded.model
+    batch = _data(loaded, examples)[0]
+    pairs = []
+    for layer in prunable_layers(model):
+        weight = layer.module.weight
+        z = torch.randn(weight.shape, generator=torch.Generator().manual_seed(layer.index)).to(weight.dtype)
+        before = weight.detach().clone()
+        estimate = directional_derivative(model, weight, batch, z, eps)
+        assert torch.equal(weight, before)
+        model.zero_grad()
+        loss = calibration_loss(model, batch)
+        loss.backward()
+        pairs.append((layer.name, estimate, (weight.grad * z).sum().item()))
+        model.zero_grad()
+    return loss.item(), pairs
+
+
+def test_finite_difference_matches_autograd_in_float32(family, examples):
+    """At the paper's eps = 1e-3, on a smooth model: within 10% (curvature) plus the float32
+    resolution of the loss (transformers computes the loss in float32)."""
+    loaded = tiny_model(family, smooth=True)
+    loss, pairs = _fd_vs_autograd(loaded, examples, 1e-3)
+    resolution = torch.finfo(torch.float32).eps * abs(loss) / 2e-3
+    for name, estimate, exact in pairs:
+        assert abs(estimate - exact) <= 0.1 * abs(exact) + 4 * resolution, (name, estimate, exact)
+
+
+def test_zeroth_order_leaves_weights_bit_identical_and_builds_no_graph(loaded, examples):
+    model = loaded.model
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    grad_modes = []
+    handle = model.register_forward_hook(lambda m, a, o: grad_modes.append(torch.is_grad_enabled()))
+    try:
+        scores = zeroth_order_scores(model, prunable_layers(model), _data(loaded, examples))
+    finally:
+        handle.remove()
+    assert grad_modes and not any(grad_modes)
+    assert all(s >= 0 for s in scores.values())
+    # random vision weights barely move the loss (below float32 resolution), language ones do
+    assert any(s > 0 for name, s in scores.items() if name.startswith("language_model"))
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n
+        assert p.grad is None
+
+
+def test_zeroth_order_replaying_image_features_changes_nothing(loaded, examples):
+    """Language layers reuse cached image features; the estimate must equal a full forward's."""
+    model = loaded.model
+    data = _data(loaded, examples, n=4, batch_size=4)
+    layer = [l for l in prunable_layers(model) if l.modality == "language"][0]
+    fast = zeroth_order_scores(model, [layer], data, seed=3)[layer.name]
+    z = torch.randn(layer.module.weight.shape,
+                    generator=torch.Generator().manual_seed(3 * 1_000_003 + layer.index * 10_007))
+    slow = abs(directional_derivative(model, layer.module.weight, data[0], z, 1e-3))
+    assert abs(fast - slow) <= 1e-5 * max(1.0, abs(slow))
+
+
+def test_first_order_equals_plain_autograd(loaded, examples):
+    model = loaded.model
+    data = _data(loaded, examples)
+    layers = prunable_layers(model)
+    lean = first_order_scores(model, layers, data)
+    plain = {l.name: 0.0 for l in layers}
+    for batch in data:
+        model.zero_grad()
+        calibration_loss(model, batch).backward()
+        for l in layers:
+            plain[l.name] += (l.module.weight.grad.abs() * l.module.weight.abs()).sum().item() / len(data)
+    model.zero_grad()
+    for name, value in plain.items():
+        assert abs(lean[name] - value) <= 1e-4 * abs(value) + 1e-9, name
+    assert all(p.grad is None for p in model.parameters())
