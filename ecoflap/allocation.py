@@ -17,6 +17,7 @@ import torch
 
 from .anatomy import PrunableLayer, group_key
 from .data import calibration_loss
+from .gradients import consumed_gradients
 from .pruners.sequential import _replaying
 
 AGGREGATES = ("sum", "avg")
@@ -122,34 +123,16 @@ def first_order_scores(
     Each gradient is reduced to one number the moment it exists and then freed, and only
     the prunable weights require gradients, so no full set of gradients is ever held.
     """
-    params = list(model.parameters())
-    saved = [p.requires_grad for p in params]
     scores = {l.name: 0.0 for l in layers}
-    handles = []
 
-    def reducer(name):
-        def hook(p):
-            scores[name] += (p.grad.float().abs() * p.detach().float().abs()).sum().item()
-            p.grad = None
-        return hook
+    def accumulate(layer, grad):
+        scores[layer.name] += (grad.float().abs() * layer.module.weight.detach().float().abs()).sum().item()
 
-    try:
-        for p in params:
-            p.requires_grad_(False)
-        for l in layers:
-            l.module.weight.requires_grad_(True)
-            handles.append(l.module.weight.register_post_accumulate_grad_hook(reducer(l.name)))
+    with consumed_gradients(model, layers, accumulate):
         for b, batch in enumerate(batches):
-            with torch.enable_grad():
-                calibration_loss(model, batch).backward()
+            calibration_loss(model, batch).backward()
             if progress:
                 progress("stage 1 (first-order)", b + 1, len(batches))
-    finally:
-        for h in handles:
-            h.remove()
-        for p, flag in zip(params, saved):
-            p.requires_grad_(flag)
-            p.grad = None
     return {name: s / len(batches) for name, s in scores.items()}
 
 

@@ -2,10 +2,40 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from .data import Example, encode, prompt_for
+
+
+MAX_QUESTION_CHARS = 500
+MAX_IMAGE_PIXELS = 64_000_000
+
+
+def open_image(path) -> Image.Image:
+    """Open an uploaded file as an RGB image, or raise ValueError with a human message.
+
+    Images over MAX_IMAGE_PIXELS are refused before decoding (decompression bombs).
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                width, height = img.size
+                if width * height > MAX_IMAGE_PIXELS:
+                    raise ValueError(
+                        f"the image is {width} x {height} pixels; the limit is {MAX_IMAGE_PIXELS:,} pixels"
+                    )
+                img.load()
+                return prepare_image(img)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ValueError(f"the image is too large to decode safely (limit {MAX_IMAGE_PIXELS:,} pixels)") from None
+    except UnidentifiedImageError:
+        raise ValueError("the file is not an image that can be read (PNG, JPEG, GIF, WebP, BMP, TIFF ...)") from None
+    except (OSError, SyntaxError) as err:
+        raise ValueError(f"the image is truncated or corrupt ({err})") from None
 
 
 def prepare_image(image: Image.Image) -> Image.Image:

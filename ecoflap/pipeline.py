@@ -6,7 +6,7 @@ import logging
 import math
 import resource
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -34,6 +34,15 @@ log = logging.getLogger(__name__)
 
 METHODS = ("magnitude", "wanda", "sparsegpt", "ecoflap")
 STAGE2 = ("wanda", "sparsegpt")
+# Named recipes: (method, option overrides). Used by the app, the sweep and the benchmark.
+PRESETS = {
+    "magnitude": ("magnitude", {}),
+    "wanda": ("wanda", {}),
+    "sparsegpt": ("sparsegpt", {}),
+    "ecoflap_zeroth": ("ecoflap", {"scores": "zeroth", "stage2": "wanda"}),
+    "ecoflap_first": ("ecoflap", {"scores": "first", "stage2": "wanda"}),
+    "ecoflap_sparsegpt": ("ecoflap", {"scores": "zeroth", "stage2": "sparsegpt"}),
+}
 Progress = Callable[[str, int, int], None]
 
 
@@ -82,6 +91,14 @@ class PruneResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def preset(name: str, options: PruneOptions | None = None) -> tuple[str, PruneOptions]:
+    """The method and options of a named recipe, on top of `options`."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown method {name!r}: use one of {', '.join(PRESETS)}")
+    method, overrides = PRESETS[name]
+    return method, replace(options or PruneOptions(), **overrides)
 
 
 def validate(method: str, sparsity: float, options: PruneOptions) -> tuple[int, int] | None:

@@ -6,6 +6,8 @@ leaves a half-written file that looks complete.
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import shutil
@@ -14,12 +16,7 @@ from pathlib import Path
 
 
 def write_json(data: dict, path: str | Path):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)
+    write_text(json.dumps(data, indent=2), path)
 
 
 def save_pruned(loaded, report: dict, folder: str | Path):
@@ -37,3 +34,25 @@ def save_pruned(loaded, report: dict, folder: str | Path):
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+LAYER_COLUMNS = ("name", "modality", "stack", "block", "numel", "zeros", "sparsity", "target_sparsity")
+
+
+def layers_csv(report: dict) -> str:
+    """The per-layer table of a report as CSV text."""
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=LAYER_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(report["layers"])
+    return out.getvalue()
+
+
+def write_text(text: str, path: str | Path):
+    """Write text atomically (temporary name, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)

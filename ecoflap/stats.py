@@ -6,6 +6,8 @@ import numpy as np
 import torch
 
 from .anatomy import MODALITIES, PrunableLayer
+from .data import calibration_loss
+from .gradients import consumed_gradients
 
 
 def layer_table(layers: list[PrunableLayer]) -> list[dict]:
@@ -42,41 +44,59 @@ def sparsity_by_modality(table: list[dict]) -> dict[str, float]:
     return result
 
 
-def magnitude_histograms(
-    tensors_by_modality: dict[str, list[torch.Tensor]], bins: int = 60, skip_zeros: bool = True
-) -> dict[str, dict]:
-    """Log10-magnitude histograms per modality with shared bin edges.
+SAMPLE_PER_LAYER = 65_536
+
+
+def _sample(tensor: torch.Tensor, limit: int = SAMPLE_PER_LAYER) -> np.ndarray:
+    """A deterministic, evenly strided sample of a tensor's magnitudes (all of a small one)."""
+    flat = tensor.detach().flatten()
+    if flat.numel() > limit:
+        flat = flat[:: -(-flat.numel() // limit)]
+    return flat.float().abs().cpu().numpy()
+
+
+def magnitude_histograms(samples_by_modality: dict[str, list[np.ndarray]], bins: int = 60) -> dict[str, dict]:
+    """Log10-magnitude histograms per modality with shared bin edges; zeros counted apart.
 
     Log-spaced bins because weights and gradients span several orders of magnitude.
     """
-    values = {}
-    for modality, tensors in tensors_by_modality.items():
-        flat = np.concatenate([t.detach().float().abs().flatten().cpu().numpy() for t in tensors]) if tensors else np.array([])
-        if skip_zeros:
-            flat = flat[flat > 0]
+    values, zeros = {}, {}
+    for modality, parts in samples_by_modality.items():
+        flat = np.concatenate(parts) if parts else np.array([], dtype=np.float32)
+        zeros[modality] = int((flat == 0).sum())
+        flat = flat[flat > 0]
         values[modality] = np.log10(flat) if flat.size else flat
     present = [v for v in values.values() if v.size]
     if not present:
         return {}
     lo = min(float(v.min()) for v in present)
     hi = max(float(v.max()) for v in present)
-    if hi <= lo:
-        hi = lo + 1.0
-    edges = np.linspace(lo, hi, bins + 1)
-    result = {}
-    for modality, v in values.items():
-        counts, _ = np.histogram(v, bins=edges)
-        result[modality] = {
+    edges = np.linspace(lo, hi if hi > lo else lo + 1.0, bins + 1)
+    return {
+        modality: {
             "log10_edges": edges.tolist(),
-            "counts": counts.tolist(),
-            "total": int(v.size),
+            "counts": np.histogram(v, bins=edges)[0].tolist(),
+            "nonzero": int(v.size),
+            "zeros": zeros[modality],
         }
-    return result
+        for modality, v in values.items()
+    }
 
 
 def weight_histograms(layers: list[PrunableLayer], bins: int = 60) -> dict[str, dict]:
-    """|W| distribution per modality over the non-zero prunable weights."""
-    grouped: dict[str, list[torch.Tensor]] = {}
+    """|W| distribution per modality (sampled per layer), zeros counted apart."""
+    grouped: dict[str, list[np.ndarray]] = {}
     for l in layers:
-        grouped.setdefault(l.modality, []).append(l.module.weight)
+        grouped.setdefault(l.modality, []).append(_sample(l.module.weight))
+    return magnitude_histograms(grouped, bins)
+
+
+def gradient_histograms(model, layers: list[PrunableLayer], batch: dict, bins: int = 60) -> dict[str, dict]:
+    """|dL/dW| distribution per modality for one calibration batch (sampled per layer).
+
+    Each gradient is sampled and freed as soon as it exists.
+    """
+    grouped: dict[str, list[np.ndarray]] = {}
+    with consumed_gradients(model, layers, lambda l, g: grouped.setdefault(l.modality, []).append(_sample(g))):
+        calibration_loss(model, batch).backward()
     return magnitude_histograms(grouped, bins)

@@ -1,0 +1,44 @@
+"""A quick quality score for a (pruned) model.
+
+Accuracy on the generated shapes evaluation set for a model that speaks the shapes
+world (same closed vocabulary as the shipped model); otherwise the calibration loss
+(language-model loss of the shipped image-text pairs), where lower is better.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .data import DEFAULT_CALIBRATION, batches, calibration_loss, load_examples
+from .models import LoadedModel
+from .toy.tokenizer import build_tokenizer
+
+
+def speaks_shapes(loaded: LoadedModel) -> bool:
+    """True when the model's vocabulary is the shapes world's."""
+    return loaded.processor.tokenizer.get_vocab() == build_tokenizer(loaded.family).get_vocab()
+
+
+@torch.no_grad()
+def mean_loss(loaded: LoadedModel, examples, batch_size: int = 8) -> float:
+    decoder_only = loaded.model.config.use_decoder_only_language_model
+    data = batches(loaded.processor, examples, batch_size, decoder_only, loaded.device, loaded.dtype)
+    losses = [calibration_loss(loaded.model, b).float().item() * len(b["input_ids"]) for b in data]
+    return sum(losses) / len(examples)
+
+
+def quick_score(
+    loaded: LoadedModel, n: int = 200, seed: int = 1234, progress: Callable[[int, int], None] | None = None
+) -> dict:
+    """{"metric": "accuracy"|"calibration loss", "value", "higher_is_better", "by_type"?, "n"}."""
+    if speaks_shapes(loaded):
+        from .toy.evaluate import evaluate, make_eval_set
+
+        result = evaluate(loaded, make_eval_set(n, seed), progress=progress)
+        return {"metric": "accuracy", "value": result["overall"], "higher_is_better": True,
+                "by_type": result["by_type"], "n": result["n"]}
+    examples = load_examples(DEFAULT_CALIBRATION, limit=n)
+    return {"metric": "calibration loss", "value": mean_loss(loaded, examples), "higher_is_better": False,
+            "n": len(examples)}

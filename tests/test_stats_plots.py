@@ -1,0 +1,52 @@
+"""Per-layer tables, histograms, figures and exports built from plain data."""
+
+import csv
+import io
+
+import numpy as np
+
+from ecoflap.anatomy import prunable_layers
+from ecoflap.data import batches
+from ecoflap.pipeline import PruneOptions, prune
+from ecoflap.plots import group_scores_figure, histogram_figure, sparsity_figure, sweep_figure
+from ecoflap.report import layers_csv
+from ecoflap.stats import gradient_histograms, magnitude_histograms, weight_histograms
+
+
+def test_histograms_count_every_sampled_value_and_zeros_apart():
+    values = np.array([0.0, 0.0, 1e-3, 1e-2, 1e-1, 1.0], dtype=np.float32)
+    hist = magnitude_histograms({"vision": [values]}, bins=3)["vision"]
+    assert hist["zeros"] == 2 and hist["nonzero"] == 4
+    assert sum(hist["counts"]) == 4
+    assert abs(hist["log10_edges"][0] + 3) < 1e-6 and abs(hist["log10_edges"][-1]) < 1e-6
+
+
+def test_weight_and_gradient_histograms_per_modality(loaded, examples):
+    layers = prunable_layers(loaded.model)
+    prune(loaded, "magnitude", 0.5)
+    weights = weight_histograms(layers)
+    total = sum(l.numel for l in layers if l.modality == "vision")
+    assert weights["vision"]["zeros"] + weights["vision"]["nonzero"] == total
+    assert weights["vision"]["zeros"] == total // 2
+    batch = batches(loaded.processor, examples[:4], 4, loaded.family == "opt", loaded.device, loaded.dtype)[0]
+    grads = gradient_histograms(loaded.model, layers, batch)
+    assert set(grads) == {"vision", "language"}
+    assert all(p.grad is None for p in loaded.model.parameters())
+    assert all(p.requires_grad for p in loaded.model.parameters())
+
+
+def test_figures_and_csv_from_a_report(loaded, examples):
+    result = prune(loaded, "ecoflap", 0.5, PruneOptions(samples=8, stage1_samples=8), examples).to_dict()
+    runs = [{"label": "a", "layers": result["layers"], "target_sparsity": 0.5},
+            {"label": "b", "layers": result["layers"], "target_sparsity": 0.5}]
+    fig = sparsity_figure(runs)
+    plotted = sum(len(t.x) for t in fig.data)
+    assert plotted == 2 * len(result["layers"])
+    names = {row[0] for t in fig.data for row in t.customdata}
+    assert names == {r["name"] for r in result["layers"]}
+    assert len(group_scores_figure(result["groups"]).data[0].x) == len(result["groups"])
+    assert histogram_figure([("x", {"log10_edges": [0, 1, 2], "counts": [1, 2], "nonzero": 3, "zeros": 1})], "t", "v").data
+    assert sweep_figure([{"method": "wanda", "sparsity": 0.5, "score": 0.9}], "accuracy").data
+    rows = list(csv.DictReader(io.StringIO(layers_csv(result))))
+    assert [r["name"] for r in rows] == [r["name"] for r in result["layers"]]
+    assert float(rows[0]["sparsity"]) == result["layers"][0]["sparsity"]
