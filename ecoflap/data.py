@@ -68,40 +68,43 @@ def take(examples: list[Example], n: int, what: str) -> list[Example]:
 
 
 def encode(processor, examples: list[Example], decoder_only: bool, with_target: bool = True) -> dict:
-    """Tensors for a batch: pixel_values, input_ids, attention_mask, labels.
-
-    Built at token level (image tokens + prompt + target) so that exactly the target
-    tokens carry labels, whatever the tokenizer. Without target: the generation prompt.
-    """
-    tokenizer = processor.tokenizer
-    image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-    image_ids = [image_id] * processor.num_query_tokens
+    """Tensors for a batch: pixel_values, input_ids, attention_mask, labels."""
     pixel_values = processor.image_processor(
         [ex.image for ex in examples], return_tensors="pt"
     )["pixel_values"]
+    text = encode_text(
+        processor.tokenizer, processor.num_query_tokens, [ex.question for ex in examples],
+        [ex.answer for ex in examples] if with_target else None, decoder_only,
+    )
+    return {"pixel_values": pixel_values, **text}
+
+
+def encode_text(tokenizer, num_query_tokens: int, questions: list[str], answers: list[str] | None,
+                decoder_only: bool) -> dict:
+    """input_ids, attention_mask, labels for (question, answer) pairs; answers None: prompts only.
+
+    Built at token level (image tokens + prompt + target) so that exactly the target
+    tokens carry labels, whatever the tokenizer.
+    """
+    image_ids = [tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)] * num_query_tokens
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     inputs, labels = [], []
-    for ex in examples:
-        prompt = tokenizer(prompt_for(ex.question))["input_ids"]
-        if not with_target:
+    for i, question in enumerate(questions):
+        prompt = tokenizer(prompt_for(question))["input_ids"]
+        if answers is None:
             inputs.append(image_ids + prompt)
             labels.append([IGNORE])
         elif decoder_only:
-            target = tokenizer(" " + ex.answer.strip(), add_special_tokens=False)["input_ids"]
+            target = tokenizer(" " + answers[i].strip(), add_special_tokens=False)["input_ids"]
             target = target + [tokenizer.eos_token_id]
             inputs.append(image_ids + prompt + target)
             labels.append([IGNORE] * (len(image_ids) + len(prompt)) + target)
         else:
             inputs.append(image_ids + prompt)
-            labels.append(tokenizer(ex.answer.strip())["input_ids"])
+            labels.append(tokenizer(answers[i].strip())["input_ids"])
     input_ids, attention_mask = _pad(inputs, pad)
     label_ids, _ = _pad(labels, IGNORE)
-    return {
-        "pixel_values": pixel_values,
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "labels": label_ids,
-    }
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": label_ids}
 
 
 def _pad(rows: list[list[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:
