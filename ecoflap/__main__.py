@@ -1,4 +1,4 @@
-"""Command line: python -m ecoflap {prune, ask} ..."""
+"""Command line: python -m ecoflap {prune, ask, eval, sweep, bench} ..."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from tqdm import tqdm
 
 from .anatomy import DEFAULT_INCLUDE, INCLUDE_CHOICES
 from .models import ModelLoadError
+from .pipeline import PRESETS
 
 log = logging.getLogger("ecoflap")
 
@@ -77,6 +78,32 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--question", default="")
     a.add_argument("--jsonl", default=None, help='many: one {"image": path, "question": q} per line')
     a.add_argument("--max-new-tokens", type=int, default=20)
+    e = sub.add_parser("eval", help="score the model: accuracy per question type (shapes model) or calibration loss")
+    _model_args(e)
+    e.add_argument("--n", type=int, default=1000, help="evaluation examples")
+    e.add_argument("--seed", type=int, default=10_000)
+    e.add_argument("--json", default=None, help="also write the score as JSON here")
+
+    w = sub.add_parser("sweep", help="score against sparsity for several methods")
+    _model_args(w)
+    w.add_argument("--methods", default="wanda,ecoflap_zeroth", help="comma-separated: " + ",".join(PRESETS))
+    w.add_argument("--sparsities", default="0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8")
+    w.add_argument("--samples", type=int, default=128)
+    w.add_argument("--eval-n", type=int, default=500, help="evaluation examples per point")
+    w.add_argument("--csv", default="sweep.csv")
+    w.add_argument("--html", default="sweep.html", help="plotly chart")
+    b = sub.add_parser("bench", help="time and memory of every method, side by side, in one process")
+    _model_args(b)
+    b.add_argument("--arch", default=None, help="build a full-size architecture instead of loading: "
+                   "blip2-opt-2.7b or blip2-flan-t5-xl (with --random-init)")
+    b.add_argument("--random-init", action="store_true", help="random weights for --arch (no download)")
+    b.add_argument("--methods", default="magnitude,wanda,sparsegpt,ecoflap_zeroth,ecoflap_first",
+                   help="comma-separated: " + ",".join(PRESETS))
+    b.add_argument("--sparsity", type=float, default=0.5)
+    b.add_argument("--samples", type=int, default=128)
+    b.add_argument("--batch-size", type=int, default=8)
+    b.add_argument("--no-naive", action="store_true", help="skip timing the reference-style zeroth-order loop")
+    b.add_argument("--json", default=None)
     return parser
 
 
@@ -165,10 +192,88 @@ def cmd_ask(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from .report import write_json
+    from .scoring import quick_score
+
+    loaded = _load(args)
+    bar = tqdm(total=args.n, desc="evaluating", file=sys.stderr)
+    try:
+        score = quick_score(loaded, args.n, args.seed, progress=lambda done, total: bar.update(done - bar.n))
+    finally:
+        bar.close()
+    print(f"{score['metric']}: {score['value']:.4f} on {score['n']} examples ({loaded.name})")
+    for kind, value in score.get("by_type", {}).items():
+        print(f"  {kind:8s} {value:.4f}")
+    if args.json:
+        write_json(score, args.json)
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from .pipeline import PruneOptions
+    from .plots import sweep_figure
+    from .report import write_text
+    from .sweep import sweep
+
+    names = [m.strip() for m in args.methods.split(",") if m.strip()]
+    sparsities = [float(x) for x in args.sparsities.split(",") if x.strip()]
+    loaded = _load(args)
+    progress = TqdmProgress()
+    try:
+        rows = sweep(loaded, names, sparsities, PruneOptions(samples=args.samples), eval_n=args.eval_n,
+                     on_row=lambda r: print(f"{r['method']:18s} {r['sparsity']:.2f}  {r['metric']} {r['score']:.4f}"),
+                     progress=progress)
+    finally:
+        progress.close()
+    header = "method,sparsity,metric,score,achieved_sparsity,seconds\n"
+    write_text(header + "".join(f"{r['method']},{r['sparsity']},{r['metric']},{r['score']:.6f},"
+                                f"{r['achieved_sparsity']:.6f},{r['seconds']:.3f}\n" for r in rows), args.csv)
+    write_text(sweep_figure(rows, rows[0]["metric"] if rows else "score").to_html(include_plotlyjs=True), args.html)
+    print(f"wrote {args.csv} and {args.html}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from .bench import bench, random_init_model
+    from .pipeline import PruneOptions
+    from .report import write_json
+
+    if args.arch:
+        if not args.random_init:
+            raise ValueError("--arch builds an architecture from its config: add --random-init")
+        loaded = random_init_model(args.arch, args.device, args.dtype)
+    else:
+        loaded = _load(args)
+    names = [m.strip() for m in args.methods.split(",") if m.strip()]
+    progress = TqdmProgress()
+    try:
+        result = bench(loaded, names, args.sparsity, options=PruneOptions(samples=args.samples,
+                       batch_size=args.batch_size), naive_zeroth=not args.no_naive, progress=progress)
+    finally:
+        progress.close()
+    print(f"{result['model']} on {result['device']} ({result['dtype']}), sparsity {result['sparsity']}, "
+          f"{result['calibration_samples']} calibration samples; one forward pass over them: "
+          f"{result['forward_pass_s']:.3f} s; inference peak {result['inference_peak_bytes'] / 2**20:.1f} MiB "
+          f"({result['peak_kind']})")
+    print(f"{'method':20s} {'stage1 s':>9s} {'stage2 s':>9s} {'total s':>9s} {'fwd-eq':>7s} {'peak MiB':>9s} {'peak/inf':>8s}")
+    for name, m in result["methods"].items():
+        ratio = "n/a" if m["peak_vs_inference"] is None else f"{m['peak_vs_inference']:.2f}"
+        print(f"{name:20s} {m['stage1_s']:9.3f} {m['stage2_s']:9.3f} {m['total_s']:9.3f} "
+              f"{m['forward_equivalents']:7.2f} {m['peak_bytes'] / 2**20:9.1f} {ratio:>8s}")
+    if "zeroth_stage1_speedup" in result:
+        print(f"zeroth-order stage 1: {result['zeroth_stage1_replayed_s']:.3f} s replayed vs "
+              f"{result['zeroth_stage1_full_forward_s']:.3f} s running the whole model per perturbation "
+              f"({result['zeroth_stage1_speedup']:.2f}x)")
+    if args.json:
+        write_json(result, args.json)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
-    commands = {"prune": cmd_prune, "ask": cmd_ask}
+    commands = {"prune": cmd_prune, "ask": cmd_ask, "eval": cmd_eval, "sweep": cmd_sweep, "bench": cmd_bench}
     try:
         return commands[args.command](args)
     except (ModelLoadError, ValueError, FileNotFoundError) as err:

@@ -8,7 +8,6 @@ into per-group keep counts that hit the global keep budget exactly.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -18,7 +17,7 @@ import torch
 from .anatomy import PrunableLayer, group_key
 from .data import calibration_loss
 from .gradients import consumed_gradients
-from .pruners.sequential import _replaying
+from .pruners.sequential import SequentialRunner
 
 AGGREGATES = ("sum", "avg")
 SCORE_KINDS = ("zeroth", "first")
@@ -57,20 +56,6 @@ def directional_derivative(model, weight: torch.Tensor, batch: dict, z: torch.Te
     return (plus - minus) / (2 * eps)
 
 
-def _image_feature_cache(model, batches: list[dict]) -> dict:
-    """Outputs of the vision encoder and the Q-Former per batch, to replay them."""
-    caches: dict = {model.vision_model: [], model.qformer: []}
-    handles = [m.register_forward_hook(lambda mod, a, out: caches[mod].append(out)) for m in caches]
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                model.get_image_features(batch["pixel_values"], return_dict=True)
-    finally:
-        for h in handles:
-            h.remove()
-    return caches
-
-
 def zeroth_order_scores(
     model,
     layers: list[PrunableLayer],
@@ -79,36 +64,44 @@ def zeroth_order_scores(
     noise_samples: int = 1,
     seed: int = 0,
     progress: Callable[[str, int, int], None] | None = None,
+    replay: bool = True,
 ) -> dict[str, float]:
     """Sum over batches of |directional derivative| along fresh Gaussian directions.
 
-    Forward passes only (no autograd graph). Layers of the language model reuse the
-    image features, which their perturbation cannot change, instead of recomputing them.
+    Forward passes only (no autograd graph). With `replay` (the default) each perturbed
+    forward pass starts at the perturbed block: everything before it is replayed from
+    cached outputs of the unperturbed model, which the perturbation cannot change. The
+    estimate is the same as running the whole model (replay=False, as the reference
+    code does), up to floating-point rounding.
     """
     if eps <= 0:
         raise ValueError(f"eps must be positive (got {eps})")
     if noise_samples < 1:
         raise ValueError(f"noise samples must be at least 1 (got {noise_samples})")
-    caches = _image_feature_cache(model, batches)
-    state = {"batch": 0}
     scores: dict[str, float] = {}
-    for n, layer in enumerate(layers):
+
+    def score(layer: PrunableLayer, run):
         weight = layer.module.weight
-        with contextlib.ExitStack() as ctx:
-            if layer.modality == "language":
-                for module, outputs in caches.items():
-                    ctx.enter_context(_replaying(module, outputs, state))
-            elif layer.stack in ("qformer", "projection"):
-                ctx.enter_context(_replaying(model.vision_model, caches[model.vision_model], state))
-            total = 0.0
-            for b, batch in enumerate(batches):
-                state["batch"] = b
-                for k in range(noise_samples):
-                    z = _noise(weight, seed * 1_000_003 + layer.index * 10_007 + b * 101 + k)
-                    total += abs(directional_derivative(model, weight, batch, z, eps)) / noise_samples
+        total = 0.0
+
+        def one_batch(b, batch):
+            nonlocal total
+            for k in range(noise_samples):
+                z = _noise(weight, seed * 1_000_003 + layer.index * 10_007 + b * 101 + k)
+                total += abs(directional_derivative(model, weight, batch, z, eps)) / noise_samples
+
+        run(one_batch)
         scores[layer.name] = total
         if progress:
-            progress(f"stage 1 (zeroth-order): {layer.name}", n + 1, len(layers))
+            progress(f"stage 1 (zeroth-order): {layer.name}", len(scores), len(layers))
+
+    with torch.no_grad():
+        if replay:
+            runner = SequentialRunner(model, batches)
+            runner.walk(layers, lambda stack, b, block_layers, run: [score(l, run) for l in block_layers])
+        else:
+            for layer in layers:
+                score(layer, lambda fn: [fn(b, batch) for b, batch in enumerate(batches)])
     return scores
 
 

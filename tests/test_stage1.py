@@ -60,16 +60,16 @@ def test_zeroth_order_leaves_weights_bit_identical_and_builds_no_graph(loaded, e
         assert p.grad is None
 
 
-def test_zeroth_order_replaying_image_features_changes_nothing(loaded, examples):
-    """Language layers reuse cached image features; the estimate must equal a full forward's."""
+def test_replayed_zeroth_order_equals_running_the_whole_model(loaded, examples):
+    """Starting each perturbed pass at its block changes nothing but the cost."""
     model = loaded.model
-    data = _data(loaded, examples, n=4, batch_size=4)
-    layer = [l for l in prunable_layers(model) if l.modality == "language"][0]
-    fast = zeroth_order_scores(model, [layer], data, seed=3)[layer.name]
-    z = torch.randn(layer.module.weight.shape,
-                    generator=torch.Generator().manual_seed(3 * 1_000_003 + layer.index * 10_007))
-    slow = abs(directional_derivative(model, layer.module.weight, data[0], z, 1e-3))
-    assert abs(fast - slow) <= 1e-5 * max(1.0, abs(slow))
+    data = _data(loaded, examples, n=8, batch_size=4)
+    layers = prunable_layers(model)
+    fast = zeroth_order_scores(model, layers, data, seed=3)
+    slow = zeroth_order_scores(model, layers, data, seed=3, replay=False)
+    resolution = 4 * torch.finfo(torch.float32).eps * 8 / 2e-3
+    for layer in layers:
+        assert abs(fast[layer.name] - slow[layer.name]) <= 1e-3 * slow[layer.name] + resolution, layer.name
 
 
 def test_first_order_equals_plain_autograd(loaded, examples):

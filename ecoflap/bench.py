@@ -1,0 +1,181 @@
+"""Time and memory of every method on one model and one calibration set, in one process.
+
+Numbers are reported as ratios measured in the same run (forward-pass equivalents, peak
+over plain inference), because absolute times on shared machines are noisy.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import threading
+import time
+from typing import Callable
+
+import torch
+from transformers import Blip2Config, Blip2QFormerConfig, Blip2VisionConfig, OPTConfig, T5Config
+
+from .allocation import zeroth_order_scores
+from .anatomy import INCLUDE_CHOICES, prunable_layers
+from .data import batches, calibration_loss, take
+from .models import LoadedModel, build_blip2, build_processor, resolve_device, resolve_dtype
+from .pipeline import PruneOptions, preset, prune
+from .toy.tokenizer import build_tokenizer
+from .weights import WeightStore
+
+# The published BLIP-2 architectures, written out so no config needs downloading.
+_VIT_G = dict(hidden_size=1408, intermediate_size=6144, num_hidden_layers=39, num_attention_heads=16,
+              image_size=224, patch_size=14, initializer_range=0.02)
+_QFORMER = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+                encoder_hidden_size=1408, cross_attention_frequency=2)
+ARCHS = {
+    "blip2-opt-2.7b": ("opt", dict(hidden_size=2560, num_hidden_layers=32, ffn_dim=10240, num_attention_heads=32,
+                                   word_embed_proj_dim=2560, vocab_size=50304, max_position_embeddings=2048)),
+    "blip2-flan-t5-xl": ("t5", dict(d_model=2048, d_kv=64, d_ff=5120, num_layers=24, num_decoder_layers=24,
+                                    num_heads=32, feed_forward_proj="gated-gelu", vocab_size=32128,
+                                    tie_word_embeddings=False)),
+}
+
+
+def random_init_model(arch: str, device: str = "auto", dtype: str = "auto") -> LoadedModel:
+    """A full-size BLIP-2 architecture with random weights (no download), for time and memory."""
+    if arch not in ARCHS:
+        raise ValueError(f"unknown architecture {arch!r}: use one of {', '.join(ARCHS)}")
+    family, text = ARCHS[arch]
+    tokenizer = build_tokenizer(family)
+    special = dict(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    text_config = OPTConfig(**text, bos_token_id=tokenizer.bos_token_id, **special) if family == "opt" \
+        else T5Config(**text, decoder_start_token_id=tokenizer.pad_token_id, **special)
+    config = Blip2Config(vision_config=Blip2VisionConfig(**_VIT_G).to_dict(),
+                         qformer_config=Blip2QFormerConfig(**_QFORMER).to_dict(),
+                         text_config=text_config.to_dict(), num_query_tokens=32,
+                         image_token_index=tokenizer.convert_tokens_to_ids("<image>"))
+    target = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, target, family)
+    with torch.device(target):
+        model = build_blip2(config)
+    model.to(dtype=torch_dtype)
+    return LoadedModel(model, build_processor(tokenizer, config), f"{arch} (random init)", target, torch_dtype)
+
+
+class MemoryMeter:
+    """Peak memory of a block of work: CUDA max allocated, or on CPU the peak RSS growth."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.device = device
+        self.peak = 0
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def __enter__(self):
+        gc.collect()
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return self
+        self._base = self._rss()
+        self._max = self._base
+        self._stop = threading.Event()
+
+        def sample():
+            while not self._stop.is_set():
+                self._max = max(self._max, self._rss())
+                time.sleep(0.002)
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            self.peak = int(torch.cuda.max_memory_allocated(self.device))
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self._max, self._rss()) - self._base
+        return False
+
+
+def _timed(fn: Callable, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def bench(
+    loaded: LoadedModel,
+    methods: list[str],
+    sparsity: float = 0.5,
+    calibration=None,
+    options: PruneOptions | None = None,
+    naive_zeroth: bool = True,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> dict:
+    """{"methods": {name: {stage1_s, stage2_s, total_s, forward_equivalents, peak_bytes, peak_vs_inference}}, ...}."""
+    from .data import DEFAULT_CALIBRATION, load_examples
+
+    options = options or PruneOptions()
+    calibration = calibration if calibration is not None else load_examples(DEFAULT_CALIBRATION)
+    model = loaded.model
+    decoder_only = model.config.use_decoder_only_language_model
+    store = WeightStore(prunable_layers(model, INCLUDE_CHOICES))
+    data = batches(loaded.processor, take(calibration, options.samples, "bench"), options.batch_size,
+                   decoder_only, loaded.device, loaded.dtype)
+
+    def forward_all():
+        with torch.no_grad():
+            for b in data:
+                calibration_loss(model, b)
+
+    forward_all()  # warm-up
+    forward_s = min(_timed(forward_all, loaded.device) for _ in range(2))
+    with MemoryMeter(loaded.device) as inference:
+        with torch.no_grad():
+            calibration_loss(model, data[0])
+    results: dict = {}
+    for name in methods:
+        method, opts = preset(name, options)
+        with MemoryMeter(loaded.device) as meter:
+            result = prune(loaded, method, sparsity, opts, calibration, progress)
+        store.restore()
+        timings = result.timings
+        results[name] = {
+            "stage1_s": round(timings.get("stage1_s", 0.0), 4),
+            "stage2_s": round(timings["stage2_s"], 4),
+            "total_s": round(timings["total_s"], 4),
+            "forward_equivalents": round(timings["total_s"] / forward_s, 3),
+            "peak_bytes": meter.peak,
+            "peak_vs_inference": round(meter.peak / inference.peak, 3) if inference.peak > 0 else None,
+            "achieved_sparsity": round(result.achieved_sparsity, 6),
+        }
+    extra = {}
+    if naive_zeroth and any(preset(n)[1].scores == "zeroth" and preset(n)[0] == "ecoflap" for n in methods):
+        layers = prunable_layers(model, options.include)
+        stage1 = batches(loaded.processor, take(calibration, options.stage1_sample_count(), "bench"),
+                         options.batch_size, decoder_only, loaded.device, loaded.dtype)
+        replayed = _timed(lambda: zeroth_order_scores(model, layers, stage1, options.eps), loaded.device)
+        full = _timed(lambda: zeroth_order_scores(model, layers, stage1, options.eps, replay=False), loaded.device)
+        extra = {"zeroth_stage1_replayed_s": round(replayed, 4), "zeroth_stage1_full_forward_s": round(full, 4),
+                 "zeroth_stage1_speedup": round(full / replayed, 3)}
+    first = next(iter(model.parameters()))
+    return {
+        "model": loaded.name,
+        "device": str(first.device),
+        "dtype": str(loaded.dtype).replace("torch.", ""),
+        "sparsity": sparsity,
+        "calibration_samples": options.samples,
+        "forward_pass_s": round(forward_s, 4),
+        "inference_peak_bytes": inference.peak,
+        "peak_kind": "cuda_max_allocated" if loaded.device.type == "cuda" else "cpu_rss_growth",
+        "methods": results,
+        **extra,
+    }
