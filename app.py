@@ -19,11 +19,11 @@ import gradio as gr
 
 import ecoflap
 from ecoflap import plots
-from ecoflap.anatomy import INCLUDE_CHOICES, prunable_layers
+from ecoflap.anatomy import prunable_layers
 from ecoflap.answers import open_image
 from ecoflap.data import DEFAULT_CALIBRATION, batches, load_examples
 from ecoflap.models import ASSETS
-from ecoflap.pipeline import PRESETS, PruneOptions, preset
+from ecoflap.pipeline import PruneOptions, preset
 from ecoflap.registry import ModelRegistry
 from ecoflap.report import layers_csv, save_pruned, write_json, write_text
 from ecoflap.scoring import quick_score

@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import random
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +20,9 @@ from ecoflap.data import Example
 from ecoflap.models import LoadedModel, build_blip2, build_processor, small_blip2_config
 from ecoflap.toy.tokenizer import build_tokenizer
 
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "assets" / "examples" / "scene1.png"
+FAST = {"samples": 32, "stage1_samples": 8}
 WORDS = "red green blue yellow circle square triangle one two three yes no".split()
 QUESTIONS = ["", "what color is the circle?", "how many shapes are there?", "is there a red square?"]
 
@@ -73,3 +82,52 @@ def saved_model(tmp_path, family):
     loaded.model.save_pretrained(folder)
     loaded.processor.save_pretrained(folder)
     return folder
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(tmp_path_factory, **env_extra):
+    port = _free_port()
+    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT), **env_extra)
+    env.pop("ECOFLAP_MODEL", None)
+    log = tmp_path_factory.mktemp("app") / "app.log"
+    process = subprocess.Popen([sys.executable, "app.py", "--host", "127.0.0.1", "--port", str(port)],
+                               cwd=ROOT, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"app exited early:\n{log.read_text()}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        process.kill()
+        raise RuntimeError(f"app did not start:\n{log.read_text()}")
+    return process, url, log
+
+
+@pytest.fixture(scope="session")
+def app(tmp_path_factory):
+    """The app on 127.0.0.1 with the embedded model, shared by the API and browser tests."""
+    process, url, log = launch(tmp_path_factory)
+    yield url
+    process.terminate()
+    process.wait(timeout=30)
+
+
+def client(url):
+    from gradio_client import Client
+
+    return Client(url, verbose=False)
+
+
+def prune(c, method, sparsity, **extra):
+    options = {**FAST, **extra}
+    return c.predict(method, sparsity, api_name="/prune", **options)

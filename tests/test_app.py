@@ -3,67 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
+from gradio_client import handle_file
 
-gradio_client = pytest.importorskip("gradio_client")
-from gradio_client import Client, handle_file  # noqa: E402
-
-ROOT = Path(__file__).resolve().parent.parent
-EXAMPLE = ROOT / "assets" / "examples" / "scene1.png"
-FAST = {"samples": 32, "stage1_samples": 8}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch(tmp_path_factory, **env_extra):
-    port = _free_port()
-    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT), **env_extra)
-    env.pop("ECOFLAP_MODEL", None)
-    log = tmp_path_factory.mktemp("app") / "app.log"
-    process = subprocess.Popen([sys.executable, "app.py", "--host", "127.0.0.1", "--port", str(port)],
-                               cwd=ROOT, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"app exited early:\n{log.read_text()}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                break
-        except OSError:
-            time.sleep(0.5)
-    else:
-        process.kill()
-        raise RuntimeError(f"app did not start:\n{log.read_text()}")
-    return process, url, log
-
-
-@pytest.fixture(scope="module")
-def app(tmp_path_factory):
-    process, url, log = launch(tmp_path_factory)
-    yield url
-    process.terminate()
-    process.wait(timeout=30)
-
-
-def client(url):
-    return Client(url, verbose=False)
-
-
-def prune(c, method, sparsity, **extra):
-    options = {**FAST, **extra}
-    return c.predict(method, sparsity, api_name="/prune", **options)
+from conftest import EXAMPLE, FAST, client, prune
 
 
 def test_describe_names_the_embedded_model(app):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from test_app import EXAMPLE, launch
+from conftest import EXAMPLE
 
 playwright = pytest.importorskip("playwright.sync_api")
 
@@ -15,14 +15,6 @@ CHROMIUM = shutil.which("chromium")
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
         "--disable-sync", "--no-first-run", "--disable-quic"]
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
-
-
-@pytest.fixture(scope="module")
-def app(tmp_path_factory):
-    process, url, _log = launch(tmp_path_factory)
-    yield url
-    process.terminate()
-    process.wait(timeout=30)
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian chromium is not installed (apt-get install chromium)")

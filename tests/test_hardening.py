@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import os
 import signal
 import struct
@@ -18,10 +17,9 @@ from PIL import Image
 from ecoflap.answers import MAX_IMAGE_PIXELS, open_image
 from ecoflap.registry import ModelRegistry
 
-from test_app import EXAMPLE, FAST, client, launch, prune
+from gradio_client import handle_file
 
-gradio_client = pytest.importorskip("gradio_client")
-from gradio_client import handle_file  # noqa: E402
+from conftest import EXAMPLE, FAST, client, launch, prune
 
 
 def _png_claiming(width: int, height: int) -> bytes:
@@ -77,14 +75,6 @@ def test_allowlist_restricts_what_can_be_loaded(tmp_path):
     with pytest.raises(PermissionError, match="serves only"):
         registry.get(str(tmp_path / "elsewhere"))
     assert registry.get(str(folder)) is not None
-
-
-@pytest.fixture(scope="module")
-def app(tmp_path_factory):
-    process, url, log = launch(tmp_path_factory)
-    yield url
-    process.terminate()
-    process.wait(timeout=30)
 
 
 def test_unusual_images_through_the_app(app, odd_images, tmp_path):
