@@ -191,15 +191,14 @@ def build_app(registry: ModelRegistry) -> gr.Blocks:
 
     def do_ask(image_path, question, session, max_new_tokens=20):
         """Answer a question about an image with the full model and every pruned run of this session."""
-        image, notice = _read_inputs(image_path, question)
-        question = notice.pop("question")
         bench = session_bench(session)
+        image, question, notice = _read_inputs(image_path, question, bench.loaded)
         full = bench.ask([image], [question], None, int(max_new_tokens))[0]
         answers = {"question": question, "full": full, "runs": []}
         for run in session_runs(session):
             answers["runs"].append({"run": run.id, "label": run.label,
                                     "answer": bench.ask([image], [question], run.id, int(max_new_tokens))[0]})
-        return _answers_html(answers, notice.get("text")), answers
+        return _answers_html(answers, notice), answers
 
     def do_restore(session):
         """Put the full weights back and check they are bit-identical to the loaded ones."""
@@ -236,8 +235,7 @@ def build_app(registry: ModelRegistry) -> gr.Blocks:
     def do_teach(sparsity, image_path, question, session, progress=gr.Progress()):
         """Prune with Wanda and with ECoFLaP at one sparsity; compare allocations, answers and scores."""
         bench = session_bench(session)
-        image, notice = _read_inputs(image_path, question)
-        question = notice.pop("question")
+        image, question, _notice = _read_inputs(image_path, question, bench.loaded)
         started = time.perf_counter()
         runs, dropped_all = [], []
         for name in ("wanda", "ecoflap_zeroth"):
@@ -342,7 +340,8 @@ def build_app(registry: ModelRegistry) -> gr.Blocks:
                             samples = gr.Number(value=128, precision=0, label="Calibration samples (layer-wise stage)")
                             stage1_samples = gr.Number(value=0, precision=0, label="Stage-1 samples (0: 32 zeroth / 128 first)")
                             eps = gr.Number(value=1e-3, label="Zeroth-order eps")
-                            nm = gr.Dropdown(["off", "2:4", "4:8", "1:4"], value="off", label="N:M (not for ECoFLaP)")
+                            nm = gr.Dropdown(["off", "2:4", "4:8", "1:4"], value="off", allow_custom_value=True,
+                                             label="N:M (not for ECoFLaP)")
                             batch_size = gr.Number(value=8, precision=0, label="Batch size")
                             modules = gr.CheckboxGroup(list(MODULE_LABELS), value=["Vision encoder", "Language model"],
                                                        label="Modules to prune")
@@ -412,12 +411,14 @@ def build_app(registry: ModelRegistry) -> gr.Blocks:
         stop_button.click(request_stop, session, None, api_visibility="private")
         runs_selected.change(overlay, [runs_selected, session], [sparsity_plot, groups_plot], api_visibility="private")
         restore_button.click(do_restore, session, status, api_name="restore")
-        ask_button.click(do_ask, [image, question, session], [answers_html, answers_json], api_name="ask")
+        # preprocess=False: the upload reaches _read_inputs untouched, so any file gets a clear message
+        ask_button.click(do_ask, [image, question, session], [answers_html, answers_json], api_name="ask",
+                         preprocess=False)
         dist_button.click(do_distributions, [dist_run, session], [weights_plot, grads_plot], api_name="distributions",
                           concurrency_limit=1, concurrency_id="model")
         teach_button.click(do_teach, [teach_sparsity, teach_image, teach_question, session],
                            [session, teach_plot, teach_text, runs_selected, export_run], api_name="compare",
-                           concurrency_limit=1, concurrency_id="model")
+                           concurrency_limit=1, concurrency_id="model", preprocess=False)
         sweep_button.click(do_sweep, [sweep_methods, sweep_sparsities, session], [sweep_plot, sweep_table],
                                          api_name="sweep", concurrency_limit=1, concurrency_id="model")
         sweep_stop.click(request_stop, session, None, api_visibility="private")
@@ -425,20 +426,21 @@ def build_app(registry: ModelRegistry) -> gr.Blocks:
     return demo
 
 
-def _read_inputs(image_path, question) -> tuple:
+def _read_inputs(image_path, question, loaded) -> tuple:
+    """The uploaded image (read by us, not by gradio, so a bad file gets a clear message)."""
+    if isinstance(image_path, dict):
+        image_path = image_path.get("path")
     if not image_path:
         raise gr.Error("Upload an image (or pick an example) first.")
     try:
         image = open_image(image_path)
     except ValueError as err:
         raise gr.Error(str(err)) from None
-    question = (question or "").strip()
-    notice = {"question": question}
-    if len(question) > ecoflap.answers.MAX_QUESTION_CHARS:
-        notice["question"] = question[: ecoflap.answers.MAX_QUESTION_CHARS]
-        notice["text"] = (f"Your question had {len(question):,} characters; only the first "
-                          f"{ecoflap.answers.MAX_QUESTION_CHARS} were used.")
-    return image, notice
+    asked = (question or "").strip()
+    fitted, cut = ecoflap.answers.fit_question(loaded, asked)
+    notice = (f"Your question had {len(asked):,} characters; only the first {len(fitted):,} were used."
+              if cut else None)
+    return image, fitted, notice
 
 
 def _answers_html(answers: dict, notice: str | None) -> str:

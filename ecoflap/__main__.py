@@ -160,9 +160,7 @@ def cmd_prune(args) -> int:
 
 
 def cmd_ask(args) -> int:
-    from PIL import Image, UnidentifiedImageError
-
-    from .answers import ask
+    from .answers import ask, open_image
 
     if bool(args.image) == bool(args.jsonl):
         raise ValueError("give either --image (with an optional --question) or --jsonl")
@@ -177,11 +175,9 @@ def cmd_ask(args) -> int:
     images = []
     for row in rows:
         try:
-            with Image.open(row["image"]) as img:
-                img.load()
-                images.append(img.copy() if not getattr(img, "is_animated", False) else img.convert("RGB"))
-        except (FileNotFoundError, UnidentifiedImageError, OSError) as err:
-            raise ValueError(f"cannot read image {row['image']}: {err}") from err
+            images.append(open_image(row["image"]))
+        except ValueError as err:
+            raise ValueError(f"{row['image']}: {err}") from None
     loaded = _load(args)
     answers = ask(loaded, images, [r.get("question") or "" for r in rows], args.max_new_tokens)
     if args.jsonl:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import warnings
 
+import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
 from .data import Example, encode, prompt_for
-
 
 MAX_QUESTION_CHARS = 500
 MAX_IMAGE_PIXELS = 64_000_000
@@ -32,6 +32,8 @@ def open_image(path) -> Image.Image:
                 return prepare_image(img)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ValueError(f"the image is too large to decode safely (limit {MAX_IMAGE_PIXELS:,} pixels)") from None
+    except FileNotFoundError:
+        raise ValueError("no such file") from None
     except UnidentifiedImageError:
         raise ValueError("the file is not an image that can be read (PNG, JPEG, GIF, WebP, BMP, TIFF ...)") from None
     except (OSError, SyntaxError) as err:
@@ -43,8 +45,6 @@ def prepare_image(image: Image.Image) -> Image.Image:
     if getattr(image, "is_animated", False):
         image.seek(0)
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        import numpy as np
-
         array = np.asarray(image, dtype=np.float64)
         top = array.max() or 1.0
         image = Image.fromarray((array / top * 255).astype("uint8"))
@@ -55,6 +55,25 @@ def prepare_image(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def fit_question(loaded, question: str, max_new_tokens: int = 20) -> tuple[str, bool]:
+    """The question cut (at a word) to what the language model's positions can hold."""
+    question = (question or "").strip()
+    if len(question) > MAX_QUESTION_CHARS:
+        question = question[:MAX_QUESTION_CHARS].rsplit(" ", 1)[0]
+        cut = True
+    else:
+        cut = False
+    positions = getattr(loaded.model.config.text_config, "max_position_embeddings", None)
+    if positions is None:
+        return question, cut
+    limit = positions - loaded.model.config.num_query_tokens - max_new_tokens - 2
+    words = question.split()
+    while words and len(loaded.processor.tokenizer(prompt_for(" ".join(words)))["input_ids"]) > limit:
+        words = words[: max(0, min(len(words) - 1, int(len(words) * 0.9)))]
+        cut = True
+    return " ".join(words), cut
+
+
 @torch.no_grad()
 def ask(loaded, images: list[Image.Image], questions: list[str], max_new_tokens: int = 20) -> list[str]:
     """Greedy answers, one per (image, question); empty questions get captions."""
@@ -62,6 +81,7 @@ def ask(loaded, images: list[Image.Image], questions: list[str], max_new_tokens:
         raise ValueError("ask needs one question per image")
     model, processor = loaded.model, loaded.processor
     decoder_only = model.config.use_decoder_only_language_model
+    questions = [fit_question(loaded, q, max_new_tokens)[0] for q in questions]
     answers: list[str | None] = [None] * len(images)
     # One batch per prompt: equal lengths, so no padding inside a generation batch.
     by_prompt: dict[str, list[int]] = {}

@@ -167,7 +167,11 @@ def small_blip2_config(
     num_query_tokens: int = 4,
     heads: int = 2,
 ) -> Blip2Config:
-    """A small BLIP-2 config (OPT or T5 language model) whose vocabulary fits `tokenizer`."""
+    """A small BLIP-2 config (OPT or T5 language model) whose vocabulary fits `tokenizer`.
+
+    Every Q-Former layer cross-attends to the image (BLIP-2's default is every second
+    one, which leaves a 1- or 2-layer Q-Former nearly blind).
+    """
     vision = Blip2VisionConfig(
         hidden_size=hidden,
         intermediate_size=4 * hidden,
@@ -184,6 +188,7 @@ def small_blip2_config(
         intermediate_size=4 * hidden,
         encoder_hidden_size=hidden,
         vocab_size=len(tokenizer),
+        cross_attention_frequency=1,
     )
     vocab = len(tokenizer)
     if family == "opt":

@@ -95,7 +95,8 @@ def launch(tmp_path_factory, **env_extra):
     env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT), **env_extra)
     env.pop("ECOFLAP_MODEL", None)
     log = tmp_path_factory.mktemp("app") / "app.log"
-    process = subprocess.Popen([sys.executable, "app.py", "--host", "127.0.0.1", "--port", str(port)],
+    model = ["--model", os.environ["ECOFLAP_TEST_MODEL"]] if os.environ.get("ECOFLAP_TEST_MODEL") else []
+    process = subprocess.Popen([sys.executable, "app.py", "--host", "127.0.0.1", "--port", str(port), *model],
                                cwd=ROOT, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.time() + 120

@@ -70,7 +70,8 @@ def test_sessions_are_isolated(app):
 @pytest.mark.parametrize(
     "args,message",
     [
-        (("Wanda", 0.95), "[0, 1)"),
+        (("Wanda", 0.95), "maximum value 0.9"),
+        (("Wanda", -0.1), "minimum value 0"),
         (("ECoFLaP (zeroth-order)", 0.5, {"max_sparsity": 0.3}), "below the target"),
         (("Wanda", 0.5, {"samples": 0}), "at least 1"),
         (("Wanda", 0.5, {"samples": 100000}), "only 128"),
