@@ -27,16 +27,23 @@ class _Stop(Exception):
 
 @contextlib.contextmanager
 def _replaying(module: nn.Module, outputs: list, state: dict):
-    """Make `module` return outputs[state['batch']] instead of computing."""
+    """Make `module` return outputs[state['batch']] instead of computing.
+
+    An instance-level forward already there (accelerate's device-map hooks) is put back.
+    """
 
     def replay(*args, **kwargs):
         return outputs[state["batch"]]
 
+    previous = module.__dict__.get("forward")
     module.forward = replay
     try:
         yield
     finally:
-        del module.forward
+        if previous is None:
+            del module.forward
+        else:
+            module.forward = previous
 
 
 @contextlib.contextmanager
