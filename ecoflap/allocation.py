@@ -8,6 +8,7 @@ into per-group keep counts that hit the global keep budget exactly.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -16,7 +17,7 @@ import torch
 
 from .anatomy import PrunableLayer, group_key
 from .data import calibration_loss
-from .gradients import consumed_gradients
+from .gradients import checkpointed_blocks, consumed_gradients
 from .pruners.sequential import SequentialRunner
 
 AGGREGATES = ("sum", "avg")
@@ -110,18 +111,21 @@ def first_order_scores(
     layers: list[PrunableLayer],
     batches: list[dict],
     progress: Callable[[str, int, int], None] | None = None,
+    checkpoint: bool = True,
 ) -> dict[str, float]:
     """Mean over batches of sum_ij |dL/dW_ij| * |W_ij|, by exact gradients.
 
     Each gradient is reduced to one number the moment it exists and then freed, and only
-    the prunable weights require gradients, so no full set of gradients is ever held.
+    the prunable weights require gradients, so no full set of gradients is ever held;
+    with `checkpoint` each block keeps only its input for the backward pass.
     """
     scores = {l.name: 0.0 for l in layers}
 
     def accumulate(layer, grad):
         scores[layer.name] += (grad.float().abs() * layer.module.weight.detach().float().abs()).sum().item()
 
-    with consumed_gradients(model, layers, accumulate):
+    recompute = checkpointed_blocks(model) if checkpoint else contextlib.nullcontext()
+    with consumed_gradients(model, layers, accumulate), recompute:
         for b, batch in enumerate(batches):
             calibration_loss(model, batch).backward()
             if progress:

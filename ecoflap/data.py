@@ -142,5 +142,9 @@ def token_mask(batch: dict, stack_name: str) -> torch.Tensor | None:
 
 
 def calibration_loss(model, batch: dict) -> torch.Tensor:
-    """Mean token cross-entropy of the target text, given image and prompt."""
-    return model(**batch).loss
+    """Mean token cross-entropy of the target text, given image and prompt.
+
+    No key/value cache: one full-sequence pass needs none, and a checkpointed block that
+    recomputes its forward must not append to a cache a second time.
+    """
+    return model(**batch, use_cache=False).loss

@@ -3,6 +3,8 @@
 Scores and histograms need one number (or a small sample) per matrix, never a whole set
 of gradients: only the prunable weights require grad, and a post-accumulate hook hands
 each gradient over and frees it, so memory stays near inference plus activations.
+Activation checkpointing per transformer block then keeps only each block's input for
+the backward pass, recomputing the block's inside when its gradients are needed.
 """
 
 from __future__ import annotations
@@ -11,8 +13,9 @@ import contextlib
 from typing import Callable
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
-from .anatomy import PrunableLayer
+from .anatomy import PrunableLayer, stacks
 
 
 @contextlib.contextmanager
@@ -42,3 +45,32 @@ def consumed_gradients(model, layers: list[PrunableLayer], consume: Callable[[Pr
         for p, flag in zip(params, saved):
             p.requires_grad_(flag)
             p.grad = None
+
+
+@contextlib.contextmanager
+def checkpointed_blocks(model):
+    """Within the block, every transformer block of the model runs under activation checkpointing.
+
+    Non-reentrant checkpointing in eval mode (no dropout) recomputes exactly the same
+    values, so gradients are unchanged; only the memory for activations shrinks.
+    """
+    blocks = [block for stack in stacks(model) if stack.name != "projection" for block in stack.blocks]
+    saved = [block.__dict__.get("forward") for block in blocks]
+
+    def wrap(forward):
+        def checkpointed(*args, **kwargs):
+            if not torch.is_grad_enabled():
+                return forward(*args, **kwargs)
+            return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        return checkpointed
+
+    try:
+        for block in blocks:
+            block.forward = wrap(block.forward)
+        yield
+    finally:
+        for block, previous in zip(blocks, saved):
+            if previous is None:
+                del block.forward
+            else:
+                block.forward = previous

@@ -3,7 +3,7 @@
 import torch
 
 from ecoflap.allocation import directional_derivative, first_order_scores, zeroth_order_scores
-from ecoflap.anatomy import prunable_layers
+from ecoflap.anatomy import prunable_layers, stacks
 from ecoflap.data import batches, calibration_loss
 
 from conftest import tiny_model
@@ -87,3 +87,29 @@ def test_first_order_equals_plain_autograd(loaded, examples):
     for name, value in plain.items():
         assert abs(lean[name] - value) <= 1e-4 * abs(value) + 1e-9, name
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_first_order_checkpoints_every_block_and_restores_forward(loaded, examples):
+    """Blocks run twice per batch (forward, then recomputed in backward): counted on the
+    first prunable matrix of each block. Scores are unchanged; forwards come back."""
+    model = loaded.model
+    data = _data(loaded, examples, n=4)
+    layers = prunable_layers(model)
+    firsts = list({l.block_name: l.module for l in reversed(layers)}.values())
+    calls = {id(m): 0 for m in firsts}
+    handles = [m.register_forward_pre_hook(lambda m, a: calls.__setitem__(id(m), calls[id(m)] + 1))
+               for m in firsts]
+    try:
+        plain = first_order_scores(model, layers, data, checkpoint=False)
+        plain_calls = dict(calls)
+        calls.update({k: 0 for k in calls})
+        checkpointed = first_order_scores(model, layers, data)
+    finally:
+        for h in handles:
+            h.remove()
+    assert set(plain_calls.values()) == {len(data)}
+    assert set(calls.values()) == {2 * len(data)}
+    for name, value in plain.items():
+        assert abs(checkpointed[name] - value) <= 1e-5 * abs(value) + 1e-9, name
+    blocks = [b for s in stacks(model) for b in s.blocks]
+    assert all("forward" not in b.__dict__ for b in blocks)

@@ -170,12 +170,13 @@ def draw_sample(sample: Sample, index: int, seed: int) -> Image.Image:
     return render(sample.scene, size, random.Random(seed * 7919 + index))
 
 
-def pixel_shape_labels(scene: Scene, grid: int, sub: int = 4) -> tuple[list[int], list[int]]:
-    """Per grid cell: (colour index + 1, kind index + 1) of the shape covering most of it, 0 for background.
+def pixel_shape_labels(scene: Scene, grid: int, sub: int = 4) -> tuple[list[int], list[int], list[int]]:
+    """Per grid cell: colour index + 1, kind index + 1 and left-to-right position + 1 of the
+    shape covering most of it; 0 for background.
 
     Used to pretrain the vision encoder (patch cells) with supervision of what is where.
     """
-    color_ids, kind_ids = [], []
+    color_ids, kind_ids, order_ids = [], [], []
     colors = list(COLORS)
     for gy in range(grid):
         for gx in range(grid):
@@ -192,7 +193,9 @@ def pixel_shape_labels(scene: Scene, grid: int, sub: int = 4) -> tuple[list[int]
             if best is None or votes[best] < math.ceil(sub * sub / 4):
                 color_ids.append(0)
                 kind_ids.append(0)
+                order_ids.append(0)
             else:
                 color_ids.append(colors.index(scene.shapes[best].color) + 1)
                 kind_ids.append(KINDS.index(scene.shapes[best].kind) + 1)
-    return color_ids, kind_ids
+                order_ids.append(best + 1)
+    return color_ids, kind_ids, order_ids

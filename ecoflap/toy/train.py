@@ -1,10 +1,13 @@
 """Train the shipped shapes BLIP-2 on CPU: python -m ecoflap.toy.train --out assets/shapes-blip2
 
-A staged recipe, like real BLIP-2 (image encoder first, then the rest):
-  A. the ViT alone, supervised per patch with the colour and kind of the shape under it
-     and, from the class token, the number of shapes (small linear heads, discarded);
+A staged recipe, like real BLIP-2 (image encoder and Q-Former first, then the rest):
+  A. perception: the ViT and the Q-Former, supervised by small linear heads (discarded
+     after training): each patch predicts the colour, kind and left-to-right position
+     of the shape under it, the class token the number of shapes, and the first three
+     query outputs the colour and kind of the first, second and third shape from the
+     left (or "none"), so the queries hand the language model an ordered object list;
   B. the whole model end to end on every question type and captions of each image,
-     with the patch supervision kept on as an auxiliary loss so vision stays sharp.
+     with the perception supervision kept on as an auxiliary loss.
 Images are rendered once at random sizes (96 to 256 px) and resized by the model's own
 processor, so training sees what inference sees.
 """
@@ -36,8 +39,8 @@ log = logging.getLogger(__name__)
 @dataclass
 class Recipe:
     seed: int = 0
-    image_size: int = 64
-    patch_size: int = 8
+    image_size: int = 96
+    patch_size: int = 12
     hidden: int = 128
     heads: int = 4
     vision_layers: int = 4
@@ -45,8 +48,8 @@ class Recipe:
     language_layers: int = 4
     query_tokens: int = 8
     scenes: int = 12_000
-    vision_steps: int = 1500
-    joint_steps: int = 3000
+    vision_steps: int = 2000
+    joint_steps: int = 2500
     batch_images: int = 48
     vision_lr: float = 2e-3
     joint_lr: float = 1e-3
@@ -54,39 +57,68 @@ class Recipe:
     weight_decay: float = 0.01
 
 
-class VisionHeads(nn.Module):
-    """Patch colour, patch kind and count classifiers on the ViT's outputs (training only)."""
+SLOTS = 3  # at most three shapes, one supervised query each
+
+
+class PerceptionHeads(nn.Module):
+    """Linear probes that teach the ViT and the Q-Former what is where (training only)."""
 
     def __init__(self, hidden: int):
         super().__init__()
-        self.color = nn.Linear(hidden, len(COLORS) + 1)
-        self.kind = nn.Linear(hidden, len(KINDS) + 1)
+        self.patch_color = nn.Linear(hidden, len(COLORS) + 1)
+        self.patch_kind = nn.Linear(hidden, len(KINDS) + 1)
+        self.patch_order = nn.Linear(hidden, SLOTS + 1)
         self.count = nn.Linear(hidden, 3)
+        self.slot_color = nn.Linear(hidden, len(COLORS) + 1)
+        self.slot_kind = nn.Linear(hidden, len(KINDS) + 1)
 
-    def loss(self, vision_out: BaseModelOutputWithPooling, batch: dict) -> torch.Tensor:
+    def loss(self, vision_out: BaseModelOutputWithPooling, queries: torch.Tensor, batch: dict) -> torch.Tensor:
         patches = vision_out.last_hidden_state[:, 1:]
-        ce = nn.functional.cross_entropy
+        slots = queries[:, :SLOTS]
+
+        def ce(head, x, target):
+            return nn.functional.cross_entropy(head(x).flatten(0, -2), target.flatten())
+
         return (
-            ce(self.color(patches).flatten(0, 1), batch["patch_color"].flatten())
-            + ce(self.kind(patches).flatten(0, 1), batch["patch_kind"].flatten())
-            + ce(self.count(vision_out.pooler_output), batch["count"])
+            ce(self.patch_color, patches, batch["patch_color"])
+            + ce(self.patch_kind, patches, batch["patch_kind"])
+            + ce(self.patch_order, patches, batch["patch_order"])
+            + ce(self.count, vision_out.pooler_output, batch["count"])
+            + ce(self.slot_color, slots, batch["slot_color"])
+            + ce(self.slot_kind, slots, batch["slot_kind"])
         )
+
+
+def perceive(model, pixel_values: torch.Tensor) -> tuple[BaseModelOutputWithPooling, torch.Tensor]:
+    """The ViT outputs and the Q-Former query outputs, as BLIP-2 computes them."""
+    vision_out = model.vision_model(pixel_values=pixel_values, return_dict=True)
+    image_embeds = vision_out.last_hidden_state
+    query = model.query_tokens.expand(image_embeds.shape[0], -1, -1)
+    queries = model.qformer(query_embeds=query, encoder_hidden_states=image_embeds,
+                            encoder_attention_mask=torch.ones(image_embeds.shape[:2], dtype=torch.long),
+                            return_dict=True).last_hidden_state
+    return vision_out, queries
 
 
 def build_dataset(recipe: Recipe, processor, seed: int, scenes: int, progress: bool = True) -> dict:
     """Pixels (float16), patch labels, and every question of each scene."""
     rng = random.Random(seed)
     grid = recipe.image_size // recipe.patch_size
-    pixels, colors, kinds, counts, qa = [], [], [], [], []
+    pixels, colors, kinds, orders, counts, slot_colors, slot_kinds, qa = [], [], [], [], [], [], [], []
+    color_names = list(COLORS)
     chunk: list = []
     bar = tqdm(total=scenes, desc="rendering", disable=not progress)
     for i in range(scenes):
         scene = random_scene(rng)
         chunk.append(render(scene, rng.randint(96, 256), rng))
-        c, k = pixel_shape_labels(scene, grid)
+        c, k, o = pixel_shape_labels(scene, grid)
         colors.append(c)
         kinds.append(k)
+        orders.append(o)
         counts.append(len(scene.shapes) - 1)
+        padding = [0] * (SLOTS - len(scene.shapes))
+        slot_colors.append([color_names.index(s.color) + 1 for s in scene.shapes] + padding)
+        slot_kinds.append([KINDS.index(s.kind) + 1 for s in scene.shapes] + padding)
         qa.append([(s.question, s.answer) for s in questions(scene, rng)])
         if len(chunk) == 256 or i == scenes - 1:
             pixels.append(processor.image_processor(chunk, return_tensors="pt")["pixel_values"].half())
@@ -97,7 +129,10 @@ def build_dataset(recipe: Recipe, processor, seed: int, scenes: int, progress: b
         "pixels": torch.cat(pixels),
         "patch_color": torch.tensor(colors),
         "patch_kind": torch.tensor(kinds),
+        "patch_order": torch.tensor(orders),
         "count": torch.tensor(counts),
+        "slot_color": torch.tensor(slot_colors),
+        "slot_kind": torch.tensor(slot_kinds),
         "qa": qa,
     }
 
@@ -109,26 +144,18 @@ def _schedule(step: int, total: int, warmup: int = 100) -> float:
 
 
 def _batch(data: dict, idx: torch.Tensor) -> dict:
-    return {
-        "pixel_values": data["pixels"][idx].float(),
-        "patch_color": data["patch_color"][idx],
-        "patch_kind": data["patch_kind"][idx],
-        "count": data["count"][idx],
-    }
+    batch = {key: value[idx] for key, value in data.items() if key not in ("pixels", "qa")}
+    batch["pixel_values"] = data["pixels"][idx].float()
+    return batch
 
 
-def joint_loss(model, heads: VisionHeads, tokenizer, recipe: Recipe, data: dict, idx: torch.Tensor,
+def joint_loss(model, heads: PerceptionHeads, tokenizer, recipe: Recipe, data: dict, idx: torch.Tensor,
                rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
-    """Language-model loss over every question of each image, plus the vision auxiliary loss."""
+    """Language-model loss over every question of each image, plus the perception loss."""
     batch = _batch(data, idx)
-    vision_out = model.vision_model(pixel_values=batch["pixel_values"], return_dict=True)
-    aux = heads.loss(vision_out, batch)
-    image_embeds = vision_out.last_hidden_state
-    query = model.query_tokens.expand(image_embeds.shape[0], -1, -1)
-    q_out = model.qformer(query_embeds=query, encoder_hidden_states=image_embeds,
-                          encoder_attention_mask=torch.ones(image_embeds.shape[:2], dtype=torch.long),
-                          return_dict=True).last_hidden_state
-    features = model.language_projection(q_out)
+    vision_out, queries = perceive(model, batch["pixel_values"])
+    aux = heads.loss(vision_out, queries, batch)
+    features = model.language_projection(queries)
     qs, ans, owner = [], [], []
     for row, i in enumerate(idx.tolist()):
         for q, a in data["qa"][i]:
@@ -159,22 +186,23 @@ def train(recipe: Recipe, out: Path, progress: bool = True) -> dict:
     config.text_config.max_position_embeddings = 64
     model = build_blip2(config, seed=recipe.seed)
     processor = build_processor(tokenizer, config)
-    heads = VisionHeads(recipe.hidden)
+    heads = PerceptionHeads(recipe.hidden)
     started = time.time()
     data = build_dataset(recipe, processor, recipe.seed + 1, recipe.scenes, progress)
     n = len(data["qa"])
     log_rows = []
 
     model.train()
-    params = list(model.vision_model.parameters()) + list(heads.parameters())
-    opt = torch.optim.AdamW(params, lr=recipe.vision_lr, weight_decay=recipe.weight_decay)
-    bar = tqdm(range(recipe.vision_steps), desc="stage A: vision", disable=not progress)
+    perception = [*model.vision_model.parameters(), *model.qformer.parameters(), model.query_tokens,
+                  *heads.parameters()]
+    opt = torch.optim.AdamW(perception, lr=recipe.vision_lr, weight_decay=recipe.weight_decay)
+    bar = tqdm(range(recipe.vision_steps), desc="stage A: perception", disable=not progress)
     for step in bar:
         for g in opt.param_groups:
             g["lr"] = recipe.vision_lr * _schedule(step, recipe.vision_steps)
         idx = torch.randint(0, n, (recipe.batch_images,))
         batch = _batch(data, idx)
-        loss = heads.loss(model.vision_model(pixel_values=batch["pixel_values"], return_dict=True), batch)
+        loss = heads.loss(*perceive(model, batch["pixel_values"]), batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -182,11 +210,10 @@ def train(recipe: Recipe, out: Path, progress: bool = True) -> dict:
             bar.set_postfix(loss=f"{loss.item():.3f}")
             log_rows.append({"stage": "A", "step": step, "loss": loss.item()})
 
-    vision_ids = {id(p) for p in model.vision_model.parameters()} | {id(p) for p in heads.parameters()}
-    rest = [p for p in model.parameters() if id(p) not in vision_ids]
+    perception_ids = {id(p) for p in perception}
+    rest = [p for p in model.parameters() if id(p) not in perception_ids]
     opt = torch.optim.AdamW(
-        [{"params": list(model.vision_model.parameters()) + list(heads.parameters()), "scale": 0.3},
-         {"params": rest, "scale": 1.0}],
+        [{"params": perception, "scale": 0.3}, {"params": rest, "scale": 1.0}],
         lr=recipe.joint_lr, weight_decay=recipe.weight_decay,
     )
     bar = tqdm(range(recipe.joint_steps), desc="stage B: end to end", disable=not progress)
@@ -222,7 +249,7 @@ def main(argv=None):
         parser.add_argument(f"--{field.replace('_', '-')}", type=type(value), default=value)
     args = vars(parser.parse_args(argv))
     out = Path(args.pop("out"))
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    torch.set_num_threads(2)
     summary = train(Recipe(**args), out)
     print(f"trained in {summary['train_seconds'] / 60:.1f} min; {summary['parameters']:,} parameters; saved to {out}")
 
