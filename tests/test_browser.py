@@ -37,7 +37,7 @@ def test_prune_see_chart_and_both_answers(app):
         page.locator("input[type=file]").first.set_input_files(str(EXAMPLE))
         page.get_by_label("Question (empty: a caption)").first.fill("how many shapes are there?")
         page.get_by_role("button", name="Ask the full and the pruned models").click()
-        page.get_by_text("Full model").wait_for(timeout=60_000)
+        page.get_by_text("Full model", exact=True).wait_for(timeout=60_000)
         page.get_by_text("Wanda @ 0.50").last.wait_for(timeout=10_000)
         ARTIFACTS.mkdir(exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "browser.png"), full_page=True)
