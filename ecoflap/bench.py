@@ -2,10 +2,16 @@
 
 Numbers are reported as ratios measured in the same run (forward-pass equivalents, peak
 over plain inference), because absolute times on shared machines are noisy.
+
+On CPU there is no allocator counter like CUDA's, so the peak is the growth of the
+process's resident memory, sampled every 2 ms, with glibc told to hand every buffer
+of 64 KiB or more straight back to the system when it is freed (otherwise freed tensors
+stay resident and every later measurement starts from a high-water mark).
 """
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import os
 import threading
@@ -58,6 +64,17 @@ def random_init_model(arch: str, device: str = "auto", dtype: str = "auto") -> L
     return LoadedModel(model, build_processor(tokenizer, config), f"{arch} (random init)", target, torch_dtype)
 
 
+def _return_freed_buffers_to_the_system():
+    """glibc: a fixed mmap threshold (64 KiB) so large frees unmap at once, then trim the heap."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_mmap_threshold = -3
+    libc.mallopt(m_mmap_threshold, 64 * 1024)
+    libc.malloc_trim(0)
+
+
 class MemoryMeter:
     """Peak memory of a block of work: CUDA max allocated, or on CPU the peak RSS growth."""
 
@@ -65,6 +82,8 @@ class MemoryMeter:
         self.cuda = device.type == "cuda"
         self.device = device
         self.peak = 0
+        if not self.cuda:
+            _return_freed_buffers_to_the_system()
 
     @staticmethod
     def _rss() -> int:
@@ -136,36 +155,56 @@ def bench(
             for b in data:
                 calibration_loss(model, b)
 
+    cpu = loaded.device.type != "cuda"
+
+    def run(name: str):
+        method, opts = preset(name, options)
+        try:
+            return prune(loaded, method, sparsity, opts, calibration, progress)
+        finally:
+            store.restore()
+
+    def naive_comparison() -> dict:
+        if not (naive_zeroth and any(preset(n)[0] == "ecoflap" and preset(n)[1].scores == "zeroth" for n in methods)):
+            return {}
+        layers = prunable_layers(model, options.include)
+        stage1 = batches(loaded.processor, take(calibration, options.stage1_sample_count(), "bench"),
+                         options.batch_size, decoder_only, loaded.device, loaded.dtype)
+        replayed = _timed(lambda: zeroth_order_scores(model, layers, stage1, options.eps), loaded.device)
+        full = _timed(lambda: zeroth_order_scores(model, layers, stage1, options.eps, replay=False), loaded.device)
+        return {"zeroth_stage1_replayed_s": round(replayed, 4), "zeroth_stage1_full_forward_s": round(full, 4),
+                "zeroth_stage1_speedup": round(full / replayed, 3)}
+
     forward_all()  # warm-up
     forward_s = min(_timed(forward_all, loaded.device) for _ in range(2))
+    # On CPU the memory meter changes how glibc hands out memory (and so the times):
+    # time everything first, then measure memory in a second pass.
+    timed = {name: run(name) for name in methods} if cpu else {}
+    extra = naive_comparison() if cpu else {}
     with MemoryMeter(loaded.device) as inference:
         with torch.no_grad():
-            calibration_loss(model, data[0])
+            for _ in range(5):
+                calibration_loss(model, data[0])
+    # On CPU the growth leaves out the weights, which CUDA's counter includes: add them
+    # to both sides of the ratio so it compares the same thing on both devices.
+    resident = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]) if cpu else 0
     results: dict = {}
     for name in methods:
-        method, opts = preset(name, options)
         with MemoryMeter(loaded.device) as meter:
-            result = prune(loaded, method, sparsity, opts, calibration, progress)
-        store.restore()
-        timings = result.timings
+            result = run(name)
+        timings = timed.setdefault(name, result).timings
         results[name] = {
             "stage1_s": round(timings.get("stage1_s", 0.0), 4),
             "stage2_s": round(timings["stage2_s"], 4),
             "total_s": round(timings["total_s"], 4),
             "forward_equivalents": round(timings["total_s"] / forward_s, 3),
             "peak_bytes": meter.peak,
-            "peak_vs_inference": round(meter.peak / inference.peak, 3) if inference.peak > 0 else None,
+            "peak_vs_inference": round((meter.peak + resident) / (inference.peak + resident), 3)
+            if inference.peak + resident > 0 else None,
             "achieved_sparsity": round(result.achieved_sparsity, 6),
         }
-    extra = {}
-    if naive_zeroth and any(preset(n)[1].scores == "zeroth" and preset(n)[0] == "ecoflap" for n in methods):
-        layers = prunable_layers(model, options.include)
-        stage1 = batches(loaded.processor, take(calibration, options.stage1_sample_count(), "bench"),
-                         options.batch_size, decoder_only, loaded.device, loaded.dtype)
-        replayed = _timed(lambda: zeroth_order_scores(model, layers, stage1, options.eps), loaded.device)
-        full = _timed(lambda: zeroth_order_scores(model, layers, stage1, options.eps, replay=False), loaded.device)
-        extra = {"zeroth_stage1_replayed_s": round(replayed, 4), "zeroth_stage1_full_forward_s": round(full, 4),
-                 "zeroth_stage1_speedup": round(full / replayed, 3)}
+    if not cpu:
+        extra = naive_comparison()
     first = next(iter(model.parameters()))
     return {
         "model": loaded.name,
@@ -175,6 +214,7 @@ def bench(
         "calibration_samples": options.samples,
         "forward_pass_s": round(forward_s, 4),
         "inference_peak_bytes": inference.peak,
+        "weights_bytes_added_to_ratios": resident,
         "peak_kind": "cuda_max_allocated" if loaded.device.type == "cuda" else "cpu_rss_growth",
         "methods": results,
         **extra,
