@@ -45,6 +45,16 @@ def _model_args(p: argparse.ArgumentParser):
     p.add_argument("--device-map", default=None, help="'auto' to spread a large model over devices (accelerate)")
 
 
+def _calibration_arg(p: argparse.ArgumentParser):
+    p.add_argument("--calibration", default=None, help="folder with examples.jsonl (default: shipped set)")
+
+
+def _calibration(args):
+    from .data import load_examples
+
+    return load_examples(args.calibration) if args.calibration else None
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m ecoflap", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -57,7 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--nm", default=None, help="semi-structured N:M, e.g. 2:4 (magnitude, wanda, sparsegpt)")
     p.add_argument("--include", default=",".join(DEFAULT_INCLUDE),
                    help=f"comma-separated module sets to prune, from {','.join(INCLUDE_CHOICES)}")
-    p.add_argument("--calibration", default=None, help="folder with examples.jsonl (default: shipped set)")
+    _calibration_arg(p)
     p.add_argument("--samples", type=int, default=128, help="calibration samples for the layer-wise stage")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--scores", default="zeroth", help="ecoflap stage 1: zeroth or first")
@@ -88,6 +98,7 @@ def _parser() -> argparse.ArgumentParser:
     _model_args(w)
     w.add_argument("--methods", default="wanda,ecoflap_zeroth", help="comma-separated: " + ",".join(PRESETS))
     w.add_argument("--sparsities", default="0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8")
+    _calibration_arg(w)
     w.add_argument("--samples", type=int, default=128)
     w.add_argument("--eval-n", type=int, default=500, help="evaluation examples per point")
     w.add_argument("--csv", default="sweep.csv")
@@ -100,7 +111,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--methods", default="magnitude,wanda,sparsegpt,ecoflap_zeroth,ecoflap_first",
                    help="comma-separated: " + ",".join(PRESETS))
     b.add_argument("--sparsity", type=float, default=0.5)
+    _calibration_arg(b)
     b.add_argument("--samples", type=int, default=128)
+    b.add_argument("--stage1-samples", type=int, default=None, help="default 32 (zeroth) or 128 (first)")
     b.add_argument("--batch-size", type=int, default=8)
     b.add_argument("--no-naive", action="store_true", help="skip timing the reference-style zeroth-order loop")
     b.add_argument("--json", default=None)
@@ -114,7 +127,6 @@ def _load(args):
 
 
 def cmd_prune(args) -> int:
-    from .data import load_examples
     from .pipeline import PruneOptions, prune
     from .report import save_pruned, write_json
 
@@ -137,7 +149,7 @@ def cmd_prune(args) -> int:
 
     validate(args.method, args.sparsity, options)
     loaded = _load(args)
-    calibration = load_examples(args.calibration) if args.calibration else None
+    calibration = _calibration(args)
     progress = TqdmProgress()
     try:
         result = prune(loaded, args.method, args.sparsity, options, calibration, progress)
@@ -217,7 +229,8 @@ def cmd_sweep(args) -> int:
     loaded = _load(args)
     progress = TqdmProgress()
     try:
-        rows = sweep(loaded, names, sparsities, PruneOptions(samples=args.samples), eval_n=args.eval_n,
+        rows = sweep(loaded, names, sparsities, PruneOptions(samples=args.samples), _calibration(args),
+                     eval_n=args.eval_n,
                      on_row=lambda r: print(f"{r['method']:18s} {r['sparsity']:.2f}  {r['metric']} {r['score']:.4f}"),
                      progress=progress)
     finally:
@@ -244,8 +257,9 @@ def cmd_bench(args) -> int:
     names = [m.strip() for m in args.methods.split(",") if m.strip()]
     progress = TqdmProgress()
     try:
-        result = bench(loaded, names, args.sparsity, options=PruneOptions(samples=args.samples,
-                       batch_size=args.batch_size), naive_zeroth=not args.no_naive, progress=progress)
+        result = bench(loaded, names, args.sparsity, _calibration(args), PruneOptions(
+            samples=args.samples, stage1_samples=args.stage1_samples, batch_size=args.batch_size),
+            naive_zeroth=not args.no_naive, progress=progress)
     finally:
         progress.close()
     print(f"{result['model']} on {result['device']} ({result['dtype']}), sparsity {result['sparsity']}, "

@@ -97,3 +97,54 @@ def test_t5_refuses_float16(tmp_path):
     with pytest.raises(ModelLoadError, match="float16"):
         load_model(str(tmp_path), device="cpu", dtype="float16")
     assert load_model(str(tmp_path), device="cpu", dtype="bfloat16").model.dtype == torch.bfloat16
+
+
+def test_eval_reports_accuracy_per_type_on_the_shipped_model(tmp_path):
+    out = tmp_path / "eval.json"
+    done = run("eval", "--n", "50", "--json", str(out))
+    assert done.returncode == 0, done.stderr
+    score = json.loads(out.read_text())
+    assert set(score["by_type"]) == {"color", "shape", "count", "exists", "caption"}
+    assert score["metric"] == "accuracy" and score["n"] == 50 and score["value"] >= 0.9
+    assert f"accuracy: {score['value']:.4f} on 50 examples" in done.stdout
+    assert sum(score["by_type"].values()) / 5 == pytest.approx(score["value"], abs=1e-9)
+
+
+def test_sweep_writes_csv_and_chart(saved_model, calibration_folder, tmp_path):
+    csv, html = tmp_path / "sweep.csv", tmp_path / "sweep.html"
+    done = run("sweep", "--model", str(saved_model), "--calibration", str(calibration_folder),
+               "--methods", "magnitude,wanda", "--sparsities", "0.2,0.6", "--samples", "8",
+               "--csv", str(csv), "--html", str(html))
+    assert done.returncode == 0, done.stderr
+    header, *rows = [line.split(",") for line in csv.read_text().splitlines()]
+    assert header[:2] == ["method", "sparsity"] and len(rows) == 4
+    assert {(r[0], float(r[1])) for r in rows} == {(m, s) for m in ("magnitude", "wanda") for s in (0.2, 0.6)}
+    for r in rows:  # per-row rounding, floor(in * s), costs up to one weight per row on tiny widths
+        assert -0.03 < float(r[header.index("achieved_sparsity")]) - float(r[1]) <= 1e-6
+    assert "plotly" in html.read_text()[:100_000].lower()
+
+
+def test_bench_writes_every_method_side_by_side(saved_model, calibration_folder, tmp_path):
+    out = tmp_path / "bench.json"
+    done = run("bench", "--model", str(saved_model), "--calibration", str(calibration_folder),
+               "--methods", "wanda,ecoflap_zeroth,ecoflap_first", "--samples", "8", "--stage1-samples", "8",
+               "--batch-size", "4", "--json", str(out))
+    assert done.returncode == 0, done.stderr
+    result = json.loads(out.read_text())
+    assert set(result["methods"]) == {"wanda", "ecoflap_zeroth", "ecoflap_first"}
+    for name, m in result["methods"].items():
+        assert set(m) >= {"stage1_s", "stage2_s", "total_s", "forward_equivalents", "peak_bytes",
+                          "peak_vs_inference"}, name
+        assert m["total_s"] >= m["stage1_s"] + m["stage2_s"] - 1e-3
+        assert m["forward_equivalents"] == pytest.approx(m["total_s"] / result["forward_pass_s"], rel=1e-2)
+        assert -0.03 < m["achieved_sparsity"] - 0.5 <= 1e-6
+    assert result["methods"]["wanda"]["stage1_s"] == 0
+    assert result["zeroth_stage1_speedup"] > 1
+    assert "ecoflap_zeroth" in done.stdout
+
+
+def test_bench_arch_needs_random_init():
+    done = run("bench", "--arch", "blip2-opt-2.7b")
+    assert done.returncode == 2 and done.stderr.strip().startswith("error:") and "--random-init" in done.stderr
+    done = run("bench", "--arch", "blip2-huge", "--random-init")
+    assert done.returncode == 2 and "unknown architecture" in done.stderr
