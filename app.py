@@ -22,6 +22,7 @@ from ecoflap import plots
 from ecoflap.anatomy import prunable_layers
 from ecoflap.answers import open_image
 from ecoflap.data import DEFAULT_CALIBRATION, batches, load_examples
+from ecoflap.toy.assets import example_prompts
 from ecoflap.models import ASSETS
 from ecoflap.pipeline import PruneOptions, preset
 from ecoflap.registry import ModelRegistry
@@ -364,9 +365,9 @@ def build_app(registry: ModelRegistry) -> gr.Blocks:
                         image = gr.Image(type="filepath", label="Image", sources=["upload", "clipboard"])
                         question = gr.Textbox(label="Question (empty: a caption)", placeholder="what color is the circle?")
                         ask_button = gr.Button("Ask the full and the pruned models", variant="primary")
-                        examples = sorted((ASSETS / "examples").glob("*.png"))
+                        examples = example_prompts(ASSETS / "examples")
                         if examples:
-                            gr.Examples([[str(p), ""] for p in examples], inputs=[image, question])
+                            gr.Examples([list(pair) for pair in examples], inputs=[image, question])
                     with gr.Column():
                         answers_html = gr.HTML()
                         answers_json = gr.JSON(label="Answers (raw)", visible=False)

@@ -105,3 +105,18 @@ def test_shipped_model_reads_images_drawn_by_other_code():
     result = evaluate(loaded, examples)
     assert result["overall"] >= 0.9, result
     assert result["by_type"]["caption"] >= 0.75, result
+
+
+def test_example_prompts_pair_each_shipped_image_with_one_of_its_questions():
+    import json
+
+    from ecoflap.models import ASSETS
+    from ecoflap.toy.assets import example_prompts
+
+    folder = ASSETS / "examples"
+    suggested = json.loads((folder / "questions.json").read_text())
+    pairs = example_prompts(folder)
+    assert [p.split("/")[-1] for p, _ in pairs] == sorted(suggested)
+    for path, question in pairs:
+        assert question in {q["question"] for q in suggested[path.split("/")[-1]]}
+    assert len({q for _, q in pairs}) >= 4
