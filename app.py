@@ -39,6 +39,7 @@ METHOD_LABELS = {
     "Wanda": "wanda",
     "SparseGPT": "sparsegpt",
     "ECoFLaP (zeroth-order)": "ecoflap_zeroth",
+    "ECoFLaP (zeroth-order, one perturbation per group)": "ecoflap_zeroth_group",
     "ECoFLaP (first-order)": "ecoflap_first",
     "ECoFLaP + SparseGPT": "ecoflap_sparsegpt",
 }
@@ -53,10 +54,12 @@ and zeroes the lowest scores of every output row, block by block, each block see
 outputs of the already-pruned blocks before it. **SparseGPT** chooses the zeros with
 second-order (OBS) saliency and updates the surviving weights to compensate.
 **ECoFLaP** first decides *how sparse each block may be* from how much the whole
-vision-language model's loss depends on it (zeroth-order: two forward passes with the block
-nudged along a random direction, no gradients and so no extra memory; first-order: exact
+vision-language model's loss depends on it (zeroth-order: two forward passes with each
+matrix nudged along a random direction, no gradients and so no extra memory; first-order: exact
 gradients), gives important blocks more weights to keep (no block sparser than the cap),
-then prunes layer by layer with Wanda or SparseGPT at those sparsities.
+then prunes layer by layer with Wanda or SparseGPT at those sparsities. *One perturbation
+per group* nudges all matrices of a block together (two forward passes per block instead of
+per matrix): faster, but a different estimate from the paper's.
 
 Zeros alone do not make a model faster or smaller on disk: dense kernels multiply zeros like
 any other number. The **2:4** pattern (N:M in the advanced panel) is what sparse tensor cores

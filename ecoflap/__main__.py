@@ -76,6 +76,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-sparsity", type=float, default=None, help="per-layer cap (default: sparsity + 0.1)")
     p.add_argument("--eps", type=float, default=1e-3, help="zeroth-order perturbation size")
     p.add_argument("--noise-samples", type=int, default=1, help="zeroth-order draws per batch")
+    p.add_argument("--perturb", default="matrix", help="zeroth-order: matrix (one perturbation per matrix, the "
+                   "paper's) or group (all matrices of a group at once: faster, a different estimate)")
     p.add_argument("--stage1-samples", type=int, default=None, help="default 32 (zeroth) or 128 (first)")
     p.add_argument("--stage2", default="wanda", help="ecoflap stage 2: wanda or sparsegpt")
     p.add_argument("--seed", type=int, default=0)
@@ -108,7 +110,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--arch", default=None, help="build a full-size architecture instead of loading: "
                    "blip2-opt-2.7b or blip2-flan-t5-xl (with --random-init)")
     b.add_argument("--random-init", action="store_true", help="random weights for --arch (no download)")
-    b.add_argument("--methods", default="magnitude,wanda,sparsegpt,ecoflap_zeroth,ecoflap_first",
+    b.add_argument("--methods", default="magnitude,wanda,sparsegpt,ecoflap_zeroth,ecoflap_zeroth_group,ecoflap_first",
                    help="comma-separated: " + ",".join(PRESETS))
     b.add_argument("--sparsity", type=float, default=0.5)
     _calibration_arg(b)
@@ -141,6 +143,7 @@ def cmd_prune(args) -> int:
         max_sparsity=args.max_sparsity,
         eps=args.eps,
         noise_samples=args.noise_samples,
+        perturb=args.perturb,
         stage1_samples=args.stage1_samples,
         stage2=args.stage2,
         seed=args.seed,

@@ -22,6 +22,9 @@ from .pruners.sequential import SequentialRunner
 
 AGGREGATES = ("sum", "avg")
 SCORE_KINDS = ("zeroth", "first")
+# Zeroth-order perturbations: one per matrix (the paper's estimator), or one joint
+# perturbation of all matrices of a group (fewer forward passes, a different estimate).
+PERTURBATIONS = ("matrix", "group")
 
 
 @dataclass
@@ -42,18 +45,31 @@ def _noise(weight: torch.Tensor, seed: int) -> torch.Tensor:
     return torch.randn(weight.shape, generator=generator, device=weight.device, dtype=weight.dtype)
 
 
-@torch.no_grad()
 def directional_derivative(model, weight: torch.Tensor, batch: dict, z: torch.Tensor, eps: float) -> float:
     """(L(W + eps z) - L(W - eps z)) / (2 eps); W is put back bit for bit."""
-    original = weight.detach().clone()
+    return joint_directional_derivative(model, [weight], batch, [z], eps)
+
+
+@torch.no_grad()
+def joint_directional_derivative(model, weights: list[torch.Tensor], batch: dict, zs: list[torch.Tensor],
+                                 eps: float) -> float:
+    """The same central difference with every W_i moved along its z_i at once; weights
+    are put back bit for bit."""
+    originals = [w.detach().clone() for w in weights]
+
+    def moved(sign: float) -> float:
+        for w, z in zip(weights, zs):
+            w.add_(z, alpha=sign * eps)
+        return calibration_loss(model, batch).item()
+
     try:
-        weight.add_(z, alpha=eps)
-        plus = calibration_loss(model, batch).item()
-        weight.copy_(original)
-        weight.sub_(z, alpha=eps)
-        minus = calibration_loss(model, batch).item()
+        plus = moved(1.0)
+        for w, o in zip(weights, originals):
+            w.copy_(o)
+        minus = moved(-1.0)
     finally:
-        weight.copy_(original)
+        for w, o in zip(weights, originals):
+            w.copy_(o)
     return (plus - minus) / (2 * eps)
 
 
@@ -66,6 +82,7 @@ def zeroth_order_scores(
     seed: int = 0,
     progress: Callable[[str, int, int], None] | None = None,
     replay: bool = True,
+    group_of: Callable[[PrunableLayer], str] | None = None,
 ) -> dict[str, float]:
     """Sum over batches of |directional derivative| along fresh Gaussian directions.
 
@@ -74,27 +91,40 @@ def zeroth_order_scores(
     cached outputs of the unperturbed model, which the perturbation cannot change. The
     estimate is the same as running the whole model (replay=False, as the reference
     code does), up to floating-point rounding.
+
+    Scores are per matrix, each perturbed alone (the paper's estimator). With `group_of`
+    the matrices of a group are perturbed together, along the same per-matrix
+    directions, and the scores are per group name: one pair of forward passes per group
+    instead of per matrix. A group of one matrix gets exactly its per-matrix score.
     """
     if eps <= 0:
         raise ValueError(f"eps must be positive (got {eps})")
     if noise_samples < 1:
         raise ValueError(f"noise samples must be at least 1 (got {noise_samples})")
+    units: dict[str, list[PrunableLayer]] = {}
+    for layer in layers:
+        units.setdefault(group_of(layer) if group_of else layer.name, []).append(layer)
+    first_of = {members[0].name: name for name, members in units.items()}
     scores: dict[str, float] = {}
 
     def score(layer: PrunableLayer, run):
-        weight = layer.module.weight
+        if layer.name not in first_of:
+            return
+        name = first_of[layer.name]
+        members = units[name]
+        weights = [m.module.weight for m in members]
         total = 0.0
 
         def one_batch(b, batch):
             nonlocal total
             for k in range(noise_samples):
-                z = _noise(weight, seed * 1_000_003 + layer.index * 10_007 + b * 101 + k)
-                total += abs(directional_derivative(model, weight, batch, z, eps)) / noise_samples
+                zs = [_noise(m.module.weight, seed * 1_000_003 + m.index * 10_007 + b * 101 + k) for m in members]
+                total += abs(joint_directional_derivative(model, weights, batch, zs, eps)) / noise_samples
 
         run(one_batch)
-        scores[layer.name] = total
+        scores[name] = total
         if progress:
-            progress(f"stage 1 (zeroth-order): {layer.name}", len(scores), len(layers))
+            progress(f"stage 1 (zeroth-order): {name}", len(scores), len(units))
 
     with torch.no_grad():
         if replay:
@@ -134,9 +164,11 @@ def first_order_scores(
 
 
 def group_scores(
-    layers: list[PrunableLayer], layer_scores: dict[str, float], granularity: str, aggregate: str = "sum"
+    layers: list[PrunableLayer], layer_scores: dict[str, float], granularity: str, aggregate: str = "sum",
+    by_group: bool = False,
 ) -> list[Group]:
-    """Groups in forward order with the sum (or per-weight mean) of their matrices' scores."""
+    """Groups in forward order with the sum (or per-weight mean) of their matrices' scores
+    (`by_group`: the scores are already one per group, from a joint perturbation)."""
     if aggregate not in AGGREGATES:
         raise ValueError(f"unknown aggregate {aggregate!r}: use one of {', '.join(AGGREGATES)}")
     groups: dict[str, list[PrunableLayer]] = {}
@@ -144,7 +176,7 @@ def group_scores(
         groups.setdefault(group_key(layer, granularity), []).append(layer)
     result = []
     for name, members in groups.items():
-        score = sum(layer_scores[l.name] for l in members)
+        score = layer_scores[name] if by_group else sum(layer_scores[l.name] for l in members)
         if aggregate == "avg":
             score /= sum(l.numel for l in members)
         result.append(Group(name, members, score))

@@ -12,6 +12,7 @@ import torch
 
 from .allocation import (
     AGGREGATES,
+    PERTURBATIONS,
     SCORE_KINDS,
     allocate_sparsity,
     first_order_scores,
@@ -19,7 +20,7 @@ from .allocation import (
     split_count,
     zeroth_order_scores,
 )
-from .anatomy import DEFAULT_INCLUDE, GRANULARITIES, INCLUDE_CHOICES, PrunableLayer, prunable_layers
+from .anatomy import DEFAULT_INCLUDE, GRANULARITIES, INCLUDE_CHOICES, PrunableLayer, group_key, prunable_layers
 from .data import DEFAULT_CALIBRATION, Example, batches, load_examples, take
 from .models import LoadedModel
 from .pruners.magnitude import prune_magnitude
@@ -39,6 +40,7 @@ PRESETS = {
     "wanda": ("wanda", {}),
     "sparsegpt": ("sparsegpt", {}),
     "ecoflap_zeroth": ("ecoflap", {"scores": "zeroth", "stage2": "wanda"}),
+    "ecoflap_zeroth_group": ("ecoflap", {"scores": "zeroth", "stage2": "wanda", "perturb": "group"}),
     "ecoflap_first": ("ecoflap", {"scores": "first", "stage2": "wanda"}),
     "ecoflap_sparsegpt": ("ecoflap", {"scores": "zeroth", "stage2": "sparsegpt"}),
 }
@@ -59,6 +61,7 @@ class PruneOptions:
     max_sparsity: float | None = None
     eps: float = 1e-3
     noise_samples: int = 1
+    perturb: str = "matrix"
     stage1_samples: int | None = None
     stage2: str = "wanda"
     blocksize: int = 128
@@ -130,6 +133,8 @@ def validate(method: str, sparsity: float, options: PruneOptions) -> tuple[int, 
             raise ValueError(f"eps must be positive (got {options.eps})")
         if options.noise_samples < 1:
             raise ValueError(f"noise samples must be at least 1 (got {options.noise_samples})")
+        if options.perturb not in PERTURBATIONS:
+            raise ValueError(f"unknown perturbation {options.perturb!r}: use one of {', '.join(PERTURBATIONS)}")
     if options.batch_size < 1:
         raise ValueError(f"batch size must be at least 1 (got {options.batch_size})")
     return nm
@@ -191,11 +196,14 @@ def prune(
         t0 = time.perf_counter()
         stage1 = batches(loaded.processor, take(calibration, options.stage1_sample_count(), "stage 1"),
                          options.batch_size, decoder_only, loaded.device, loaded.dtype)
+        joint = options.scores == "zeroth" and options.perturb == "group"
         if options.scores == "zeroth":
-            layer_scores = zeroth_order_scores(model, layers, stage1, options.eps, options.noise_samples, options.seed, progress)
+            layer_scores = zeroth_order_scores(
+                model, layers, stage1, options.eps, options.noise_samples, options.seed, progress,
+                group_of=(lambda l: group_key(l, options.granularity)) if joint else None)
         else:
             layer_scores = first_order_scores(model, layers, stage1, progress)
-        groups = group_scores(layers, layer_scores, options.granularity, options.aggregate)
+        groups = group_scores(layers, layer_scores, options.granularity, options.aggregate, by_group=joint)
         cap = default_max_sparsity(sparsity, options.max_sparsity)
         keep = allocate_sparsity([g.score for g in groups], [g.numel for g in groups], sparsity, cap)
         for g, k in zip(groups, keep):

@@ -17,6 +17,7 @@ def test_describe_names_the_embedded_model(app):
 
 
 @pytest.mark.parametrize("method", ["Magnitude", "Wanda", "SparseGPT", "ECoFLaP (zeroth-order)",
+                                    "ECoFLaP (zeroth-order, one perturbation per group)",
                                     "ECoFLaP (first-order)", "ECoFLaP + SparseGPT"])
 def test_prune_each_method(app, method):
     c = client(app)

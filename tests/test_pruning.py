@@ -116,10 +116,10 @@ def test_wanda_zeros_are_the_lowest_scores_with_sequential_inputs(family, exampl
     store.restore()
 
 
-@pytest.mark.parametrize("scores", ["zeroth", "first"])
+@pytest.mark.parametrize("scores,perturb", [("zeroth", "matrix"), ("zeroth", "group"), ("first", "matrix")])
 @pytest.mark.parametrize("granularity", ["layer", "block", "model"])
-def test_ecoflap_keeps_exactly_the_budget(loaded, examples, scores, granularity):
-    options = PruneOptions(samples=16, stage1_samples=8, scores=scores, granularity=granularity)
+def test_ecoflap_keeps_exactly_the_budget(loaded, examples, scores, perturb, granularity):
+    options = PruneOptions(samples=16, stage1_samples=8, scores=scores, granularity=granularity, perturb=perturb)
     result = prune(loaded, "ecoflap", 0.5, options, examples)
     total = sum(r["numel"] for r in result.layers)
     zeros = sum(r["zeros"] for r in result.layers)
@@ -164,6 +164,7 @@ def test_restore_is_bit_identical_after_any_method(loaded, examples, method):
         ("wanda", 0.5, PruneOptions(samples=0), "at least 1"),
         ("wanda", 0.5, PruneOptions(samples=10_000), "only 32"),
         ("ecoflap", 0.5, PruneOptions(granularity="row"), "granularity"),
+        ("ecoflap", 0.5, PruneOptions(perturb="row"), "perturbation"),
     ],
 )
 def test_bad_settings_are_rejected_before_any_change(loaded, examples, method, sparsity, options, message):
@@ -171,3 +172,23 @@ def test_bad_settings_are_rejected_before_any_change(loaded, examples, method, s
     with pytest.raises(ValueError, match=message):
         prune(loaded, method, sparsity, options, examples)
     assert store.is_original()
+
+
+def test_joint_group_scores_are_the_same_replayed_or_not(loaded, examples):
+    """One joint perturbation per modality starts at the modality's first block when
+    replayed; the estimate must equal running the whole model."""
+    from ecoflap.allocation import zeroth_order_scores
+    from ecoflap.anatomy import group_key
+    from ecoflap.data import batches
+
+    data = batches(loaded.processor, examples[:8], 4, loaded.model.config.use_decoder_only_language_model,
+                   loaded.device, loaded.dtype)
+    layers = prunable_layers(loaded.model)
+    for granularity in ("block", "model"):
+        group_of = lambda l: group_key(l, granularity)  # noqa: E731
+        fast = zeroth_order_scores(loaded.model, layers, data, seed=2, group_of=group_of)
+        slow = zeroth_order_scores(loaded.model, layers, data, seed=2, replay=False, group_of=group_of)
+        assert set(fast) == {group_of(l) for l in layers}
+        resolution = 4 * torch.finfo(torch.float32).eps * 8 / 2e-3
+        for name in fast:
+            assert abs(fast[name] - slow[name]) <= 1e-3 * slow[name] + resolution, (granularity, name)
