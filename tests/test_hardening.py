@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from ecoflap.answers import MAX_IMAGE_PIXELS, open_image
@@ -157,3 +158,35 @@ def test_killed_during_a_prune_the_app_starts_again(tmp_path_factory):
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+@pytest.mark.parametrize("where", ["from_pretrained", "to_device"])
+def test_a_model_too_big_for_the_device_leaves_the_loaded_one(tmp_path, monkeypatch, where):
+    """Out of memory while loading (simulated: no device here is small enough to hit it
+    for real) is one clear message, and the registry still serves the model it had."""
+    from transformers import Blip2ForConditionalGeneration
+
+    from conftest import tiny_model
+    from ecoflap.models import ModelLoadError
+
+    loaded = tiny_model("opt")
+    first, second = tmp_path / "first", tmp_path / "second"
+    for folder in (first, second):
+        loaded.model.save_pretrained(folder)
+        loaded.processor.save_pretrained(folder)
+    registry = ModelRegistry(str(first), device="cpu")
+    before = registry.get(str(first))
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (simulated)")
+
+    if where == "from_pretrained":
+        monkeypatch.setattr(Blip2ForConditionalGeneration, "from_pretrained", out_of_memory)
+    else:
+        monkeypatch.setattr(Blip2ForConditionalGeneration, "to", out_of_memory)
+    with pytest.raises(ModelLoadError, match="does not fit in memory"):
+        registry.get(str(second))
+    monkeypatch.undo()
+    assert registry.get(str(first)) is before and list(registry.benches) == [str(first)]
+    answer = before.ask([Image.new("RGB", (96, 96), "white")], [""])
+    assert isinstance(answer[0], str)
