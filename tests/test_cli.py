@@ -113,7 +113,7 @@ def test_eval_reports_accuracy_per_type_on_the_shipped_model(tmp_path):
 def test_sweep_writes_csv_and_chart(saved_model, calibration_folder, tmp_path):
     csv, html = tmp_path / "sweep.csv", tmp_path / "sweep.html"
     done = run("sweep", "--model", str(saved_model), "--calibration", str(calibration_folder),
-               "--methods", "magnitude,wanda", "--sparsities", "0.2,0.6", "--samples", "8",
+               "--methods", "magnitude,wanda", "--sparsities", "0.2,0.6", "--samples", "8", "--eval-n", "20",
                "--csv", str(csv), "--html", str(html))
     assert done.returncode == 0, done.stderr
     header, *rows = [line.split(",") for line in csv.read_text().splitlines()]
