@@ -24,7 +24,7 @@ from transformers import Blip2Config, Blip2QFormerConfig, Blip2VisionConfig, OPT
 
 from .allocation import zeroth_order_scores
 from .anatomy import INCLUDE_CHOICES, prunable_layers
-from .data import batches, calibration_loss, take
+from .data import batches, calibration_loss, default_calibration, encode, take, to_model
 from .models import LoadedModel, build_blip2, build_processor, resolve_device, resolve_dtype
 from .pipeline import PruneOptions, preset, prune
 from .toy.tokenizer import build_tokenizer
@@ -135,9 +135,8 @@ class EncodedAtEachPass(Sequence):
         if not 0 <= i < len(self):
             raise IndexError(i)
         chunk = self.examples[i * self.batch_size : (i + 1) * self.batch_size]
-        model = self.loaded.model
-        return batches(self.loaded.processor, chunk, self.batch_size, model.config.use_decoder_only_language_model,
-                       self.loaded.device, self.loaded.dtype)[0]
+        encoded = encode(self.loaded.processor, chunk, self.loaded.model.config.use_decoder_only_language_model)
+        return {k: to_model(v, self.loaded.device, self.loaded.dtype) for k, v in encoded.items()}
 
 
 def _timed(fn: Callable, device: torch.device) -> float:
@@ -160,10 +159,9 @@ def bench(
     progress: Callable[[str, int, int], None] | None = None,
 ) -> dict:
     """{"methods": {name: {stage1_s, stage2_s, total_s, forward_equivalents, peak_bytes, peak_vs_inference}}, ...}."""
-    from .data import DEFAULT_CALIBRATION, load_examples
 
     options = options or PruneOptions()
-    calibration = calibration if calibration is not None else load_examples(DEFAULT_CALIBRATION)
+    calibration = calibration if calibration is not None else default_calibration()
     model = loaded.model
     decoder_only = model.config.use_decoder_only_language_model
     store = WeightStore(prunable_layers(model, INCLUDE_CHOICES))
@@ -196,9 +194,9 @@ def bench(
             "full": lambda: zeroth_order_scores(model, layers, encoded, options.eps, replay=False),
             "loop": lambda: zeroth_order_scores(model, layers, reference, options.eps, replay=False),
         }
-        # Interleaved and best of two, so a slow spell of a shared machine hits all three.
+        # Interleaved and best of three, so a slow spell of a shared machine hits all three.
         seconds = {name: [] for name in ways}
-        for _ in range(2):
+        for _ in range(3):
             for name, way in ways.items():
                 seconds[name].append(_timed(way, loaded.device))
         replayed, full, loop = (min(seconds[name]) for name in ways)

@@ -7,7 +7,10 @@ OPT (decoder-only: prompt and target in one sequence, prompt masked out) and T5
 
 from __future__ import annotations
 
+import functools
 import json
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +21,9 @@ from .models import ASSETS, IMAGE_TOKEN
 
 DEFAULT_CALIBRATION = ASSETS / "calibration"
 IGNORE = -100
+ENCODED_SETS_KEPT = 4
+_encoded: OrderedDict[tuple, tuple] = OrderedDict()
+_encoded_lock = threading.Lock()
 
 
 @dataclass
@@ -55,6 +61,13 @@ def load_examples(folder: str | Path = DEFAULT_CALIBRATION, limit: int | None = 
     return examples
 
 
+@functools.lru_cache(maxsize=1)
+def default_calibration() -> tuple[Example, ...]:
+    """The shipped calibration set, read once per process (the same objects every time,
+    so their encoding is reused too)."""
+    return tuple(load_examples(DEFAULT_CALIBRATION))
+
+
 def take(examples: list[Example], n: int, what: str) -> list[Example]:
     """The first n examples, or a clear error if there are not that many."""
     if n <= 0:
@@ -64,7 +77,7 @@ def take(examples: list[Example], n: int, what: str) -> list[Example]:
             f"{what}: {n} calibration samples were asked for but the calibration set has "
             f"only {len(examples)}"
         )
-    return examples[:n]
+    return list(examples[:n])
 
 
 def encode(processor, examples: list[Example], decoder_only: bool, with_target: bool = True) -> dict:
@@ -118,17 +131,34 @@ def _pad(rows: list[list[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def batches(processor, examples: list[Example], batch_size: int, decoder_only: bool, device, dtype) -> list[dict]:
-    """Encode examples once, in batches, already on the model's device and dtype."""
+    """Examples encoded in batches, on the model's device and dtype.
+
+    Encoding (resizing images, tokenising) costs about half a forward pass of a small
+    model, and the workbench prunes again and again on the same calibration set, so the
+    CPU tensors of the last few sets are kept and reused. The key is the identity of
+    the processor and of every example; the cache holds on to them, so no identity can
+    be reused by another object while its entry lives. Treat the tensors as read-only.
+    """
     if batch_size <= 0:
         raise ValueError(f"batch size must be at least 1 (got {batch_size})")
-    out = []
-    for start in range(0, len(examples), batch_size):
-        batch = encode(processor, examples[start : start + batch_size], decoder_only)
-        out.append({k: _to(v, device, dtype) for k, v in batch.items()})
-    return out
+    key = (id(processor), batch_size, decoder_only, *map(id, examples))
+    with _encoded_lock:
+        hit = _encoded.get(key)
+        if hit is not None:
+            _encoded.move_to_end(key)
+    if hit is not None:
+        encoded = hit[2]
+    else:
+        encoded = [encode(processor, examples[start : start + batch_size], decoder_only)
+                   for start in range(0, len(examples), batch_size)]
+        with _encoded_lock:
+            _encoded[key] = (processor, list(examples), encoded)
+            while len(_encoded) > ENCODED_SETS_KEPT:
+                _encoded.popitem(last=False)
+    return [{k: to_model(v, device, dtype) for k, v in batch.items()} for batch in encoded]
 
 
-def _to(tensor: torch.Tensor, device, dtype) -> torch.Tensor:
+def to_model(tensor: torch.Tensor, device, dtype) -> torch.Tensor:
     return tensor.to(device=device, dtype=dtype) if tensor.is_floating_point() else tensor.to(device)
 
 

@@ -21,7 +21,7 @@ from .allocation import (
     zeroth_order_scores,
 )
 from .anatomy import DEFAULT_INCLUDE, GRANULARITIES, INCLUDE_CHOICES, PrunableLayer, group_key, prunable_layers
-from .data import DEFAULT_CALIBRATION, Example, batches, load_examples, take
+from .data import Example, batches, default_calibration, take
 from .models import LoadedModel
 from .pruners.magnitude import prune_magnitude
 from .pruners.masks import parse_nm
@@ -182,7 +182,7 @@ def prune(
                 raise ValueError(f"N:M with M={nm[1]} needs input widths divisible by {nm[1]}; {l.name} has {l.module.in_features}")
     needs_data = method != "magnitude"
     if needs_data and calibration is None:
-        calibration = load_examples(DEFAULT_CALIBRATION)
+        calibration = default_calibration()
     peak = _Peak(loaded.device)
     timings: dict[str, float] = {}
     groups_out: list[dict] = []

@@ -192,3 +192,23 @@ def test_joint_group_scores_are_the_same_replayed_or_not(loaded, examples):
         resolution = 4 * torch.finfo(torch.float32).eps * 8 / 2e-3
         for name in fast:
             assert abs(fast[name] - slow[name]) <= 1e-3 * slow[name] + resolution, (granularity, name)
+
+
+def test_calibration_encoding_is_reused_for_the_same_examples(loaded, examples):
+    from ecoflap.data import ENCODED_SETS_KEPT, batches, encode
+
+    decoder_only = loaded.model.config.use_decoder_only_language_model
+
+    def encoded(chunk):
+        return batches(loaded.processor, chunk, 4, decoder_only, loaded.device, loaded.dtype)
+
+    first = encoded(list(examples[:8]))
+    again = encoded(list(examples[:8]))
+    assert first[0]["pixel_values"] is again[0]["pixel_values"]
+    direct = encode(loaded.processor, examples[4:8], decoder_only)
+    assert all(torch.equal(direct[k], first[1][k]) for k in direct)
+    shifted = encoded(examples[1:9])
+    assert shifted[0]["pixel_values"] is not first[0]["pixel_values"]
+    for start in range(2, 2 + ENCODED_SETS_KEPT):
+        encoded(examples[start : start + 4])
+    assert encoded(examples[:8])[0]["pixel_values"] is not first[0]["pixel_values"]
