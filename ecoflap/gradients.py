@@ -16,6 +16,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from .anatomy import PrunableLayer, stacks
+from .forwards import replaced_forward
 
 
 @contextlib.contextmanager
@@ -54,8 +55,6 @@ def checkpointed_blocks(model):
     Non-reentrant checkpointing in eval mode (no dropout) recomputes exactly the same
     values, so gradients are unchanged; only the memory for activations shrinks.
     """
-    blocks = [block for stack in stacks(model) if stack.name != "projection" for block in stack.blocks]
-    saved = [block.__dict__.get("forward") for block in blocks]
 
     def wrap(forward):
         def checkpointed(*args, **kwargs):
@@ -64,13 +63,8 @@ def checkpointed_blocks(model):
             return checkpoint(forward, *args, use_reentrant=False, **kwargs)
         return checkpointed
 
-    try:
+    blocks = [block for stack in stacks(model) if stack.name != "projection" for block in stack.blocks]
+    with contextlib.ExitStack() as swapped:
         for block in blocks:
-            block.forward = wrap(block.forward)
+            swapped.enter_context(replaced_forward(block, wrap(block.forward)))
         yield
-    finally:
-        for block, previous in zip(blocks, saved):
-            if previous is None:
-                del block.forward
-            else:
-                block.forward = previous

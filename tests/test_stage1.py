@@ -171,3 +171,22 @@ def test_joint_perturbation_needs_one_pair_of_passes_per_group(loaded, examples)
     assert set(scores) == blocks
     assert per_matrix == 2 * len(data) * len(layers)
     assert per_block == 2 * len(data) * len(blocks)
+
+
+def test_replaced_forward_puts_back_an_instance_forward_such_as_accelerates():
+    from torch import nn
+
+    from ecoflap.forwards import replaced_forward
+
+    plain, hooked = nn.Linear(2, 2), nn.Linear(2, 2)
+
+    def accelerate_like(*args, **kwargs):
+        return "hooked"
+
+    hooked.forward = accelerate_like
+    x = torch.zeros(1, 2)
+    for module in (plain, hooked):
+        with replaced_forward(module, lambda *a, **k: "swapped"):
+            assert module(x) == "swapped"
+    assert "forward" not in plain.__dict__ and isinstance(plain(x), torch.Tensor)
+    assert hooked.__dict__["forward"] is accelerate_like and hooked(x) == "hooked"

@@ -19,31 +19,20 @@ from torch import nn
 
 from ..anatomy import PrunableLayer, Stack, stacks
 from ..data import token_mask
+from ..forwards import replaced_forward
 
 
 class _Stop(Exception):
     """Raised by a hook once the part of the forward pass we need has run."""
 
 
-@contextlib.contextmanager
 def _replaying(module: nn.Module, outputs: list, state: dict):
-    """Make `module` return outputs[state['batch']] instead of computing.
-
-    An instance-level forward already there (accelerate's device-map hooks) is put back.
-    """
+    """Make `module` return outputs[state['batch']] instead of computing."""
 
     def replay(*args, **kwargs):
         return outputs[state["batch"]]
 
-    previous = module.__dict__.get("forward")
-    module.forward = replay
-    try:
-        yield
-    finally:
-        if previous is None:
-            del module.forward
-        else:
-            module.forward = previous
+    return replaced_forward(module, replay)
 
 
 @contextlib.contextmanager
