@@ -57,6 +57,10 @@ def joint_directional_derivative(model, weights: list[torch.Tensor], batch: dict
     are put back bit for bit."""
     originals = [w.detach().clone() for w in weights]
 
+    def restore():
+        for w, o in zip(weights, originals):
+            w.copy_(o)
+
     def moved(sign: float) -> float:
         for w, z in zip(weights, zs):
             w.add_(z, alpha=sign * eps)
@@ -64,12 +68,10 @@ def joint_directional_derivative(model, weights: list[torch.Tensor], batch: dict
 
     try:
         plus = moved(1.0)
-        for w, o in zip(weights, originals):
-            w.copy_(o)
+        restore()
         minus = moved(-1.0)
     finally:
-        for w, o in zip(weights, originals):
-            w.copy_(o)
+        restore()
     return (plus - minus) / (2 * eps)
 
 

@@ -24,7 +24,7 @@ from transformers import Blip2Config, Blip2QFormerConfig, Blip2VisionConfig, OPT
 
 from .allocation import zeroth_order_scores
 from .anatomy import INCLUDE_CHOICES, prunable_layers
-from .data import batches, calibration_loss, default_calibration, encode, take, to_model
+from .data import batches, calibration_loss, default_calibration, encode, on_model, take
 from .models import LoadedModel, build_blip2, build_processor, resolve_device, resolve_dtype
 from .pipeline import PruneOptions, preset, prune
 from .toy.tokenizer import build_tokenizer
@@ -136,7 +136,7 @@ class EncodedAtEachPass(Sequence):
             raise IndexError(i)
         chunk = self.examples[i * self.batch_size : (i + 1) * self.batch_size]
         encoded = encode(self.loaded.processor, chunk, self.loaded.model.config.use_decoder_only_language_model)
-        return {k: to_model(v, self.loaded.device, self.loaded.dtype) for k, v in encoded.items()}
+        return on_model(encoded, self.loaded.device, self.loaded.dtype)
 
 
 def _timed(fn: Callable, device: torch.device) -> float:

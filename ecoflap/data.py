@@ -155,11 +155,12 @@ def batches(processor, examples: list[Example], batch_size: int, decoder_only: b
             _encoded[key] = (processor, list(examples), encoded)
             while len(_encoded) > ENCODED_SETS_KEPT:
                 _encoded.popitem(last=False)
-    return [{k: to_model(v, device, dtype) for k, v in batch.items()} for batch in encoded]
+    return [on_model(batch, device, dtype) for batch in encoded]
 
 
-def to_model(tensor: torch.Tensor, device, dtype) -> torch.Tensor:
-    return tensor.to(device=device, dtype=dtype) if tensor.is_floating_point() else tensor.to(device)
+def on_model(batch: dict, device, dtype) -> dict:
+    """A batch on the model's device; floating-point tensors in the model's dtype."""
+    return {k: v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device) for k, v in batch.items()}
 
 
 def token_mask(batch: dict, stack_name: str) -> torch.Tensor | None:
