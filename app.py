@@ -21,7 +21,7 @@ import ecoflap
 from ecoflap import plots
 from ecoflap.anatomy import prunable_layers
 from ecoflap.answers import open_image
-from ecoflap.data import DEFAULT_CALIBRATION, batches, load_examples
+from ecoflap.data import batches, default_calibration
 from ecoflap.toy.assets import example_prompts
 from ecoflap.models import ASSETS
 from ecoflap.pipeline import PruneOptions, preset
@@ -212,7 +212,7 @@ def build_app(registry: ModelRegistry) -> gr.Blocks:
 
     def do_distributions(run_id, session):
         bench = session_bench(session)
-        calibration = load_examples(DEFAULT_CALIBRATION, limit=8)
+        calibration = list(default_calibration()[:8])
         decoder_only = bench.loaded.model.config.use_decoder_only_language_model
 
         def measure(loaded):

@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-from .data import DEFAULT_CALIBRATION, batches, calibration_loss, load_examples
+from .data import batches, calibration_loss, default_calibration
 from .models import LoadedModel
 from .toy.tokenizer import build_tokenizer
 
@@ -39,6 +39,6 @@ def quick_score(
         result = evaluate(loaded, make_eval_set(n, seed), progress=progress)
         return {"metric": "accuracy", "value": result["overall"], "higher_is_better": True,
                 "by_type": result["by_type"], "n": result["n"]}
-    examples = load_examples(DEFAULT_CALIBRATION, limit=n)
+    examples = list(default_calibration()[:n])
     return {"metric": "calibration loss", "value": mean_loss(loaded, examples), "higher_is_better": False,
             "n": len(examples)}
