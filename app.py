@@ -21,10 +21,9 @@ import ecoflap
 from ecoflap import plots
 from ecoflap.anatomy import prunable_layers
 from ecoflap.answers import open_image
-from ecoflap.data import batches, default_calibration
-from ecoflap.toy.assets import example_prompts
-from ecoflap.models import ASSETS
-from ecoflap.pipeline import PruneOptions, preset
+from ecoflap.data import batches, default_calibration, example_prompts
+from ecoflap.methods import METHODS
+from ecoflap.options import PruneOptions
 from ecoflap.registry import ModelRegistry
 from ecoflap.report import layers_csv, save_pruned, write_json, write_text
 from ecoflap.scoring import quick_score
@@ -34,15 +33,7 @@ from ecoflap.workbench import Cancelled
 
 log = logging.getLogger("ecoflap.app")
 
-METHOD_LABELS = {
-    "Magnitude": "magnitude",
-    "Wanda": "wanda",
-    "SparseGPT": "sparsegpt",
-    "ECoFLaP (zeroth-order)": "ecoflap_zeroth",
-    "ECoFLaP (zeroth-order, one perturbation per group)": "ecoflap_zeroth_group",
-    "ECoFLaP (first-order)": "ecoflap_first",
-    "ECoFLaP + SparseGPT": "ecoflap_sparsegpt",
-}
+METHOD_LABELS = {m.label: m.name for m in METHODS.values()}
 PRESET_LABELS = {v: k for k, v in METHOD_LABELS.items()}
 MODULE_LABELS = {"Vision encoder": "vision", "Q-Former": "qformer", "Projection": "projection", "Language model": "language"}
 EXPORT_DIR = Path(tempfile.gettempdir()) / "ecoflap-exports"
@@ -86,7 +77,7 @@ def build_app(registry: ModelRegistry) -> gr.Blocks:
             f"**Model** `{info['name']}` · {info['family'].upper()} language model · "
             f"device **{info['device']}** · {info['dtype']} · {info['total']:,} parameters · "
             f"prunable: {info['prunable']:,} (vision {per['vision']:,}, language {per['language']:,}; "
-            f"Q-Former {registry.qformer_count(info['name']):,} and projection optional)"
+            f"Q-Former {registry.qformer_count(session.get('model') or default_name):,} and projection optional)"
         )
 
     stop_flags: dict[str, threading.Event] = {}
@@ -166,8 +157,8 @@ def build_app(registry: ModelRegistry) -> gr.Blocks:
         """Prune with a method at a sparsity; the result is stored for this session."""
         name = METHOD_LABELS.get(method_label, method_label)
         try:
-            method, options = preset(name, options_from(granularity, max_sparsity, samples, stage1_samples, eps,
-                                                       nm, modules, batch_size))
+            method, options = name, options_from(granularity, max_sparsity, samples, stage1_samples, eps,
+                                                 nm, modules, batch_size)
         except ValueError as err:
             raise gr.Error(str(err)) from None
         bench = session_bench(session)
@@ -213,11 +204,10 @@ def build_app(registry: ModelRegistry) -> gr.Blocks:
     def do_distributions(run_id, session):
         bench = session_bench(session)
         calibration = list(default_calibration()[:8])
-        decoder_only = bench.loaded.model.config.use_decoder_only_language_model
 
         def measure(loaded):
             layers = prunable_layers(loaded.model)
-            batch = batches(loaded.processor, calibration, 8, decoder_only, loaded.device, loaded.dtype)[0]
+            batch = batches(loaded, calibration, 8)[0]
             return weight_histograms(layers), gradient_histograms(loaded.model, layers, batch)
 
         try:
@@ -243,7 +233,7 @@ def build_app(registry: ModelRegistry) -> gr.Blocks:
         started = time.perf_counter()
         runs, dropped_all = [], []
         for name in ("wanda", "ecoflap_zeroth"):
-            method, options = preset(name)
+            method, options = name, PruneOptions()
             label = f"{PRESET_LABELS[name]} @ {float(sparsity):.2f}"
             try:
                 run, dropped = bench.prune(method, float(sparsity), options,
@@ -368,7 +358,7 @@ def build_app(registry: ModelRegistry) -> gr.Blocks:
                         image = gr.Image(type="filepath", label="Image", sources=["upload", "clipboard"])
                         question = gr.Textbox(label="Question (empty: a caption)", placeholder="what color is the circle?")
                         ask_button = gr.Button("Ask the full and the pruned models", variant="primary")
-                        examples = example_prompts(ASSETS / "examples")
+                        examples = example_prompts()
                         if examples:
                             gr.Examples([list(pair) for pair in examples], inputs=[image, question])
                     with gr.Column():

@@ -1,12 +1,14 @@
-"""ecoflap: prune BLIP-2 vision-language models with Magnitude, Wanda, SparseGPT and ECoFLaP."""
+"""ecoflap: prune vision-language models with Magnitude, Wanda, SparseGPT and ECoFLaP."""
 
 from .allocation import allocate_sparsity
 from .anatomy import parameter_counts, prunable_layers
 from .answers import ask, prepare_image
 from .data import Example, load_examples
+from .methods import METHODS, Method, get_method
 from .models import DEFAULT_MODEL, LoadedModel, ModelLoadError, load_model
-from .pipeline import METHODS, PruneOptions, PruneResult, prune
-from .report import save_pruned, write_json
+from .options import PruneOptions
+from .pipeline import prune
+from .report import PruneResult, save_pruned, write_json
 from .weights import WeightStore
 
 __all__ = [
@@ -14,12 +16,14 @@ __all__ = [
     "METHODS",
     "Example",
     "LoadedModel",
+    "Method",
     "ModelLoadError",
     "PruneOptions",
     "PruneResult",
     "WeightStore",
     "allocate_sparsity",
     "ask",
+    "get_method",
     "load_examples",
     "load_model",
     "parameter_counts",

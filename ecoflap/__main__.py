@@ -10,8 +10,8 @@ import sys
 from tqdm import tqdm
 
 from .anatomy import DEFAULT_INCLUDE, INCLUDE_CHOICES
+from .methods import METHODS, method_names
 from .models import ModelLoadError
-from .pipeline import PRESETS
 
 log = logging.getLogger("ecoflap")
 
@@ -62,24 +62,20 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prune", help="prune a BLIP-2 and report every layer")
     _model_args(p)
-    p.add_argument("--method", default="ecoflap", help="magnitude, wanda, sparsegpt or ecoflap")
+    p.add_argument("--method", default="ecoflap", help=f"one of {', '.join(METHODS)}; ecoflap is ecoflap_zeroth")
     p.add_argument("--sparsity", type=float, default=0.5)
-    p.add_argument("--nm", default=None, help="semi-structured N:M, e.g. 2:4 (magnitude, wanda, sparsegpt)")
+    p.add_argument("--nm", default=None, help="semi-structured N:M, e.g. 2:4 (uniform methods)")
     p.add_argument("--include", default=",".join(DEFAULT_INCLUDE),
                    help=f"comma-separated module sets to prune, from {','.join(INCLUDE_CHOICES)}")
     _calibration_arg(p)
     p.add_argument("--samples", type=int, default=128, help="calibration samples for the layer-wise stage")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--scores", default="zeroth", help="ecoflap stage 1: zeroth or first")
     p.add_argument("--granularity", default="block", help="ecoflap groups: layer, block or model")
     p.add_argument("--aggregate", default="sum", help="group score: sum or avg")
     p.add_argument("--max-sparsity", type=float, default=None, help="per-layer cap (default: sparsity + 0.1)")
     p.add_argument("--eps", type=float, default=1e-3, help="zeroth-order perturbation size")
     p.add_argument("--noise-samples", type=int, default=1, help="zeroth-order draws per batch")
-    p.add_argument("--perturb", default="matrix", help="zeroth-order: matrix (one perturbation per matrix, the "
-                   "paper's) or group (all matrices of a group at once: faster, a different estimate)")
     p.add_argument("--stage1-samples", type=int, default=None, help="default 32 (zeroth) or 128 (first)")
-    p.add_argument("--stage2", default="wanda", help="ecoflap stage 2: wanda or sparsegpt")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--report", default=None, help="write the JSON report here")
     p.add_argument("--save", default=None, help="write the pruned model (safetensors) and report here")
@@ -98,7 +94,7 @@ def _parser() -> argparse.ArgumentParser:
 
     w = sub.add_parser("sweep", help="score against sparsity for several methods")
     _model_args(w)
-    w.add_argument("--methods", default="wanda,ecoflap_zeroth", help="comma-separated: " + ",".join(PRESETS))
+    w.add_argument("--methods", default="wanda,ecoflap_zeroth", help="comma-separated: " + ",".join(METHODS))
     w.add_argument("--sparsities", default="0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8")
     _calibration_arg(w)
     w.add_argument("--samples", type=int, default=128)
@@ -111,7 +107,7 @@ def _parser() -> argparse.ArgumentParser:
                    "blip2-opt-2.7b or blip2-flan-t5-xl (with --random-init)")
     b.add_argument("--random-init", action="store_true", help="random weights for --arch (no download)")
     b.add_argument("--methods", default="magnitude,wanda,sparsegpt,ecoflap_zeroth,ecoflap_zeroth_group,ecoflap_first",
-                   help="comma-separated: " + ",".join(PRESETS))
+                   help="comma-separated: " + ",".join(METHODS))
     b.add_argument("--sparsity", type=float, default=0.5)
     _calibration_arg(b)
     b.add_argument("--samples", type=int, default=128)
@@ -129,7 +125,9 @@ def _load(args):
 
 
 def cmd_prune(args) -> int:
-    from .pipeline import PruneOptions, prune
+    from .methods import get_method
+    from .options import PruneOptions, check
+    from .pipeline import prune
     from .report import save_pruned, write_json
 
     options = PruneOptions(
@@ -137,20 +135,15 @@ def cmd_prune(args) -> int:
         include=tuple(x.strip() for x in args.include.split(",") if x.strip()),
         samples=args.samples,
         batch_size=args.batch_size,
-        scores=args.scores,
         granularity=args.granularity,
         aggregate=args.aggregate,
         max_sparsity=args.max_sparsity,
         eps=args.eps,
         noise_samples=args.noise_samples,
-        perturb=args.perturb,
         stage1_samples=args.stage1_samples,
-        stage2=args.stage2,
         seed=args.seed,
     )
-    from .pipeline import validate
-
-    validate(args.method, args.sparsity, options)
+    check(get_method(args.method), args.sparsity, options)
     loaded = _load(args)
     calibration = _calibration(args)
     progress = TqdmProgress()
@@ -222,12 +215,12 @@ def cmd_eval(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from .pipeline import PruneOptions
+    from .options import PruneOptions
     from .plots import sweep_figure
-    from .report import write_text
+    from .report import sweep_csv, write_text
     from .sweep import sweep
 
-    names = [m.strip() for m in args.methods.split(",") if m.strip()]
+    names = method_names(args.methods)
     sparsities = [float(x) for x in args.sparsities.split(",") if x.strip()]
     loaded = _load(args)
     progress = TqdmProgress()
@@ -238,26 +231,25 @@ def cmd_sweep(args) -> int:
                      progress=progress)
     finally:
         progress.close()
-    header = "method,sparsity,metric,score,achieved_sparsity,seconds\n"
-    write_text(header + "".join(f"{r['method']},{r['sparsity']},{r['metric']},{r['score']:.6f},"
-                                f"{r['achieved_sparsity']:.6f},{r['seconds']:.3f}\n" for r in rows), args.csv)
+    write_text(sweep_csv(rows), args.csv)
     write_text(sweep_figure(rows, rows[0]["metric"] if rows else "score").to_html(include_plotlyjs=True), args.html)
     print(f"wrote {args.csv} and {args.html}")
     return 0
 
 
 def cmd_bench(args) -> int:
-    from .bench import bench, random_init_model
-    from .pipeline import PruneOptions
+    from .benchmark import bench
+    from .models import random_model
+    from .options import PruneOptions
     from .report import write_json
 
+    names = method_names(args.methods)
     if args.arch:
         if not args.random_init:
             raise ValueError("--arch builds an architecture from its config: add --random-init")
-        loaded = random_init_model(args.arch, args.device, args.dtype)
+        loaded = random_model(args.arch, args.device, args.dtype)
     else:
         loaded = _load(args)
-    names = [m.strip() for m in args.methods.split(",") if m.strip()]
     progress = TqdmProgress()
     try:
         result = bench(loaded, names, args.sparsity, _calibration(args), PruneOptions(

@@ -130,8 +130,8 @@ def _pad(rows: list[list[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]
     return ids, mask
 
 
-def batches(processor, examples: list[Example], batch_size: int, decoder_only: bool, device, dtype) -> list[dict]:
-    """Examples encoded in batches, on the model's device and dtype.
+def batches(loaded, examples: list[Example], batch_size: int) -> list[dict]:
+    """Examples encoded in batches for a loaded model, on its device and in its dtype.
 
     Encoding (resizing images, tokenising) costs about half a forward pass of a small
     model, and the workbench prunes again and again on the same calibration set, so the
@@ -141,6 +141,7 @@ def batches(processor, examples: list[Example], batch_size: int, decoder_only: b
     """
     if batch_size <= 0:
         raise ValueError(f"batch size must be at least 1 (got {batch_size})")
+    processor, decoder_only = loaded.processor, loaded.decoder_only
     key = (id(processor), batch_size, decoder_only, *map(id, examples))
     with _encoded_lock:
         hit = _encoded.get(key)
@@ -155,21 +156,12 @@ def batches(processor, examples: list[Example], batch_size: int, decoder_only: b
             _encoded[key] = (processor, list(examples), encoded)
             while len(_encoded) > ENCODED_SETS_KEPT:
                 _encoded.popitem(last=False)
-    return [on_model(batch, device, dtype) for batch in encoded]
+    return [on_model(batch, loaded.device, loaded.dtype) for batch in encoded]
 
 
 def on_model(batch: dict, device, dtype) -> dict:
     """A batch on the model's device; floating-point tensors in the model's dtype."""
     return {k: v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device) for k, v in batch.items()}
-
-
-def token_mask(batch: dict, stack_name: str) -> torch.Tensor | None:
-    """Which positions of a stack's inputs are real tokens (None: all of them)."""
-    if stack_name in ("language", "language.encoder"):
-        return batch["attention_mask"].bool()
-    if stack_name == "language.decoder":
-        return batch["labels"] != IGNORE
-    return None
 
 
 def calibration_loss(model, batch: dict) -> torch.Tensor:
@@ -179,3 +171,19 @@ def calibration_loss(model, batch: dict) -> torch.Tensor:
     recomputes its forward must not append to a cache a second time.
     """
     return model(**batch, use_cache=False).loss
+
+
+EXAMPLES = ASSETS / "examples"
+
+
+def example_prompts(folder: Path = EXAMPLES) -> list[tuple[str, str]]:
+    """(image path, question) pairs shipped for the UI: each example image with a different
+    kind of suggested question, so the list shows every question type (and captions)."""
+    images = sorted(folder.glob("*.png"))
+    index = folder / "questions.json"
+    suggested = json.loads(index.read_text()) if index.exists() else {}
+    pairs = []
+    for i, image in enumerate(images):
+        options = suggested.get(image.name) or [{"question": ""}]
+        pairs.append((str(image), options[i % len(options)]["question"]))
+    return pairs

@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from .anatomy import PrunableLayer, stacks
+from .anatomy import PrunableLayer, transformer_blocks
 from .forwards import replaced_forward
 
 
@@ -63,8 +63,7 @@ def checkpointed_blocks(model):
             return checkpoint(forward, *args, use_reentrant=False, **kwargs)
         return checkpointed
 
-    blocks = [block for stack in stacks(model) if stack.name != "projection" for block in stack.blocks]
     with contextlib.ExitStack() as swapped:
-        for block in blocks:
+        for block in transformer_blocks(model):
             swapped.enter_context(replaced_forward(block, wrap(block.forward)))
         yield

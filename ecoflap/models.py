@@ -38,18 +38,24 @@ class ModelLoadError(RuntimeError):
 
 @dataclass
 class LoadedModel:
-    """A BLIP-2 with its processor and where it came from."""
+    """A BLIP-2 with its processor; `name` is for display (a hub id, or a folder's name),
+    `source` where it was loaded from (never shown to other users)."""
 
     model: Blip2ForConditionalGeneration
     processor: Blip2Processor
     name: str
     device: torch.device
     dtype: torch.dtype
+    source: str | None = None
 
     @property
     def family(self) -> str:
         """'opt' for decoder-only language models, 't5' for encoder-decoder ones."""
-        return "opt" if self.model.config.use_decoder_only_language_model else "t5"
+        return "opt" if self.decoder_only else "t5"
+
+    @property
+    def decoder_only(self) -> bool:
+        return self.model.config.use_decoder_only_language_model
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -144,7 +150,15 @@ def load_model(
     model.eval()
     first_param = next(model.parameters())
     log.info("loaded %s on %s (%s)", name, first_param.device, first_param.dtype)
-    return LoadedModel(model, processor, name, first_param.device, torch_dtype)
+    return LoadedModel(model, processor, display_name(name), first_param.device, torch_dtype, source)
+
+
+def display_name(name: str) -> str:
+    """A hub id as it is; a local folder by its own name, never its path on this machine."""
+    local = Path(name).expanduser()
+    if name.startswith((".", "/", "~")) or local.exists():
+        return local.resolve().name or "model"
+    return name
 
 
 def load_processor(name: str) -> Blip2Processor:
@@ -153,6 +167,26 @@ def load_processor(name: str) -> Blip2Processor:
     image_processor = BlipImageProcessorPil.from_pretrained(name)
     config = Blip2Config.from_pretrained(name)
     return Blip2Processor(image_processor, tokenizer, num_query_tokens=config.num_query_tokens)
+
+
+def blip2_config(tokenizer, family: str, vision: dict, qformer: dict, text: dict, num_query_tokens: int) -> Blip2Config:
+    """A BLIP-2 config from the sizes of its three parts, with an OPT or a T5 language
+    model whose special tokens and image token come from `tokenizer`."""
+    if family == "opt":
+        text_config = OPTConfig(**text, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                                eos_token_id=tokenizer.eos_token_id)
+    elif family == "t5":
+        text_config = T5Config(**text, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                               decoder_start_token_id=tokenizer.pad_token_id)
+    else:
+        raise ValueError(f"unknown language model family {family!r}: use 'opt' or 't5'")
+    return Blip2Config(
+        vision_config=Blip2VisionConfig(**vision).to_dict(),
+        qformer_config=Blip2QFormerConfig(**qformer).to_dict(),
+        text_config=text_config.to_dict(),
+        num_query_tokens=num_query_tokens,
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+    )
 
 
 def small_blip2_config(
@@ -172,62 +206,51 @@ def small_blip2_config(
     Every Q-Former layer cross-attends to the image (BLIP-2's default is every second
     one, which leaves a 1- or 2-layer Q-Former nearly blind).
     """
-    vision = Blip2VisionConfig(
-        hidden_size=hidden,
-        intermediate_size=4 * hidden,
-        num_hidden_layers=vision_layers,
-        num_attention_heads=heads,
-        image_size=image_size,
-        patch_size=patch_size,
-        initializer_range=0.02,
-    )
-    qformer = Blip2QFormerConfig(
-        hidden_size=hidden,
-        num_hidden_layers=qformer_layers,
-        num_attention_heads=heads,
-        intermediate_size=4 * hidden,
-        encoder_hidden_size=hidden,
-        vocab_size=len(tokenizer),
-        cross_attention_frequency=1,
-    )
     vocab = len(tokenizer)
+    vision = dict(hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=vision_layers,
+                  num_attention_heads=heads, image_size=image_size, patch_size=patch_size, initializer_range=0.02)
+    qformer = dict(hidden_size=hidden, num_hidden_layers=qformer_layers, num_attention_heads=heads,
+                   intermediate_size=4 * hidden, encoder_hidden_size=hidden, vocab_size=vocab,
+                   cross_attention_frequency=1)
     if family == "opt":
-        text = OPTConfig(
-            vocab_size=vocab,
-            hidden_size=hidden,
-            num_hidden_layers=language_layers,
-            ffn_dim=4 * hidden,
-            num_attention_heads=heads,
-            max_position_embeddings=128,
-            word_embed_proj_dim=hidden,
-            pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
-    elif family == "t5":
-        text = T5Config(
-            vocab_size=vocab,
-            d_model=hidden,
-            d_kv=hidden // heads,
-            d_ff=4 * hidden,
-            num_layers=language_layers,
-            num_decoder_layers=language_layers,
-            num_heads=heads,
-            feed_forward_proj="gated-gelu",
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            decoder_start_token_id=tokenizer.pad_token_id,
-            tie_word_embeddings=False,
-        )
+        text = dict(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=language_layers, ffn_dim=4 * hidden,
+                    num_attention_heads=heads, max_position_embeddings=128, word_embed_proj_dim=hidden)
     else:
-        raise ValueError(f"unknown language model family {family!r}: use 'opt' or 't5'")
-    return Blip2Config(
-        vision_config=vision.to_dict(),
-        qformer_config=qformer.to_dict(),
-        text_config=text.to_dict(),
-        num_query_tokens=num_query_tokens,
-        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-    )
+        text = dict(vocab_size=vocab, d_model=hidden, d_kv=hidden // heads, d_ff=4 * hidden,
+                    num_layers=language_layers, num_decoder_layers=language_layers, num_heads=heads,
+                    feed_forward_proj="gated-gelu", tie_word_embeddings=False)
+    return blip2_config(tokenizer, family, vision, qformer, text, num_query_tokens)
+
+
+# The published BLIP-2 architectures, written out so no config needs downloading.
+_VIT_G = dict(hidden_size=1408, intermediate_size=6144, num_hidden_layers=39, num_attention_heads=16,
+              image_size=224, patch_size=14, initializer_range=0.02)
+_QFORMER = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+                encoder_hidden_size=1408, cross_attention_frequency=2)
+ARCHITECTURES = {
+    "blip2-opt-2.7b": ("opt", dict(hidden_size=2560, num_hidden_layers=32, ffn_dim=10240, num_attention_heads=32,
+                                   word_embed_proj_dim=2560, vocab_size=50304, max_position_embeddings=2048)),
+    "blip2-flan-t5-xl": ("t5", dict(d_model=2048, d_kv=64, d_ff=5120, num_layers=24, num_decoder_layers=24,
+                                    num_heads=32, feed_forward_proj="gated-gelu", vocab_size=32128,
+                                    tie_word_embeddings=False)),
+}
+
+
+def random_model(arch: str, device: str = "auto", dtype: str = "auto") -> LoadedModel:
+    """A full-size published architecture with random weights (no download), for time and memory."""
+    from .shapes.tokenizer import build_tokenizer
+
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {arch!r}: use one of {', '.join(ARCHITECTURES)}")
+    family, text = ARCHITECTURES[arch]
+    tokenizer = build_tokenizer(family)
+    config = blip2_config(tokenizer, family, _VIT_G, _QFORMER, text, num_query_tokens=32)
+    target = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, target, family)
+    with torch.device(target):
+        model = build_blip2(config)
+    model.to(dtype=torch_dtype)
+    return LoadedModel(model, build_processor(tokenizer, config), f"{arch} (random init)", target, torch_dtype)
 
 
 def build_blip2(config: Blip2Config, seed: int = 0) -> Blip2ForConditionalGeneration:

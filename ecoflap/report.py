@@ -1,7 +1,9 @@
-"""The JSON report and the export of a pruned model (safetensors + report).
+"""What a run did, as plain data, and the files it can be exported as.
 
-Files are written under a temporary name and renamed, so an interrupted run never
-leaves a half-written file that looks complete.
+The JSON report is `PruneResult` serialised; the CSVs are its per-layer table and a
+sweep's rows; a pruned model is a `save_pretrained` folder (safetensors) with its report.
+Files are written under a temporary name and renamed, so an interrupted run never leaves
+a half-written file that looks complete.
 """
 
 from __future__ import annotations
@@ -12,7 +14,28 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+
+@dataclass
+class PruneResult:
+    """What a run did, in plain data (the JSON report is this, serialised)."""
+
+    model: str
+    method: str
+    target_sparsity: float
+    achieved_sparsity: float
+    options: dict
+    layers: list[dict]
+    sparsity_by_modality: dict
+    groups: list[dict] = field(default_factory=list)
+    timings: dict = field(default_factory=dict)
+    peak_memory_bytes: int = 0
+    peak_memory_kind: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 def write_json(data: dict, path: str | Path):
@@ -37,14 +60,24 @@ def save_pruned(loaded, report: dict, folder: str | Path):
 
 
 LAYER_COLUMNS = ("name", "modality", "stack", "block", "numel", "zeros", "sparsity", "target_sparsity")
+SWEEP_COLUMNS = ("method", "sparsity", "metric", "score", "achieved_sparsity", "seconds")
 
 
 def layers_csv(report: dict) -> str:
     """The per-layer table of a report as CSV text."""
+    return table_csv(report["layers"], LAYER_COLUMNS)
+
+
+def sweep_csv(rows: list[dict]) -> str:
+    """A sweep's rows (method, sparsity, score, ...) as CSV text."""
+    return table_csv(rows, SWEEP_COLUMNS)
+
+
+def table_csv(rows: list[dict], columns: tuple[str, ...]) -> str:
     out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=LAYER_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer = csv.DictWriter(out, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
-    writer.writerows(report["layers"])
+    writer.writerows(rows)
     return out.getvalue()
 
 

@@ -13,7 +13,7 @@ import torch
 
 from .data import batches, calibration_loss, default_calibration
 from .models import LoadedModel
-from .toy.tokenizer import build_tokenizer
+from .shapes.tokenizer import build_tokenizer
 
 
 def speaks_shapes(loaded: LoadedModel) -> bool:
@@ -23,8 +23,7 @@ def speaks_shapes(loaded: LoadedModel) -> bool:
 
 @torch.no_grad()
 def mean_loss(loaded: LoadedModel, examples, batch_size: int = 8) -> float:
-    decoder_only = loaded.model.config.use_decoder_only_language_model
-    data = batches(loaded.processor, examples, batch_size, decoder_only, loaded.device, loaded.dtype)
+    data = batches(loaded, examples, batch_size)
     losses = [calibration_loss(loaded.model, b).float().item() * len(b["input_ids"]) for b in data]
     return sum(losses) / len(examples)
 
@@ -34,7 +33,7 @@ def quick_score(
 ) -> dict:
     """{"metric": "accuracy"|"calibration loss", "value", "higher_is_better", "by_type"?, "n"}."""
     if speaks_shapes(loaded):
-        from .toy.evaluate import evaluate, make_eval_set
+        from .shapes.evaluate import evaluate, make_eval_set
 
         result = evaluate(loaded, make_eval_set(n, seed), progress=progress)
         return {"metric": "accuracy", "value": result["overall"], "higher_is_better": True,

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 from typing import Callable
 
-from .pipeline import PruneOptions, preset, prune
+from .methods import get_method
+from .options import PruneOptions
+from .pipeline import prune
 from .scoring import quick_score
 from .weights import WeightStore
-from .anatomy import INCLUDE_CHOICES, prunable_layers
 
 
 def sweep(
     loaded,
-    presets: list[str],
+    methods: list[str],
     sparsities: list[float],
     options: PruneOptions | None = None,
     calibration=None,
@@ -24,18 +25,16 @@ def sweep(
 
     `progress` may raise to stop the sweep; the full weights are restored either way.
     """
-    for name in presets:
-        preset(name)
-    store = WeightStore(prunable_layers(loaded.model, INCLUDE_CHOICES))
+    methods = [get_method(name).name for name in methods]
+    store = WeightStore.of(loaded.model)
     rows = []
-    total = len(presets) * len(sparsities)
+    total = len(methods) * len(sparsities)
     try:
-        for name in presets:
+        for name in methods:
             for sparsity in sparsities:
-                method, opts = preset(name, options)
                 if progress:
                     progress(f"sweep: {name} at {sparsity:.2f}", len(rows), total)
-                result = prune(loaded, method, sparsity, opts, calibration, progress)
+                result = prune(loaded, name, sparsity, options, calibration, progress)
                 score = quick_score(loaded, eval_n)
                 row = {"method": name, "sparsity": sparsity, "metric": score["metric"], "score": score["value"],
                        "achieved_sparsity": result.achieved_sparsity, "seconds": result.timings["total_s"]}

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .anatomy import PrunableLayer
+from .anatomy import INCLUDE_CHOICES, PrunableLayer, prunable_layers
 
 
 class WeightStore:
@@ -17,6 +17,11 @@ class WeightStore:
     def __init__(self, layers: list[PrunableLayer]):
         self.layers = {l.name: l.module for l in layers}
         self.original = self.snapshot()
+
+    @classmethod
+    def of(cls, model) -> "WeightStore":
+        """The store of every layer any method may prune (all module sets)."""
+        return cls(prunable_layers(model, INCLUDE_CHOICES))
 
     def snapshot(self) -> dict[str, torch.Tensor]:
         """A CPU copy of the current weights of the tracked layers."""
@@ -30,13 +35,6 @@ class WeightStore:
 
     def restore(self):
         self.load(self.original)
-
-    def track(self, layers: list[PrunableLayer]):
-        """Also keep the originals of layers not tracked yet (the model must be unpruned)."""
-        for l in layers:
-            if l.name not in self.layers:
-                self.layers[l.name] = l.module
-                self.original[l.name] = l.module.weight.detach().to("cpu", copy=True)
 
     def is_original(self) -> bool:
         return all(torch.equal(m.weight.detach().cpu(), self.original[n]) for n, m in self.layers.items())

@@ -19,11 +19,13 @@ from typing import Callable
 
 import torch
 
-from .anatomy import INCLUDE_CHOICES, parameter_counts, prunable_layers
+from .anatomy import parameter_counts
 from .answers import ask as ask_model
 from .data import Example
 from .models import LoadedModel
-from .pipeline import PruneOptions, PruneResult, prune
+from .options import PruneOptions
+from .pipeline import prune
+from .report import PruneResult
 from .weights import WeightStore
 
 log = logging.getLogger(__name__)
@@ -54,12 +56,11 @@ class Workbench:
     def __init__(self, loaded: LoadedModel, max_runs: int = 8, max_bytes: int | None = None):
         self.loaded = loaded
         self.lock = threading.RLock()
-        self.store = WeightStore(prunable_layers(loaded.model, INCLUDE_CHOICES))
+        self.store = WeightStore.of(loaded.model)
         self.runs: OrderedDict[str, Run] = OrderedDict()
         self.max_runs = max_runs
         self.max_bytes = max_bytes
         self._ids = itertools.count(1)
-        self._waiting = 0
 
     def describe(self) -> dict:
         """Which model, where, and how many weights are prunable per modality."""
@@ -73,17 +74,8 @@ class Workbench:
             **counts,
         }
 
-    @property
-    def waiting(self) -> int:
-        """How many jobs wait for the model right now."""
-        return self._waiting
-
     def _acquire(self):
-        self._waiting += 1
-        try:
-            self.lock.acquire()
-        finally:
-            self._waiting -= 1
+        self.lock.acquire()
 
     def prune(
         self,
@@ -140,10 +132,6 @@ class Workbench:
 
     def get(self, run_id: str) -> Run | None:
         return self.runs.get(run_id)
-
-    def forget(self, run_id: str):
-        with self.lock:
-            self.runs.pop(run_id, None)
 
     def ask(self, images, questions: list[str], run_id: str | None = None, max_new_tokens: int = 20) -> list[str]:
         """Answers of the full model (run_id None) or of a stored run."""

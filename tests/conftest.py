@@ -18,7 +18,7 @@ from PIL import Image
 
 from ecoflap.data import Example
 from ecoflap.models import LoadedModel, build_blip2, build_processor, small_blip2_config
-from ecoflap.toy.tokenizer import build_tokenizer
+from ecoflap.shapes.tokenizer import build_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "assets" / "examples" / "scene1.png"

@@ -7,7 +7,8 @@ import torch
 
 from ecoflap.anatomy import prunable_layers, stacks
 from ecoflap.data import IGNORE, batches
-from ecoflap.pipeline import PruneOptions, prune
+from ecoflap.options import PruneOptions
+from ecoflap.pipeline import prune
 from ecoflap.pruners.masks import per_row_count
 from ecoflap.weights import WeightStore
 
@@ -91,7 +92,7 @@ def test_wanda_zeros_are_the_lowest_scores_with_sequential_inputs(family, exampl
     store = WeightStore(layers)
     prune(loaded, "wanda", 0.5, PruneOptions(samples=16, batch_size=8), examples)
     pruned = store.snapshot()
-    data = batches(loaded.processor, examples[:16], 8, family == "opt", loaded.device, loaded.dtype)
+    data = batches(loaded, examples[:16], 8)
     order = [s.name for s in stacks(loaded.model)]
     checked = 0
     for target in layers:
@@ -116,11 +117,11 @@ def test_wanda_zeros_are_the_lowest_scores_with_sequential_inputs(family, exampl
     store.restore()
 
 
-@pytest.mark.parametrize("scores,perturb", [("zeroth", "matrix"), ("zeroth", "group"), ("first", "matrix")])
+@pytest.mark.parametrize("method", ["ecoflap_zeroth", "ecoflap_zeroth_group", "ecoflap_first"])
 @pytest.mark.parametrize("granularity", ["layer", "block", "model"])
-def test_ecoflap_keeps_exactly_the_budget(loaded, examples, scores, perturb, granularity):
-    options = PruneOptions(samples=16, stage1_samples=8, scores=scores, granularity=granularity, perturb=perturb)
-    result = prune(loaded, "ecoflap", 0.5, options, examples)
+def test_ecoflap_keeps_exactly_the_budget(loaded, examples, method, granularity):
+    options = PruneOptions(samples=16, stage1_samples=8, granularity=granularity)
+    result = prune(loaded, method, 0.5, options, examples)
     total = sum(r["numel"] for r in result.layers)
     zeros = sum(r["zeros"] for r in result.layers)
     assert total - zeros == math.floor(total * 0.5)
@@ -132,8 +133,8 @@ def test_ecoflap_keeps_exactly_the_budget(loaded, examples, scores, perturb, gra
 
 
 def test_ecoflap_with_sparsegpt_and_all_modules(loaded, examples):
-    options = PruneOptions(samples=16, stage1_samples=8, stage2="sparsegpt", include=ALL, granularity="layer")
-    result = prune(loaded, "ecoflap", 0.6, options, examples)
+    options = PruneOptions(samples=16, stage1_samples=8, include=ALL, granularity="layer")
+    result = prune(loaded, "ecoflap_sparsegpt", 0.6, options, examples)
     total = sum(r["numel"] for r in result.layers)
     assert total - sum(r["zeros"] for r in result.layers) == math.floor(total * 0.4 + 1e-9)
     assert set(result.sparsity_by_modality) == {"vision", "qformer", "language"}
@@ -164,7 +165,8 @@ def test_restore_is_bit_identical_after_any_method(loaded, examples, method):
         ("wanda", 0.5, PruneOptions(samples=0), "at least 1"),
         ("wanda", 0.5, PruneOptions(samples=10_000), "only 32"),
         ("ecoflap", 0.5, PruneOptions(granularity="row"), "granularity"),
-        ("ecoflap", 0.5, PruneOptions(perturb="row"), "perturbation"),
+        ("ecoflap", 0.5, PruneOptions(aggregate="max"), "aggregate"),
+        ("ecoflap_first", 0.5, PruneOptions(nm="2:4"), "N:M"),
     ],
 )
 def test_bad_settings_are_rejected_before_any_change(loaded, examples, method, sparsity, options, message):
@@ -177,12 +179,11 @@ def test_bad_settings_are_rejected_before_any_change(loaded, examples, method, s
 def test_joint_group_scores_are_the_same_replayed_or_not(loaded, examples):
     """One joint perturbation per modality starts at the modality's first block when
     replayed; the estimate must equal running the whole model."""
-    from ecoflap.allocation import zeroth_order_scores
+    from ecoflap.importance import zeroth_order_scores
     from ecoflap.anatomy import group_key
     from ecoflap.data import batches
 
-    data = batches(loaded.processor, examples[:8], 4, loaded.model.config.use_decoder_only_language_model,
-                   loaded.device, loaded.dtype)
+    data = batches(loaded, examples[:8], 4)
     layers = prunable_layers(loaded.model)
     for granularity in ("block", "model"):
         group_of = lambda l: group_key(l, granularity)  # noqa: E731
@@ -197,10 +198,10 @@ def test_joint_group_scores_are_the_same_replayed_or_not(loaded, examples):
 def test_calibration_encoding_is_reused_for_the_same_examples(loaded, examples):
     from ecoflap.data import ENCODED_SETS_KEPT, batches, encode
 
-    decoder_only = loaded.model.config.use_decoder_only_language_model
+    decoder_only = loaded.decoder_only
 
     def encoded(chunk):
-        return batches(loaded.processor, chunk, 4, decoder_only, loaded.device, loaded.dtype)
+        return batches(loaded, chunk, 4)
 
     first = encoded(list(examples[:8]))
     again = encoded(list(examples[:8]))

@@ -2,7 +2,7 @@
 
 import torch
 
-from ecoflap.allocation import (
+from ecoflap.importance import (
     directional_derivative,
     first_order_scores,
     joint_directional_derivative,
@@ -15,8 +15,7 @@ from conftest import tiny_model
 
 
 def _data(loaded, examples, n=8, batch_size=4):
-    return batches(loaded.processor, examples[:n], batch_size,
-                   loaded.model.config.use_decoder_only_language_model, loaded.device, loaded.dtype)
+    return batches(loaded, examples[:n], batch_size)
 
 
 def _fd_vs_autograd(loaded, examples, eps):

@@ -7,7 +7,8 @@ import numpy as np
 
 from ecoflap.anatomy import prunable_layers
 from ecoflap.data import batches
-from ecoflap.pipeline import PruneOptions, prune
+from ecoflap.options import PruneOptions
+from ecoflap.pipeline import prune
 from ecoflap.plots import group_scores_figure, histogram_figure, sparsity_figure, sweep_figure
 from ecoflap.report import layers_csv
 from ecoflap.stats import gradient_histograms, magnitude_histograms, weight_histograms
@@ -28,7 +29,7 @@ def test_weight_and_gradient_histograms_per_modality(loaded, examples):
     total = sum(l.numel for l in layers if l.modality == "vision")
     assert weights["vision"]["zeros"] + weights["vision"]["nonzero"] == total
     assert weights["vision"]["zeros"] == total // 2
-    batch = batches(loaded.processor, examples[:4], 4, loaded.family == "opt", loaded.device, loaded.dtype)[0]
+    batch = batches(loaded, examples[:4], 4)[0]
     grads = gradient_histograms(loaded.model, layers, batch)
     assert set(grads) == {"vision", "language"}
     assert all(p.grad is None for p in loaded.model.parameters())

@@ -8,9 +8,9 @@ import numpy as np
 import torch
 
 from ecoflap.models import DEFAULT_MODEL, build_blip2, build_processor, load_model, small_blip2_config
-from ecoflap.toy.evaluate import evaluate, make_eval_set
-from ecoflap.toy.independent import independent_examples
-from ecoflap.toy.shapes import (
+from ecoflap.shapes.evaluate import evaluate, make_eval_set
+from ecoflap.shapes.independent import independent_examples
+from ecoflap.shapes.world import (
     COLORS,
     NUMBERS,
     caption,
@@ -20,7 +20,7 @@ from ecoflap.toy.shapes import (
     render,
     samples,
 )
-from ecoflap.toy.tokenizer import build_tokenizer
+from ecoflap.shapes.tokenizer import build_tokenizer
 from ecoflap.toy.train import Recipe, PerceptionHeads, build_dataset, joint_loss
 
 
@@ -82,7 +82,7 @@ def test_training_steps_reduce_the_loss():
     optimizer = torch.optim.AdamW(list(model.parameters()) + list(heads.parameters()), lr=3e-3)
     losses = []
     for _ in range(15):
-        lm, aux = joint_loss(model, heads, tokenizer, recipe, data, idx, random.Random(0))
+        lm, aux = joint_loss(model, heads, tokenizer, recipe, data, idx)
         loss = lm + aux
         losses.append(loss.item())
         optimizer.zero_grad()
@@ -111,7 +111,7 @@ def test_example_prompts_pair_each_shipped_image_with_one_of_its_questions():
     import json
 
     from ecoflap.models import ASSETS
-    from ecoflap.toy.assets import example_prompts
+    from ecoflap.data import example_prompts
 
     folder = ASSETS / "examples"
     suggested = json.loads((folder / "questions.json").read_text())

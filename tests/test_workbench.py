@@ -7,7 +7,7 @@ import torch
 
 from ecoflap.anatomy import INCLUDE_CHOICES, prunable_layers
 from ecoflap.answers import ask
-from ecoflap.pipeline import PruneOptions
+from ecoflap.options import PruneOptions
 from ecoflap.workbench import Cancelled, Workbench
 
 from conftest import tiny_model

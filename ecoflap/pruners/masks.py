@@ -54,9 +54,9 @@ def row_mask(scores: torch.Tensor, sparsity: float, count: int | None = None) ->
     return mask
 
 
-def matrix_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """Zero the floor(numel * s) lowest-scoring weights of the whole matrix."""
-    k = int(math.floor(scores.numel() * sparsity + 1e-9))
+def matrix_mask(scores: torch.Tensor, sparsity: float, count: int | None = None) -> torch.Tensor:
+    """Zero the `count` (default floor(numel * s)) lowest-scoring weights of the whole matrix."""
+    k = int(math.floor(scores.numel() * sparsity + 1e-9)) if count is None else count
     mask = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
     if k > 0:
         idx = torch.topk(scores.flatten(), k, largest=False).indices

@@ -12,7 +12,7 @@ import json
 import random
 from pathlib import Path
 
-from .shapes import caption, questions, random_scene, render
+from ..shapes.world import caption, questions, random_scene, render
 
 CALIBRATION_SEED = 20_000
 EXAMPLES_SEED = 30_000
@@ -53,16 +53,3 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
-
-
-def example_prompts(folder: Path) -> list[tuple[str, str]]:
-    """(image path, question) pairs for the UI: each example image with a different kind
-    of suggested question, so the list shows every question type (and captions)."""
-    images = sorted(folder.glob("*.png"))
-    index = folder / "questions.json"
-    suggested = json.loads(index.read_text()) if index.exists() else {}
-    pairs = []
-    for i, image in enumerate(images):
-        options = suggested.get(image.name) or [{"question": ""}]
-        pairs.append((str(image), options[i % len(options)]["question"]))
-    return pairs

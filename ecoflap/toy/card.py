@@ -21,8 +21,8 @@ import torch
 from ..models import load_model
 from ..scoring import quick_score
 from ..sweep import sweep
-from .evaluate import evaluate, make_eval_set
-from .independent import independent_examples
+from ..shapes.evaluate import evaluate, make_eval_set
+from ..shapes.independent import independent_examples
 
 EVAL_SEED = 10_000
 PRUNING_METHODS = ("wanda", "ecoflap_zeroth")

@@ -30,8 +30,8 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ..data import encode_text
 from ..models import build_blip2, build_processor, small_blip2_config
-from .shapes import COLORS, KINDS, pixel_shape_labels, questions, random_scene, render
-from .tokenizer import build_tokenizer
+from ..shapes.world import COLORS, KINDS, pixel_shape_labels, questions, random_scene, render
+from ..shapes.tokenizer import build_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -149,8 +149,8 @@ def _batch(data: dict, idx: torch.Tensor) -> dict:
     return batch
 
 
-def joint_loss(model, heads: PerceptionHeads, tokenizer, recipe: Recipe, data: dict, idx: torch.Tensor,
-               rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
+def joint_loss(model, heads: PerceptionHeads, tokenizer, recipe: Recipe, data: dict,
+               idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Language-model loss over every question of each image, plus the perception loss."""
     batch = _batch(data, idx)
     vision_out, queries = perceive(model, batch["pixel_values"])
@@ -175,7 +175,6 @@ def joint_loss(model, heads: PerceptionHeads, tokenizer, recipe: Recipe, data: d
 
 def train(recipe: Recipe, out: Path, progress: bool = True) -> dict:
     torch.manual_seed(recipe.seed)
-    rng = random.Random(recipe.seed)
     tokenizer = build_tokenizer("opt")
     config = small_blip2_config(
         tokenizer, "opt", hidden=recipe.hidden, vision_layers=recipe.vision_layers,
@@ -221,7 +220,7 @@ def train(recipe: Recipe, out: Path, progress: bool = True) -> dict:
         for g in opt.param_groups:
             g["lr"] = recipe.joint_lr * g["scale"] * _schedule(step, recipe.joint_steps)
         idx = torch.randint(0, n, (recipe.batch_images,))
-        lm, aux = joint_loss(model, heads, tokenizer, recipe, data, idx, rng)
+        lm, aux = joint_loss(model, heads, tokenizer, recipe, data, idx)
         loss = lm + recipe.aux_weight * aux
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -12,14 +12,16 @@ the same walk to start each perturbed forward pass at the perturbed block.
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import nn
 
-from ..anatomy import PrunableLayer, Stack, stacks
-from ..data import token_mask
-from ..forwards import replaced_forward
+from .anatomy import PrunableLayer, Stack, stacks
+from .forwards import replaced_forward
+
+Progress = Callable[[str, int, int], None]
 
 
 class _Stop(Exception):
@@ -59,30 +61,29 @@ def _detach(output):
     return output
 
 
-class InputStatistics:
-    """Accumulates what pruning methods need from a layer's inputs over real tokens."""
+@dataclass
+class BlockVisit:
+    """Block `index` of `stack`, holding `layers`, with everything before it replayable."""
 
-    def __init__(self, layer: PrunableLayer, want_hessian: bool):
-        columns = layer.module.in_features
-        device = layer.module.weight.device
-        self.sq_norm = torch.zeros(columns, dtype=torch.float32, device=device)
-        self.hessian = (
-            torch.zeros(columns, columns, dtype=torch.float32, device=device) if want_hessian else None
-        )
-        self.tokens = 0
+    runner: "BlockReplay"
+    stack: Stack
+    index: int
+    layers: list[PrunableLayer]
+    cache: list | None
 
-    def add(self, x: torch.Tensor, mask: torch.Tensor | None):
-        if mask is not None and x.dim() == 3 and tuple(mask.shape) == tuple(x.shape[:2]):
-            x = x[mask.to(x.device)]
-        x = x.reshape(-1, x.shape[-1]).float()
-        self.sq_norm += (x * x).sum(dim=0)
-        if self.hessian is not None:
-            self.hessian += x.t() @ x
-        self.tokens += x.shape[0]
+    @property
+    def block(self) -> nn.Module:
+        return self.stack.blocks[self.index]
+
+    def each_batch(self, fn: Callable[[int, dict], None], stop: nn.Module | None = None):
+        """fn(i, batch) per batch, each forward pass starting its computation at this block
+        (earlier blocks and stacks return cached outputs); with `stop`, a forward pass
+        ends once that module has run."""
+        self.runner.each_batch(self.stack, self.index, self.cache, fn, stop)
 
 
-class SequentialRunner:
-    """Runs calibration batches through a model, one block at a time, in forward order."""
+class BlockReplay:
+    """Runs calibration batches through a model one block at a time, in forward order."""
 
     def __init__(self, model, batches: list[dict]):
         self.model = model
@@ -119,90 +120,101 @@ class SequentialRunner:
                 if stop is not None:
                     raise RuntimeError(f"the forward pass never reached {type(stop).__name__}")
 
-    def _forward_until(self, stack: Stack, upto: int, block_cache: list | None, stop: nn.Module, sink: list | None):
+    def _outputs_of(self, stack: Stack, upto: int, block_cache: list | None, module: nn.Module) -> list:
+        outputs: list = []
         with torch.no_grad():
-            self.each_batch(stack, upto, block_cache, lambda i, batch: self.model(**batch), stop, sink)
+            self.each_batch(stack, upto, block_cache, lambda i, batch: self.model(**batch), module, outputs)
+        return outputs
 
-    def walk(
-        self,
-        layers: list[PrunableLayer],
-        visit: Callable[[Stack, int, list[PrunableLayer], Callable], None],
-        progress: Callable[[str, int, int], None] | None = None,
-    ):
-        """Visit each block holding prunable layers in forward order.
+    def walk(self, layers: list[PrunableLayer], visit: Callable[[BlockVisit], None], progress: Progress | None = None):
+        """visit(block) for each block holding prunable layers, in forward order.
 
-        visit(stack, b, block_layers, run) may change the block's weights; `run(fn, stop)`
-        calls fn(i, batch) per batch with everything before block b replayed from the
-        cache (so a forward pass starts computing at block b). After the visit the
-        block's output, with its weights as the visit left them, becomes the new cache.
+        The visit may change the block's weights; afterwards the block's output, with the
+        weights as the visit left them, becomes the cache the next block starts from.
         """
         by_block: dict[tuple[str, int], list[PrunableLayer]] = {}
         for layer in layers:
             by_block.setdefault((layer.stack, layer.block), []).append(layer)
         last_stack = max((i for i, s in enumerate(self.stacks) if any(k[0] == s.name for k in by_block)), default=-1)
-        total = len(by_block)
-        done = 0
+        total, done = len(by_block), 0
         try:
             for si, stack in enumerate(self.stacks[: last_stack + 1]):
                 if not any((stack.name, b) in by_block for b in range(len(stack.blocks))):
                     if si < last_stack:
-                        outputs: list = []
-                        self._forward_until(stack, 0, None, stack.container, outputs)
-                        self.finished[stack.name] = outputs
+                        self.finished[stack.name] = self._outputs_of(stack, 0, None, stack.container)
                     continue
                 cache: list | None = None
                 for b, block in enumerate(stack.blocks):
                     if (stack.name, b) in by_block:
-                        visit(stack, b, by_block[(stack.name, b)],
-                              lambda fn, stop=None, _b=b, _c=cache, _s=stack: self.each_batch(_s, _b, _c, fn, stop))
+                        visit(BlockVisit(self, stack, b, by_block[(stack.name, b)], cache))
                         done += 1
                         if progress:
                             progress(f"{stack.name} block {b}", done, total)
                     last_block = b == len(stack.blocks) - 1
                     if last_block and si < last_stack:
-                        outputs = []
-                        self._forward_until(stack, b, cache, stack.container, outputs)
-                        self.finished[stack.name] = outputs
+                        self.finished[stack.name] = self._outputs_of(stack, b, cache, stack.container)
                     elif not last_block:
-                        new_cache: list = []
-                        self._forward_until(stack, b, cache, block, new_cache)
-                        cache = new_cache
+                        cache = self._outputs_of(stack, b, cache, block)
         finally:
             self.finished.clear()
 
-    def run(
-        self,
-        layers: list[PrunableLayer],
-        prune_block: Callable[[list[PrunableLayer], dict], None],
-        want_hessian: bool = False,
-        progress: Callable[[str, int, int], None] | None = None,
-    ):
-        """Sequential pruning: per block, gather input statistics, then prune it.
 
-        `prune_block(layers, stats)` gets the block's layers and an `InputStatistics` per
-        layer name, and must prune them in place.
-        """
+class InputStatistics:
+    """What pruning methods need from a layer's inputs, summed over real tokens only."""
 
-        def visit(stack: Stack, b: int, block_layers: list[PrunableLayer], run):
-            stats = {l.name: InputStatistics(l, want_hessian) for l in block_layers}
-            current = {"mask": None}
-            handles = [
-                l.module.register_forward_pre_hook(
-                    lambda _m, args, _s=stats[l.name]: _s.add(args[0].detach(), current["mask"])
-                )
-                for l in block_layers
-            ]
+    def __init__(self, layer: PrunableLayer, want_hessian: bool):
+        columns = layer.module.in_features
+        device = layer.module.weight.device
+        self.layer = layer
+        self.sq_norm = torch.zeros(columns, dtype=torch.float32, device=device)
+        self.hessian = (
+            torch.zeros(columns, columns, dtype=torch.float32, device=device) if want_hessian else None
+        )
+        self.tokens = 0
 
-            def forward(i, batch):
-                current["mask"] = token_mask(batch, stack.name)
-                self.model(**batch)
+    def hook(self, current: dict):
+        """A forward pre-hook that adds the layer's input for the batch in current["batch"]."""
 
-            try:
-                with torch.no_grad():
-                    run(forward, stop=stack.blocks[b])
-            finally:
-                for h in handles:
-                    h.remove()
-            prune_block(block_layers, stats)
+        def observe(_module, args):
+            self.add(args[0].detach(), current["batch"])
 
-        self.walk(layers, visit, progress)
+        return observe
+
+    def add(self, x: torch.Tensor, batch: dict):
+        rows = self.layer.real_rows(x, batch).float()
+        self.sq_norm += (rows * rows).sum(dim=0)
+        if self.hessian is not None:
+            self.hessian += rows.t() @ rows
+        self.tokens += rows.shape[0]
+
+
+def sequential_statistics(
+    model,
+    batches: list[dict],
+    layers: list[PrunableLayer],
+    prune_block: Callable[[list[PrunableLayer], dict[str, InputStatistics]], None],
+    want_hessian: bool = False,
+    progress: Progress | None = None,
+):
+    """Sequential calibration: per block, gather its layers' input statistics from the
+    outputs of the already-pruned blocks before it, then let `prune_block` prune it."""
+    replay = BlockReplay(model, batches)
+
+    def visit(block: BlockVisit):
+        stats = {l.name: InputStatistics(l, want_hessian) for l in block.layers}
+        current: dict = {}
+        handles = [l.module.register_forward_pre_hook(stats[l.name].hook(current)) for l in block.layers]
+
+        def forward(i, batch):
+            current["batch"] = batch
+            model(**batch)
+
+        try:
+            with torch.no_grad():
+                block.each_batch(forward, stop=block.block)
+        finally:
+            for h in handles:
+                h.remove()
+        prune_block(block.layers, stats)
+
+    replay.walk(layers, visit, progress)

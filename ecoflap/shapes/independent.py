@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 
 from .evaluate import EvalExample
-from .shapes import KINDS, Scene, Shape, questions
+from .world import KINDS, Scene, Shape, questions
 
 OTHER_RGB = {
     "red": (230, 25, 25),

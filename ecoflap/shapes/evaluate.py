@@ -8,7 +8,7 @@ from typing import Callable
 from PIL import Image
 
 from ..answers import ask
-from .shapes import QUESTION_TYPES, Sample, draw_sample, samples
+from .world import QUESTION_TYPES, Sample, draw_sample, samples
 
 
 @dataclass

@@ -1,0 +1,158 @@
+"""ECoFLaP stage 1: how much the calibration loss depends on each prunable matrix.
+
+Scores come from the loss of the whole multimodal model, either from forward passes only
+(zeroth-order: a central finite difference along a random direction) or from exact
+gradients (first-order).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable
+
+import torch
+
+from .anatomy import PrunableLayer
+from .data import calibration_loss
+from .gradients import checkpointed_blocks, consumed_gradients
+from .replay import BlockReplay, BlockVisit
+
+ESTIMATORS = ("zeroth", "first")
+# Zeroth-order perturbations: one per matrix (the paper's estimator), or one joint
+# perturbation of all matrices of a group (fewer forward passes, a different estimate).
+PERTURBATIONS = ("matrix", "group")
+
+
+def _direction_seed(seed: int, matrix: int, batch: int, draw: int) -> int:
+    return seed * 1_000_003 + matrix * 10_007 + batch * 101 + draw
+
+
+def _noise(weight: torch.Tensor, seed: int) -> torch.Tensor:
+    generator = torch.Generator(device=weight.device).manual_seed(seed)
+    return torch.randn(weight.shape, generator=generator, device=weight.device, dtype=weight.dtype)
+
+
+def directional_derivative(model, weight: torch.Tensor, batch: dict, z: torch.Tensor, eps: float) -> float:
+    """(L(W + eps z) - L(W - eps z)) / (2 eps); W is put back bit for bit."""
+    return joint_directional_derivative(model, [weight], batch, [z], eps)
+
+
+@torch.no_grad()
+def joint_directional_derivative(model, weights: list[torch.Tensor], batch: dict, zs: list[torch.Tensor],
+                                 eps: float) -> float:
+    """The same central difference with every W_i moved along its z_i at once; weights
+    are put back bit for bit."""
+    originals = [w.detach().clone() for w in weights]
+
+    def restore():
+        for w, o in zip(weights, originals):
+            w.copy_(o)
+
+    def moved(sign: float) -> float:
+        for w, z in zip(weights, zs):
+            w.add_(z, alpha=sign * eps)
+        return calibration_loss(model, batch).item()
+
+    try:
+        plus = moved(1.0)
+        restore()
+        minus = moved(-1.0)
+    finally:
+        restore()
+    return (plus - minus) / (2 * eps)
+
+
+def zeroth_order_scores(
+    model,
+    layers: list[PrunableLayer],
+    batches: list[dict],
+    eps: float = 1e-3,
+    noise_samples: int = 1,
+    seed: int = 0,
+    progress: Callable[[str, int, int], None] | None = None,
+    replay: bool = True,
+    group_of: Callable[[PrunableLayer], str] | None = None,
+) -> dict[str, float]:
+    """Sum over batches of |directional derivative| along fresh Gaussian directions.
+
+    Forward passes only (no autograd graph). With `replay` (the default) each perturbed
+    forward pass starts at the perturbed block: everything before it is replayed from
+    cached outputs of the unperturbed model, which the perturbation cannot change. The
+    estimate is the same as running the whole model (replay=False, as the reference
+    code does), up to floating-point rounding.
+
+    Scores are per matrix, each perturbed alone (the paper's estimator). With `group_of`
+    the matrices of a group are perturbed together, along the same per-matrix
+    directions, and the scores are per group name: one pair of forward passes per group
+    instead of per matrix. A group of one matrix gets exactly its per-matrix score.
+    """
+    if eps <= 0:
+        raise ValueError(f"eps must be positive (got {eps})")
+    if noise_samples < 1:
+        raise ValueError(f"noise samples must be at least 1 (got {noise_samples})")
+    units: dict[str, list[PrunableLayer]] = {}
+    for layer in layers:
+        units.setdefault(group_of(layer) if group_of else layer.name, []).append(layer)
+    scores: dict[str, float] = {}
+
+    def score(name: str, each_batch: Callable):
+        members = units[name]
+        weights = [m.module.weight for m in members]
+        total = 0.0
+
+        def one_batch(b, batch):
+            nonlocal total
+            for k in range(noise_samples):
+                zs = [_noise(m.module.weight, _direction_seed(seed, m.index, b, k)) for m in members]
+                total += abs(joint_directional_derivative(model, weights, batch, zs, eps)) / noise_samples
+
+        each_batch(one_batch)
+        scores[name] = total
+        if progress:
+            progress(f"stage 1 (zeroth-order): {name}", len(scores), len(units))
+
+    first_member = {members[0].name: name for name, members in units.items()}
+
+    def visit(block: BlockVisit):
+        for layer in block.layers:
+            if layer.name in first_member:
+                score(first_member[layer.name], block.each_batch)
+
+    def every_batch(fn: Callable):
+        for b, batch in enumerate(batches):
+            fn(b, batch)
+
+    with torch.no_grad():
+        if replay:
+            BlockReplay(model, batches).walk(layers, visit)
+        else:
+            for name in units:
+                score(name, every_batch)
+    return scores
+
+
+def first_order_scores(
+    model,
+    layers: list[PrunableLayer],
+    batches: list[dict],
+    progress: Callable[[str, int, int], None] | None = None,
+    checkpoint: bool = True,
+) -> dict[str, float]:
+    """Mean over batches of sum_ij |dL/dW_ij| * |W_ij|, by exact gradients.
+
+    Each gradient is reduced to one number the moment it exists and then freed, and only
+    the prunable weights require gradients, so no full set of gradients is ever held;
+    with `checkpoint` each block keeps only its input for the backward pass.
+    """
+    scores = {l.name: 0.0 for l in layers}
+
+    def accumulate(layer, grad):
+        scores[layer.name] += (grad.float().abs() * layer.module.weight.detach().float().abs()).sum().item()
+
+    recompute = checkpointed_blocks(model) if checkpoint else contextlib.nullcontext()
+    with consumed_gradients(model, layers, accumulate), recompute:
+        for b, batch in enumerate(batches):
+            calibration_loss(model, batch).backward()
+            if progress:
+                progress("stage 1 (first-order)", b + 1, len(batches))
+    return {name: s / len(batches) for name, s in scores.items()}

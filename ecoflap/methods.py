@@ -1,0 +1,72 @@
+"""The one vocabulary of pruning methods, used by the library, the CLI, the app and reports.
+
+A method is an allocation (how sparse each layer may be) followed by a layer-wise stage
+2 (which weights of a layer become zero). Names are what code and reports use; labels
+are only for display.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+ALLOCATIONS = ("uniform", "ecoflap")
+STAGE2 = ("magnitude", "wanda", "sparsegpt")
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    label: str
+    allocation: str
+    stage2: str
+    estimator: str | None = None
+    perturb: str = "matrix"
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether the method reads calibration data (all but plain magnitude do)."""
+        return self.allocation != "uniform" or self.stage2 != "magnitude"
+
+    @property
+    def allows_nm(self) -> bool:
+        """N:M patterns fix every layer's sparsity, so they exclude a non-uniform allocation."""
+        return self.allocation == "uniform"
+
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method("magnitude", "Magnitude", "uniform", "magnitude"),
+        Method("wanda", "Wanda", "uniform", "wanda"),
+        Method("sparsegpt", "SparseGPT", "uniform", "sparsegpt"),
+        Method("ecoflap_zeroth", "ECoFLaP (zeroth-order)", "ecoflap", "wanda", "zeroth"),
+        Method("ecoflap_zeroth_group", "ECoFLaP (zeroth-order, one perturbation per group)", "ecoflap", "wanda",
+               "zeroth", "group"),
+        Method("ecoflap_first", "ECoFLaP (first-order)", "ecoflap", "wanda", "first"),
+        Method("ecoflap_sparsegpt", "ECoFLaP + SparseGPT", "ecoflap", "sparsegpt", "zeroth"),
+    )
+}
+# The paper's ECoFLaP (zeroth-order scores, Wanda stage 2) also answers to its plain name.
+ALIASES = {"ecoflap": "ecoflap_zeroth"}
+
+
+def get_method(name: str | Method) -> Method:
+    """The method of a name (or alias), or a ValueError listing the names."""
+    if isinstance(name, Method):
+        return name
+    key = ALIASES.get(name, name) if isinstance(name, str) else None
+    if key not in METHODS:
+        shown = name if isinstance(name, str) and len(name) <= 40 else type(name).__name__
+        raise ValueError(f"unknown method {shown!r}: use one of {', '.join(METHODS)} (or ecoflap)")
+    return METHODS[key]
+
+
+def method_names(text: str) -> list[str]:
+    """Comma-separated method names, checked, each once."""
+    names = [n.strip() for n in str(text).split(",")]
+    if any(not n for n in names):
+        raise ValueError("method names are separated by single commas, with no empty entries")
+    methods = [get_method(n).name for n in names]
+    if len(set(methods)) != len(methods):
+        raise ValueError("each method may appear only once")
+    return methods
