@@ -89,7 +89,12 @@ class PrunableLayer:
         mask = mask.to(x.device)
         if x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
             return x[mask]
-        return x.reshape(-1, features)
+        if x.dim() == 2 and x.shape[0] == mask.numel():
+            return x[mask.reshape(-1)]
+        raise ValueError(
+            f"{self.name}: an input of shape {tuple(x.shape)} does not line up with the "
+            f"{tuple(mask.shape)} positions its tokens come from"
+        )
 
 
 def stacks(model) -> list[Stack]:
@@ -127,6 +132,8 @@ def _block_list(stack_module: nn.Module) -> nn.ModuleList:
 
 def _layer_positions(stack: Stack, block: nn.Module, module: nn.Linear, encoder: Stack | None) -> Positions:
     """Cross-attention keys and values read the encoder's sequence, not the block's own."""
+    if encoder is not None and module in _cross_attention_inputs(block):
+        return encoder.positions
     return stack.positions
 
 

@@ -23,13 +23,27 @@ ESTIMATORS = ("zeroth", "first")
 PERTURBATIONS = ("matrix", "group")
 
 
-def _direction_seed(seed: int, matrix: int, batch: int, draw: int) -> int:
-    return seed * 1_000_003 + matrix * 10_007 + batch * 101 + draw
+class Directions:
+    """Random directions z ~ N(0, I), one stream per matrix.
 
+    Each matrix draws from its own generator, seeded by (seed, matrix index) one to one,
+    and its draws for (batch, draw) are consecutive numbers of that stream, so no two
+    (matrix, batch, draw) triples ever share a direction, however many there are.
+    """
 
-def _noise(weight: torch.Tensor, seed: int) -> torch.Tensor:
-    generator = torch.Generator(device=weight.device).manual_seed(seed)
-    return torch.randn(weight.shape, generator=generator, device=weight.device, dtype=weight.dtype)
+    def __init__(self, seed: int):
+        if not 0 <= seed < 2**31:
+            raise ValueError(f"the seed must be a whole number in [0, 2^31) (got {seed})")
+        self.seed = seed
+        self.generators: dict[int, torch.Generator] = {}
+
+    def draw(self, layer: PrunableLayer) -> torch.Tensor:
+        weight = layer.module.weight
+        generator = self.generators.get(layer.index)
+        if generator is None:
+            generator = torch.Generator(device=weight.device).manual_seed(self.seed * 2**32 + layer.index)
+            self.generators[layer.index] = generator
+        return torch.randn(weight.shape, generator=generator, device=weight.device, dtype=weight.dtype)
 
 
 def directional_derivative(model, weight: torch.Tensor, batch: dict, z: torch.Tensor, eps: float) -> float:
@@ -94,6 +108,7 @@ def zeroth_order_scores(
     for layer in layers:
         units.setdefault(group_of(layer) if group_of else layer.name, []).append(layer)
     scores: dict[str, float] = {}
+    directions = Directions(seed)
 
     def score(name: str, each_batch: Callable):
         members = units[name]
@@ -103,7 +118,7 @@ def zeroth_order_scores(
         def one_batch(b, batch):
             nonlocal total
             for k in range(noise_samples):
-                zs = [_noise(m.module.weight, _direction_seed(seed, m.index, b, k)) for m in members]
+                zs = [directions.draw(m) for m in members]
                 total += abs(joint_directional_derivative(model, weights, batch, zs, eps)) / noise_samples
 
         each_batch(one_batch)

@@ -54,6 +54,8 @@ def check(method: Method, sparsity: float, options: PruneOptions) -> tuple[int, 
         raise ValueError(f"modules to prune must be chosen from {', '.join(INCLUDE_CHOICES)}")
     if options.batch_size < 1:
         raise ValueError(f"batch size must be at least 1 (got {options.batch_size})")
+    if not 0 <= options.seed < 2**31:
+        raise ValueError(f"the seed must be a whole number in [0, 2^31) (got {options.seed})")
     if method.allocation == "ecoflap":
         if options.granularity not in GRANULARITIES:
             raise ValueError(f"unknown granularity {options.granularity!r}: use one of {', '.join(GRANULARITIES)}")

@@ -3,6 +3,7 @@
 import torch
 
 from ecoflap.importance import (
+    Directions,
     directional_derivative,
     first_order_scores,
     joint_directional_derivative,
@@ -189,3 +190,25 @@ def test_replaced_forward_puts_back_an_instance_forward_such_as_accelerates():
             assert module(x) == "swapped"
     assert "forward" not in plain.__dict__ and isinstance(plain(x), torch.Tensor)
     assert hooked.__dict__["forward"] is accelerate_like and hooked(x) == "hooked"
+
+
+def test_no_two_random_directions_are_the_same(loaded, examples):
+    """Every (matrix, batch, draw) gets its own direction; the old seed arithmetic gave
+    two draws the same one once noise samples reached 102."""
+    layers = prunable_layers(loaded.model)[:3]
+    directions = Directions(0)
+    seen = set()
+    for layer in layers:
+        for _ in range(3 * 110):
+            seen.add(hash(directions.draw(layer).numpy().tobytes()))
+    assert len(seen) == 3 * 3 * 110
+
+
+def test_zeroth_order_draws_a_fresh_direction_per_batch_and_draw(loaded, examples, monkeypatch):
+    drawn = []
+    real = Directions.draw
+    monkeypatch.setattr(Directions, "draw", lambda self, layer: drawn.append(real(self, layer)) or drawn[-1])
+    layers = prunable_layers(loaded.model)[:2]
+    zeroth_order_scores(loaded.model, layers, _data(loaded, examples, n=12, batch_size=4), noise_samples=2)
+    assert len(drawn) == 2 * 3 * 2
+    assert len({hash(z.numpy().tobytes()) for z in drawn}) == len(drawn)

@@ -1,0 +1,76 @@
+"""Which input rows count: statistics over exactly the real tokens, whatever the batching.
+
+The reference here is independent of the library's token rules: every example run alone
+(batch size 1 has no padding, so every position is real), inputs captured by hooks of
+the test's own on every prunable layer.
+"""
+
+import pytest
+import torch
+
+from ecoflap.anatomy import INCLUDE_CHOICES, prunable_layers
+from ecoflap.data import batches
+from ecoflap.options import PruneOptions
+from ecoflap.pipeline import prune
+from ecoflap.replay import sequential_statistics
+from ecoflap.weights import WeightStore
+
+from conftest import tiny_model
+
+
+def _alone(loaded, layers, examples):
+    """Sum of squares, X^T X and row count of each layer's inputs, one example at a time."""
+    sums = {l.name: [torch.zeros(l.module.in_features, dtype=torch.float64),
+                     torch.zeros(l.module.in_features, l.module.in_features, dtype=torch.float64), 0]
+            for l in layers}
+
+    def hook_for(name):
+        def hook(_module, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+            sums[name][0] += (x * x).sum(0)
+            sums[name][1] += x.t() @ x
+            sums[name][2] += x.shape[0]
+        return hook
+
+    handles = [l.module.register_forward_pre_hook(hook_for(l.name)) for l in layers]
+    try:
+        with torch.no_grad():
+            for example in examples:
+                loaded.model(**batches(loaded, [example], 1)[0])
+    finally:
+        for h in handles:
+            h.remove()
+    return sums
+
+
+def test_statistics_are_sums_over_exactly_the_real_tokens(family, examples):
+    loaded = tiny_model(family)
+    layers = prunable_layers(loaded.model, INCLUDE_CHOICES)
+    chosen = examples[:12]
+    seen = {}
+
+    def keep(block_layers, stats):
+        seen.update(stats)
+
+    sequential_statistics(loaded.model, batches(loaded, chosen, 8), layers, keep, want_hessian=True)
+    reference = _alone(loaded, layers, chosen)
+    assert set(seen) == {l.name for l in layers}
+    for name, (sq, hessian, rows) in reference.items():
+        stats = seen[name]
+        assert stats.tokens == rows, name
+        assert torch.allclose(stats.sq_norm.double(), sq, rtol=1e-4, atol=1e-6), name
+        assert torch.allclose(stats.hessian.double(), hessian, rtol=1e-4, atol=1e-5), name
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_masks_do_not_depend_on_the_batch_size(family, examples, method):
+    """Batch size 1 has no padding; batch size 8 pads (the shipped set is 17% padding)."""
+    loaded = tiny_model(family)
+    store = WeightStore.of(loaded.model)
+    masks = []
+    for batch_size in (1, 8):
+        result = prune(loaded, method, 0.5, PruneOptions(samples=16, batch_size=batch_size), examples)
+        masks.append({r["name"]: loaded.model.get_submodule(r["name"]).weight == 0 for r in result.layers})
+        store.restore()
+    for name, mask in masks[0].items():
+        assert torch.equal(mask, masks[1][name]), (name, (mask != masks[1][name]).float().mean().item())
