@@ -168,7 +168,8 @@ def cmd_prune(args) -> int:
 
 
 def cmd_ask(args) -> int:
-    from .answers import ask, open_image
+    from .answers import ask
+    from .images import open_image
 
     if bool(args.image) == bool(args.jsonl):
         raise ValueError("give either --image (with an optional --question) or --jsonl")
@@ -215,17 +216,18 @@ def cmd_eval(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from .options import PruneOptions
+    from .options import PruneOptions, sparsity_list
     from .plots import sweep_figure
     from .report import sweep_csv, write_text
     from .sweep import sweep
+    from .workbench import Workbench
 
     names = method_names(args.methods)
-    sparsities = [float(x) for x in args.sparsities.split(",") if x.strip()]
+    sparsities = sparsity_list(args.sparsities, limit=10_000)
     loaded = _load(args)
     progress = TqdmProgress()
     try:
-        rows = sweep(loaded, names, sparsities, PruneOptions(samples=args.samples), _calibration(args),
+        rows = sweep(Workbench(loaded), names, sparsities, PruneOptions(samples=args.samples), _calibration(args),
                      eval_n=args.eval_n,
                      on_row=lambda r: print(f"{r['method']:18s} {r['sparsity']:.2f}  {r['metric']} {r['score']:.4f}"),
                      progress=progress)

@@ -15,9 +15,9 @@ from torch import nn
 
 from .data import IGNORE
 
-MODALITIES = ("vision", "qformer", "language")
+MODALITIES = ("vision", "qformer", "projection", "language")
 DEFAULT_INCLUDE = ("vision", "language")
-INCLUDE_CHOICES = ("vision", "qformer", "projection", "language")
+INCLUDE_CHOICES = MODALITIES
 GRANULARITIES = ("layer", "block", "model")
 
 # Which positions of a batch are real tokens, as a (batch, positions) bool mask; None: all.
@@ -51,7 +51,6 @@ class Stack:
     modality: str
     container: nn.Module
     blocks: list[nn.Module]
-    include_key: str
     positions: Positions = every_position
     transformer: bool = True
 
@@ -100,19 +99,19 @@ class PrunableLayer:
 def stacks(model) -> list[Stack]:
     """All block stacks of a Blip2ForConditionalGeneration, in forward order."""
     result = [
-        Stack("vision", "vision", model.vision_model, list(model.vision_model.encoder.layers), "vision"),
-        Stack("qformer", "qformer", model.qformer, list(model.qformer.encoder.layer), "qformer"),
-        Stack("projection", "qformer", model.language_projection, [model.language_projection], "projection",
+        Stack("vision", "vision", model.vision_model, list(model.vision_model.encoder.layers)),
+        Stack("qformer", "qformer", model.qformer, list(model.qformer.encoder.layer)),
+        Stack("projection", "projection", model.language_projection, [model.language_projection],
               transformer=False),
     ]
     lm = model.language_model
     if model.config.use_decoder_only_language_model:
         decoder = lm.get_decoder()
-        result.append(Stack("language", "language", decoder, list(_block_list(decoder)), "language", text_positions))
+        result.append(Stack("language", "language", decoder, list(_block_list(decoder)), text_positions))
     else:
         encoder, decoder = lm.get_encoder(), lm.get_decoder()
-        result.append(Stack("language.encoder", "language", encoder, list(_block_list(encoder)), "language", text_positions))
-        result.append(Stack("language.decoder", "language", decoder, list(_block_list(decoder)), "language", target_positions))
+        result.append(Stack("language.encoder", "language", encoder, list(_block_list(encoder)), text_positions))
+        result.append(Stack("language.decoder", "language", decoder, list(_block_list(decoder)), target_positions))
     return result
 
 
@@ -154,7 +153,7 @@ def prunable_layers(model, include=DEFAULT_INCLUDE) -> list[PrunableLayer]:
     encoder = next((s for s in all_stacks if s.name == "language.encoder"), None)
     layers = []
     for stack in all_stacks:
-        if stack.include_key not in include:
+        if stack.modality not in include:
             continue
         for b, block in enumerate(stack.blocks):
             linears = [block] if isinstance(block, nn.Linear) else [
@@ -181,12 +180,12 @@ def group_key(layer: PrunableLayer, granularity: str) -> str:
 
 
 def parameter_counts(model, include=DEFAULT_INCLUDE) -> dict:
-    """Total parameters and prunable weights per modality (of every module set)."""
+    """Total parameters, prunable weights of the `include` sets, and of every set per modality."""
     per_modality = {m: 0 for m in MODALITIES}
-    for layer in prunable_layers(model, include):
+    for layer in prunable_layers(model, INCLUDE_CHOICES):
         per_modality[layer.modality] += layer.numel
     return {
         "total": sum(p.numel() for p in model.parameters()),
-        "prunable": sum(per_modality.values()),
+        "prunable": sum(per_modality[m] for m in include),
         "prunable_by_modality": per_modality,
     }

@@ -2,57 +2,13 @@
 
 from __future__ import annotations
 
-import warnings
-
-import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from .data import Example, encode, prompt_for
+from .images import prepare_image
 
 MAX_QUESTION_CHARS = 500
-MAX_IMAGE_PIXELS = 64_000_000
-
-
-def open_image(path) -> Image.Image:
-    """Open an uploaded file as an RGB image, or raise ValueError with a human message.
-
-    Images over MAX_IMAGE_PIXELS are refused before decoding (decompression bombs).
-    """
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                width, height = img.size
-                if width * height > MAX_IMAGE_PIXELS:
-                    raise ValueError(
-                        f"the image is {width} x {height} pixels; the limit is {MAX_IMAGE_PIXELS:,} pixels"
-                    )
-                img.load()
-                return prepare_image(img)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ValueError(f"the image is too large to decode safely (limit {MAX_IMAGE_PIXELS:,} pixels)") from None
-    except FileNotFoundError:
-        raise ValueError("no such file") from None
-    except UnidentifiedImageError:
-        raise ValueError("the file is not an image that can be read (PNG, JPEG, GIF, WebP, BMP, TIFF ...)") from None
-    except (OSError, SyntaxError) as err:
-        raise ValueError(f"the image is truncated or corrupt ({err})") from None
-
-
-def prepare_image(image: Image.Image) -> Image.Image:
-    """Any PIL image (RGBA, CMYK, 16-bit, palette, animated) as the RGB frame models expect."""
-    if getattr(image, "is_animated", False):
-        image.seek(0)
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        array = np.asarray(image, dtype=np.float64)
-        top = array.max() or 1.0
-        image = Image.fromarray((array / top * 255).astype("uint8"))
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(background, rgba)
-    return image.convert("RGB")
 
 
 def fit_question(loaded, question: str, max_new_tokens: int = 20) -> tuple[str, bool]:

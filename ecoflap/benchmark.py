@@ -67,7 +67,7 @@ def bench(
     methods = [get_method(name).name for name in methods]
     calibration = calibration if calibration is not None else default_calibration()
     model = loaded.model
-    store = WeightStore.of(model)
+    store = WeightStore.of(loaded)
     data = batches(loaded, take(calibration, options.samples, "bench"), options.batch_size)
 
     def forward_all():

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import (
     AutoTokenizer,
     Blip2Config,
@@ -87,6 +88,7 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device, family:
 def _read_config(name: str) -> tuple[Blip2Config, str]:
     """The BLIP-2 config and the path or hub id to load from, or one clear error line."""
     local = Path(name).expanduser()
+    shown = display_name(name)
     looks_local = name.startswith((".", "/", "~")) or local.exists()
     if name.startswith((".", "/", "~")) and not local.exists():
         raise ModelLoadError(f"no model folder at {name}")
@@ -98,21 +100,24 @@ def _read_config(name: str) -> tuple[Blip2Config, str]:
     try:
         raw, _ = Blip2Config.get_config_dict(source)
     except OSError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        if looks_local or local.is_dir():
-            raise ModelLoadError(f"cannot read a BLIP-2 config from {name}: {first}") from err
+        log.info("config of %s: %s", name, err)
+        if looks_local:
+            raise ModelLoadError(f"cannot read the config.json of {shown}") from err
         raise ModelLoadError(
-            f"cannot load {name!r} from the Hugging Face hub (no such model, or the hub is "
-            f"unreachable from here): {first}"
+            f"cannot load {name!r} from the Hugging Face hub: no such model, a gated one, "
+            f"or the hub is unreachable from here"
         ) from err
     except ValueError as err:
-        raise ModelLoadError(f"{name} has an unreadable config.json: {err}") from err
+        raise ModelLoadError(f"{shown} has an unreadable config.json (not valid JSON)") from err
     if raw.get("model_type") != "blip-2":
-        raise ModelLoadError(f"{name} is a {raw.get('model_type', 'unknown')!r} model, not BLIP-2")
+        kind = raw.get("model_type", "unknown")
+        kind = kind if isinstance(kind, str) and len(kind) <= 40 else "unknown"
+        raise ModelLoadError(f"{shown} is a {kind!r} model, not BLIP-2")
     try:
         return Blip2Config.from_pretrained(source), source
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise ModelLoadError(f"{name} has a BLIP-2 config that cannot be read: {err}") from err
+        log.info("config of %s: %s", name, err)
+        raise ModelLoadError(f"{shown} has a BLIP-2 config.json that cannot be read") from err
 
 
 def load_model(
@@ -123,34 +128,58 @@ def load_model(
 ) -> LoadedModel:
     """Load a BLIP-2 and its processor from a hub id or a local `save_pretrained` folder.
 
-    `device_map="auto"` spreads a model that does not fit one GPU through accelerate.
+    Only safetensors weights are opened (never pickles). `device_map="auto"` spreads a
+    model that does not fit one GPU through accelerate.
     """
     name = name or os.environ.get("ECOFLAP_MODEL") or DEFAULT_MODEL
     config, source = _read_config(name)
+    shown = display_name(name)
     family = "opt" if config.use_decoder_only_language_model else "t5"
     target = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, target, family)
     try:
         processor = load_processor(source)
-        kwargs = {"dtype": torch_dtype}
-        if device_map:
-            kwargs["device_map"] = device_map
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        log.info("processor of %s: %s", name, err)
+        raise ModelLoadError(f"the tokenizer or image processor of {shown} cannot be read") from err
+    kwargs = {"dtype": torch_dtype, "use_safetensors": True}
+    if device_map:
+        kwargs["device_map"] = device_map
+    try:
         model = Blip2ForConditionalGeneration.from_pretrained(source, **kwargs)
     except torch.OutOfMemoryError as err:
-        raise ModelLoadError(f"{name} does not fit in memory on {target}: {err}") from err
-    except (OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0]
-        raise ModelLoadError(f"cannot load the weights of {name}: {first}") from err
+        raise ModelLoadError(f"{shown} does not fit in memory on {target}") from err
+    except SafetensorError as err:
+        log.info("weights of %s: %s", name, err)
+        raise ModelLoadError(f"the weights file of {shown} is truncated or corrupt") from err
+    except (OSError, ValueError, RuntimeError) as err:
+        log.info("weights of %s: %s", name, err)
+        raise ModelLoadError(_weights_problem(source, shown, err)) from err
     if not device_map:
         try:
             model.to(target)
         except torch.OutOfMemoryError as err:
             del model
-            raise ModelLoadError(f"{name} does not fit in memory on {target}") from err
+            raise ModelLoadError(f"{shown} does not fit in memory on {target}") from err
     model.eval()
     first_param = next(model.parameters())
     log.info("loaded %s on %s (%s)", name, first_param.device, first_param.dtype)
-    return LoadedModel(model, processor, display_name(name), first_param.device, torch_dtype, source)
+    return LoadedModel(model, processor, shown, first_param.device, torch_dtype, source)
+
+
+def _weights_problem(source: str, shown: str, err: Exception) -> str:
+    """Why from_pretrained refused the weights, in one line."""
+    text = str(err)
+    if "mismatched" in text or "size mismatch" in text:
+        return f"the weights of {shown} do not fit its config.json (a tensor's shape differs from what the config describes)"
+    folder = Path(source)
+    pickles = folder.is_dir() and any(folder.glob("*.bin")) or folder.is_dir() and any(folder.glob("*.pt*"))
+    if pickles and not any(folder.glob("*.safetensors")):
+        return (f"{shown} has only PyTorch pickle weights (.bin); this workbench opens safetensors weights only, "
+                f"for safety (convert them with save_pretrained(..., safe_serialization=True))")
+    if "safetensors" in text or "no file named" in text:
+        return f"{shown} has no safetensors weights (model.safetensors)"
+    return f"the weights of {shown} cannot be loaded"
 
 
 def display_name(name: str) -> str:

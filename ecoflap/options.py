@@ -5,6 +5,8 @@ Every check runs before any weight is touched, so a bad setting never costs a mo
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import asdict, dataclass
 
 from .allocation import AGGREGATES
@@ -66,8 +68,8 @@ def check(method: Method, sparsity: float, options: PruneOptions) -> tuple[int, 
             raise ValueError(f"max per-layer sparsity ({cap}) is below the target sparsity ({sparsity})")
         if cap > 1:
             raise ValueError(f"max per-layer sparsity must be at most 1 (got {cap})")
-        if options.eps <= 0:
-            raise ValueError(f"eps must be positive (got {options.eps})")
+        if not (math.isfinite(options.eps) and 0 < options.eps <= 0.1):
+            raise ValueError(f"eps must be positive and at most 0.1; the paper's is 1e-3 (got {options.eps})")
         if options.noise_samples < 1:
             raise ValueError(f"noise samples must be at least 1 (got {options.noise_samples})")
     return nm
@@ -82,3 +84,94 @@ def as_report(method: Method, sparsity: float, options: PruneOptions) -> dict:
         report.update(estimator=method.estimator, perturb=method.perturb, max_sparsity=options.cap(sparsity),
                       stage1_samples=options.stage1_sample_count(method))
     return report
+
+
+# Values typed by a person or sent by a stranger through an API: checked one by one, each
+# refused with a message that names the setting and the allowed range.
+MAX_SPARSITY = 0.95
+MAX_BATCH_SIZE = 64
+
+
+def number(value, what: str, low: float, high: float, whole: bool = False):
+    """A finite number (int or float, or its text) in [low, high], or a ValueError saying so."""
+    kind = "a whole number" if whole else "a number"
+    shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+    try:
+        if isinstance(value, bool) or value is None:
+            raise TypeError
+        parsed = float(value.strip()) if isinstance(value, str) else float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"{what} must be {kind} from {low:g} to {high:g} (got {shown})") from None
+    if not math.isfinite(parsed) or not low <= parsed <= high or (whole and parsed != int(parsed)):
+        raise ValueError(f"{what} must be {kind} from {low:g} to {high:g} (got {shown})")
+    return int(parsed) if whole else parsed
+
+
+def sparsity_value(value) -> float:
+    return number(value, "sparsity", 0.0, MAX_SPARSITY)
+
+
+def sparsity_list(text, limit: int) -> list[float]:
+    """'0.1,0.3,0.5' -> [0.1, 0.3, 0.5]: plain decimals in [0, MAX_SPARSITY], each once, at most `limit`."""
+    if not isinstance(text, str):
+        raise ValueError("sparsities must be text: numbers separated by commas, e.g. 0.1,0.3,0.5")
+    entries = [e.strip() for e in text.split(",")]
+    if not text.strip() or any(not e for e in entries):
+        raise ValueError("sparsities are numbers separated by single commas, e.g. 0.1,0.3,0.5 (an entry is empty)")
+    values = []
+    for entry in entries:
+        if not re.fullmatch(r"(0|0?\.\d{1,4})", entry):
+            shown = entry if len(entry) <= 12 else entry[:12] + "..."
+            raise ValueError(f"each sparsity is a plain decimal from 0 to {MAX_SPARSITY} with at most 4 "
+                             f"decimals, like 0.5 (got {shown!r})")
+        values.append(sparsity_value(entry))
+    if len(set(values)) != len(values):
+        raise ValueError("each sparsity may appear only once")
+    if len(values) > limit:
+        raise ValueError(f"a sweep takes at most {limit} points (methods x sparsities) on this deployment")
+    return values
+
+
+def choice(value, what: str, choices) -> str:
+    if not isinstance(value, str) or value not in choices:
+        shown = value if isinstance(value, str) and len(value) <= 30 else type(value).__name__
+        raise ValueError(f"{what} must be one of {', '.join(choices)} (got {shown!r})")
+    return value
+
+
+def from_settings(sparsity: float, nm=None, modules=None, samples=128, stage1_samples=None, batch_size=8,
+                  granularity="block", aggregate="sum", max_sparsity=None, eps=1e-3, noise_samples=1,
+                  seed=0) -> PruneOptions:
+    """PruneOptions from settings as a form or an API sends them (text, None, 0 for "default")."""
+    if nm in (None, "", "off", "none"):
+        nm = None
+    elif not isinstance(nm, str):
+        raise ValueError("N:M must be text like 2:4, or off")
+    parsed_nm = parse_nm(nm)
+    if parsed_nm and abs(parsed_nm[0] / parsed_nm[1] - sparsity) > 1e-9:
+        n, m = parsed_nm
+        raise ValueError(f"{n}:{m} zeroes {n} of every {m} weights, a sparsity of {n / m:.2f}: set the sparsity "
+                         f"to {n / m:.2f} or turn N:M off (the sparsity is {sparsity:.2f})")
+    if modules is None:
+        include = DEFAULT_INCLUDE
+    elif isinstance(modules, (list, tuple)) and all(isinstance(m, str) for m in modules):
+        include = tuple(dict.fromkeys(choice(m, "each module set", INCLUDE_CHOICES) for m in modules))
+        if not include:
+            raise ValueError("choose at least one module set to prune")
+    else:
+        raise ValueError(f"modules must be a list of module sets from {', '.join(INCLUDE_CHOICES)}")
+    cap = None if max_sparsity in (None, 0, "0", "") else number(max_sparsity, "max per-layer sparsity", 0, 1)
+    first = None if stage1_samples in (None, 0, "0", "") else number(stage1_samples, "stage-1 samples", 1, 10_000, True)
+    return PruneOptions(
+        nm=nm,
+        include=include,
+        samples=number(samples, "calibration samples", 1, 10_000, True),
+        batch_size=number(batch_size, "batch size", 1, MAX_BATCH_SIZE, True),
+        granularity=choice(granularity, "granularity", GRANULARITIES),
+        aggregate=choice(aggregate, "aggregate", AGGREGATES),
+        max_sparsity=cap,
+        eps=number(eps, "eps (the zeroth-order step)", 1e-8, 0.1),
+        noise_samples=number(noise_samples, "noise samples", 1, 64, True),
+        stage1_samples=first,
+        seed=number(seed, "seed", 0, 2**31 - 1, True),
+    )

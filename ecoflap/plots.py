@@ -1,117 +1,161 @@
-"""Plotly figures built from the plain data the library returns (usable without the UI)."""
+"""Plotly figures built from the plain data the library returns (usable without the UI).
+
+One palette for the parts of a model in every figure (vision, Q-Former, projection,
+language), shown as shaded bands behind the layers or groups; runs are told apart by
+their own colour and dash, with a legend entry that carries their target.
+"""
 
 from __future__ import annotations
 
 import plotly.graph_objects as go
 
-MODALITY_COLORS = {"vision": "#1f77b4", "qformer": "#9467bd", "language": "#d62728"}
-MODALITY_NAMES = {"vision": "Vision", "qformer": "Q-Former", "language": "Language"}
-RUN_SYMBOLS = ["circle", "diamond", "square", "triangle-up", "x", "star"]
+MODALITY_COLORS = {"vision": "#1f77b4", "qformer": "#9467bd", "projection": "#8c564b", "language": "#d62728"}
+MODALITY_NAMES = {"vision": "Vision", "qformer": "Q-Former", "projection": "Projection", "language": "Language"}
+RUN_COLORS = ["#222222", "#e6850e", "#2ca02c", "#9c27b0", "#17becf", "#bcbd22"]
+RUN_DASHES = ["solid", "dash", "dot", "dashdot", "longdash", "longdashdot"]
+LAYOUT = dict(template="plotly_white", margin={"t": 60, "l": 55, "r": 55, "b": 40},
+              legend={"orientation": "h", "y": -0.18, "x": 0})
 
 
-def sparsity_figure(runs: list[dict]) -> go.Figure:
-    """Per-layer sparsity in forward order, coloured by modality, for one or more runs.
-
-    Each run is {"label": str, "layers": [report rows], "target_sparsity": float}.
-    """
-    fig = go.Figure()
-    for r, run in enumerate(runs):
-        symbol = RUN_SYMBOLS[r % len(RUN_SYMBOLS)]
-        for modality in MODALITY_COLORS:
-            points = [(i, row) for i, row in enumerate(run["layers"]) if row["modality"] == modality]
-            if not points:
-                continue
-            fig.add_trace(
-                go.Scatter(
-                    x=[i for i, _ in points],
-                    y=[row["sparsity"] for _, row in points],
-                    mode="markers",
-                    name=f"{run['label']} · {MODALITY_NAMES[modality]}",
-                    legendgroup=run["label"],
-                    marker={"color": MODALITY_COLORS[modality], "symbol": symbol, "size": 7,
-                            "opacity": 0.9 if r == 0 else 0.7, "line": {"width": 1 if r else 0, "color": "#222"}},
-                    customdata=[[row["name"], row["numel"], row["zeros"], run["label"]] for _, row in points],
-                    hovertemplate="%{customdata[3]}<br>%{customdata[0]}<br>sparsity %{y:.3f}"
-                    "<br>%{customdata[2]:,} zeros of %{customdata[1]:,}<extra></extra>",
-                )
-            )
-        fig.add_hline(y=run["target_sparsity"], line_dash="dot", line_color="#666",
-                      annotation_text=f"target {run['label']}" if len(runs) > 1 else "target",
-                      annotation_position="top left")
-    if runs:
-        _mark_boundaries(fig, runs[0]["layers"])
-    fig.update_layout(
-        title="Where the sparsity went (layers in forward order)",
-        xaxis_title="prunable layer (forward order)",
-        yaxis_title="sparsity",
-        yaxis_range=[0, 1.02],
-        legend={"orientation": "h", "y": -0.2},
-        margin={"t": 50, "l": 50, "r": 20, "b": 40},
-        template="plotly_white",
-    )
-    return fig
+def _run_style(i: int) -> dict:
+    return {"color": RUN_COLORS[i % len(RUN_COLORS)], "dash": RUN_DASHES[i % len(RUN_DASHES)]}
 
 
-def _mark_boundaries(fig: go.Figure, layers: list[dict]):
-    """Vertical lines where one stack ends and the next begins, labelled by stack."""
+def _bands(fig: go.Figure, rows: list[dict], key: str, label_key: str):
+    """Shade consecutive items of one stack in their modality's colour, labelled on top."""
     start = 0
-    for i in range(1, len(layers) + 1):
-        if i == len(layers) or layers[i]["stack"] != layers[start]["stack"]:
-            if start > 0:
-                fig.add_vline(x=start - 0.5, line_color="#999", line_dash="dash")
-            fig.add_annotation(x=(start + i - 1) / 2, y=1.02, text=layers[start]["stack"], showarrow=False,
-                               yanchor="bottom", font={"size": 11, "color": "#555"})
+    for i in range(1, len(rows) + 1):
+        if i == len(rows) or rows[i][key] != rows[start][key]:
+            modality = rows[start].get("modality", "")
+            fig.add_vrect(x0=start - 0.5, x1=i - 0.5, fillcolor=MODALITY_COLORS.get(modality, "#888"),
+                          opacity=0.09, layer="below", line_width=0)
+            fig.add_annotation(x=(start + i - 1) / 2, y=1.0, yref="paper", yanchor="bottom", showarrow=False,
+                               text=str(rows[start][label_key]), font={"size": 11,
+                                                                      "color": MODALITY_COLORS.get(modality, "#555")})
             start = i
 
 
-def group_scores_figure(groups: list[dict], label: str = "") -> go.Figure:
-    """ECoFLaP's group scores (bars) and the sparsity each group received (line)."""
-    fig = go.Figure()
-    names = [g["name"] for g in groups]
-    fig.add_trace(go.Bar(x=names, y=[g["score"] for g in groups], name="importance score",
-                         marker_color=[MODALITY_COLORS.get(g.get("modality"), "#888") for g in groups],
-                         hovertemplate="%{x}<br>score %{y:.4g}<extra></extra>"))
-    fig.add_trace(go.Scatter(x=names, y=[g["sparsity"] for g in groups], name="allocated sparsity",
-                             yaxis="y2", mode="lines+markers", line={"color": "#222"},
-                             hovertemplate="%{x}<br>sparsity %{y:.3f}<extra></extra>"))
-    fig.update_layout(
-        title=f"ECoFLaP stage 1: group scores and allocated sparsity {label}".strip(),
-        yaxis={"title": "score", "type": "log"},
-        yaxis2={"title": "sparsity", "overlaying": "y", "side": "right", "range": [0, 1]},
-        legend={"orientation": "h", "y": -0.3},
-        margin={"t": 50, "l": 50, "r": 50, "b": 40},
-        template="plotly_white",
-    )
-    return fig
+def sparsity_figure(runs: list[dict]) -> go.Figure:
+    """Per-layer sparsity in forward order for one or more runs.
 
-
-def histogram_figure(series: list[tuple[str, dict]], title: str, xlabel: str) -> go.Figure:
-    """Overlaid log-magnitude histograms; each series is (label, stats histogram dict)."""
+    Each run is {"label", "layers": [report rows], "target_sparsity"}; the background
+    shows which part of the model each layer belongs to.
+    """
     fig = go.Figure()
-    for label, hist in series:
-        edges = hist["log10_edges"]
-        centers = [(a + b) / 2 for a, b in zip(edges[:-1], edges[1:])]
-        total = max(1, hist["nonzero"] + hist["zeros"])
+    for r, run in enumerate(runs):
+        style = _run_style(r)
+        rows = run["layers"]
+        achieved = sum(x["zeros"] for x in rows) / max(1, sum(x["numel"] for x in rows))
         fig.add_trace(go.Scatter(
-            x=[10**c for c in centers], y=[c / total for c in hist["counts"]], mode="lines",
-            line_shape="hvh", name=f"{label} ({hist['zeros'] / total:.0%} zeros)",
-            hovertemplate="|value| %{x:.2e}<br>fraction %{y:.4f}<extra>" + label + "</extra>",
+            x=list(range(len(rows))), y=[row["sparsity"] for row in rows], mode="lines+markers",
+            name=f"{run['label']} · target {run['target_sparsity']:.2f}, achieved {achieved:.3f}",
+            legendgroup=str(r), line={"color": style["color"], "dash": style["dash"], "width": 1.5},
+            marker={"color": [MODALITY_COLORS.get(row["modality"], "#888") for row in rows], "size": 6,
+                    "line": {"width": 1, "color": style["color"]}},
+            customdata=[[row["name"], row["numel"], row["zeros"], run["label"], row["stack"]] for row in rows],
+            hovertemplate="%{customdata[3]}<br>%{customdata[0]}<br>sparsity %{y:.3f}"
+                          "<br>%{customdata[2]:,} zeros of %{customdata[1]:,}<extra></extra>",
         ))
-    fig.update_layout(
-        title=title, xaxis={"title": xlabel, "type": "log"}, yaxis_title="fraction of weights",
-        legend={"orientation": "h", "y": -0.3}, margin={"t": 50, "l": 50, "r": 20, "b": 40},
-        template="plotly_white",
-    )
+        fig.add_hline(y=run["target_sparsity"], line_dash=style["dash"], line_color=style["color"], line_width=1,
+                      opacity=0.6)
+    if runs:
+        _bands(fig, runs[0]["layers"], "stack", "stack")
+    fig.update_layout(title={"text": "Where the sparsity went: each prunable layer, in forward order", "y": 0.97},
+                      xaxis_title="prunable layer (forward order)", yaxis_title="sparsity of the layer",
+                      yaxis_range=[0, 1.02], **LAYOUT)
     return fig
 
 
-def sweep_figure(rows: list[dict], score_name: str) -> go.Figure:
-    """Score against sparsity, one line per method; rows are {method, sparsity, score}."""
+def group_scores_figure(runs: list[dict]) -> go.Figure:
+    """ECoFLaP stage 1 per run: each group's share of the total score (what the allocation
+    hands out the kept weights by, beyond every group's minimum) and the sparsity it got.
+
+    Each run is {"label", "groups": [report group rows]}.
+    """
     fig = go.Figure()
-    for method in dict.fromkeys(r["method"] for r in rows):
-        points = sorted((r["sparsity"], r["score"]) for r in rows if r["method"] == method)
-        fig.add_trace(go.Scatter(x=[p[0] for p in points], y=[p[1] for p in points], mode="lines+markers",
-                                 name=method, hovertemplate="sparsity %{x:.2f}<br>" + score_name + " %{y:.4f}<extra>" + method + "</extra>"))
-    fig.update_layout(title=f"{score_name} against sparsity", xaxis_title="sparsity", yaxis_title=score_name,
-                      template="plotly_white", margin={"t": 50, "l": 50, "r": 20, "b": 40})
+    for r, run in enumerate(runs):
+        style = _run_style(r)
+        groups = run["groups"]
+        total = sum(g["score"] for g in groups) or 1.0
+        x = list(range(len(groups)))
+        fig.add_trace(go.Bar(
+            x=x, y=[g["score"] / total for g in groups], name=f"{run['label']} · share of score",
+            legendgroup=str(r), marker={"color": style["color"], "opacity": 0.75},
+            customdata=[[g["name"], g["score"], g["keep"], g["numel"]] for g in groups],
+            hovertemplate="%{customdata[0]}<br>share %{y:.3f} (score %{customdata[1]:.4g})"
+                          "<br>keeps %{customdata[2]:,} of %{customdata[3]:,}<extra>" + run["label"] + "</extra>",
+        ))
+        fig.add_trace(go.Scatter(
+            x=x, y=[g["sparsity"] for g in groups], yaxis="y2", mode="lines+markers",
+            name=f"{run['label']} · allocated sparsity", legendgroup=str(r),
+            line={"color": style["color"], "dash": style["dash"]}, marker={"symbol": "diamond", "size": 7},
+            hovertemplate="sparsity %{y:.3f}<extra>" + run["label"] + "</extra>",
+        ))
+    if runs:
+        groups = runs[0]["groups"]
+        _bands(fig, [{**g, "part": g["name"].rsplit(".", 1)[0]} for g in groups], "part", "part")
+        fig.update_xaxes(tickvals=list(range(len(groups))),
+                         ticktext=[g["name"].rsplit(".", 1)[-1] for g in groups])
+    fig.update_layout(title={"text": "ECoFLaP stage 1: share of the importance score and allocated sparsity",
+                             "y": 0.97},
+                      barmode="group", xaxis_title="group (block) in forward order",
+                      yaxis={"title": "share of the total score", "rangemode": "tozero"},
+                      yaxis2={"title": "allocated sparsity", "overlaying": "y", "side": "right", "range": [0, 1]},
+                      **LAYOUT)
     return fig
+
+
+def histogram_figure(series: dict[str, dict[str, dict]], title: str, xlabel: str) -> go.Figure:
+    """Log-magnitude histograms per modality (colour) and model (dash).
+
+    `series` is {model label: {modality: stats histogram}}. Each curve is the fraction
+    of all that modality's weights in each bin, zeros included in the total but not
+    drawn, so a pruned model's curve sits lower by exactly its share of zeros.
+    """
+    fig = go.Figure()
+    for i, (label, histograms) in enumerate(series.items()):
+        for modality, hist in histograms.items():
+            edges = hist["log10_edges"]
+            centers = [(a + b) / 2 for a, b in zip(edges[:-1], edges[1:])]
+            total = max(1, hist["nonzero"] + hist["zeros"])
+            name = f"{MODALITY_NAMES.get(modality, modality)} · {label} ({hist['zeros'] / total:.0%} zeros)"
+            fig.add_trace(go.Scatter(
+                x=[10**c for c in centers], y=[c / total for c in hist["counts"]], mode="lines", line_shape="hvh",
+                name=name, line={"color": MODALITY_COLORS.get(modality, "#888"), "dash": RUN_DASHES[i % 6]},
+                hovertemplate="|value| %{x:.2e}<br>fraction %{y:.4f}<extra>" + name + "</extra>",
+            ))
+    fig.update_layout(title={"text": title, "y": 0.97}, xaxis={"title": xlabel, "type": "log"},
+                      yaxis_title="fraction of the modality's weights", **LAYOUT)
+    return fig
+
+
+def sweep_figure(rows: list[dict], score_name: str, title: str | None = None) -> go.Figure:
+    """Score against sparsity, one line per method; rows are {method, label?, sparsity,
+    score, score_min?, score_max?} (the range, where several seeds were run, as error bars)."""
+    fig = go.Figure()
+    for i, method in enumerate(dict.fromkeys(r["method"] for r in rows)):
+        points = sorted((r for r in rows if r["method"] == method), key=lambda r: r["sparsity"])
+        label = points[0].get("label", method)
+        style = _run_style(i)
+        error = None
+        if all("score_min" in p and "score_max" in p for p in points):
+            error = {"type": "data", "symmetric": False, "array": [p["score_max"] - p["score"] for p in points],
+                     "arrayminus": [p["score"] - p["score_min"] for p in points], "thickness": 1}
+        fig.add_trace(go.Scatter(
+            x=[p["sparsity"] for p in points], y=[p["score"] for p in points], mode="lines+markers", name=label,
+            line={"color": style["color"], "dash": style["dash"]}, error_y=error,
+            hovertemplate="sparsity %{x:.2f}<br>" + score_name + " %{y:.4f}<extra>" + label + "</extra>",
+        ))
+    fig.update_layout(title={"text": title or f"{score_name} against sparsity", "y": 0.97},
+                      xaxis_title="sparsity", yaxis_title=score_name, **LAYOUT)
+    return fig
+
+
+def distribution_figures(distributions: dict) -> tuple[go.Figure, go.Figure]:
+    """The weight and the gradient histograms of `Session.distributions()`."""
+    series = distributions["series"]
+    weights = histogram_figure({label: s["weights"] for label, s in series.items()},
+                               "|W| per part of the model (zeros counted apart)", "|W|")
+    gradients = histogram_figure({label: s["gradients"] for label, s in series.items()},
+                                 f"|dL/dW| of the calibration loss, one batch of {distributions['batch']}", "|dL/dW|")
+    return weights, gradients

@@ -31,13 +31,17 @@ def mean_loss(loaded: LoadedModel, examples, batch_size: int = 8) -> float:
 def quick_score(
     loaded: LoadedModel, n: int = 200, seed: int = 1234, progress: Callable[[int, int], None] | None = None
 ) -> dict:
-    """{"metric": "accuracy"|"calibration loss", "value", "higher_is_better", "by_type"?, "n"}."""
+    """{"metric": "accuracy"|"calibration loss", "value", "higher_is_better", "by_type"?, "n", "measured_on"}."""
     if speaks_shapes(loaded):
         from .shapes.evaluate import evaluate, make_eval_set
 
         result = evaluate(loaded, make_eval_set(n, seed), progress=progress)
         return {"metric": "accuracy", "value": result["overall"], "higher_is_better": True,
-                "by_type": result["by_type"], "n": result["n"]}
+                "by_type": result["by_type"], "n": result["n"],
+                "measured_on": f"exact match on {result['n']} generated shapes questions (seed {seed}; "
+                               f"the same questions for every model)"}
     examples = list(default_calibration()[:n])
     return {"metric": "calibration loss", "value": mean_loss(loaded, examples), "higher_is_better": False,
-            "n": len(examples)}
+            "n": len(examples),
+            "measured_on": f"language-model loss on the first {len(examples)} shipped calibration pairs "
+                           f"(lower is better)"}

@@ -1,40 +1,166 @@
-"""The full weights, kept aside so that any pruning can be undone bit for bit.
+"""The full weights, kept so that any pruning can be undone bit for bit, and pruned variants.
 
-Only prunable matrices ever change, so only they are copied (to CPU memory, so that the
-accelerator holds one model). Pruned variants are stored the same way and swapped in.
+Only prunable matrices ever change. Where the model was loaded from safetensors files
+whose tensors equal the loaded weights (checked once, tensor by tensor), the originals
+are read back from those files when needed, so the process never holds a second copy of
+the model; otherwise they are copied to CPU memory (so that an accelerator holds one
+model). A pruned variant that only zeroed weights (Magnitude, Wanda and the allocations
+in front of them) is stored as a bit mask, 1/32 of a float32 matrix; one that also
+changed the surviving weights (SparseGPT) is stored whole.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
+from pathlib import Path
+
+import numpy as np
 import torch
+from safetensors import safe_open
 
 from .anatomy import INCLUDE_CHOICES, PrunableLayer, prunable_layers
 
+log = logging.getLogger(__name__)
+
 
 class WeightStore:
-    """Original values of a set of layers, and the means to put them (or a variant) back."""
+    """Original values of a set of layers, and the means to put them back."""
 
-    def __init__(self, layers: list[PrunableLayer]):
+    def __init__(self, layers: list[PrunableLayer], files: list[Path] | None = None):
         self.layers = {l.name: l.module for l in layers}
-        self.original = self.snapshot()
+        self.in_file = _verified_file_keys(self.layers, files or [])
+        self.copies = {name: m.weight.detach().to("cpu", copy=True)
+                       for name, m in self.layers.items() if name not in self.in_file}
 
     @classmethod
-    def of(cls, model) -> "WeightStore":
-        """The store of every layer any method may prune (all module sets)."""
-        return cls(prunable_layers(model, INCLUDE_CHOICES))
+    def of(cls, loaded) -> "WeightStore":
+        """The store of every layer any method may prune (all module sets) of a loaded model,
+        or of a bare model (always copied)."""
+        model = getattr(loaded, "model", loaded)
+        return cls(prunable_layers(model, INCLUDE_CHOICES), checkpoint_files(getattr(loaded, "source", None)))
 
-    def snapshot(self) -> dict[str, torch.Tensor]:
-        """A CPU copy of the current weights of the tracked layers."""
-        return {name: m.weight.detach().to("cpu", copy=True) for name, m in self.layers.items()}
+    @property
+    def copied_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.copies.values())
+
+    def originals(self, names) -> dict[str, torch.Tensor]:
+        """The original weights of some layers (CPU tensors, in the file's dtype or the model's)."""
+        names = list(names)
+        result = {n: self.copies[n] for n in names if n in self.copies}
+        by_file: dict[Path, list[str]] = {}
+        for n in names:
+            if n in self.in_file:
+                by_file.setdefault(self.in_file[n], []).append(n)
+        for path, members in by_file.items():
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                for n in members:
+                    result[n] = f.get_tensor(f"{n}.weight")
+        return result
 
     @torch.no_grad()
-    def load(self, weights: dict[str, torch.Tensor]):
-        """Copy stored weights back into the model (same dtype: bit-identical)."""
-        for name, tensor in weights.items():
+    def restore(self, names=None):
+        """Put the original weights back (all layers, or the named ones)."""
+        names = list(self.layers) if names is None else list(names)
+        for name, tensor in self.originals(names).items():
             self.layers[name].weight.copy_(tensor)
 
-    def restore(self):
-        self.load(self.original)
-
     def is_original(self) -> bool:
-        return all(torch.equal(m.weight.detach().cpu(), self.original[n]) for n, m in self.layers.items())
+        originals = self.originals(self.layers)
+        return all(torch.equal(m.weight.detach().cpu(), originals[n].to(m.weight.dtype))
+                   for n, m in self.layers.items())
+
+
+def checkpoint_files(source: str | None) -> list[Path]:
+    """The safetensors files a model was loaded from: a local folder's, or the hub cache's."""
+    if not source:
+        return []
+    folder = Path(source).expanduser()
+    if not folder.is_dir():
+        try:
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(source, allow_patterns=["*.safetensors"], local_files_only=True))
+        except Exception as err:  # not cached, offline, gated: the store falls back to copies
+            log.info("no local checkpoint files for %s (%s); full weights are copied", source, type(err).__name__)
+            return []
+    return sorted(folder.glob("*.safetensors"))
+
+
+@torch.no_grad()
+def _verified_file_keys(layers: dict[str, torch.nn.Module], files: list[Path]) -> dict[str, Path]:
+    """Layer name -> the file holding a tensor of that name bit-identical to the loaded weight."""
+    found: dict[str, Path] = {}
+    for path in files:
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                keys = set(f.keys())
+                for name in [n for n in layers if f"{n}.weight" in keys]:
+                    weight = layers[name].weight
+                    stored = f.get_tensor(f"{name}.weight")
+                    if stored.shape == weight.shape and torch.equal(stored.to(weight.device, weight.dtype), weight):
+                        found[name] = path
+        except (OSError, RuntimeError, ValueError) as err:
+            log.info("checkpoint file %s not usable for restores (%s)", path.name, type(err).__name__)
+    return found
+
+
+class RunWeights:
+    """A pruned variant of some layers: a packed zero mask per layer whose surviving weights
+    are the originals, the whole matrix (on CPU) where they are not."""
+
+    def __init__(self, masks: dict[str, tuple[np.ndarray, tuple[int, ...]]], dense: dict[str, torch.Tensor]):
+        self.masks = masks
+        self.dense = dense
+
+    @classmethod
+    @torch.no_grad()
+    def capture(cls, store: WeightStore, names) -> "RunWeights":
+        """The current weights of the named layers, as the store can re-create them."""
+        names = list(names)
+        originals = store.originals(names)
+        masks, dense = {}, {}
+        for name in names:
+            weight = store.layers[name].weight.detach()
+            original = originals[name].to(weight.device, weight.dtype)
+            zero = weight == 0
+            if torch.equal(torch.where(zero, torch.zeros_like(original), original), weight):
+                masks[name] = (np.packbits(zero.cpu().numpy().reshape(-1)), tuple(weight.shape))
+            else:
+                dense[name] = weight.to("cpu", copy=True)
+        return cls(masks, dense)
+
+    @property
+    def names(self) -> list[str]:
+        return [*self.masks, *self.dense]
+
+    @property
+    def nbytes(self) -> int:
+        return (sum(bits.nbytes for bits, _ in self.masks.values())
+                + sum(t.numel() * t.element_size() for t in self.dense.values()))
+
+    def mask(self, name: str) -> torch.Tensor:
+        bits, shape = self.masks[name]
+        count = int(np.prod(shape))
+        return torch.from_numpy(np.unpackbits(bits, count=count).astype(bool)).reshape(shape)
+
+    @contextlib.contextmanager
+    def applied(self, store: WeightStore):
+        """Within the block the model holds this variant; afterwards its original weights."""
+        saved: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        try:
+            with torch.no_grad():
+                for name in self.masks:
+                    weight = store.layers[name].weight
+                    zero = self.mask(name).to(weight.device)
+                    saved[name] = (zero, weight[zero].clone())
+                    weight[zero] = 0
+                for name, tensor in self.dense.items():
+                    store.layers[name].weight.copy_(tensor)
+            yield
+        finally:
+            with torch.no_grad():
+                for name, (zero, values) in saved.items():
+                    store.layers[name].weight[zero] = values
+                if self.dense:
+                    store.restore(self.dense)

@@ -1,20 +1,20 @@
-"""One loaded model shared by many users, each with their own pruned runs.
+"""One loaded model shared by many sessions, and the units of work they do on it.
 
-The model in memory always holds the full weights between calls. A pruning run, or an
-answer from a pruned run, takes the lock, swaps the run's weights in, works, and puts
-the full weights back before releasing it: nobody ever sees another user's zeros, and
-the full model's answers never change. Stored runs are bounded in number and bytes; the
-oldest is dropped first, and the caller is told which.
+The model holds its full weights between units of work. A unit (one prune, one sweep
+point, one answer) takes the model, swaps in whatever variant it needs, works, and puts
+the full weights back before it lets go: nobody ever sees another user's zeros, and the
+full model's answers never change. Long units (pruning) wait in a first-come queue of
+their own, so a short one (an answer) never waits behind more than the one long unit in
+progress.
 """
 
 from __future__ import annotations
 
-import itertools
+import contextlib
 import logging
 import threading
 import time
-from collections import OrderedDict
-from dataclasses import dataclass, field
+from collections import deque
 from typing import Callable
 
 import torch
@@ -26,68 +26,137 @@ from .models import LoadedModel
 from .options import PruneOptions
 from .pipeline import prune
 from .report import PruneResult
-from .weights import WeightStore
+from .weights import RunWeights, WeightStore
 
 log = logging.getLogger(__name__)
+Progress = Callable[[str, int, int], None]
+StopCheck = Callable[[], bool]
 
 
 class Cancelled(Exception):
-    """The user stopped a long job; the model is back to its full weights."""
+    """The user stopped a job; nothing was stored and the model has its full weights."""
 
 
-@dataclass
-class Run:
-    """A pruned variant: its report and the weights of the layers it changed (on CPU)."""
+class FirstComeLock:
+    """A lock granted in arrival order; a waiter can give up when asked to stop."""
 
-    id: str
-    label: str
-    result: PruneResult
-    weights: dict[str, torch.Tensor] = field(repr=False)
-    created: float = field(default_factory=time.time)
+    def __init__(self):
+        self._condition = threading.Condition()
+        self._queue: deque[object] = deque()
+        self._held = False
+
+    def acquire(self, should_stop: StopCheck | None = None, poll: float = 0.1):
+        ticket = object()
+        with self._condition:
+            self._queue.append(ticket)
+            try:
+                while self._held or self._queue[0] is not ticket:
+                    _check(should_stop)
+                    self._condition.wait(poll)
+            except BaseException:
+                self._queue.remove(ticket)
+                self._condition.notify_all()
+                raise
+            self._queue.popleft()
+            self._held = True
+
+    def release(self):
+        with self._condition:
+            self._held = False
+            self._condition.notify_all()
 
     @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.weights.values())
+    def waiting(self) -> int:
+        return len(self._queue)
+
+
+class ModelLock:
+    """Who uses the model now: one unit at a time, and waiting answers go before a waiting
+    long unit, unless it has waited `patience` seconds (so answers cannot starve it)."""
+
+    def __init__(self, patience: float = 1.0):
+        self.patience = patience
+        self._condition = threading.Condition()
+        self._busy = False
+        self.short_waiting = 0
+        self._long_since: float | None = None
+
+    def acquire(self, long: bool, should_stop: StopCheck | None = None, poll: float = 0.05):
+        with self._condition:
+            if long:
+                self._long_since = time.monotonic()
+                try:
+                    while self._busy or (self.short_waiting and not self._long_overdue()):
+                        _check(should_stop)
+                        self._condition.wait(poll)
+                finally:
+                    self._long_since = None
+            else:
+                self.short_waiting += 1
+                try:
+                    while self._busy or self._long_overdue():
+                        self._condition.wait(poll)
+                finally:
+                    self.short_waiting -= 1
+            self._busy = True
+
+    def _long_overdue(self) -> bool:
+        return self._long_since is not None and time.monotonic() - self._long_since >= self.patience
+
+    def release(self):
+        with self._condition:
+            self._busy = False
+            self._condition.notify_all()
+
+
+def _check(should_stop: StopCheck | None):
+    if should_stop is not None and should_stop():
+        raise Cancelled("stopped while waiting for the model")
 
 
 class Workbench:
-    """Thread-safe pruning and answering on one model, with bounded stored runs."""
+    """Thread-safe pruning and answering on one model."""
 
-    def __init__(self, loaded: LoadedModel, max_runs: int = 8, max_bytes: int | None = None):
+    def __init__(self, loaded: LoadedModel):
         self.loaded = loaded
-        self.lock = threading.RLock()
-        self.store = WeightStore.of(loaded.model)
-        self.runs: OrderedDict[str, Run] = OrderedDict()
-        self.max_runs = max_runs
-        self.max_bytes = max_bytes
-        self._ids = itertools.count(1)
+        self.store = WeightStore.of(loaded)
+        self.long_queue = FirstComeLock()
+        self.model_lock = ModelLock()
+
+    @contextlib.contextmanager
+    def unit(self, long: bool = False, should_stop: StopCheck | None = None):
+        """Hold the model for one unit of work; the full weights are back when it ends."""
+        if long:
+            self.long_queue.acquire(should_stop)
+        try:
+            self.model_lock.acquire(long, should_stop)
+            try:
+                yield self.loaded
+            finally:
+                self.model_lock.release()
+        finally:
+            if long:
+                self.long_queue.release()
 
     def describe(self) -> dict:
         """Which model, where, and how many weights are prunable per modality."""
         first = next(self.loaded.model.parameters())
-        counts = parameter_counts(self.loaded.model)
         return {
             "name": self.loaded.name,
             "family": self.loaded.family,
             "device": str(first.device),
             "dtype": str(self.loaded.dtype).replace("torch.", ""),
-            **counts,
+            "full_weights": "read back from the model's files" if not self.store.copies else
+            f"kept as a copy ({self.store.copied_bytes / 2**20:,.1f} MiB)",
+            **parameter_counts(self.loaded.model),
         }
 
-    def _acquire(self):
-        self.lock.acquire()
-
-    def prune(
-        self,
-        method: str,
-        sparsity: float,
-        options: PruneOptions | None = None,
-        calibration: list[Example] | None = None,
-        progress: Callable[[str, int, int], None] | None = None,
-        should_stop: Callable[[], bool] | None = None,
-        label: str | None = None,
-    ) -> tuple[Run, list[Run]]:
-        """Prune a copy-free variant; returns the new run and any runs dropped to make room."""
+    def prune(self, method: str, sparsity: float, options: PruneOptions | None = None,
+              calibration: list[Example] | None = None, progress: Progress | None = None,
+              should_stop: StopCheck | None = None,
+              then: Callable[[LoadedModel, PruneResult], object] | None = None) -> tuple[PruneResult, RunWeights, object]:
+        """One prune as one unit: returns its report, its compact weights and then(loaded,
+        result) computed on the pruned model (a sweep's score), the full weights restored."""
 
         def report(what, done, total):
             if should_stop is not None and should_stop():
@@ -95,12 +164,11 @@ class Workbench:
             if progress is not None:
                 progress(what, done, total)
 
-        self._acquire()
-        try:
+        with self.unit(long=True, should_stop=should_stop) as loaded:
             try:
-                result = prune(self.loaded, method, sparsity, options, calibration, report)
-                weights = {r["name"]: self.loaded.model.get_submodule(r["name"]).weight.detach().to("cpu", copy=True)
-                           for r in result.layers}
+                result = prune(loaded, method, sparsity, options, calibration, report)
+                weights = RunWeights.capture(self.store, [r["name"] for r in result.layers])
+                extra = then(loaded, result) if then is not None else None
             except torch.OutOfMemoryError as err:
                 raise MemoryError(
                     "out of memory while pruning: the run was abandoned and the full model restored; "
@@ -110,53 +178,23 @@ class Workbench:
                 self.store.restore()
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
-        finally:
-            self.lock.release()
-        run_id = f"run{next(self._ids)}"
-        run = Run(run_id, label or f"{method} {sparsity:.2f}", result, weights)
-        dropped = self._add(run)
-        return run, dropped
+        return result, weights, extra
 
-    def _add(self, run: Run) -> list[Run]:
-        with self.lock:
-            self.runs[run.id] = run
-            dropped = []
-            while len(self.runs) > 1 and (
-                len(self.runs) > self.max_runs
-                or (self.max_bytes is not None and sum(r.nbytes for r in self.runs.values()) > self.max_bytes)
-            ):
-                _, old = self.runs.popitem(last=False)
-                dropped.append(old)
-                log.info("dropped stored run %s (%s) to bound memory", old.id, old.label)
-            return dropped
+    def using(self, weights: RunWeights | None, fn: Callable[[LoadedModel], object], long: bool = False,
+              should_stop: StopCheck | None = None):
+        """fn(loaded) with a variant's weights in place (None: the full model), as one unit."""
+        with self.unit(long, should_stop) as loaded:
+            if weights is None:
+                return fn(loaded)
+            with weights.applied(self.store):
+                return fn(loaded)
 
-    def get(self, run_id: str) -> Run | None:
-        return self.runs.get(run_id)
-
-    def ask(self, images, questions: list[str], run_id: str | None = None, max_new_tokens: int = 20) -> list[str]:
-        """Answers of the full model (run_id None) or of a stored run."""
-        return self.with_run(run_id, lambda loaded: ask_model(loaded, images, questions, max_new_tokens))
-
-    def with_run(self, run_id: str | None, fn: Callable[[LoadedModel], object]):
-        """Call fn(loaded) with a run's weights in place (None: the full model), then restore."""
-        run = self.runs.get(run_id) if run_id is not None else None
-        if run_id is not None and run is None:
-            raise KeyError(f"run {run_id} is no longer stored (runs are bounded); prune again")
-        self._acquire()
-        try:
-            if run is not None:
-                self.store.load(run.weights)
-            return fn(self.loaded)
-        finally:
-            if run is not None:
-                self.store.load({name: self.store.original[name] for name in run.weights})
-            self.lock.release()
+    def ask(self, images, questions: list[str], weights: RunWeights | None = None, max_new_tokens: int = 20) -> list[str]:
+        """Answers of the full model (weights None) or of a variant."""
+        return self.using(weights, lambda loaded: ask_model(loaded, images, questions, max_new_tokens))
 
     def restore(self) -> bool:
-        """Put the full weights back (they already are between calls); True if identical."""
-        self._acquire()
-        try:
+        """Put the full weights back (they already are between units); True if identical."""
+        with self.unit(long=True) as _loaded:
             self.store.restore()
             return self.store.is_original()
-        finally:
-            self.lock.release()

@@ -91,9 +91,12 @@ def _free_port() -> int:
 
 
 def launch(tmp_path_factory, **env_extra):
+    """The app in its own process on 127.0.0.1 (a fresh gradio temp folder), and its log."""
     port = _free_port()
     env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT), **env_extra)
     env.pop("ECOFLAP_MODEL", None)
+    env.setdefault("GRADIO_TEMP_DIR", str(tmp_path_factory.mktemp("gradio-uploads")))
+    uploads = Path(env["GRADIO_TEMP_DIR"])
     log = tmp_path_factory.mktemp("app") / "app.log"
     model = ["--model", os.environ["ECOFLAP_TEST_MODEL"]] if os.environ.get("ECOFLAP_TEST_MODEL") else []
     process = subprocess.Popen([sys.executable, "app.py", "--host", "127.0.0.1", "--port", str(port), *model],
@@ -111,17 +114,30 @@ def launch(tmp_path_factory, **env_extra):
     else:
         process.kill()
         raise RuntimeError(f"app did not start:\n{log.read_text()}")
-    return process, url, log
+    return process, url, log, uploads
 
 
 @pytest.fixture(scope="session")
 def app(tmp_path_factory):
     """The app on 127.0.0.1 with the embedded model, shared by the API and browser tests."""
-    process, url, log = launch(tmp_path_factory)
+    process, url, log, uploads = launch(tmp_path_factory)
+    APP_FILES["uploads"], APP_FILES["log"] = uploads, log
     yield url
     process.terminate()
     process.wait(timeout=30)
 
+
+APP_FILES: dict = {}
+
+
+@pytest.fixture(scope="session")
+def strict_app(tmp_path_factory):
+    """The app with tight limits: 2 runs per session, 3 sweep points, 1 MB uploads, no model export."""
+    process, url, log, _uploads = launch(tmp_path_factory, ECOFLAP_MAX_RUNS="2", ECOFLAP_MAX_SWEEP_POINTS="3",
+                               ECOFLAP_MAX_UPLOAD_MB="1", ECOFLAP_ALLOW_MODEL_EXPORT="0")
+    yield url, log
+    process.terminate()
+    process.wait(timeout=30)
 
 def client(url):
     from gradio_client import Client

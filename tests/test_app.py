@@ -10,29 +10,33 @@ from gradio_client import handle_file
 
 from conftest import EXAMPLE, FAST, client, prune
 
+METHODS = ["magnitude", "wanda", "sparsegpt", "ecoflap_zeroth", "ecoflap_zeroth_group", "ecoflap_first",
+           "ecoflap_sparsegpt"]
 
-def test_describe_names_the_embedded_model(app):
+
+def test_describe_names_the_embedded_model_not_its_path(app):
     text = client(app).predict(api_name="/describe")
-    assert "shapes-blip2" in text and "prunable" in text and "cpu" in text
+    assert "`shapes-blip2`" in text and "prunable" in text and "cpu" in text
+    assert "/assets/" not in text and str(Path(__file__).resolve().parent.parent) not in text
 
 
-@pytest.mark.parametrize("method", ["Magnitude", "Wanda", "SparseGPT", "ECoFLaP (zeroth-order)",
-                                    "ECoFLaP (zeroth-order, one perturbation per group)",
-                                    "ECoFLaP (first-order)", "ECoFLaP + SparseGPT"])
+@pytest.mark.parametrize("method", METHODS)
 def test_prune_each_method(app, method):
     c = client(app)
-    status, _plot, groups, _sel, _export, run_id, report = prune(c, method, 0.5)
-    assert "achieved sparsity" in status and run_id.startswith("run")
-    assert report["target_sparsity"] == 0.5
+    status, _plot, groups, _overlay, _export, _dist, run_id, report = prune(c, method, 0.5)
+    assert "achieved sparsity" in status and run_id.startswith("run-")
+    assert report["target_sparsity"] == 0.5 and report["method"] == method and report["model"] == "shapes-blip2"
     assert abs(report["achieved_sparsity"] - 0.5) < 0.01
-    assert (groups is not None) == method.startswith("ECoFLaP")
+    assert groups["visible"] == method.startswith("ecoflap")
+    if groups["visible"]:
+        assert json.loads(groups["value"]["plot"])["data"]
 
 
-def test_ask_full_and_pruned_side_by_side_then_restore_and_export(app, tmp_path):
+def test_ask_full_and_pruned_side_by_side_then_verify_and_export(app, tmp_path):
     c = client(app)
-    html_before, before = c.predict(handle_file(str(EXAMPLE)), "how many shapes are there?", api_name="/ask")
+    _html, before = c.predict(handle_file(str(EXAMPLE)), "how many shapes are there?", api_name="/ask")
     assert before["runs"] == [] and before["full"]
-    *_, run_id, report = prune(c, "Wanda", 0.7)
+    *_, run_id, report = prune(c, "wanda", 0.7)
     html_after, after = c.predict(handle_file(str(EXAMPLE)), "how many shapes are there?", api_name="/ask")
     assert after["full"] == before["full"]
     assert [r["run"] for r in after["runs"]] == [run_id]
@@ -42,42 +46,64 @@ def test_ask_full_and_pruned_side_by_side_then_restore_and_export(app, tmp_path)
     assert "bit-identical" in c.predict(api_name="/restore")
     files = c.predict(run_id, False, api_name="/export")
     names = {Path(f).name: f for f in files}
-    assert set(names) == {"report.json", "layers.csv"}
-    data = json.loads(Path(names["report.json"]).read_text())
-    assert data["method"] == "wanda" and data["target_sparsity"] == 0.7
-    assert Path(names["layers.csv"]).read_text().splitlines()[0].startswith("name,modality")
+    assert set(names) == {"wanda-0.70.report.json", "wanda-0.70.layers.csv"}
+    data = json.loads(Path(names["wanda-0.70.report.json"]).read_text())
+    assert data["method"] == "wanda" and data["target_sparsity"] == 0.7 and data["model"] == "shapes-blip2"
+    assert Path(names["wanda-0.70.layers.csv"]).read_text().splitlines()[0].startswith("name,modality")
     model_files = c.predict(run_id, True, api_name="/export")
-    assert any(f.endswith(".zip") for f in model_files)
+    assert any(f.endswith("wanda-0.70.model.zip") for f in model_files)
 
 
-def test_teach_compares_wanda_and_ecoflap(app):
+def test_compare_three_methods(app):
     c = client(app)
-    _plot, text, *_ = c.predict(0.6, handle_file(str(EXAMPLE)), "what shape is the blue object?", api_name="/compare")
-    assert "Full model" in text and "Wanda @ 0.60" in text and "ECoFLaP (zeroth-order) @ 0.60" in text
-    assert "accuracy" in text
+    text, _plot, overlay, *_ = c.predict(["wanda", "ecoflap_zeroth", "magnitude"], 0.6, handle_file(str(EXAMPLE)),
+                                         "what shape is the blue object?", api_name="/compare")
+    for label in ("Full model", "Wanda @ 0.60", "ECoFLaP (zeroth-order) @ 0.60", "Magnitude @ 0.60"):
+        assert label in text
+    assert "accuracy" in text and "200 generated shapes questions (seed 1234" in text
+    assert len(overlay["value"]) == 3 and len(overlay["choices"]) == 3
 
 
 def test_sessions_are_isolated(app):
     a, b = client(app), client(app)
-    *_, run_a, _ = prune(a, "Magnitude", 0.9)
-    *_, run_b, _ = prune(b, "Wanda", 0.3)
+    *_, run_a, _ = prune(a, "magnitude", 0.9)
+    *_, run_b, _ = prune(b, "wanda", 0.3)
     answers_a = a.predict(handle_file(str(EXAMPLE)), "", api_name="/ask")[1]
     answers_b = b.predict(handle_file(str(EXAMPLE)), "", api_name="/ask")[1]
     assert [r["run"] for r in answers_a["runs"]] == [run_a]
     assert [r["run"] for r in answers_b["runs"]] == [run_b]
     assert answers_a["full"] == answers_b["full"]
+    for endpoint, args in [("/export", (run_a, True)), ("/distributions", (run_a,))]:
+        with pytest.raises(Exception, match="(?i)no run with that id in this session"):
+            b.predict(*args, api_name=endpoint)
+
+
+def test_distributions_take_a_run_id_from_the_api(app):
+    c = client(app)
+    *_, run_id, _ = prune(c, "magnitude", 0.6)
+    weights, grads = c.predict(run_id, api_name="/distributions")
+    names = [t["name"] for t in json.loads(weights["plot"])["data"]]
+    assert any("Magnitude @ 0.60" in n and "(60% zeros)" in n for n in names)
+    assert any("full" in n for n in names)
 
 
 @pytest.mark.parametrize(
     "args,message",
     [
-        (("Wanda", 0.95), "maximum value 0.9"),
-        (("Wanda", -0.1), "minimum value 0"),
-        (("ECoFLaP (zeroth-order)", 0.5, {"max_sparsity": 0.3}), "below the target"),
-        (("Wanda", 0.5, {"samples": 0}), "at least 1"),
-        (("Wanda", 0.5, {"samples": 100000}), "only 128"),
-        (("Wanda", 0.5, {"nm": "4:2"}), "N:M"),
-        (("ECoFLaP (zeroth-order)", 0.5, {"eps": 0}), "eps"),
+        (("wanda", 0.99), "from 0 to 0.95"),
+        (("wanda", -0.1), "from 0 to 0.95"),
+        (("wanda", "abc"), "sparsity must be a number"),
+        (("wanda", None), "sparsity must be a number"),
+        (("Wanda", 0.5), "unknown method"),
+        (("ecoflap_zeroth", 0.5, {"max_sparsity": 0.3}), "below the target"),
+        (("wanda", 0.5, {"samples": 0}), "from 1 to"),
+        (("wanda", 0.5, {"samples": 100000}), "from 1 to"),
+        (("wanda", 0.5, {"samples": 1000}), "only 128"),
+        (("wanda", 0.5, {"nm": "4:2"}), "N:M"),
+        (("wanda", 0.3, {"nm": "2:4"}), "set the sparsity to 0.50"),
+        (("ecoflap_zeroth", 0.5, {"eps": 0}), "eps"),
+        (("ecoflap_zeroth", 0.5, {"eps": 1e300}), "eps"),
+        (("ecoflap_zeroth", 0.5, {"modules": []}), "at least one module set"),
     ],
 )
 def test_bad_prune_settings_give_a_clear_message(app, args, message):
@@ -85,11 +111,11 @@ def test_bad_prune_settings_give_a_clear_message(app, args, message):
     extra = args[2] if len(args) > 2 else {}
     with pytest.raises(Exception) as info:
         c.predict(args[0], args[1], api_name="/prune", **{**FAST, **extra})
-    assert message in str(info.value)
+    assert message.lower() in str(info.value).lower()
     assert "bit-identical" in c.predict(api_name="/restore")
 
 
-def test_bad_uploads_give_a_clear_message(app, tmp_path):
+def test_bad_uploads_and_questions_give_a_clear_message(app, tmp_path):
     c = client(app)
     text = tmp_path / "notes.png"
     text.write_text("this is not an image")
@@ -102,3 +128,25 @@ def test_bad_uploads_give_a_clear_message(app, tmp_path):
     long_question = "what color is the circle? " * 500
     html, answers = c.predict(handle_file(str(EXAMPLE)), long_question, api_name="/ask")
     assert "only the first" in html and len(answers["question"]) <= 500
+    with pytest.raises(Exception, match="(?i)upload an image"):
+        c.predict(None, "what?", api_name="/ask")
+
+
+def test_sweep_uses_method_labels_and_checks_its_list(app):
+    c = client(app)
+    _plot, table, status = c.predict(["wanda"], "0.3,0.6", api_name="/sweep")
+    assert [row[0] for row in table["data"]] == ["Wanda", "Wanda"] and "2 points" in status
+    for bad, message in [("0.5,,0.6", "empty"), ("-0", "plain decimal"), ("1e-400", "plain decimal"),
+                         ("0.5,0.5", "only once")]:
+        with pytest.raises(Exception, match=message):
+            c.predict(["wanda"], bad, api_name="/sweep")
+
+
+def test_public_deployment_refuses_server_folders(app):
+    c = client(app)
+    for name in ("/etc", "/root", "assets/shapes-blip2", "../assets"):
+        with pytest.raises(Exception, match="from the Hugging Face hub by id") as refused:
+            c.predict(name, api_name="/load_model")
+        assert "No such" not in str(refused.value) and "Errno" not in str(refused.value)
+    with pytest.raises(Exception, match="at most 200 characters"):
+        c.predict("x" * 5000, api_name="/load_model")

@@ -4,6 +4,7 @@ import csv
 import io
 
 import numpy as np
+import pytest
 
 from ecoflap.anatomy import prunable_layers
 from ecoflap.data import batches
@@ -43,10 +44,18 @@ def test_figures_and_csv_from_a_report(loaded, examples):
     fig = sparsity_figure(runs)
     plotted = sum(len(t.x) for t in fig.data)
     assert plotted == 2 * len(result["layers"])
+    assert [t.line.color for t in fig.data][0] != [t.line.color for t in fig.data][1]
+    assert all("target 0.50" in t.name for t in fig.data)
     names = {row[0] for t in fig.data for row in t.customdata}
     assert names == {r["name"] for r in result["layers"]}
-    assert len(group_scores_figure(result["groups"]).data[0].x) == len(result["groups"])
-    assert histogram_figure([("x", {"log10_edges": [0, 1, 2], "counts": [1, 2], "nonzero": 3, "zeros": 1})], "t", "v").data
+    groups = group_scores_figure([{"label": "a", "groups": result["groups"]}, {"label": "b", "groups": result["groups"]}])
+    bars = [t for t in groups.data if t.type == "bar"]
+    assert len(bars) == 2 and len(bars[0].x) == len(result["groups"])
+    assert sum(bars[0].y) == pytest.approx(1.0)
+    share = [g["score"] / sum(x["score"] for x in result["groups"]) for g in result["groups"]]
+    assert list(bars[1].y) == pytest.approx(share)
+    assert histogram_figure({"x": {"vision": {"log10_edges": [0, 1, 2], "counts": [1, 2], "nonzero": 3, "zeros": 1}}},
+                            "t", "v").data
     assert sweep_figure([{"method": "wanda", "sparsity": 0.5, "score": 0.9}], "accuracy").data
     rows = list(csv.DictReader(io.StringIO(layers_csv(result))))
     assert [r["name"] for r in rows] == [r["name"] for r in result["layers"]]

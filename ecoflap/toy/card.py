@@ -21,6 +21,7 @@ import torch
 from ..models import load_model
 from ..scoring import quick_score
 from ..sweep import sweep
+from ..workbench import Workbench
 from ..shapes.evaluate import evaluate, make_eval_set
 from ..shapes.independent import independent_examples
 
@@ -58,7 +59,7 @@ def measure(folder: str, n: int = 1000, independent_scenes: int = 300) -> dict:
     other = evaluate(loaded, independent_examples(independent_scenes, seed=99), batch_size=64)
     params = sum(p.numel() for p in loaded.model.parameters())
     full = quick_score(loaded, PRUNING_EVAL_N)["value"]  # the sweep's own score, on the same examples
-    pruning = sweep(loaded, list(PRUNING_METHODS), list(PRUNING_SPARSITIES), eval_n=PRUNING_EVAL_N)
+    pruning = sweep(Workbench(loaded), list(PRUNING_METHODS), list(PRUNING_SPARSITIES), eval_n=PRUNING_EVAL_N)
     return {"held_out": held_out, "independent": other, "eval_seconds": round(held_seconds, 1),
             "parameters": params, "pruning_full": full, "pruning": pruning}
 

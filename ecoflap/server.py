@@ -1,0 +1,383 @@
+"""A deployment: the models it serves, the sessions of the people using it, and its bounds.
+
+Everything a public deployment must bound is bounded here: models in memory, stored runs
+per session and in all, sweep points, idle sessions, export files on disk. The bounds
+come from `Limits` (`Limits.from_environment()` reads the ECOFLAP_* variables, refusing
+a bad value with a message that names it). Loading a model never blocks the users of
+other models: the registry's lock only guards its table, never a load.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import secrets
+import shutil
+import tempfile
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from .models import DEFAULT_MODEL, ModelLoadError, load_model
+from .workbench import Workbench
+
+log = logging.getLogger(__name__)
+HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
+MAX_NAME = 200
+
+
+class ConfigError(ValueError):
+    """A deployment setting (an environment variable) has a value that cannot be used."""
+
+
+@dataclass
+class Limits:
+    """What one deployment allows; the defaults suit a small public Space."""
+
+    max_models: int = 2
+    runs_per_session: int = 8
+    run_memory_mb: float = 1024
+    sweep_points: int = 24
+    sessions: int = 200
+    session_idle_minutes: float = 60
+    export_minutes: float = 30
+    export_disk_mb: float = 2048
+    allow_model_export: bool = True
+    allow_local_models: bool = False
+    allowed_models: tuple[str, ...] | None = None
+    upload_mb: float = 20
+    queue_size: int = 64
+
+    ENVIRONMENT = {
+        "max_models": "ECOFLAP_MAX_MODELS",
+        "runs_per_session": "ECOFLAP_MAX_RUNS",
+        "run_memory_mb": "ECOFLAP_MAX_RUN_MB",
+        "sweep_points": "ECOFLAP_MAX_SWEEP_POINTS",
+        "sessions": "ECOFLAP_MAX_SESSIONS",
+        "session_idle_minutes": "ECOFLAP_SESSION_IDLE_MINUTES",
+        "export_minutes": "ECOFLAP_EXPORT_MINUTES",
+        "export_disk_mb": "ECOFLAP_MAX_EXPORT_MB",
+        "allow_model_export": "ECOFLAP_ALLOW_MODEL_EXPORT",
+        "allow_local_models": "ECOFLAP_LOCAL_MODELS",
+        "allowed_models": "ECOFLAP_ALLOWED_MODELS",
+        "upload_mb": "ECOFLAP_MAX_UPLOAD_MB",
+        "queue_size": "ECOFLAP_QUEUE_SIZE",
+    }
+
+    @classmethod
+    def from_environment(cls, environ=None) -> "Limits":
+        environ = os.environ if environ is None else environ
+        values = {}
+        for f in fields(cls):
+            name = cls.ENVIRONMENT[f.name]
+            raw = environ.get(name)
+            if raw is None or raw.strip() == "":
+                continue
+            raw = raw.strip()
+            if f.name == "allowed_models":
+                values[f.name] = tuple(m.strip() for m in raw.split(",") if m.strip())
+            elif isinstance(f.default, bool):
+                if raw not in ("0", "1"):
+                    raise ConfigError(f"{name} must be 0 or 1 (got {raw[:40]!r})")
+                values[f.name] = raw == "1"
+            else:
+                values[f.name] = _positive(name, raw, whole=f.type == "int")
+        return cls(**values)
+
+
+def _positive(name: str, raw: str, whole: bool):
+    try:
+        value = int(raw) if whole else float(raw)
+    except ValueError:
+        kind = "a whole number" if whole else "a number"
+        raise ConfigError(f"{name} must be {kind} of at least 1 (got {raw[:40]!r})") from None
+    if not value >= 1 or value != value or value == float("inf"):
+        raise ConfigError(f"{name} must be at least 1 (got {raw[:40]!r})")
+    return value
+
+
+class ModelRegistry:
+    """The workbenches of the models in memory: the default one, plus others on request.
+
+    Loads happen outside the table's lock (two requests for one model share one load;
+    different models load side by side, one at a time, without stopping anyone's work).
+    The least recently used model beyond `max_models` is unloaded, never the default;
+    `on_unload` hears of it, so the runs made on it can be dropped and their owners told.
+    """
+
+    def __init__(self, default_name: str, device: str, dtype: str, limits: Limits, on_unload=None):
+        self.default_name = default_name
+        self.device, self.dtype = device, dtype
+        self.limits = limits
+        self.on_unload = on_unload
+        self._benches: OrderedDict[str, Workbench] = OrderedDict()
+        self._loading: dict[str, threading.Lock] = {}
+        self._one_load = threading.Lock()
+        self._lock = threading.Lock()
+        self.get(default_name, checked=True)
+
+    def check_allowed(self, name) -> str:
+        """The name if this deployment may load it, else PermissionError/ValueError."""
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError("type a hub id such as Salesforce/blip2-opt-2.7b")
+        name = name.strip()
+        if len(name) > MAX_NAME:
+            raise ValueError(f"a model name is at most {MAX_NAME} characters (got {len(name):,})")
+        if name == self.default_name:
+            return name
+        allowed = self.limits.allowed_models
+        if allowed is not None:
+            if name not in allowed:
+                shown = ", ".join(_shown(m) for m in (self.default_name, *allowed))
+                raise PermissionError(f"this deployment serves these models: {shown}")
+            return name
+        if HUB_ID.fullmatch(name) and not Path(name).expanduser().exists():
+            return name
+        if self.limits.allow_local_models:
+            return name
+        raise PermissionError("this deployment loads models from the Hugging Face hub by id (owner/name), "
+                              "not from folders on the server")
+
+    def current(self, name: str) -> Workbench | None:
+        with self._lock:
+            return self._benches.get(name)
+
+    def loaded(self) -> list[Workbench]:
+        with self._lock:
+            return list(self._benches.values())
+
+    def get(self, name: str, checked: bool = False) -> Workbench:
+        """The workbench of a model, loading it if needed."""
+        if not checked:
+            name = self.check_allowed(name)
+        with self._lock:
+            bench = self._benches.get(name)
+            if bench is not None:
+                self._benches.move_to_end(name)
+                return bench
+            loading = self._loading.setdefault(name, threading.Lock())
+        with loading:
+            with self._lock:
+                bench = self._benches.get(name)
+                if bench is not None:
+                    return bench
+            try:
+                with self._one_load:
+                    bench = Workbench(load_model(name, device=self.device, dtype=self.dtype))
+            finally:
+                with self._lock:
+                    self._loading.pop(name, None)
+            with self._lock:
+                self._benches[name] = bench
+                unloaded = []
+                while len(self._benches) > max(1, self.limits.max_models):
+                    oldest = next(n for n in self._benches if n != self.default_name)
+                    unloaded.append(self._benches.pop(oldest))
+            for old in unloaded:
+                log.info("unloaded %s to make room", old.loaded.name)
+                if self.on_unload is not None:
+                    self.on_unload(old)
+            return bench
+
+
+def _shown(name: str) -> str:
+    from .models import display_name
+
+    return display_name(name)
+
+
+@dataclass
+class _Ended:
+    reason: str
+    at: float = field(default_factory=time.time)
+
+
+class Server:
+    """One deployment: models, sessions, stored runs across sessions, export files."""
+
+    def __init__(self, default_model: str | None = None, device: str = "auto", dtype: str = "auto",
+                 limits: Limits | None = None, export_root: str | Path | None = None):
+        self.limits = limits or Limits()
+        self.models = ModelRegistry(default_model or DEFAULT_MODEL, device, dtype, self.limits,
+                                    on_unload=self._model_unloaded)
+        self.export_root = Path(export_root) if export_root else Path(tempfile.mkdtemp(prefix="ecoflap-exports-"))
+        self.export_root.mkdir(parents=True, exist_ok=True)
+        self._sessions: OrderedDict[str, "Session"] = OrderedDict()
+        self._ended: OrderedDict[str, _Ended] = OrderedDict()
+        self._runs: OrderedDict[str, object] = OrderedDict()
+        self._issued: set[str] = set()
+        self._lock = threading.RLock()
+        self._tidied = 0.0
+
+    @classmethod
+    def from_environment(cls, model: str | None = None, device: str = "auto", dtype: str = "auto",
+                         export_root: str | Path | None = None) -> "Server":
+        """A server configured by the ECOFLAP_* environment variables (see `Limits`)."""
+        return cls(model or os.environ.get("ECOFLAP_MODEL") or DEFAULT_MODEL, device, dtype,
+                   Limits.from_environment(), export_root)
+
+    @property
+    def default_model(self) -> str:
+        return self.models.default_name
+
+    def new_id(self, prefix: str) -> str:
+        """An unguessable id, never issued before by this process."""
+        with self._lock:
+            while True:
+                token = f"{prefix}-{secrets.token_urlsafe(12)}"
+                if token not in self._issued:
+                    self._issued.add(token)
+                    return token
+
+    # sessions
+
+    def open_session(self) -> "Session":
+        from .session import Session
+
+        self.tidy()
+        session = Session(self, self.new_id("session"))
+        with self._lock:
+            self._sessions[session.id] = session
+            self._make_room_for_sessions()
+        return session
+
+    def session(self, session_id: str) -> "Session":
+        """The live session of an id; a session that ended is reopened empty, and told why."""
+        from .session import Session
+
+        self.tidy()
+        with self._lock:
+            session = self._sessions.get(session_id)
+            if session is not None:
+                self._sessions.move_to_end(session_id)
+                session.touch()
+                return session
+            ended = self._ended.pop(session_id, None)
+            session = Session(self, session_id)
+            if ended is not None:
+                session.tell(f"Your earlier session ended ({ended.reason}); its runs and exports are gone.")
+            self._sessions[session_id] = session
+            self._make_room_for_sessions()
+            return session
+
+    def close_session(self, session_id: str, reason: str = "closed"):
+        with self._lock:
+            session = self._sessions.pop(session_id, None)
+            if session is None:
+                return
+            self._ended[session_id] = _Ended(reason)
+            while len(self._ended) > 10 * self.limits.sessions:
+                self._ended.popitem(last=False)
+        session.end()
+
+    def _make_room_for_sessions(self):
+        while len(self._sessions) > self.limits.sessions:
+            oldest = next(iter(self._sessions))
+            self.close_session(oldest, f"this deployment keeps at most {self.limits.sessions} sessions")
+
+    def tidy(self, force: bool = False):
+        """Close idle sessions and delete expired exports (at most every 30 s unless forced)."""
+        now = time.monotonic()
+        if not force and now - self._tidied < 30:
+            return
+        self._tidied = now
+        idle = self.limits.session_idle_minutes * 60
+        with self._lock:
+            stale = [s.id for s in self._sessions.values() if now - s.last_used > idle and not s.busy]
+        for session_id in stale:
+            self.close_session(session_id, f"idle for more than {self.limits.session_idle_minutes:g} minutes")
+        cutoff = time.time() - self.limits.export_minutes * 60
+        for folder in self.export_root.iterdir():
+            try:
+                if folder.stat().st_mtime < cutoff:
+                    shutil.rmtree(folder, ignore_errors=True)
+            except OSError:
+                continue
+
+    @property
+    def sessions(self) -> int:
+        with self._lock:
+            return len(self._sessions)
+
+    def stats(self) -> dict:
+        """What the deployment holds now: for its owner's monitoring and the soak command."""
+        from .memory import resident_bytes
+
+        with self._lock:
+            sessions = list(self._sessions.values())
+            runs = list(self._runs.values())
+        return {
+            "sessions": len(sessions),
+            "jobs_running": sum(len(s._jobs) for s in sessions),
+            "stored_runs": len(runs),
+            "stored_run_mib": round(sum(r.weights.nbytes for r in runs) / 2**20, 3),
+            "models": [b.loaded.name for b in self.models.loaded()],
+            "resident_mib": round(resident_bytes() / 2**20, 1),
+            "export_mib": round(self.export_disk_bytes() / 2**20, 3),
+        }
+
+    # runs of all sessions, bounded in memory together
+
+    def admit(self, run) -> list:
+        """Account a new run; drop the oldest runs of any session while over the memory bound
+        (never the new one). Each dropped run's owner is told; the caller is not."""
+        budget = self.limits.run_memory_mb * 2**20
+        dropped = []
+        with self._lock:
+            self._runs[run.id] = run
+            while sum(r.weights.nbytes for r in self._runs.values()) > budget and len(self._runs) > 1:
+                oldest = next(r for r in self._runs.values() if r is not run)
+                self._runs.pop(oldest.id)
+                dropped.append(oldest)
+        for old in dropped:
+            owner = self._sessions.get(old.owner)
+            if owner is not None:
+                owner.drop(old.id, "the server's memory for stored runs "
+                                   f"({self.limits.run_memory_mb:g} MiB, shared by everyone) was full")
+        return dropped
+
+    def forget(self, run):
+        with self._lock:
+            self._runs.pop(run.id, None)
+
+    @property
+    def stored_run_bytes(self) -> int:
+        with self._lock:
+            return sum(r.weights.nbytes for r in self._runs.values())
+
+    def _model_unloaded(self, bench: Workbench):
+        with self._lock:
+            victims = [r for r in self._runs.values() if r.workbench is bench]
+        for run in victims:
+            owner = self._sessions.get(run.owner)
+            if owner is not None:
+                owner.drop(run.id, f"its model {bench.loaded.name} was unloaded to make room for another "
+                                   f"(this deployment keeps {self.limits.max_models} models)")
+            self.forget(run)
+
+    # exports
+
+    def export_folder(self, session_id: str) -> Path:
+        """A fresh folder for a session's export; its previous export is deleted."""
+        for old in self.export_root.glob(f"{session_id}.*"):
+            shutil.rmtree(old, ignore_errors=True)
+        folder = self.export_root / f"{session_id}.{secrets.token_hex(4)}"
+        folder.mkdir()
+        return folder
+
+    def delete_exports(self, session_id: str):
+        for old in self.export_root.glob(f"{session_id}.*"):
+            shutil.rmtree(old, ignore_errors=True)
+
+    def export_disk_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.export_root.rglob("*") if p.is_file())
+
+
+def load_error_message(err: Exception) -> str:
+    """A model-loading failure as one line for a stranger (no server paths, no OS errors)."""
+    if isinstance(err, (ModelLoadError, PermissionError, ValueError)):
+        return str(err)
+    return "the model could not be loaded"

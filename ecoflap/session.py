@@ -1,0 +1,436 @@
+"""What one person does with the workbench: their own runs and the use cases around them.
+
+The same calls serve a notebook, the CLI and the app:
+
+    server = ecoflap.Server()                  # or Server.from_environment()
+    me = server.open_session()
+    run = me.prune("ecoflap_zeroth", 0.6)
+    me.ask("cat.png", "what is this?").full, me.ask("cat.png").runs
+    me.compare(["wanda", "ecoflap_zeroth"], 0.6), me.sweep(["wanda"], [0.5, 0.7])
+    me.distributions(run.id), me.export(run.id)
+
+A session owns its runs: their ids are unguessable and never reused, another session's
+id (or a stale one) reaches nothing, and a quota of its own bounds them. When the
+server's shared memory for runs must drop one, or its model is unloaded, only its owner
+is told, the next time they look (`notices()`). Every long job can be stopped (`stop()`,
+its own `should_stop`, or the session ending): it stops within one block and stores
+nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import shutil
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from PIL import Image
+
+from .answers import MAX_QUESTION_CHARS, fit_question
+from .anatomy import prunable_layers
+from .data import batches, default_calibration
+from .images import open_image
+from .methods import Method, get_method
+from .options import PruneOptions, from_settings, number, sparsity_list, sparsity_value
+from .report import PruneResult, layers_csv, save_pruned, write_json, write_text
+from .scoring import quick_score
+from .stats import gradient_histograms, weight_histograms
+from .sweep import sweep
+from .weights import RunWeights
+from .workbench import Cancelled, Workbench
+
+log = logging.getLogger(__name__)
+Progress = Callable[[str, int, int], None]
+StopCheck = Callable[[], bool]
+MAX_NEW_TOKENS = 64
+
+
+@dataclass
+class Run:
+    """A pruned variant a session made: its report and its compact weights."""
+
+    id: str
+    label: str
+    result: PruneResult
+    weights: RunWeights = field(repr=False)
+    workbench: Workbench = field(repr=False)
+    owner: str = field(repr=False)
+    created: float = field(default_factory=time.time)
+
+    def summary(self) -> dict:
+        return {"id": self.id, "label": self.label, "method": self.result.method,
+                "target_sparsity": self.result.target_sparsity, "achieved_sparsity": self.result.achieved_sparsity}
+
+
+@dataclass
+class Answers:
+    """One question about one image, answered by the full model and by each run."""
+
+    question: str
+    full: str
+    runs: list[dict]
+    notice: str | None = None
+
+    def to_dict(self) -> dict:
+        return {"question": self.question, "full": self.full, "runs": self.runs, "notice": self.notice}
+
+
+@dataclass
+class Comparison:
+    """Methods side by side at one sparsity: their runs, a score per model, answers."""
+
+    sparsity: float
+    runs: list[Run]
+    rows: list[dict]
+    metric: str
+    higher_is_better: bool
+    measured_on: str
+    question: str | None
+
+    def to_dict(self) -> dict:
+        return {"sparsity": self.sparsity, "runs": [r.summary() for r in self.runs], "rows": self.rows,
+                "metric": self.metric, "higher_is_better": self.higher_is_better, "measured_on": self.measured_on,
+                "question": self.question}
+
+
+class Session:
+    """One person's runs on one model, and everything they can do with them."""
+
+    def __init__(self, server, session_id: str):
+        self.server = server
+        self.id = session_id
+        self.model_name = server.default_model
+        self._runs: OrderedDict[str, Run] = OrderedDict()
+        self._notices: list[str] = []
+        self._jobs: set[threading.Event] = set()
+        self._lock = threading.Lock()
+        self.last_used = time.monotonic()
+        self.ended = False
+
+    # housekeeping
+
+    def touch(self):
+        self.last_used = time.monotonic()
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._jobs)
+
+    def tell(self, message: str):
+        with self._lock:
+            self._notices.append(message)
+
+    def notices(self) -> list[str]:
+        """What happened to this session's runs since it last looked (each said once)."""
+        self._check_model()
+        with self._lock:
+            told, self._notices = self._notices, []
+        return told
+
+    def drop(self, run_id: str, why: str):
+        """Forget a run of this session and tell its owner (this session) why."""
+        with self._lock:
+            run = self._runs.pop(run_id, None)
+        if run is not None:
+            self.tell(f"Your run {run.label} was dropped: {why}.")
+
+    def stop(self):
+        """Stop every job of this session that is running now."""
+        with self._lock:
+            jobs = list(self._jobs)
+        for flag in jobs:
+            flag.set()
+
+    def end(self):
+        """The session is over (tab closed, idle, evicted): stop its jobs, free its runs and files."""
+        self.ended = True
+        self.stop()
+        with self._lock:
+            runs, self._runs = list(self._runs.values()), OrderedDict()
+        for run in runs:
+            self.server.forget(run)
+        self.server.delete_exports(self.id)
+
+    @contextlib.contextmanager
+    def _job(self, should_stop: StopCheck | None):
+        """A long job of this session: yields its stop check (stop(), end() or the caller's)."""
+        flag = threading.Event()
+        with self._lock:
+            self._jobs.add(flag)
+        self.touch()
+        try:
+            yield lambda: flag.is_set() or self.ended or (should_stop is not None and bool(should_stop()))
+        finally:
+            with self._lock:
+                self._jobs.discard(flag)
+            self.touch()
+
+    # the model
+
+    @property
+    def workbench(self) -> Workbench:
+        self._check_model()
+        return self.server.models.get(self.model_name, checked=True)
+
+    def _check_model(self):
+        """A model unloaded by the server: back to the default, its runs are gone, say so."""
+        if self.model_name != self.server.default_model and self.server.models.current(self.model_name) is None:
+            self.tell(f"The model {_display(self.model_name)} was unloaded to make room for another; "
+                      f"you are back on the default model. Load it again to go on with it.")
+            self.model_name = self.server.default_model
+        with self._lock:
+            stale = [r for r in self._runs.values() if r.workbench is not self.server.models.current(self.model_name)]
+            for run in stale:
+                self._runs.pop(run.id)
+        for run in stale:
+            self.server.forget(run)
+
+    def describe(self) -> dict:
+        self.touch()
+        info = self.workbench.describe()
+        info["runs"] = [r.summary() for r in self.runs()]
+        return info
+
+    def load_model(self, name) -> str:
+        """Switch this session to another model (loading it if needed); returns what happened."""
+        self.touch()
+        name = self.server.models.check_allowed(name)
+        bench = self.server.models.get(name, checked=True)
+        with self._lock:
+            previous, self._runs = list(self._runs.values()), OrderedDict()
+            self.model_name = name
+        for run in previous:
+            self.server.forget(run)
+        dropped = (f" Your {len(previous)} run(s) of the previous model were dropped: a session keeps the runs "
+                   f"of its current model only." if previous else "")
+        return f"Loaded {bench.loaded.name}.{dropped}"
+
+    # runs
+
+    def runs(self) -> list[Run]:
+        self._check_model()
+        with self._lock:
+            return list(self._runs.values())
+
+    def run(self, run_id) -> Run:
+        """This session's run of an id; any other id, stale or guessed, is unknown."""
+        self._check_model()
+        with self._lock:
+            run = self._runs.get(run_id) if isinstance(run_id, str) else None
+        if run is None:
+            raise KeyError("no run with that id in this session (runs are per session and bounded; "
+                           "prune again, or pick one of your runs)")
+        return run
+
+    def prune(self, method, sparsity, options: PruneOptions | None = None, calibration=None,
+              progress: Progress | None = None, should_stop: StopCheck | None = None, **settings) -> Run:
+        """Prune and store the run for this session. `settings` are raw values from a form or
+        an API (checked one by one); `options` a PruneOptions built in code."""
+        method = get_method(method)
+        sparsity = sparsity_value(sparsity)
+        if options is None:
+            options = from_settings(sparsity, **settings)
+        bench = self.workbench
+        with self._job(should_stop) as stopped:
+            result, weights, _ = bench.prune(method.name, sparsity, options, calibration, progress, stopped)
+            if stopped():
+                raise Cancelled("stopped by the user")
+        return self._keep(method, result, weights, bench)
+
+    def _keep(self, method: Method, result: PruneResult, weights: RunWeights, bench: Workbench) -> Run:
+        label = f"{method.label} @ {result.target_sparsity:.2f}"
+        with self._lock:
+            same = sum(1 for r in self._runs.values() if r.label.split(" #")[0] == label)
+            run = Run(self.server.new_id("run"), f"{label} #{same + 1}" if same else label, result, weights,
+                      bench, self.id)
+            self._runs[run.id] = run
+            over = []
+            while len(self._runs) > self.server.limits.runs_per_session:
+                over.append(self._runs.popitem(last=False)[1])
+        for old in over:
+            self.server.forget(old)
+            self.tell(f"Your run {old.label} was dropped: each session keeps at most "
+                      f"{self.server.limits.runs_per_session} runs (the oldest goes first).")
+        self.server.admit(run)
+        return run
+
+    # use cases
+
+    def ask(self, image, question="", max_new_tokens=20) -> Answers:
+        """The full model's answer and each of this session's runs' answers."""
+        self.touch()
+        image, question, notice = self._inputs(image, question, max_new_tokens)
+        bench = self.workbench
+        max_new_tokens = int(max_new_tokens)
+        full = bench.ask([image], [question], None, max_new_tokens)[0]
+        answers = []
+        for run in self.runs():
+            answer = bench.ask([image], [question], run.weights, max_new_tokens)[0]
+            answers.append({"run": run.id, "label": run.label, "answer": answer})
+        return Answers(question, full, answers, notice)
+
+    def _inputs(self, image, question, max_new_tokens) -> tuple[Image.Image, str, str | None]:
+        if question is None:
+            question = ""
+        if not isinstance(question, str):
+            raise ValueError("the question must be text (or empty, for a caption)")
+        number(max_new_tokens, "new tokens", 1, MAX_NEW_TOKENS, whole=True)
+        if isinstance(image, Image.Image):
+            picture = image
+        elif isinstance(image, (str, Path)):
+            picture = open_image(image)
+        else:
+            raise ValueError("upload an image (or pick an example) first")
+        asked = question.strip()
+        fitted, cut = fit_question(self.workbench.loaded, asked, int(max_new_tokens))
+        notice = None
+        if cut:
+            notice = (f"Your question had {len(asked):,} characters; only the first {len(fitted):,} were used "
+                      f"(at most {MAX_QUESTION_CHARS} characters, and what the model's positions can hold).")
+        return picture, fitted, notice
+
+    def compare(self, methods, sparsity, image=None, question="", eval_n: int = 200,
+                progress: Progress | None = None, should_stop: StopCheck | None = None) -> Comparison:
+        """Prune with each method at one sparsity (each its own run), then score the full
+        model and every run on the same questions, and answer one question with each."""
+        names = [get_method(m) for m in _listed(methods, "methods")]
+        if not 2 <= len(names) <= 4 or len({m.name for m in names}) != len(names):
+            raise ValueError("choose two to four different methods to compare")
+        sparsity = sparsity_value(sparsity)
+        eval_n = number(eval_n, "questions to score", 10, 1000, whole=True)
+        picture = fitted = None
+        if image is not None:
+            picture, fitted, _ = self._inputs(image, question, 20)
+        bench = self.workbench
+        runs = []
+        with self._job(should_stop) as stopped:
+            for i, method in enumerate(names):
+                step = f"{method.label} @ {sparsity:.2f} ({i + 1} of {len(names)})"
+                result, weights, _ = bench.prune(method.name, sparsity, PruneOptions(),
+                                                 progress=_prefixed(progress, step), should_stop=stopped)
+                runs.append(self._keep(method, result, weights, bench))
+            rows = []
+            for i, (label, weights) in enumerate([("Full model", None)] + [(r.label, r.weights) for r in runs]):
+                if stopped():
+                    raise Cancelled("stopped by the user")
+                if progress:
+                    progress(f"scoring {label} on {eval_n} questions", i, len(runs) + 1)
+                score = bench.using(weights, lambda loaded: quick_score(loaded, eval_n), long=True,
+                                    should_stop=stopped)
+                answer = bench.ask([picture], [fitted], weights)[0] if picture is not None else None
+                rows.append({"label": label, "score": score["value"], "answer": answer,
+                             "sparsity_by_modality": next((r.result.sparsity_by_modality for r in runs
+                                                           if r.label == label), {})})
+        return Comparison(sparsity, runs, rows, score["metric"], score["higher_is_better"], score["measured_on"],
+                          fitted)
+
+    def sweep(self, methods, sparsities, eval_n: int = 200, progress: Progress | None = None,
+              should_stop: StopCheck | None = None, on_row: Callable[[dict], None] | None = None) -> list[dict]:
+        """Score against sparsity, each point one prune and one score (other users' work goes
+        on between points); at most `Limits.sweep_points` points."""
+        names = [get_method(m).name for m in _listed(methods, "methods")]
+        if len(set(names)) != len(names):
+            raise ValueError("each method may appear only once")
+        limit = self.server.limits.sweep_points
+        values = (sparsity_list(sparsities, limit) if isinstance(sparsities, str)
+                  else [sparsity_value(s) for s in _numbers(sparsities)])
+        if not names or not values:
+            raise ValueError("choose at least one method and one sparsity")
+        if len(names) * len(values) > limit:
+            raise ValueError(f"a sweep takes at most {limit} points (methods x sparsities) on this deployment; "
+                             f"this one has {len(names) * len(values)}")
+        eval_n = number(eval_n, "questions to score", 10, 1000, whole=True)
+        bench = self.workbench
+        with self._job(should_stop) as stopped:
+            return sweep(bench, names, values, eval_n=eval_n, progress=progress, should_stop=stopped, on_row=on_row)
+
+    def distributions(self, run_id=None) -> dict:
+        """Weight and gradient magnitude histograms per modality: the full model's, and a run's."""
+        self.touch()
+        run = self.run(run_id) if run_id not in (None, "") else None
+        bench = self.workbench
+        calibration = list(default_calibration()[:8])
+
+        def measure(loaded):
+            layers = prunable_layers(loaded.model)
+            batch = batches(loaded, calibration, 8)[0]
+            return {"weights": weight_histograms(layers), "gradients": gradient_histograms(loaded.model, layers, batch)}
+
+        series = {"full": bench.using(None, measure)}
+        if run is not None:
+            series[run.label] = bench.using(run.weights, measure)
+        return {"series": series, "batch": len(calibration)}
+
+    def export(self, run_id, with_model: bool = False) -> list[Path]:
+        """A run's JSON report and per-layer CSV (and its pruned model, zipped), named after
+        the run, in this session's export folder (replacing its previous export)."""
+        run = self.run(run_id)
+        limits = self.server.limits
+        if not isinstance(with_model, bool):
+            raise ValueError("whether to include the model must be true or false")
+        if with_model and not limits.allow_model_export:
+            raise PermissionError("saving pruned models is turned off on this deployment")
+        if with_model:
+            needed = sum(p.numel() * p.element_size() for p in run.workbench.loaded.model.parameters())
+            if self.server.export_disk_bytes() + needed > limits.export_disk_mb * 2**20:
+                raise MemoryError("the server's space for exported files is full right now; try again in a few "
+                                  "minutes (exports are deleted after "
+                                  f"{limits.export_minutes:g} minutes)")
+        self.touch()
+        folder = self.server.export_folder(self.id)
+        stem = _file_stem(run.label)
+        report = run.result.to_dict()
+        files = [folder / f"{stem}.report.json", folder / f"{stem}.layers.csv"]
+        write_json(report, files[0])
+        write_text(layers_csv(report), files[1])
+        if with_model:
+            model_folder = folder / f"{stem}.model"
+            run.workbench.using(run.weights, lambda loaded: save_pruned(loaded, report, model_folder), long=True)
+            files.append(Path(shutil.make_archive(str(model_folder), "zip", model_folder)))
+            shutil.rmtree(model_folder, ignore_errors=True)
+        return files
+
+    def restore(self) -> bool:
+        """The model holds its full weights between units of work; check they are bit-identical."""
+        self.touch()
+        return self.workbench.restore()
+
+
+def _prefixed(progress: Progress | None, step: str) -> Progress | None:
+    if progress is None:
+        return None
+    return lambda what, done, total: progress(f"{step} · {what}", done, total)
+
+
+def _listed(values, what: str) -> list[str]:
+    if isinstance(values, str):
+        values = [v.strip() for v in values.split(",") if v.strip()]
+    if not isinstance(values, (list, tuple)) or not all(isinstance(v, str) for v in values):
+        raise ValueError(f"{what} must be a list of names")
+    return list(values)
+
+
+def _numbers(values) -> list:
+    if not isinstance(values, (list, tuple)) or isinstance(values, str):
+        raise ValueError("sparsities must be a list of numbers, or text like 0.1,0.3,0.5")
+    if len(set(values)) != len(values):
+        raise ValueError("each sparsity may appear only once")
+    return list(values)
+
+
+def _file_stem(label: str) -> str:
+    """'ECoFLaP (zeroth-order) @ 0.60 #2' -> 'ecoflap-zeroth-order-0.60-2'."""
+    return re.sub(r"[^a-z0-9.]+", "-", label.lower()).strip("-.") or "run"
+
+
+def _display(name: str) -> str:
+    from .models import display_name
+
+    return display_name(name)
+
