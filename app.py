@@ -28,28 +28,39 @@ MODULE_LABELS = {"vision": "Vision encoder", "qformer": "Q-Former", "projection"
                  "language": "Language model"}
 PRUNE_METHODS = [(m.label, m.name) for m in ecoflap.METHODS.values()]
 TEACH_DEFAULT = ["wanda", "ecoflap_zeroth"]
+# Stopping is a normal action: one calm line, whichever route stopped the work first.
+STOPPED = "Stopped. Nothing from the stopped job was stored, and the shared model keeps its full weights."
+STOPPED_COMPARISON = ("Stopped. The runs that finished before the stop are kept; nothing else was stored, and the "
+                      "shared model keeps its full weights.")
+NOTHING_RUNNING = "Nothing of yours was running."
+# gradio 6.31's screen-reader status line announces these keys untranslated
+SCREEN_READER_WORDS = gr.I18n(en={"common.complete": "Complete", "common.error": "Error"})
 SHAPES_NOTE = (
     "The shipped model was trained only on pictures of coloured circles, squares and triangles (1 to 3 per "
     "picture): about anything else it answers with shapes, confidently and wrongly. Load a real BLIP-2 "
     "(e.g. Salesforce/blip2-opt-2.7b) under *Load another model* for photos."
 )
 EXPLANATION = """
-**Magnitude** zeroes the smallest weights of each layer; it needs no data.
-**Wanda** scores each weight by |W| times the norm of its input feature over the calibration tokens
-and zeroes the lowest scores of every output row, block by block, each block seeing the
-outputs of the already-pruned blocks before it. **SparseGPT** chooses the zeros with
-second-order (OBS) saliency and updates the surviving weights to compensate.
-**ECoFLaP** first decides *how sparse each block may be* from how much the whole
-vision-language model's loss depends on it (zeroth-order: two forward passes with each
-matrix nudged along a random direction, no gradients and so no extra memory; first-order: exact
-gradients), gives important blocks more weights to keep (no block sparser than the cap),
-then prunes layer by layer with Wanda or SparseGPT at those sparsities. *One perturbation
-per group* nudges all matrices of a block together (two forward passes per block instead of
-per matrix): faster, but a different estimate from the paper's.
+Every method decides **how sparse each layer may be** (the allocation), then **which weights of a layer
+become zero** (stage 2), block by block, each block calibrated on the outputs of the already-pruned
+blocks before it. The total number of zeros is the same for every allocation at one sparsity.
 
-Zeros alone do not make a model faster or smaller on disk: dense kernels multiply zeros like
-any other number. The **2:4** pattern (N:M in the advanced panel) is what sparse tensor cores
-can accelerate.
+*Stage 2.* **Magnitude** zeroes the smallest |W|; it needs no data. **Wanda** scores each weight by |W|
+times the norm of its input feature over the calibration tokens and zeroes the lowest scores of every
+output row. **SparseGPT** chooses the zeros with second-order (OBS) saliency and updates the surviving
+weights to compensate.
+
+*Allocations.* **Uniform** (Magnitude, Wanda, SparseGPT): every layer at the target. **ECoFLaP** scores
+how much the whole vision-language model's loss depends on each block (zeroth-order: two forward passes
+with each matrix nudged along a random direction, no gradients and so no extra memory; first-order:
+exact gradients) and gives important blocks more weights to keep, no block sparser than the cap;
+*one perturbation per group* nudges a whole block at once (faster, a different estimate). **OWL** gives
+blocks with more outlier Wanda scores (above M times the block's mean) lower sparsity, within lambda of
+the target. **Per-modality** puts one sparsity on the vision encoder (Advanced) and lets the language
+model take the rest of the budget. **Global magnitude** uses one |W| threshold across the whole model.
+
+Zeros alone do not make a model faster or smaller on disk: dense kernels multiply zeros like any other
+number. The **2:4** pattern (N:M in the advanced panel) is what sparse tensor cores can accelerate.
 """
 WHY_TEXT = """
 Each curve is one part of the model (colour: blue vision, purple Q-Former, brown projection, red
@@ -176,8 +187,11 @@ def build_app(server: ecoflap.Server) -> gr.Blocks:
         sparsity = ecoflap.plots.sparsity_figure(
             [{"label": r.label, "layers": r.result.layers, "target_sparsity": r.result.target_sparsity}
              for r in runs])
-        eco = [{"label": r.label, "groups": r.result.groups} for r in runs if r.result.groups]
-        groups = ecoflap.plots.group_scores_figure(eco) if eco else None
+        grouped = [{"label": r.label, "groups": r.result.groups} for r in runs if r.result.groups]
+        # one chart compares runs with the same groups: those of the latest such run
+        names = [g["name"] for g in grouped[-1]["groups"]] if grouped else []
+        grouped = [g for g in grouped if [x["name"] for x in g["groups"]] == names]
+        groups = ecoflap.plots.group_scores_figure(grouped) if grouped else None
         return sparsity, gr.update(value=groups, visible=groups is not None)
 
     def describe(token):
@@ -185,11 +199,22 @@ def build_app(server: ecoflap.Server) -> gr.Blocks:
         me = session(token)
         info = me.describe()
         per = info["prunable_by_modality"]
+        unused = (f" · never pruned, since their output is never used: {len(info['unused'])} module(s)"
+                  if info.get("unused") else "")
+        extra = " and ".join(f"{MODULE_LABELS[m]} {per[m]:,}" for m in ("qformer", "projection") if per[m])
         return with_notices(me, (
-            f"**Model** `{info['name']}` · {info['family'].upper()} language model · device **{info['device']}** · "
-            f"{info['dtype']} · {info['total']:,} parameters · prunable by default: {info['prunable']:,} "
-            f"(vision {per['vision']:,}, language {per['language']:,}; Q-Former {per['qformer']:,} and "
-            f"projection {per['projection']:,} on request)"))
+            f"**Model** `{info['name']}` · {info['family']} · device **{info['device']}** · {info['dtype']} · "
+            f"{info['total']:,} parameters · prunable by default: {info['prunable']:,} (vision {per['vision']:,}, "
+            f"language {per['language']:,}{f'; {extra} on request' if extra else ''}){unused}"))
+
+    def curves(token):
+        """The shipped accuracy-against-sparsity curves of this session's model, if any."""
+        data = session(token).shipped_curves()
+        if data is None:
+            return gr.update(value=None, visible=False), ""
+        return (gr.update(value=ecoflap.plots.curves_figure(data), visible=True),
+                f"{ecoflap.curves.leaders(data['rows'])} Measured ahead of time on this model: "
+                f"{data['measured_on']}. Regenerate with `{data['command']}`.")
 
     def load_model(name, token):
         """Switch this session to another model (a hub id; local folders where the deployment allows)."""
@@ -212,27 +237,34 @@ def build_app(server: ecoflap.Server) -> gr.Blocks:
                 f"{r.peak_memory_bytes / 2**20:,.1f} MiB ({memory}).")
 
     async def prune(method, sparsity, granularity, max_sparsity, samples, stage1_samples, eps, nm, modules,
-                    batch_size, token, progress=gr.Progress()):
+                    batch_size, owl_m, owl_lambda, vision_sparsity, token, progress=gr.Progress()):
         """Prune with a method at a sparsity; the run is stored for this session."""
         me = session(token)
         try:
             run = await in_worker(me.prune, method, sparsity, progress=progress_reporter(progress),
                                   granularity=granularity, max_sparsity=max_sparsity, samples=samples,
                                   stage1_samples=stage1_samples, eps=eps, nm=nm, modules=modules,
-                                  batch_size=batch_size)
+                                  batch_size=batch_size, owl_m=owl_m, owl_lambda=owl_lambda,
+                                  vision_sparsity=vision_sparsity)
         except ecoflap.Cancelled:
             log.info("stopped: a prune of session %s", me.id[:12])
-            return (with_notices(me, "Stopped: nothing was stored, and the model has its full weights."),
-                    *[gr.skip()] * 7)
+            return (gr.skip(),) * 8  # the Stop button has said so
         except EXPECTED as err:
             raise refusal(err) from None
         sparsity_chart, groups_chart = charts(me, [run.id])
         return (with_notices(me, status_of(run)), sparsity_chart, groups_chart, *run_lists(me, latest=run.id),
                 run.id, run.result.to_dict())
 
+    # The Stop buttons stop the session's jobs through the library, not with gradio's
+    # `cancels`: in gradio 6.31 a cancelled event leaves the page's button dead (the next
+    # click sends nothing) or badged "Error". The stopped handler ends normally instead.
     def stop(token):
-        session(token).stop()
-        return "Stopping…"
+        """Stop this session's running jobs: a stopped job stores nothing."""
+        return STOPPED if session(token).stop() else NOTHING_RUNNING
+
+    def stop_comparison(token):
+        """Stop this session's running jobs; the runs a comparison finished stay."""
+        return STOPPED_COMPARISON if session(token).stop() else NOTHING_RUNNING
 
     def overlay(selected, token):
         return charts(session(token), selected)
@@ -240,10 +272,9 @@ def build_app(server: ecoflap.Server) -> gr.Blocks:
     def clear_runs(token):
         """Drop every run of this session."""
         me = session(token)
-        for run in me.runs():
-            me.drop(run.id, "you cleared your runs")
-        me.notices()
-        return ("Your runs were cleared.", *run_lists(me), None, gr.update(value=None, visible=False))
+        cleared = me.clear_runs()
+        return (with_notices(me, f"{cleared} run(s) cleared."), *run_lists(me), None,
+                gr.update(value=None, visible=False))
 
     def verify(token):
         """Check the shared model holds its full weights, bit for bit (it always returns to them)."""
@@ -283,8 +314,7 @@ def build_app(server: ecoflap.Server) -> gr.Blocks:
                                      progress=progress_reporter(progress))
         except ecoflap.Cancelled:
             log.info("stopped: a comparison of session %s", me.id[:12])
-            return (with_notices(me, "Stopped: the runs finished before the stop are kept; nothing else was stored."),
-                    gr.skip(), *run_lists(me))
+            return gr.skip(), gr.skip(), *run_lists(me)  # the Stop button has said so
         except EXPECTED as err:
             raise refusal(err) from None
         chart = ecoflap.plots.sparsity_figure(
@@ -300,7 +330,7 @@ def build_app(server: ecoflap.Server) -> gr.Blocks:
             rows = await in_worker(me.sweep, methods, sparsities, progress=progress_reporter(progress))
         except ecoflap.Cancelled:
             log.info("stopped: a sweep of session %s", me.id[:12])
-            return gr.skip(), gr.skip(), with_notices(me, "Sweep stopped: nothing was stored.")
+            return gr.skip(), gr.skip(), gr.skip()  # the Stop button has said so
         except EXPECTED as err:
             raise refusal(err) from None
         metric = rows[0]["metric"]
@@ -339,8 +369,10 @@ def build_app(server: ecoflap.Server) -> gr.Blocks:
             with gr.Tab("Prune"):
                 with gr.Row():
                     with gr.Column(scale=1):
-                        sparsity = gr.Slider(0.0, ecoflap.MAX_SPARSITY, value=0.5, step=0.05, label="Sparsity")
-                        method = gr.Radio(PRUNE_METHODS, value="ecoflap_zeroth", label="Method")
+                        sparsity = gr.Slider(0.0, ecoflap.MAX_SPARSITY, value=0.5, step=0.05, label="Sparsity",
+                                             elem_id="prune-sparsity")
+                        method = gr.Radio(PRUNE_METHODS, value="ecoflap_zeroth", label="Method",
+                                          elem_id="prune-method")
                         with gr.Accordion("Advanced", open=False):
                             granularity = gr.Radio(list(ecoflap.GRANULARITIES), value="block",
                                                    label="ECoFLaP granularity")
@@ -354,17 +386,24 @@ def build_app(server: ecoflap.Server) -> gr.Blocks:
                             batch_size = gr.Number(value=8, precision=0, label="Batch size")
                             modules = gr.CheckboxGroup([(label, key) for key, label in MODULE_LABELS.items()],
                                                        value=list(ecoflap.DEFAULT_INCLUDE), label="Modules to prune")
+                            vision_sparsity = gr.Textbox(value="", max_lines=1, elem_id="prune-vision-sparsity",
+                                                         label="Per-modality: vision sparsity (empty: the target; "
+                                                               "the language model takes the rest of the budget)")
+                            with gr.Row():
+                                owl_m = gr.Number(value=5, label="OWL: M (outlier = score above M x mean)")
+                                owl_lambda = gr.Number(value=0.08, label="OWL: lambda (band around the target)")
                         with gr.Row():
                             prune_button = gr.Button("Prune", variant="primary")
-                            stop_button = gr.Button("Stop")
+                            stop_button = gr.Button("Stop", elem_id="prune-stop")
                         with gr.Row():
                             verify_button = gr.Button("Check full weights", size="sm")
                             clear_button = gr.Button("Clear my runs", size="sm")
                     with gr.Column(scale=2):
                         status = gr.Markdown("Pick a method and a sparsity, then Prune.")
-                        sparsity_plot = gr.Plot(label="Per-layer sparsity")
-                        runs_selected = gr.CheckboxGroup([], label="Overlay runs of this session")
-                        groups_plot = gr.Plot(label="ECoFLaP group scores", visible=False)
+                        sparsity_plot = gr.Plot(label="Per-layer sparsity", show_label=False, elem_id="prune-chart")
+                        runs_selected = gr.CheckboxGroup([], label="Overlay runs of this session",
+                                                         elem_id="overlay-runs")
+                        groups_plot = gr.Plot(label="Allocation groups", show_label=False, visible=False)
                 last_run = gr.Textbox(visible=False)
                 last_report = gr.JSON(visible=False)
                 with gr.Accordion("What the methods do", open=False):
@@ -384,18 +423,21 @@ def build_app(server: ecoflap.Server) -> gr.Blocks:
                     with gr.Column():
                         answers_html = gr.HTML()
                         answers_json = gr.JSON(label="Answers (raw)", visible=False)
-            with gr.Tab("Why: distributions"):
+            with gr.Tab("Why"):
                 gr.Markdown(WHY_TEXT)
                 with gr.Row():
                     dist_run = gr.Dropdown([], label="Compare the full model with run", value=None)
                     dist_button = gr.Button("Show weight and gradient distributions")
-                weights_plot = gr.Plot()
-                grads_plot = gr.Plot()
-            with gr.Tab("Teach: compare methods"):
-                gr.Markdown("Prunes with each chosen method at the same sparsity, overlays where each put the zeros, "
-                            "scores every model on the same questions, and answers your question with each.")
+                weights_plot = gr.Plot(show_label=False)
+                grads_plot = gr.Plot(show_label=False)
+            with gr.Tab("Teach"):
+                teach_curve = gr.Plot(show_label=False, elem_id="teach-curve")
+                teach_curve_note = gr.Markdown()
+                gr.Markdown("**Try it:** prune with each chosen method at the same sparsity, see where each put the "
+                            "zeros, score every model on the same questions, and answer your question with each.")
                 with gr.Row():
-                    teach_methods = gr.CheckboxGroup(PRUNE_METHODS, value=TEACH_DEFAULT, label="Methods (two to four)")
+                    teach_methods = gr.CheckboxGroup(PRUNE_METHODS, value=TEACH_DEFAULT, label="Methods (two to four)",
+                                                     elem_id="teach-methods")
                     teach_sparsity = gr.Slider(0.0, ecoflap.MAX_SPARSITY, value=0.6, step=0.05, label="Sparsity")
                 with gr.Row():
                     teach_image = gr.Image(type="filepath", label="Image (optional)", sources=["upload", "clipboard"])
@@ -404,9 +446,9 @@ def build_app(server: ecoflap.Server) -> gr.Blocks:
                         teach_question = gr.Textbox(label="Question (empty: a caption)", max_length=2000)
                 with gr.Row():
                     teach_button = gr.Button("Compare", variant="primary")
-                    teach_stop = gr.Button("Stop")
+                    teach_stop = gr.Button("Stop", elem_id="teach-stop")
                 teach_text = gr.Markdown()
-                teach_plot = gr.Plot()
+                teach_plot = gr.Plot(show_label=False)
             with gr.Tab("Sweep"):
                 with gr.Row():
                     sweep_methods = gr.CheckboxGroup(PRUNE_METHODS, value=TEACH_DEFAULT, label="Methods")
@@ -414,9 +456,9 @@ def build_app(server: ecoflap.Server) -> gr.Blocks:
                                                   info=f"at most {server.limits.sweep_points} points in all")
                 with gr.Row():
                     sweep_button = gr.Button("Run sweep", variant="primary")
-                    sweep_stop = gr.Button("Stop")
+                    sweep_stop = gr.Button("Stop", elem_id="sweep-stop")
                 sweep_status = gr.Markdown()
-                sweep_plot = gr.Plot()
+                sweep_plot = gr.Plot(show_label=False)
                 sweep_table = gr.Dataframe(headers=["method", "sparsity", "score", "achieved", "seconds"])
             with gr.Tab("Export"):
                 export_run = gr.Dropdown([], label="Run")
@@ -427,31 +469,33 @@ def build_app(server: ecoflap.Server) -> gr.Blocks:
 
         run_outputs = [runs_selected, export_run, dist_run]
         demo.load(describe, token, model_info, api_name="describe")
+        demo.load(curves, token, [teach_curve, teach_curve_note], api_visibility="private")
         load_button.click(load_model, [model_name, token],
                           [model_info, load_status, *run_outputs, sparsity_plot, groups_plot], api_name="load_model",
-                          preprocess=False)
-        prune_event = prune_button.click(
+                          preprocess=False).then(curves, token, [teach_curve, teach_curve_note],
+                                                 api_visibility="private")
+        prune_button.click(
             prune, [method, sparsity, granularity, max_sparsity, samples, stage1_samples, eps, nm, modules,
-                    batch_size, token],
+                    batch_size, owl_m, owl_lambda, vision_sparsity, token],
             [status, sparsity_plot, groups_plot, *run_outputs, last_run, last_report],
             api_name="prune", preprocess=False, show_progress_on=[status], concurrency_limit=8,
             concurrency_id="long")
-        stop_button.click(stop, token, status, api_visibility="private", cancels=[prune_event], queue=False)
+        stop_button.click(stop, token, status, api_visibility="private", queue=False)
         runs_selected.change(overlay, [runs_selected, token], [sparsity_plot, groups_plot], api_visibility="private")
         verify_button.click(verify, token, status, api_name="restore")
         clear_button.click(clear_runs, token, [status, *run_outputs, sparsity_plot, groups_plot], api_name="clear_runs")
         ask_button.click(ask, [image, question, token], [answers_html, answers_json], api_name="ask", preprocess=False)
         dist_button.click(distributions, [dist_run, token], [weights_plot, grads_plot], api_name="distributions",
                           preprocess=False)
-        teach_event = teach_button.click(
+        teach_button.click(
             compare, [teach_methods, teach_sparsity, teach_image, teach_question, token],
             [teach_text, teach_plot, *run_outputs], api_name="compare", preprocess=False,
             show_progress_on=[teach_text], concurrency_limit=8, concurrency_id="long")
-        teach_stop.click(stop, token, teach_text, api_visibility="private", cancels=[teach_event], queue=False)
-        sweep_event = sweep_button.click(sweep, [sweep_methods, sweep_sparsities, token],
-                                         [sweep_plot, sweep_table, sweep_status], api_name="sweep", preprocess=False,
-                                         show_progress_on=[sweep_status], concurrency_limit=8, concurrency_id="long")
-        sweep_stop.click(stop, token, sweep_status, api_visibility="private", cancels=[sweep_event], queue=False)
+        teach_stop.click(stop_comparison, token, teach_text, api_visibility="private", queue=False)
+        sweep_button.click(sweep, [sweep_methods, sweep_sparsities, token], [sweep_plot, sweep_table, sweep_status],
+                           api_name="sweep", preprocess=False, show_progress_on=[sweep_status], concurrency_limit=8,
+                           concurrency_id="long")
+        sweep_stop.click(stop, token, sweep_status, api_visibility="private", queue=False)
         export_button.click(export, [export_run, export_model, token], export_files, api_name="export",
                             preprocess=False)
         gr.api(stats, api_name="stats")
@@ -508,7 +552,7 @@ def main(argv=None):
     demo = build_app(server)
     demo.queue(max_size=server.limits.queue_size, default_concurrency_limit=4)
     demo.launch(server_name=args.host, server_port=args.port, allowed_paths=[str(server.export_root)],
-                max_file_size=f"{int(server.limits.upload_mb)}mb")
+                max_file_size=f"{int(server.limits.upload_mb)}mb", i18n=SCREEN_READER_WORDS)
 
 
 if __name__ == "__main__":

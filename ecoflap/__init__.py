@@ -1,4 +1,4 @@
-"""ecoflap: prune vision-language models with Magnitude, Wanda, SparseGPT and ECoFLaP.
+"""ecoflap: prune vision-language models with Magnitude, Wanda, SparseGPT, OWL and ECoFLaP.
 
 One model in a notebook or a script:
 
@@ -10,7 +10,7 @@ One model in a notebook or a script:
 Many people on one deployment (what the app does): a `Server` and a `Session` each.
 """
 
-from . import plots
+from . import curves, plots
 from .allocation import allocate_sparsity
 from .anatomy import DEFAULT_INCLUDE, GRANULARITIES, INCLUDE_CHOICES, MODALITIES, parameter_counts, prunable_layers
 from .answers import MAX_QUESTION_CHARS, ask
@@ -55,6 +55,7 @@ __all__ = [
     "WeightStore",
     "Workbench",
     "allocate_sparsity",
+    "curves",
     "ask",
     "example_prompts",
     "get_method",

@@ -1,4 +1,4 @@
-"""Command line: python -m ecoflap {prune, ask, eval, sweep, bench} ..."""
+"""Command line: python -m ecoflap {prune, ask, eval, sweep, bench, soak} ..."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from tqdm import tqdm
 from .anatomy import DEFAULT_INCLUDE, INCLUDE_CHOICES
 from .methods import METHODS, method_names
 from .models import ModelLoadError
+from .owl import DEFAULT_LAMBDA, DEFAULT_M
 
 log = logging.getLogger("ecoflap")
 
@@ -60,7 +61,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("prune", help="prune a BLIP-2 and report every layer")
+    p = sub.add_parser("prune", help="prune a vision-language model and report every layer")
     _model_args(p)
     p.add_argument("--method", default="ecoflap", help=f"one of {', '.join(METHODS)}; ecoflap is ecoflap_zeroth")
     p.add_argument("--sparsity", type=float, default=0.5)
@@ -77,6 +78,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--noise-samples", type=int, default=1, help="zeroth-order draws per batch")
     p.add_argument("--stage1-samples", type=int, default=None, help="default 32 (zeroth) or 128 (first)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--owl-m", type=float, default=DEFAULT_M,
+                   help="owl: outliers are Wanda scores above M times their block's mean")
+    p.add_argument("--owl-lambda", type=float, default=DEFAULT_LAMBDA,
+                   help="owl: every block's sparsity stays within the target +/- lambda")
+    p.add_argument("--vision-sparsity", type=float, default=None,
+                   help="per_modality: the vision encoder's sparsity (default: the target); the language "
+                        "model takes the rest of the budget")
     p.add_argument("--report", default=None, help="write the JSON report here")
     p.add_argument("--save", default=None, help="write the pruned model (safetensors) and report here")
 
@@ -99,12 +107,15 @@ def _parser() -> argparse.ArgumentParser:
     _calibration_arg(w)
     w.add_argument("--samples", type=int, default=128)
     w.add_argument("--eval-n", type=int, default=500, help="evaluation examples per point")
+    w.add_argument("--seeds", default="0", help="comma-separated seeds for the methods that use one "
+                   "(zeroth-order ECoFLaP); the others are measured once")
+    w.add_argument("--json", default=None, help="also write the rows as JSON here")
     w.add_argument("--csv", default="sweep.csv")
     w.add_argument("--html", default="sweep.html", help="plotly chart")
     b = sub.add_parser("bench", help="time and memory of every method, side by side, in one process")
     _model_args(b)
     b.add_argument("--arch", default=None, help="build a full-size architecture instead of loading: "
-                   "blip2-opt-2.7b or blip2-flan-t5-xl (with --random-init)")
+                   "blip2-opt-2.7b, blip2-flan-t5-xl, llava-1.5-7b or qwen2.5-vl-7b (with --random-init)")
     b.add_argument("--random-init", action="store_true", help="random weights for --arch (no download)")
     b.add_argument("--methods", default="magnitude,wanda,sparsegpt,ecoflap_zeroth,ecoflap_zeroth_group,ecoflap_first",
                    help="comma-separated: " + ",".join(METHODS))
@@ -115,6 +126,14 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--batch-size", type=int, default=8)
     b.add_argument("--no-naive", action="store_true", help="skip timing the reference-style zeroth-order loop")
     b.add_argument("--json", default=None)
+
+    k = sub.add_parser("soak", help="simulated students against a running app: isolation, answers, latency, memory")
+    k.add_argument("--url", default="http://127.0.0.1:7860/")
+    k.add_argument("--users", type=int, default=20)
+    k.add_argument("--minutes", type=float, default=3)
+    k.add_argument("--seed", type=int, default=0)
+    k.add_argument("--yes-i-own-it", action="store_true", help="allow a host other than this machine")
+    k.add_argument("--json", default=None, help="write every finding and server sample here")
     return parser
 
 
@@ -142,6 +161,9 @@ def cmd_prune(args) -> int:
         noise_samples=args.noise_samples,
         stage1_samples=args.stage1_samples,
         seed=args.seed,
+        owl_m=args.owl_m,
+        owl_lambda=args.owl_lambda,
+        vision_sparsity=args.vision_sparsity,
     )
     check(get_method(args.method), args.sparsity, options)
     loaded = _load(args)
@@ -158,6 +180,11 @@ def cmd_prune(args) -> int:
         + ", ".join(f"{m} {s:.3f}" for m, s in result.sparsity_by_modality.items())
         + f"; {result.timings['total_s']:.1f} s; peak memory {result.peak_memory_bytes / 2**20:.0f} MiB"
     )
+    if result.groups:
+        low = min(result.groups, key=lambda g: g["sparsity"])
+        high = max(result.groups, key=lambda g: g["sparsity"])
+        print(f"{len(result.groups)} groups, sparsity from {low['sparsity']:.4f} ({low['name']}) "
+              f"to {high['sparsity']:.4f} ({high['name']})")
     if args.report:
         write_json(report, args.report)
         print(f"report: {args.report}")
@@ -216,25 +243,31 @@ def cmd_eval(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from .options import PruneOptions, sparsity_list
+    from .options import PruneOptions, seed_list, sparsity_list
     from .plots import sweep_figure
-    from .report import sweep_csv, write_text
+    from .curves import summarise
+    from .report import SWEEP_COLUMNS, table_csv, write_json, write_text
     from .sweep import sweep
     from .workbench import Workbench
 
     names = method_names(args.methods)
     sparsities = sparsity_list(args.sparsities, limit=10_000)
+    seeds = seed_list(args.seeds)
     loaded = _load(args)
     progress = TqdmProgress()
     try:
         rows = sweep(Workbench(loaded), names, sparsities, PruneOptions(samples=args.samples), _calibration(args),
-                     eval_n=args.eval_n,
-                     on_row=lambda r: print(f"{r['method']:18s} {r['sparsity']:.2f}  {r['metric']} {r['score']:.4f}"),
+                     eval_n=args.eval_n, seeds=seeds,
+                     on_row=lambda r: print(f"{r['method']:22s} {r['sparsity']:.2f} seed {r['seed']}  "
+                                            f"{r['metric']} {r['score']:.4f}"),
                      progress=progress)
     finally:
         progress.close()
-    write_text(sweep_csv(rows), args.csv)
-    write_text(sweep_figure(rows, rows[0]["metric"] if rows else "score").to_html(include_plotlyjs=True), args.html)
+    if args.json:
+        write_json({"model": loaded.name, "rows": rows}, args.json)
+    write_text(table_csv(rows, (*SWEEP_COLUMNS, "seed")), args.csv)
+    figure = sweep_figure(summarise(rows), rows[0]["metric"] if rows else "score")
+    write_text(figure.to_html(include_plotlyjs=True), args.html)
     print(f"wrote {args.csv} and {args.html}")
     return 0
 
@@ -279,10 +312,33 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_soak(args) -> int:
+    from .report import write_json
+    from .soak import soak
+
+    result = soak(args.url, args.users, args.minutes, args.seed, args.yes_i_own_it)
+    ask, busy, rss = result["ask_seconds"], result["ask_seconds_while_pruning"], result["resident_mib"]
+    print(f"{args.users} users for {args.minutes:g} min: {sum(result['actions'].values())} actions {result['actions']}")
+    print(f"full answers changed: {result['changed_full_answers']}; leaks: {result['leaks']}; "
+          f"runs lost without a notice: {result['silent_losses']}; client errors: {result['errors']}")
+    print(f"/ask seconds: p50 {ask['p50']:.2f}, p95 {ask['p95']:.2f}, max {ask['max']:.2f} (n={ask['n']}); "
+          f"while someone pruned: p50 {busy['p50']:.2f}, p95 {busy['p95']:.2f}, max {busy['max']:.2f} "
+          f"(n={busy['n']}); longest prune {result['prune_seconds']['max']:.2f}")
+    print(f"resident MiB: start {rss['start']}, after warm-up {rss['after_warm_up']}, max after warm-up "
+          f"{rss['max_after_warm_up']}, end {rss['end']}; export MiB max {result['export_mib']['max']}, end "
+          f"{result['export_mib']['end']}; sessions max {result['sessions']['max']}")
+    for example in result["examples"]:
+        print(f"  {example}")
+    if args.json:
+        write_json(result, args.json)
+    return 0 if result["ok"] else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
-    commands = {"prune": cmd_prune, "ask": cmd_ask, "eval": cmd_eval, "sweep": cmd_sweep, "bench": cmd_bench}
+    commands = {"prune": cmd_prune, "ask": cmd_ask, "eval": cmd_eval, "sweep": cmd_sweep, "bench": cmd_bench,
+                "soak": cmd_soak}
     try:
         return commands[args.command](args)
     except (ModelLoadError, ValueError, FileNotFoundError) as err:

@@ -1,13 +1,24 @@
-"""Where the sparsity goes: from importance scores to an exact number of zeros per layer.
+"""Where the sparsity goes: an exact number of zeros for every layer.
 
-`allocate_sparsity` turns ECoFLaP's group scores into per-group keep counts that hit the
-global keep budget exactly, no group sparser than the cap.
+Each strategy is an allocation that keeps exactly floor(N (1 - s)) of the N prunable
+weights (stage 2 then removes each layer's count exactly):
+
+- `uniform_budget`: every layer at the target (Magnitude, Wanda, SparseGPT as published);
+- `modality_budget`: one sparsity for the vision encoder, the language model at whatever
+  completes the budget (does equal sparsity across modalities matter?);
+- `global_magnitude_budget`: one |W| threshold over every prunable weight;
+- `ecoflap_budget`: ECoFLaP's group scores turned into keep counts, no group sparser
+  than the cap (`allocate_sparsity`);
+- OWL, in `owl.py`: per-block outlier ratios of the dense model's Wanda scores.
 """
 
 from __future__ import annotations
 
 import math
+import struct
 from dataclasses import dataclass, field
+
+import torch
 
 from .anatomy import PrunableLayer, group_key
 
@@ -17,11 +28,60 @@ AGGREGATES = ("sum", "avg")
 @dataclass
 class LayerBudget:
     """How sparse each layer becomes: a target per layer and, where an allocation fixes
-    it, the exact number of zeros (None: stage 2's own rounding, floor(in * s) per row)."""
+    it, the exact number of zeros (None: stage 2's own rounding, floor(in * s) per row).
+
+    `groups` are the allocation's units (blocks, modalities) as report rows; `resolved`
+    what it derived from the options (the language sparsity of a per-modality split, the
+    global threshold, OWL's band), reported with the options.
+    """
 
     sparsity: dict[str, float]
     zeros: dict[str, int | None]
     groups: list[dict] = field(default_factory=list)
+    resolved: dict = field(default_factory=dict)
+
+
+@dataclass
+class Group:
+    """Prunable matrices that share one sparsity, and the allocation's score (if it has one)."""
+
+    name: str
+    layers: list[PrunableLayer]
+    score: float | None = None
+
+    @property
+    def numel(self) -> int:
+        return sum(l.numel for l in self.layers)
+
+    @property
+    def modality(self) -> str:
+        return self.layers[0].modality
+
+
+def keep_budget(total: int, sparsity: float) -> int:
+    """The weights a model keeps at a target sparsity: floor(N (1 - s))."""
+    return int(math.floor(total * (1 - sparsity) + 1e-9))
+
+
+def grouped(layers: list[PrunableLayer], granularity: str) -> list[Group]:
+    """The layers' groups at a granularity (layer, block or modality), in forward order."""
+    groups: dict[str, list[PrunableLayer]] = {}
+    for layer in layers:
+        groups.setdefault(group_key(layer, granularity), []).append(layer)
+    return [Group(name, members) for name, members in groups.items()]
+
+
+def group_budget(groups: list[Group], keep: list[int], resolved: dict | None = None) -> LayerBudget:
+    """Each group keeps its count, its zeros split exactly over its layers by size."""
+    budget = LayerBudget({}, {}, resolved=resolved or {})
+    for g, k in zip(groups, keep):
+        group_sparsity = 1 - k / g.numel
+        for layer, zeros in zip(g.layers, split_count(g.numel - k, [l.numel for l in g.layers])):
+            budget.sparsity[layer.name] = group_sparsity
+            budget.zeros[layer.name] = zeros
+        budget.groups.append({"name": g.name, "numel": g.numel, "score": g.score, "keep": k,
+                              "sparsity": group_sparsity, "modality": g.modality})
+    return budget
 
 
 def uniform_budget(layers: list[PrunableLayer], sparsity: float) -> LayerBudget:
@@ -29,31 +89,94 @@ def uniform_budget(layers: list[PrunableLayer], sparsity: float) -> LayerBudget:
     return LayerBudget({l.name: sparsity for l in layers}, {l.name: None for l in layers})
 
 
-def ecoflap_budget(groups: list["Group"], sparsity: float, max_sparsity: float) -> LayerBudget:
+def ecoflap_budget(groups: list[Group], sparsity: float, max_sparsity: float) -> LayerBudget:
     """ECoFLaP: keep counts per group from their scores, split exactly over the group's layers."""
     keep = allocate_sparsity([g.score for g in groups], [g.numel for g in groups], sparsity, max_sparsity)
-    budget = LayerBudget({}, {})
-    for g, k in zip(groups, keep):
-        group_sparsity = 1 - k / g.numel
-        for layer, zeros in zip(g.layers, split_count(g.numel - k, [l.numel for l in g.layers])):
-            budget.sparsity[layer.name] = group_sparsity
-            budget.zeros[layer.name] = zeros
-        budget.groups.append({"name": g.name, "numel": g.numel, "score": g.score, "keep": k,
-                              "sparsity": group_sparsity, "modality": g.layers[0].modality})
+    return group_budget(groups, keep)
+
+
+def modality_budget(layers: list[PrunableLayer], sparsity: float, vision_sparsity: float | None) -> LayerBudget:
+    """The vision encoder at `vision_sparsity` (default: the target), the Q-Former and the
+    projection (when pruned) at the target, and the language model at whatever keeps
+    exactly floor(N (1 - s)) weights in all; within a modality every layer alike.
+
+    Refused when the language model would have to be fully pruned or denser than dense.
+    """
+    groups = grouped(layers, "model")
+    by_name = {g.name: g for g in groups}
+    if not {"vision", "language"} <= set(by_name):
+        raise ValueError("a per-modality split needs both the vision encoder and the language model "
+                         "among the pruned modules")
+    vision = sparsity if vision_sparsity is None else vision_sparsity
+    if not 0 <= vision < 1:
+        raise ValueError(f"the vision sparsity must be in [0, 1) (got {vision})")
+    fixed = {g.name: g.numel - int(math.floor(g.numel * (vision if g.name == "vision" else sparsity) + 1e-9))
+             for g in groups if g.name != "language"}
+    language = by_name["language"].numel
+    kept_language = keep_budget(sum(g.numel for g in groups), sparsity) - sum(fixed.values())
+    if not 0 < kept_language <= language:
+        rest = kept_language + fixed["vision"]  # what vision and language keep together
+        n_vision = by_name["vision"].numel
+        low, high = max(0.0, 1 - (rest - 1) / n_vision), 1 - (rest - language) / n_vision
+        upper = "below 1" if high >= 1 else f"{math.floor(high * 1000) / 1000:.3f}"
+        raise ValueError(
+            f"with the vision encoder at sparsity {vision:g} the language model would need "
+            f"{1 - kept_language / language:.3f} to reach {sparsity:g} overall, outside [0, 1): choose a vision "
+            f"sparsity from {math.ceil(low * 1000) / 1000:.3f} to {upper}")
+    keep = [kept_language if g.name == "language" else fixed[g.name] for g in groups]
+    split = {g.name: 1 - k / g.numel for g, k in zip(groups, keep) if g.name in ("vision", "language")}
+    return group_budget(groups, keep, {"split": split})
+
+
+def global_magnitude_budget(layers: list[PrunableLayer], sparsity: float) -> LayerBudget:
+    """One threshold over every prunable |W|: the N - floor(N (1 - s)) smallest become zero.
+
+    Ties at the threshold are shared out by each layer's number of tied weights, so the
+    count is exact and every zeroed |W| is at most every kept |W| across the model.
+    Groups are the blocks (no score: the threshold is one number, in `resolved`).
+    """
+    total = sum(l.numel for l in layers)
+    zeros = total - keep_budget(total, sparsity)
+    threshold = kth_smallest_magnitude(layers, zeros) if zeros else None
+    if threshold is None:
+        per_layer = [0] * len(layers)
+    else:
+        below = [_count(l, lambda a: a < threshold) for l in layers]
+        ties = [_count(l, lambda a: a == threshold) for l in layers]
+        per_layer = [b + t for b, t in zip(below, split_count(zeros - sum(below), ties))]
+    zeros_of = {l.name: z for l, z in zip(layers, per_layer)}
+    budget = LayerBudget({l.name: zeros_of[l.name] / l.numel for l in layers}, zeros_of,
+                         resolved={"threshold": threshold})
+    for g in grouped(layers, "block"):
+        lost = sum(zeros_of[l.name] for l in g.layers)
+        budget.groups.append({"name": g.name, "numel": g.numel, "score": None, "keep": g.numel - lost,
+                              "sparsity": lost / g.numel, "modality": g.modality})
     return budget
 
 
-@dataclass
-class Group:
-    """Prunable matrices that share one sparsity."""
+def kth_smallest_magnitude(layers: list[PrunableLayer], k: int) -> float:
+    """The k-th smallest |W| over all layers (k >= 1), exactly, holding one layer at a time:
+    a bisection over float32 bit patterns, which order like the non-negative values they encode."""
+    if not 1 <= k <= sum(l.numel for l in layers):
+        raise ValueError(f"k must be between 1 and the number of weights (got {k})")
+    low, high = 0, 0x7F800000  # 0.0 and +inf
+    while low < high:
+        middle = (low + high) // 2
+        value = _float32(middle)
+        if sum(_count(l, lambda a: a <= value) for l in layers) >= k:
+            high = middle
+        else:
+            low = middle + 1
+    return _float32(low)
 
-    name: str
-    layers: list[PrunableLayer]
-    score: float
 
-    @property
-    def numel(self) -> int:
-        return sum(l.numel for l in self.layers)
+def _float32(bits: int) -> float:
+    return struct.unpack("<f", struct.pack("<I", bits))[0]
+
+
+@torch.no_grad()
+def _count(layer: PrunableLayer, test) -> int:
+    return int(torch.count_nonzero(test(layer.module.weight.detach().abs().float())))
 
 
 def group_scores(
@@ -64,15 +187,11 @@ def group_scores(
     (`by_group`: the scores are already one per group, from a joint perturbation)."""
     if aggregate not in AGGREGATES:
         raise ValueError(f"unknown aggregate {aggregate!r}: use one of {', '.join(AGGREGATES)}")
-    groups: dict[str, list[PrunableLayer]] = {}
-    for layer in layers:
-        groups.setdefault(group_key(layer, granularity), []).append(layer)
-    result = []
-    for name, members in groups.items():
-        score = layer_scores[name] if by_group else sum(layer_scores[l.name] for l in members)
+    result = grouped(layers, granularity)
+    for g in result:
+        g.score = layer_scores[g.name] if by_group else sum(layer_scores[l.name] for l in g.layers)
         if aggregate == "avg":
-            score /= sum(l.numel for l in members)
-        result.append(Group(name, members, score))
+            g.score /= g.numel
     return result
 
 
@@ -96,8 +215,7 @@ def allocate_sparsity(
         raise ValueError("allocate_sparsity needs one score per group and at least one group")
     if any(s < 0 or not math.isfinite(s) for s in scores):
         raise ValueError("group scores must be finite and non-negative")
-    total = sum(sizes)
-    budget = int(math.floor(total * (1 - sparsity) + 1e-9))
+    budget = keep_budget(sum(sizes), sparsity)
     floors = [int(math.floor(n * (1 - max_sparsity) + 1e-9)) for n in sizes]
     if sum(floors) > budget:
         raise ValueError(

@@ -1,58 +1,25 @@
 """Where the prunable weights of a vision-language model are, in forward order.
 
-This is the one place that knows how a model family names its modules and which input
-positions of each layer are real tokens. Everything else works on `Stack` and
-`PrunableLayer` objects.
+Each model family (see `families`) knows how it names its modules and which input
+positions of each stack are real tokens, and describes its stacks; this module turns
+them into prunable layers, groups them and counts them. Everything else works on
+`Stack` and `PrunableLayer` objects.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn
 
-from .data import IGNORE
+from . import families
+from .families import Positions, Stack, every_position
 
 MODALITIES = ("vision", "qformer", "projection", "language")
 DEFAULT_INCLUDE = ("vision", "language")
 INCLUDE_CHOICES = MODALITIES
 GRANULARITIES = ("layer", "block", "model")
-
-# Which positions of a batch are real tokens, as a (batch, positions) bool mask; None: all.
-Positions = Callable[[dict], "torch.Tensor | None"]
-
-
-def every_position(batch: dict) -> None:
-    return None
-
-
-def text_positions(batch: dict) -> torch.Tensor:
-    """Positions of the language model's input sequence that are not padding."""
-    return batch["attention_mask"].bool()
-
-
-def target_positions(batch: dict) -> torch.Tensor:
-    """Positions of an encoder-decoder's decoder sequence: the target tokens (labels)."""
-    return batch["labels"] != IGNORE
-
-
-@dataclass
-class Stack:
-    """A run of transformer blocks executed one after another inside `container`.
-
-    `container` is the module whose output everything downstream depends on; once the
-    stack is done its output can be replayed instead of recomputed. `positions` says
-    which positions of the blocks' hidden states are real for a batch.
-    """
-
-    name: str
-    modality: str
-    container: nn.Module
-    blocks: list[nn.Module]
-    positions: Positions = every_position
-    transformer: bool = True
 
 
 @dataclass
@@ -97,22 +64,8 @@ class PrunableLayer:
 
 
 def stacks(model) -> list[Stack]:
-    """All block stacks of a Blip2ForConditionalGeneration, in forward order."""
-    result = [
-        Stack("vision", "vision", model.vision_model, list(model.vision_model.encoder.layers)),
-        Stack("qformer", "qformer", model.qformer, list(model.qformer.encoder.layer)),
-        Stack("projection", "projection", model.language_projection, [model.language_projection],
-              transformer=False),
-    ]
-    lm = model.language_model
-    if model.config.use_decoder_only_language_model:
-        decoder = lm.get_decoder()
-        result.append(Stack("language", "language", decoder, list(_block_list(decoder)), text_positions))
-    else:
-        encoder, decoder = lm.get_encoder(), lm.get_decoder()
-        result.append(Stack("language.encoder", "language", encoder, list(_block_list(encoder)), text_positions))
-        result.append(Stack("language.decoder", "language", decoder, list(_block_list(decoder)), target_positions))
-    return result
+    """All block stacks of a model, in forward order, as its family describes them."""
+    return families.of(model).stacks(model)
 
 
 def transformer_blocks(model) -> list[nn.Module]:
@@ -120,39 +73,15 @@ def transformer_blocks(model) -> list[nn.Module]:
     return [block for stack in stacks(model) if stack.transformer for block in stack.blocks]
 
 
-def _block_list(stack_module: nn.Module) -> nn.ModuleList:
-    """The ModuleList of transformer blocks of a language-model stack (OPT `layers`, T5 `block`)."""
-    for attr in ("layers", "block"):
-        blocks = getattr(stack_module, attr, None)
-        if isinstance(blocks, nn.ModuleList):
-            return blocks
-    raise ValueError(f"no transformer block list found in {type(stack_module).__name__}")
-
-
-def _layer_positions(stack: Stack, block: nn.Module, module: nn.Linear, encoder: Stack | None) -> Positions:
-    """Cross-attention keys and values read the encoder's sequence, not the block's own."""
-    if encoder is not None and module in _cross_attention_inputs(block):
-        return encoder.positions
-    return stack.positions
-
-
-def _cross_attention_inputs(block: nn.Module) -> set[nn.Module]:
-    """The key and value projections of a T5 decoder block's cross-attention."""
-    layers = getattr(block, "layer", [])
-    cross = [l.EncDecAttention for l in layers if hasattr(l, "EncDecAttention")]
-    return {m for attention in cross for m in (attention.k, attention.v)}
-
-
 def prunable_layers(model, include=DEFAULT_INCLUDE) -> list[PrunableLayer]:
-    """The linear layers to prune, in forward order; `include` picks the stacks."""
+    """The linear layers to prune, in forward order; `include` picks the stacks. What the
+    family marks unused (computed, but never reaching the output) is never prunable."""
     unknown = set(include) - set(INCLUDE_CHOICES)
     if unknown:
         raise ValueError(f"unknown module set(s) {sorted(unknown)}: choose from {', '.join(INCLUDE_CHOICES)}")
     names = {module: name for name, module in model.named_modules()}
-    all_stacks = stacks(model)
-    encoder = next((s for s in all_stacks if s.name == "language.encoder"), None)
     layers = []
-    for stack in all_stacks:
+    for stack in stacks(model):
         if stack.modality not in include:
             continue
         for b, block in enumerate(stack.blocks):
@@ -160,9 +89,10 @@ def prunable_layers(model, include=DEFAULT_INCLUDE) -> list[PrunableLayer]:
                 m for m in block.modules() if isinstance(m, nn.Linear)
             ]
             for module in linears:
-                cross_source = encoder if stack.name == "language.decoder" else None
+                if module in stack.unused:
+                    continue
                 layers.append(PrunableLayer(names[module], module, stack.modality, stack.name, b,
-                                            _layer_positions(stack, block, module, cross_source)))
+                                            stack.rows.get(module, stack.positions)))
     for i, layer in enumerate(layers):
         layer.index = i
     return layers
@@ -180,12 +110,15 @@ def group_key(layer: PrunableLayer, granularity: str) -> str:
 
 
 def parameter_counts(model, include=DEFAULT_INCLUDE) -> dict:
-    """Total parameters, prunable weights of the `include` sets, and of every set per modality."""
+    """Total parameters, prunable weights of the `include` sets, and of every set per
+    modality; `unused`: what the model computes but never uses (never pruned), and why."""
     per_modality = {m: 0 for m in MODALITIES}
     for layer in prunable_layers(model, INCLUDE_CHOICES):
         per_modality[layer.modality] += layer.numel
+    names = {module: name for name, module in model.named_modules()}
     return {
         "total": sum(p.numel() for p in model.parameters()),
         "prunable": sum(per_modality[m] for m in include),
         "prunable_by_modality": per_modality,
+        "unused": {names[m]: why for stack in stacks(model) for m, why in stack.unused.items()},
     }

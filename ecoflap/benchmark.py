@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from .data import batches, calibration_loss, default_calibration, encode, on_model, take
+from .data import batches, calibration_loss, default_calibration, encode_examples, on_model, take
 from .importance import zeroth_order_scores
 from .memory import PeakMemory, return_freed_memory_to_the_system
 from .methods import get_method
@@ -38,7 +38,7 @@ class EncodedAtEachPass(Sequence):
         if not 0 <= i < len(self):
             raise IndexError(i)
         chunk = self.examples[i * self.batch_size : (i + 1) * self.batch_size]
-        encoded = encode(self.loaded.processor, chunk, self.loaded.decoder_only)
+        encoded = encode_examples(self.loaded, chunk)
         return on_model(encoded, self.loaded.device, self.loaded.dtype)
 
 

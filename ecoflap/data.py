@@ -1,8 +1,10 @@
-"""Image-text examples, their encoding for BLIP-2, and the calibration loss.
+"""Image-text examples, their encoding through each family's processor, and the
+calibration loss.
 
-The loss is the language-model loss of the target text given the image and prompt, for
-OPT (decoder-only: prompt and target in one sequence, prompt masked out) and T5
-(encoder gets image + prompt, decoder predicts the target).
+The loss is the language-model loss of the target text given the image and prompt:
+for a decoder-only language model, prompt and target in one sequence with only the
+target labelled; for an encoder-decoder (T5), the encoder gets image and prompt and
+the decoder predicts the target. How a family writes its prompt lives with the family.
 """
 
 from __future__ import annotations
@@ -17,10 +19,10 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .models import ASSETS, IMAGE_TOKEN
+from . import families
+from .models import ASSETS
 
 DEFAULT_CALIBRATION = ASSETS / "calibration"
-IGNORE = -100
 ENCODED_SETS_KEPT = 4
 _encoded: OrderedDict[tuple, tuple] = OrderedDict()
 _encoded_lock = threading.Lock()
@@ -33,12 +35,6 @@ class Example:
     image: Image.Image
     question: str
     answer: str
-
-
-def prompt_for(question: str) -> str:
-    """The BLIP-2 VQA prompt; an empty question means captioning, with no prompt at all."""
-    question = (question or "").strip()
-    return f"Question: {question} Answer:" if question else ""
 
 
 def load_examples(folder: str | Path = DEFAULT_CALIBRATION, limit: int | None = None) -> list[Example]:
@@ -80,54 +76,11 @@ def take(examples: list[Example], n: int, what: str) -> list[Example]:
     return list(examples[:n])
 
 
-def encode(processor, examples: list[Example], decoder_only: bool, with_target: bool = True) -> dict:
-    """Tensors for a batch: pixel_values, input_ids, attention_mask, labels."""
-    pixel_values = processor.image_processor(
-        [ex.image for ex in examples], return_tensors="pt"
-    )["pixel_values"]
-    text = encode_text(
-        processor.tokenizer, processor.num_query_tokens, [ex.question for ex in examples],
-        [ex.answer for ex in examples] if with_target else None, decoder_only,
-    )
-    return {"pixel_values": pixel_values, **text}
-
-
-def encode_text(tokenizer, num_query_tokens: int, questions: list[str], answers: list[str] | None,
-                decoder_only: bool) -> dict:
-    """input_ids, attention_mask, labels for (question, answer) pairs; answers None: prompts only.
-
-    Built at token level (image tokens + prompt + target) so that exactly the target
-    tokens carry labels, whatever the tokenizer.
-    """
-    image_ids = [tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)] * num_query_tokens
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    inputs, labels = [], []
-    for i, question in enumerate(questions):
-        prompt = tokenizer(prompt_for(question))["input_ids"]
-        if answers is None:
-            inputs.append(image_ids + prompt)
-            labels.append([IGNORE])
-        elif decoder_only:
-            target = tokenizer(" " + answers[i].strip(), add_special_tokens=False)["input_ids"]
-            target = target + [tokenizer.eos_token_id]
-            inputs.append(image_ids + prompt + target)
-            labels.append([IGNORE] * (len(image_ids) + len(prompt)) + target)
-        else:
-            inputs.append(image_ids + prompt)
-            labels.append(tokenizer(answers[i].strip())["input_ids"])
-    input_ids, attention_mask = _pad(inputs, pad)
-    label_ids, _ = _pad(labels, IGNORE)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": label_ids}
-
-
-def _pad(rows: list[list[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:
-    length = max(len(r) for r in rows)
-    ids = torch.full((len(rows), length), value, dtype=torch.long)
-    mask = torch.zeros((len(rows), length), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-        mask[i, : len(row)] = 1
-    return ids, mask
+def encode_examples(loaded, examples: list[Example], with_target: bool = True) -> dict:
+    """CPU tensors for a batch of examples, as the loaded model's family encodes them:
+    the processor's inputs, and labels on the target answer's tokens only."""
+    model = loaded.model
+    return families.of(model).encode(loaded.processor, model.config, examples, with_target)
 
 
 def batches(loaded, examples: list[Example], batch_size: int) -> list[dict]:
@@ -150,7 +103,7 @@ def batches(loaded, examples: list[Example], batch_size: int) -> list[dict]:
     if hit is not None:
         encoded = hit[2]
     else:
-        encoded = [encode(processor, examples[start : start + batch_size], decoder_only)
+        encoded = [encode_examples(loaded, examples[start : start + batch_size])
                    for start in range(0, len(examples), batch_size)]
         with _encoded_lock:
             _encoded[key] = (processor, list(examples), encoded)

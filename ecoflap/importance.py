@@ -26,10 +26,14 @@ PERTURBATIONS = ("matrix", "group")
 class Directions:
     """Random directions z ~ N(0, I), one stream per matrix.
 
-    Each matrix draws from its own generator, seeded by (seed, matrix index) one to one,
-    and its draws for (batch, draw) are consecutive numbers of that stream, so no two
-    (matrix, batch, draw) triples ever share a direction, however many there are.
+    Each matrix draws from its own generator and its draws for (batch, draw) are
+    consecutive numbers of that stream, so no two (matrix, batch, draw) triples of a run
+    share a direction, however many there are. A CPU generator keeps only 32 bits of its
+    seed, so the stream's seed is (seed * K + matrix index) mod 2^32 with K odd: one to
+    one in the matrix for a given seed, and in the seed for a given matrix.
     """
+
+    MIX = 0x9E3779B1
 
     def __init__(self, seed: int):
         if not 0 <= seed < 2**31:
@@ -41,7 +45,8 @@ class Directions:
         weight = layer.module.weight
         generator = self.generators.get(layer.index)
         if generator is None:
-            generator = torch.Generator(device=weight.device).manual_seed(self.seed * 2**32 + layer.index)
+            stream = (self.seed * self.MIX + layer.index) % 2**32
+            generator = torch.Generator(device=weight.device).manual_seed(stream)
             self.generators[layer.index] = generator
         return torch.randn(weight.shape, generator=generator, device=weight.device, dtype=weight.dtype)
 

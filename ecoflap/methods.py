@@ -3,14 +3,21 @@
 A method is an allocation (how sparse each layer may be) followed by a layer-wise stage
 2 (which weights of a layer become zero). Names are what code and reports use; labels
 are only for display.
+
+Allocations: `uniform` (every layer at the target), `modality` (one sparsity for the
+vision encoder, the language model takes the rest of the budget), `global` (one |W|
+threshold over every prunable weight), `owl` (outlier-weighted, per block) and `ecoflap`
+(zeroth- or first-order importance of the whole model, per group).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-ALLOCATIONS = ("uniform", "ecoflap")
+ALLOCATIONS = ("uniform", "modality", "global", "owl", "ecoflap")
 STAGE2 = ("magnitude", "wanda", "sparsegpt")
+# Allocations decided from the weights alone, without calibration data.
+DATA_FREE_ALLOCATIONS = ("uniform", "modality", "global")
 
 
 @dataclass(frozen=True)
@@ -24,8 +31,13 @@ class Method:
 
     @property
     def calibrated(self) -> bool:
-        """Whether the method reads calibration data (all but plain magnitude do)."""
-        return self.allocation != "uniform" or self.stage2 != "magnitude"
+        """Whether the method reads calibration data (all but plain and global magnitude do)."""
+        return self.allocation not in DATA_FREE_ALLOCATIONS or self.stage2 != "magnitude"
+
+    @property
+    def seeded(self) -> bool:
+        """Whether the result depends on the seed (zeroth-order's random directions)."""
+        return self.estimator == "zeroth"
 
     @property
     def allows_nm(self) -> bool:
@@ -39,6 +51,11 @@ METHODS: dict[str, Method] = {
         Method("magnitude", "Magnitude", "uniform", "magnitude"),
         Method("wanda", "Wanda", "uniform", "wanda"),
         Method("sparsegpt", "SparseGPT", "uniform", "sparsegpt"),
+        Method("per_modality", "Per-modality uniform", "modality", "wanda"),
+        Method("per_modality_sparsegpt", "Per-modality uniform + SparseGPT", "modality", "sparsegpt"),
+        Method("global_magnitude", "Global magnitude", "global", "magnitude"),
+        Method("owl", "OWL", "owl", "wanda"),
+        Method("owl_sparsegpt", "OWL + SparseGPT", "owl", "sparsegpt"),
         Method("ecoflap_zeroth", "ECoFLaP (zeroth-order)", "ecoflap", "wanda", "zeroth"),
         Method("ecoflap_zeroth_group", "ECoFLaP (zeroth-order, one perturbation per group)", "ecoflap", "wanda",
                "zeroth", "group"),

@@ -1,7 +1,8 @@
-"""Loading BLIP-2 (hub id or local folder) and building one from a config.
+"""Loading a vision-language model (hub id or local folder) and building one from a config.
 
-Everything goes through transformers' `Blip2ForConditionalGeneration` and
-`Blip2Processor`; no remote code is ever trusted.
+The config's model_type picks the family (see `families`), whose transformers class
+and processor load the model; no remote code is ever trusted, and only safetensors
+weights are opened.
 """
 
 from __future__ import annotations
@@ -9,12 +10,13 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from transformers import (
-    AutoTokenizer,
+    AutoConfig,
     Blip2Config,
     Blip2ForConditionalGeneration,
     Blip2Processor,
@@ -22,14 +24,19 @@ from transformers import (
     Blip2VisionConfig,
     BlipImageProcessorPil,
     OPTConfig,
+    PretrainedConfig,
     T5Config,
 )
+
+from . import families
+from .families import Family
+from .families.architectures import llava_1_5_7b, qwen2_5_vl_7b
+from .families.blip2 import IMAGE_TOKEN
 
 log = logging.getLogger(__name__)
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 DEFAULT_MODEL = str(ASSETS / "shapes-blip2")
-IMAGE_TOKEN = "<image>"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -39,11 +46,11 @@ class ModelLoadError(RuntimeError):
 
 @dataclass
 class LoadedModel:
-    """A BLIP-2 with its processor; `name` is for display (a hub id, or a folder's name),
-    `source` where it was loaded from (never shown to other users)."""
+    """A vision-language model with its processor; `name` is for display (a hub id, or a
+    folder's name), `source` where it was loaded from (never shown to other users)."""
 
-    model: Blip2ForConditionalGeneration
-    processor: Blip2Processor
+    model: torch.nn.Module
+    processor: object
     name: str
     device: torch.device
     dtype: torch.dtype
@@ -51,12 +58,12 @@ class LoadedModel:
 
     @property
     def family(self) -> str:
-        """'opt' for decoder-only language models, 't5' for encoder-decoder ones."""
-        return "opt" if self.decoder_only else "t5"
+        """For display: the family and its language model ('BLIP-2 (OPT)', 'LLaVA (Llama)')."""
+        return families.of(self.model).label(self.model.config)
 
     @property
     def decoder_only(self) -> bool:
-        return self.model.config.use_decoder_only_language_model
+        return families.of(self.model).decoder_only(self.model.config)
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -67,26 +74,26 @@ def resolve_device(device: str | None) -> torch.device:
     return torch.device(device)
 
 
-def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device, family: str) -> torch.dtype:
-    """float16 on a GPU for OPT, bfloat16 for T5 (which overflows in float16), float32 on CPU."""
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device, family: Family, config) -> torch.dtype:
+    """float32 on CPU; on an accelerator the family's half precision (float16 for OPT,
+    bfloat16 for T5, the checkpoint's own for the others). float16 is refused where
+    the family overflows in it."""
     if isinstance(dtype, torch.dtype):
         resolved = dtype
     elif dtype in (None, "auto"):
-        if device.type == "cpu":
-            resolved = torch.float32
-        else:
-            resolved = torch.bfloat16 if family == "t5" else torch.float16
+        resolved = torch.float32 if device.type == "cpu" else family.gpu_dtype(config)
     elif dtype in DTYPES:
         resolved = DTYPES[dtype]
     else:
         raise ModelLoadError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
-    if resolved == torch.float16 and family == "t5":
-        raise ModelLoadError("FlanT5 overflows in float16: use --dtype bfloat16 or float32")
+    refusal = family.refuses_float16(config)
+    if resolved == torch.float16 and refusal:
+        raise ModelLoadError(refusal)
     return resolved
 
 
-def _read_config(name: str) -> tuple[Blip2Config, str]:
-    """The BLIP-2 config and the path or hub id to load from, or one clear error line."""
+def _read_config(name: str) -> tuple[PretrainedConfig, Family, str]:
+    """The config, its family and the path or hub id to load from, or one clear error line."""
     local = Path(name).expanduser()
     shown = display_name(name)
     looks_local = name.startswith((".", "/", "~")) or local.exists()
@@ -95,10 +102,10 @@ def _read_config(name: str) -> tuple[Blip2Config, str]:
     if local.exists() and not local.is_dir():
         raise ModelLoadError(f"{name} is a file, not a model folder")
     if local.is_dir() and not (local / "config.json").exists():
-        raise ModelLoadError(f"{name} is a folder without config.json: not a saved BLIP-2 model")
+        raise ModelLoadError(f"{name} is a folder without config.json: not a saved model")
     source = str(local) if local.is_dir() else name
     try:
-        raw, _ = Blip2Config.get_config_dict(source)
+        raw, _ = PretrainedConfig.get_config_dict(source)
     except OSError as err:
         log.info("config of %s: %s", name, err)
         if looks_local:
@@ -109,15 +116,15 @@ def _read_config(name: str) -> tuple[Blip2Config, str]:
         ) from err
     except ValueError as err:
         raise ModelLoadError(f"{shown} has an unreadable config.json (not valid JSON)") from err
-    if raw.get("model_type") != "blip-2":
-        kind = raw.get("model_type", "unknown")
-        kind = kind if isinstance(kind, str) and len(kind) <= 40 else "unknown"
-        raise ModelLoadError(f"{shown} is a {kind!r} model, not BLIP-2")
     try:
-        return Blip2Config.from_pretrained(source), source
+        family = families.for_model_type(raw.get("model_type"))
+    except families.UnsupportedFamily as err:
+        raise ModelLoadError(f"{shown} is {err}") from None
+    try:
+        return AutoConfig.from_pretrained(source), family, source
     except (OSError, ValueError, KeyError, TypeError) as err:
         log.info("config of %s: %s", name, err)
-        raise ModelLoadError(f"{shown} has a BLIP-2 config.json that cannot be read") from err
+        raise ModelLoadError(f"{shown} has a {family.name} config.json that cannot be read") from err
 
 
 def load_model(
@@ -126,27 +133,27 @@ def load_model(
     dtype: str | torch.dtype | None = "auto",
     device_map: str | None = None,
 ) -> LoadedModel:
-    """Load a BLIP-2 and its processor from a hub id or a local `save_pretrained` folder.
+    """Load a model of a supported family and its processor from a hub id or a local
+    `save_pretrained` folder.
 
     Only safetensors weights are opened (never pickles). `device_map="auto"` spreads a
     model that does not fit one GPU through accelerate.
     """
     name = name or os.environ.get("ECOFLAP_MODEL") or DEFAULT_MODEL
-    config, source = _read_config(name)
+    config, family, source = _read_config(name)
     shown = display_name(name)
-    family = "opt" if config.use_decoder_only_language_model else "t5"
     target = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, target, family)
+    torch_dtype = resolve_dtype(dtype, target, family, config)
     try:
-        processor = load_processor(source)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        processor = family.load_processor(source)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, ImportError) as err:
         log.info("processor of %s: %s", name, err)
         raise ModelLoadError(f"the tokenizer or image processor of {shown} cannot be read") from err
     kwargs = {"dtype": torch_dtype, "use_safetensors": True}
     if device_map:
         kwargs["device_map"] = device_map
     try:
-        model = Blip2ForConditionalGeneration.from_pretrained(source, **kwargs)
+        model = family.model_loader().from_pretrained(source, **kwargs)
     except torch.OutOfMemoryError as err:
         raise ModelLoadError(f"{shown} does not fit in memory on {target}") from err
     except SafetensorError as err:
@@ -163,7 +170,7 @@ def load_model(
             raise ModelLoadError(f"{shown} does not fit in memory on {target}") from err
     model.eval()
     first_param = next(model.parameters())
-    log.info("loaded %s on %s (%s)", name, first_param.device, first_param.dtype)
+    log.info("loaded %s (%s) on %s (%s)", name, family.name, first_param.device, first_param.dtype)
     return LoadedModel(model, processor, shown, first_param.device, torch_dtype, source)
 
 
@@ -188,14 +195,6 @@ def display_name(name: str) -> str:
     if name.startswith((".", "/", "~")) or local.exists():
         return local.resolve().name or "model"
     return name
-
-
-def load_processor(name: str) -> Blip2Processor:
-    """The model's processor, with the PIL image backend: no torchvision is needed."""
-    tokenizer = AutoTokenizer.from_pretrained(name)
-    image_processor = BlipImageProcessorPil.from_pretrained(name)
-    config = Blip2Config.from_pretrained(name)
-    return Blip2Processor(image_processor, tokenizer, num_query_tokens=config.num_query_tokens)
 
 
 def blip2_config(tokenizer, family: str, vision: dict, qformer: dict, text: dict, num_query_tokens: int) -> Blip2Config:
@@ -256,30 +255,50 @@ _VIT_G = dict(hidden_size=1408, intermediate_size=6144, num_hidden_layers=39, nu
               image_size=224, patch_size=14, initializer_range=0.02)
 _QFORMER = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
                 encoder_hidden_size=1408, cross_attention_frequency=2)
+
+
+def blip2_architecture(family: str, text: dict):
+    """A published BLIP-2 (ViT-g, 32 queries) with an OPT or a T5 language model, and its
+    processor over the shapes world's tokenizer."""
+    from .shapes.tokenizer import build_tokenizer
+
+    tokenizer = build_tokenizer(family)
+    config = blip2_config(tokenizer, family, _VIT_G, _QFORMER, text, num_query_tokens=32)
+    return config, build_processor(tokenizer, config)
+
+
+# name -> () -> (config, processor)
 ARCHITECTURES = {
-    "blip2-opt-2.7b": ("opt", dict(hidden_size=2560, num_hidden_layers=32, ffn_dim=10240, num_attention_heads=32,
-                                   word_embed_proj_dim=2560, vocab_size=50304, max_position_embeddings=2048)),
-    "blip2-flan-t5-xl": ("t5", dict(d_model=2048, d_kv=64, d_ff=5120, num_layers=24, num_decoder_layers=24,
-                                    num_heads=32, feed_forward_proj="gated-gelu", vocab_size=32128,
-                                    tie_word_embeddings=False)),
+    "blip2-opt-2.7b": partial(blip2_architecture, "opt", dict(
+        hidden_size=2560, num_hidden_layers=32, ffn_dim=10240, num_attention_heads=32, word_embed_proj_dim=2560,
+        vocab_size=50304, max_position_embeddings=2048)),
+    "blip2-flan-t5-xl": partial(blip2_architecture, "t5", dict(
+        d_model=2048, d_kv=64, d_ff=5120, num_layers=24, num_decoder_layers=24, num_heads=32,
+        feed_forward_proj="gated-gelu", vocab_size=32128, tie_word_embeddings=False)),
+    "llava-1.5-7b": llava_1_5_7b,
+    "qwen2.5-vl-7b": qwen2_5_vl_7b,
 }
 
 
 def random_model(arch: str, device: str = "auto", dtype: str = "auto") -> LoadedModel:
-    """A full-size published architecture with random weights (no download), for time and memory."""
-    from .shapes.tokenizer import build_tokenizer
-
+    """A full-size published architecture with random weights (no download), for time and
+    memory. `device="meta"` builds it without allocating its weights."""
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {arch!r}: use one of {', '.join(ARCHITECTURES)}")
-    family, text = ARCHITECTURES[arch]
-    tokenizer = build_tokenizer(family)
-    config = blip2_config(tokenizer, family, _VIT_G, _QFORMER, text, num_query_tokens=32)
+    config, processor = ARCHITECTURES[arch]()
+    family = families.for_model_type(config.model_type)
     target = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, target, family)
+    torch_dtype = resolve_dtype(dtype, target, family, config)
     with torch.device(target):
-        model = build_blip2(config)
+        model = build_blip2(config) if isinstance(config, Blip2Config) else build_random(family, config)
     model.to(dtype=torch_dtype)
-    return LoadedModel(model, build_processor(tokenizer, config), f"{arch} (random init)", target, torch_dtype)
+    return LoadedModel(model, processor, f"{arch} (random init)", target, torch_dtype)
+
+
+def build_random(family: Family, config, seed: int = 0) -> torch.nn.Module:
+    """A model of a family with random weights, in eval mode."""
+    torch.manual_seed(seed)
+    return family.model_loader()(config).eval()
 
 
 def build_blip2(config: Blip2Config, seed: int = 0) -> Blip2ForConditionalGeneration:

@@ -12,7 +12,11 @@ from dataclasses import asdict, dataclass
 from .allocation import AGGREGATES
 from .anatomy import DEFAULT_INCLUDE, GRANULARITIES, INCLUDE_CHOICES
 from .methods import Method
+from .owl import DEFAULT_LAMBDA, DEFAULT_M
 from .pruners.masks import parse_nm
+
+OWL_M_RANGE = (1.0, 100.0)
+OWL_LAMBDA_MAX = 0.5
 
 
 @dataclass
@@ -32,6 +36,9 @@ class PruneOptions:
     blocksize: int = 128
     percdamp: float = 0.01
     seed: int = 0
+    owl_m: float = DEFAULT_M
+    owl_lambda: float = DEFAULT_LAMBDA
+    vision_sparsity: float | None = None
 
     def stage1_sample_count(self, method: Method) -> int:
         """32 for zeroth-order, 128 for first-order, as in the reference scripts."""
@@ -72,6 +79,17 @@ def check(method: Method, sparsity: float, options: PruneOptions) -> tuple[int, 
             raise ValueError(f"eps must be positive and at most 0.1; the paper's is 1e-3 (got {options.eps})")
         if options.noise_samples < 1:
             raise ValueError(f"noise samples must be at least 1 (got {options.noise_samples})")
+    if method.allocation == "owl":
+        if not (isinstance(options.owl_m, (int, float)) and OWL_M_RANGE[0] <= options.owl_m <= OWL_M_RANGE[1]):
+            raise ValueError(f"OWL's M (outliers are scores above M times the block's mean) must be from "
+                             f"{OWL_M_RANGE[0]:g} to {OWL_M_RANGE[1]:g} (got {options.owl_m})")
+        if not (isinstance(options.owl_lambda, (int, float)) and 0 <= options.owl_lambda <= OWL_LAMBDA_MAX):
+            raise ValueError(f"OWL's lambda (how far a block's sparsity may be from the target) must be from 0 to "
+                             f"{OWL_LAMBDA_MAX:g} (got {options.owl_lambda})")
+    if method.allocation == "modality" and options.vision_sparsity is not None:
+        v = options.vision_sparsity
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1:
+            raise ValueError(f"the vision sparsity must be in [0, 1) (got {v})")
     return nm
 
 
@@ -83,6 +101,8 @@ def as_report(method: Method, sparsity: float, options: PruneOptions) -> dict:
     if method.allocation == "ecoflap":
         report.update(estimator=method.estimator, perturb=method.perturb, max_sparsity=options.cap(sparsity),
                       stage1_samples=options.stage1_sample_count(method))
+    if method.allocation == "modality" and options.vision_sparsity is None:
+        report.update(vision_sparsity=sparsity)
     return report
 
 
@@ -132,6 +152,17 @@ def sparsity_list(text, limit: int) -> list[float]:
     return values
 
 
+def seed_list(text) -> list[int]:
+    """'0,1,2' -> [0, 1, 2]: whole numbers in [0, 2^31), each once."""
+    entries = [e.strip() for e in str(text).split(",")]
+    if any(not e for e in entries):
+        raise ValueError("seeds are whole numbers separated by single commas, e.g. 0,1,2 (an entry is empty)")
+    seeds = [number(e, "each seed", 0, 2**31 - 1, whole=True) for e in entries]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError("each seed may appear only once")
+    return seeds
+
+
 def choice(value, what: str, choices) -> str:
     if not isinstance(value, str) or value not in choices:
         shown = value if isinstance(value, str) and len(value) <= 30 else type(value).__name__
@@ -141,8 +172,9 @@ def choice(value, what: str, choices) -> str:
 
 def from_settings(sparsity: float, nm=None, modules=None, samples=128, stage1_samples=None, batch_size=8,
                   granularity="block", aggregate="sum", max_sparsity=None, eps=1e-3, noise_samples=1,
-                  seed=0) -> PruneOptions:
-    """PruneOptions from settings as a form or an API sends them (text, None, 0 for "default")."""
+                  seed=0, owl_m=DEFAULT_M, owl_lambda=DEFAULT_LAMBDA, vision_sparsity=None) -> PruneOptions:
+    """PruneOptions from settings as a form or an API sends them (text, None, 0 for "default";
+    the vision sparsity: None or empty for "the target", since 0 means a dense encoder)."""
     if nm in (None, "", "off", "none"):
         nm = None
     elif not isinstance(nm, str):
@@ -162,6 +194,8 @@ def from_settings(sparsity: float, nm=None, modules=None, samples=128, stage1_sa
         raise ValueError(f"modules must be a list of module sets from {', '.join(INCLUDE_CHOICES)}")
     cap = None if max_sparsity in (None, 0, "0", "") else number(max_sparsity, "max per-layer sparsity", 0, 1)
     first = None if stage1_samples in (None, 0, "0", "") else number(stage1_samples, "stage-1 samples", 1, 10_000, True)
+    unset = vision_sparsity is None or (isinstance(vision_sparsity, str) and not vision_sparsity.strip())
+    vision = None if unset else number(vision_sparsity, "vision sparsity", 0, MAX_SPARSITY)
     return PruneOptions(
         nm=nm,
         include=include,
@@ -174,4 +208,7 @@ def from_settings(sparsity: float, nm=None, modules=None, samples=128, stage1_sa
         noise_samples=number(noise_samples, "noise samples", 1, 64, True),
         stage1_samples=first,
         seed=number(seed, "seed", 0, 2**31 - 1, True),
+        owl_m=number(owl_m, "OWL's M", *OWL_M_RANGE),
+        owl_lambda=number(owl_lambda, "OWL's lambda", 0, OWL_LAMBDA_MAX),
+        vision_sparsity=vision,
     )

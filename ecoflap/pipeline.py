@@ -1,9 +1,10 @@
 """prune(): a loaded model and a method in, a pruned model and what happened out.
 
 Reads like the paper: stage 1 decides how sparse each layer may be (the same target
-everywhere, or ECoFLaP's allocation from importance scores of the whole multimodal
-model); stage 2 then zeroes weights layer by layer, each block calibrated on the outputs
-of the already-pruned blocks before it.
+everywhere, or an allocation: ECoFLaP's from importance scores of the whole multimodal
+model, OWL's from the outliers of the dense model's Wanda scores, a per-modality split or
+one global magnitude threshold); stage 2 then zeroes weights layer by layer, each block
+calibrated on the outputs of the already-pruned blocks before it.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ from __future__ import annotations
 import time
 from typing import Callable
 
-from .allocation import LayerBudget, ecoflap_budget, group_scores, uniform_budget
+from .allocation import (LayerBudget, ecoflap_budget, global_magnitude_budget, group_scores, modality_budget,
+                         uniform_budget)
 from .anatomy import PrunableLayer, group_key, prunable_layers
 from .data import Example, batches, default_calibration, take
 from .importance import first_order_scores, zeroth_order_scores
@@ -19,6 +21,7 @@ from .memory import PeakMemory
 from .methods import Method, get_method
 from .models import LoadedModel
 from .options import PruneOptions, as_report, check
+from .owl import dense_outlier_ratios, owl_budget
 from .pruners.magnitude import prune_magnitude
 from .pruners.sparsegpt import prune_sparsegpt
 from .pruners.wanda import prune_wanda
@@ -63,6 +66,14 @@ def allocate(loaded, method: Method, layers, sparsity, options, calibration, pro
     """Stage 1: how many weights each layer loses."""
     if method.allocation == "uniform":
         return uniform_budget(layers, sparsity)
+    if method.allocation == "modality":
+        return modality_budget(layers, sparsity, options.vision_sparsity)
+    if method.allocation == "global":
+        return global_magnitude_budget(layers, sparsity)
+    if method.allocation == "owl":
+        data = batches(loaded, take(calibration, options.samples, "OWL"), options.batch_size)
+        ratios = dense_outlier_ratios(loaded.model, layers, data, options.owl_m, _labelled(progress, "OWL ratios"))
+        return owl_budget(group_scores(layers, ratios, "block", by_group=True), sparsity, options.owl_lambda)
     data = batches(loaded, take(calibration, options.stage1_sample_count(method), "stage 1"), options.batch_size)
     if method.estimator == "zeroth":
         joint = method.perturb == "group"
@@ -73,6 +84,10 @@ def allocate(loaded, method: Method, layers, sparsity, options, calibration, pro
         joint = False
     groups = group_scores(layers, scores, options.granularity, options.aggregate, by_group=joint)
     return ecoflap_budget(groups, sparsity, options.cap(sparsity))
+
+
+def _labelled(progress: Progress | None, stage: str) -> Progress | None:
+    return (lambda what, i, n: progress(f"{stage}: {what}", i, n)) if progress else None
 
 
 def prune_layers(loaded, stage2: str, layers: list[PrunableLayer], budget: LayerBudget, nm, options, calibration,
@@ -116,7 +131,7 @@ def summarise(loaded, method: Method, sparsity, options, layers, budget: LayerBu
         method=method.name,
         target_sparsity=sparsity,
         achieved_sparsity=achieved_sparsity(table),
-        options=as_report(method, sparsity, options),
+        options={**as_report(method, sparsity, options), **budget.resolved},
         layers=table,
         sparsity_by_modality=sparsity_by_modality(table),
         groups=budget.groups,

@@ -60,7 +60,7 @@ def sparsity_figure(runs: list[dict]) -> go.Figure:
                       opacity=0.6)
     if runs:
         _bands(fig, runs[0]["layers"], "stack", "stack")
-    fig.update_layout(title={"text": "Where the sparsity went: each prunable layer, in forward order", "y": 0.97},
+    fig.update_layout(title={"text": "Sparsity of each prunable layer", "y": 0.97},
                       xaxis_title="prunable layer (forward order)", yaxis_title="sparsity of the layer",
                       yaxis_range=[0, 1.02], **LAYOUT)
     return fig
@@ -70,16 +70,19 @@ def group_scores_figure(runs: list[dict]) -> go.Figure:
     """ECoFLaP stage 1 per run: each group's share of the total score (what the allocation
     hands out the kept weights by, beyond every group's minimum) and the sparsity it got.
 
-    Each run is {"label", "groups": [report group rows]}.
+    Each run is {"label", "groups": [report group rows]}, all with the same groups; a
+    run whose allocation has no scores (per-modality, global magnitude) shows only its
+    sparsities.
     """
     fig = go.Figure()
     for r, run in enumerate(runs):
         style = _run_style(r)
         groups = run["groups"]
-        total = sum(g["score"] for g in groups) or 1.0
         x = list(range(len(groups)))
-        fig.add_trace(go.Bar(
-            x=x, y=[g["score"] / total for g in groups], name=f"{run['label']} · share of score",
+        scored = all(isinstance(g.get("score"), (int, float)) for g in groups)
+        total = (sum(g["score"] for g in groups) or 1.0) if scored else 1.0
+        fig.add_trace(go.Bar(visible=scored,
+            x=x, y=[g["score"] / total if scored else 0 for g in groups], name=f"{run['label']} · share of score",
             legendgroup=str(r), marker={"color": style["color"], "opacity": 0.75},
             customdata=[[g["name"], g["score"], g["keep"], g["numel"]] for g in groups],
             hovertemplate="%{customdata[0]}<br>share %{y:.3f} (score %{customdata[1]:.4g})"
@@ -96,8 +99,7 @@ def group_scores_figure(runs: list[dict]) -> go.Figure:
         _bands(fig, [{**g, "part": g["name"].rsplit(".", 1)[0]} for g in groups], "part", "part")
         fig.update_xaxes(tickvals=list(range(len(groups))),
                          ticktext=[g["name"].rsplit(".", 1)[-1] for g in groups])
-    fig.update_layout(title={"text": "ECoFLaP stage 1: share of the importance score and allocated sparsity",
-                             "y": 0.97},
+    fig.update_layout(title={"text": "Share of the score and sparsity per group", "y": 0.97},
                       barmode="group", xaxis_title="group (block) in forward order",
                       yaxis={"title": "share of the total score", "rangemode": "tozero"},
                       yaxis2={"title": "allocated sparsity", "overlaying": "y", "side": "right", "range": [0, 1]},
@@ -131,7 +133,7 @@ def histogram_figure(series: dict[str, dict[str, dict]], title: str, xlabel: str
 
 def sweep_figure(rows: list[dict], score_name: str, title: str | None = None) -> go.Figure:
     """Score against sparsity, one line per method; rows are {method, label?, sparsity,
-    score, score_min?, score_max?} (the range, where several seeds were run, as error bars)."""
+    score, score_min?, score_max?, seeds?} (the range over seeds as error bars)."""
     fig = go.Figure()
     for i, method in enumerate(dict.fromkeys(r["method"] for r in rows)):
         points = sorted((r for r in rows if r["method"] == method), key=lambda r: r["sparsity"])
@@ -141,10 +143,17 @@ def sweep_figure(rows: list[dict], score_name: str, title: str | None = None) ->
         if all("score_min" in p and "score_max" in p for p in points):
             error = {"type": "data", "symmetric": False, "array": [p["score_max"] - p["score"] for p in points],
                      "arrayminus": [p["score"] - p["score_min"] for p in points], "thickness": 1}
+        notes = []
+        for p in points:
+            note = f"<br>mean of {p['seeds']} seeds, {p['score_min']:.4f} to {p['score_max']:.4f}" \
+                if p.get("seeds", 1) > 1 else ""
+            if p.get("split"):
+                note += "<br>split: " + ", ".join(f"{k} {v:.2f}" for k, v in p["split"].items())
+            notes.append(note)
         fig.add_trace(go.Scatter(
             x=[p["sparsity"] for p in points], y=[p["score"] for p in points], mode="lines+markers", name=label,
-            line={"color": style["color"], "dash": style["dash"]}, error_y=error,
-            hovertemplate="sparsity %{x:.2f}<br>" + score_name + " %{y:.4f}<extra>" + label + "</extra>",
+            line={"color": style["color"], "dash": style["dash"]}, error_y=error, customdata=notes,
+            hovertemplate="sparsity %{x:.2f}<br>" + score_name + " %{y:.4f}%{customdata}<extra>" + label + "</extra>",
         ))
     fig.update_layout(title={"text": title or f"{score_name} against sparsity", "y": 0.97},
                       xaxis_title="sparsity", yaxis_title=score_name, **LAYOUT)
@@ -159,3 +168,11 @@ def distribution_figures(distributions: dict) -> tuple[go.Figure, go.Figure]:
     gradients = histogram_figure({label: s["gradients"] for label, s in series.items()},
                                  f"|dL/dW| of the calibration loss, one batch of {distributions['batch']}", "|dL/dW|")
     return weights, gradients
+
+
+def curves_figure(curves: dict) -> go.Figure:
+    """The accuracy-against-sparsity curves shipped with a model (see `curves.shipped_curves`)."""
+    seeds = max((r["seeds"] for r in curves["rows"]), default=1)
+    spread = f"; mean and range over {seeds} seeds where a method is random" if seeds > 1 else ""
+    return sweep_figure(curves["rows"], curves["metric"],
+                        f"Measured ahead: {curves['metric']} against sparsity{spread}")

@@ -12,6 +12,7 @@ the same walk to start each perturbed forward pass at the perturbed block.
 from __future__ import annotations
 
 import contextlib
+import copy
 from dataclasses import dataclass
 from typing import Callable
 
@@ -29,10 +30,16 @@ class _Stop(Exception):
 
 
 def _replaying(module: nn.Module, outputs: list, state: dict):
-    """Make `module` return outputs[state['batch']] instead of computing."""
+    """Make `module` return outputs[state['batch']] instead of computing.
+
+    A model output object (a dict) is handed out as a fresh shallow copy each time:
+    callers write into the output they get (LLaVA and Qwen2-VL store their projected
+    image features in it), and the cache must not see that.
+    """
 
     def replay(*args, **kwargs):
-        return outputs[state["batch"]]
+        output = outputs[state["batch"]]
+        return copy.copy(output) if isinstance(output, dict) else output
 
     return replaced_forward(module, replay)
 
@@ -97,8 +104,9 @@ class BlockReplay:
         """Finished stacks and the blocks of `stack` before `upto` return cached outputs."""
         with contextlib.ExitStack() as ctx:
             for name, outputs in self.finished.items():
-                container = next(s.container for s in self.stacks if s.name == name)
-                ctx.enter_context(_replaying(container, outputs, self.state))
+                finished = next(s for s in self.stacks if s.name == name)
+                for module in finished.replayed_when_done:
+                    ctx.enter_context(_replaying(module, outputs, self.state))
             if block_cache is not None:
                 for block in stack.blocks[:upto]:
                     ctx.enter_context(_replaying(block, block_cache, self.state))
@@ -141,7 +149,7 @@ class BlockReplay:
             for si, stack in enumerate(self.stacks[: last_stack + 1]):
                 if not any((stack.name, b) in by_block for b in range(len(stack.blocks))):
                     if si < last_stack:
-                        self.finished[stack.name] = self._outputs_of(stack, 0, None, stack.container)
+                        self.finished[stack.name] = self._outputs_of(stack, 0, None, stack.output)
                     continue
                 cache: list | None = None
                 for b, block in enumerate(stack.blocks):
@@ -152,7 +160,7 @@ class BlockReplay:
                             progress(f"{stack.name} block {b}", done, total)
                     last_block = b == len(stack.blocks) - 1
                     if last_block and si < last_stack:
-                        self.finished[stack.name] = self._outputs_of(stack, b, cache, stack.container)
+                        self.finished[stack.name] = self._outputs_of(stack, b, cache, stack.output)
                     elif not last_block:
                         cache = self._outputs_of(stack, b, cache, block)
         finally:

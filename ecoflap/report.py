@@ -88,4 +88,5 @@ def write_text(text: str, path: str | Path):
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     with os.fdopen(fd, "w") as f:
         f.write(text)
+    os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide a shipped or exported file from its readers
     os.replace(tmp, path)

@@ -11,14 +11,18 @@ from typing import Callable
 
 import torch
 
+from . import families
 from .data import batches, calibration_loss, default_calibration
 from .models import LoadedModel
 from .shapes.tokenizer import build_tokenizer
 
 
 def speaks_shapes(loaded: LoadedModel) -> bool:
-    """True when the model's vocabulary is the shapes world's."""
-    return loaded.processor.tokenizer.get_vocab() == build_tokenizer(loaded.family).get_vocab()
+    """True when the model is a BLIP-2 (OPT or T5) whose vocabulary is the shapes world's."""
+    if not isinstance(families.of(loaded.model), families.Blip2):
+        return False
+    language = "opt" if loaded.decoder_only else "t5"
+    return loaded.processor.tokenizer.get_vocab() == build_tokenizer(language).get_vocab()
 
 
 @torch.no_grad()

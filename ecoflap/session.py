@@ -34,6 +34,7 @@ from PIL import Image
 
 from .answers import MAX_QUESTION_CHARS, fit_question
 from .anatomy import prunable_layers
+from .curves import shipped_curves
 from .data import batches, default_calibration
 from .images import open_image
 from .methods import Method, get_method
@@ -138,23 +139,30 @@ class Session:
         with self._lock:
             run = self._runs.pop(run_id, None)
         if run is not None:
+            self.server.forget(run)
             self.tell(f"Your run {run.label} was dropped: {why}.")
 
-    def stop(self):
-        """Stop every job of this session that is running now."""
+    def clear_runs(self) -> int:
+        """Forget every run of this session; returns how many there were."""
+        with self._lock:
+            runs, self._runs = list(self._runs.values()), OrderedDict()
+        for run in runs:
+            self.server.forget(run)
+        return len(runs)
+
+    def stop(self) -> int:
+        """Stop every job of this session that is running now; returns how many."""
         with self._lock:
             jobs = list(self._jobs)
         for flag in jobs:
             flag.set()
+        return len(jobs)
 
     def end(self):
         """The session is over (tab closed, idle, evicted): stop its jobs, free its runs and files."""
         self.ended = True
         self.stop()
-        with self._lock:
-            runs, self._runs = list(self._runs.values()), OrderedDict()
-        for run in runs:
-            self.server.forget(run)
+        self.clear_runs()
         self.server.delete_exports(self.id)
 
     @contextlib.contextmanager
@@ -196,6 +204,10 @@ class Session:
         info = self.workbench.describe()
         info["runs"] = [r.summary() for r in self.runs()]
         return info
+
+    def shipped_curves(self) -> dict | None:
+        """Accuracy against sparsity measured ahead of time for this model, if it ships them."""
+        return shipped_curves(self.workbench.loaded.source)
 
     def load_model(self, name) -> str:
         """Switch this session to another model (loading it if needed); returns what happened."""
@@ -244,6 +256,8 @@ class Session:
         return self._keep(method, result, weights, bench)
 
     def _keep(self, method: Method, result: PruneResult, weights: RunWeights, bench: Workbench) -> Run:
+        if self.ended:
+            raise Cancelled("the session ended")
         label = f"{method.label} @ {result.target_sparsity:.2f}"
         with self._lock:
             same = sum(1 for r in self._runs.values() if r.label.split(" #")[0] == label)
@@ -266,14 +280,11 @@ class Session:
         """The full model's answer and each of this session's runs' answers."""
         self.touch()
         image, question, notice = self._inputs(image, question, max_new_tokens)
-        bench = self.workbench
-        max_new_tokens = int(max_new_tokens)
-        full = bench.ask([image], [question], None, max_new_tokens)[0]
-        answers = []
-        for run in self.runs():
-            answer = bench.ask([image], [question], run.weights, max_new_tokens)[0]
-            answers.append({"run": run.id, "label": run.label, "answer": answer})
-        return Answers(question, full, answers, notice)
+        runs = self.runs()
+        full, *pruned = self.workbench.ask_each([image], [question], [None] + [r.weights for r in runs],
+                                                int(max_new_tokens))
+        answers = [{"run": r.id, "label": r.label, "answer": a[0]} for r, a in zip(runs, pruned)]
+        return Answers(question, full[0], answers, notice)
 
     def _inputs(self, image, question, max_new_tokens) -> tuple[Image.Image, str, str | None]:
         if question is None:

@@ -1,19 +1,23 @@
 """Score against sparsity: for every method and sparsity, prune, score, restore.
 
 Each point is one unit of work on the shared model (see `Workbench.prune`), so other
-people's work goes on between points, and a stop takes effect within one block.
+people's work goes on between points, and a stop takes effect within one block. Methods
+whose result depends on the seed (zeroth-order ECoFLaP) are measured once per seed, the
+others once.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import replace
+from typing import Callable, Sequence
 
 from .methods import get_method
 from .options import PruneOptions
 from .scoring import quick_score
-from .workbench import Workbench
+from .workbench import StopCheck, Workbench
 
 Progress = Callable[[str, int, int], None]
+EVAL_SEED = 1234
 
 
 def sweep(
@@ -24,28 +28,43 @@ def sweep(
     calibration=None,
     eval_n: int = 200,
     progress: Progress | None = None,
-    should_stop: Callable[[], bool] | None = None,
+    should_stop: StopCheck | None = None,
     on_row: Callable[[dict], None] | None = None,
-    seed: int = 0,
+    seeds: Sequence[int] | None = None,
 ) -> list[dict]:
-    """Rows {method, label, sparsity, metric, score, achieved_sparsity, seconds}."""
-    points = [(get_method(name), s) for name in methods for s in sparsities]
+    """Rows {method, label, sparsity, seed, metric, score, achieved_sparsity, seconds, split?};
+    `seeds` default to the options' one seed."""
     options = options or PruneOptions()
-    if seed != options.seed:
-        options = PruneOptions(**{**options.__dict__, "seed": seed})
+    seeds = list(seeds) if seeds else [options.seed]
+    points = [(get_method(name), s, seed) for name in methods for s in sparsities
+              for seed in (seeds if get_method(name).seeded else seeds[:1])]
     rows = []
-    for i, (method, sparsity) in enumerate(points):
+    for i, (method, sparsity, seed) in enumerate(points):
         step = f"point {i + 1} of {len(points)}: {method.label} @ {sparsity:.2f}"
         if progress:
             progress(step, i, len(points))
-        result, _, score = workbench.prune(
-            method.name, sparsity, options, calibration,
-            progress=(lambda what, done, total: progress(f"{step} · {what}", done, total)) if progress else None,
-            should_stop=should_stop, then=lambda loaded, _result: quick_score(loaded, eval_n))
-        row = {"method": method.name, "label": method.label, "sparsity": sparsity, "metric": score["metric"],
-               "score": score["value"], "achieved_sparsity": result.achieved_sparsity,
-               "seconds": result.timings["total_s"]}
+        row = measure_point(workbench, method.name, sparsity, replace(options, seed=seed), calibration, eval_n,
+                            progress=(lambda what, done, total: progress(f"{step} · {what}", done, total))
+                            if progress else None, should_stop=should_stop)
         rows.append(row)
         if on_row:
             on_row(row)
     return rows
+
+
+def measure_point(workbench: Workbench, method: str, sparsity: float, options: PruneOptions, calibration=None,
+                  eval_n: int = 200, eval_seed: int = EVAL_SEED, progress: Progress | None = None,
+                  should_stop: StopCheck | None = None) -> dict:
+    """One prune and its quick score on `eval_n` questions drawn with `eval_seed`, as a row
+    (with the vision/language split where the allocation has one)."""
+    method = get_method(method)
+    result, _, score = workbench.prune(method.name, sparsity, options, calibration, progress=progress,
+                                       should_stop=should_stop,
+                                       then=lambda loaded, _result: quick_score(loaded, eval_n, eval_seed))
+    row = {"method": method.name, "label": method.label, "sparsity": sparsity, "seed": options.seed,
+           "metric": score["metric"], "score": score["value"], "achieved_sparsity": result.achieved_sparsity,
+           "seconds": result.timings["total_s"]}
+    if "split" in result.options:
+        row["split"] = result.options["split"]
+    return row
+

@@ -14,22 +14,29 @@ from __future__ import annotations
 import contextlib
 import logging
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 from safetensors import safe_open
 
+from . import families
 from .anatomy import INCLUDE_CHOICES, PrunableLayer, prunable_layers
 
 log = logging.getLogger(__name__)
 
 
 class WeightStore:
-    """Original values of a set of layers, and the means to put them back."""
+    """Original values of a set of layers, and the means to put them back.
 
-    def __init__(self, layers: list[PrunableLayer], files: list[Path] | None = None):
+    `spellings(name)` gives other names a checkpoint may store a layer under (the
+    layout transformers loads from can differ from the module tree).
+    """
+
+    def __init__(self, layers: list[PrunableLayer], files: list[Path] | None = None,
+                 spellings: Callable[[str], list[str]] | None = None):
         self.layers = {l.name: l.module for l in layers}
-        self.in_file = _verified_file_keys(self.layers, files or [])
+        self.in_file = _verified_file_keys(self.layers, files or [], spellings or (lambda name: []))
         self.copies = {name: m.weight.detach().to("cpu", copy=True)
                        for name, m in self.layers.items() if name not in self.in_file}
 
@@ -38,7 +45,8 @@ class WeightStore:
         """The store of every layer any method may prune (all module sets) of a loaded model,
         or of a bare model (always copied)."""
         model = getattr(loaded, "model", loaded)
-        return cls(prunable_layers(model, INCLUDE_CHOICES), checkpoint_files(getattr(loaded, "source", None)))
+        return cls(prunable_layers(model, INCLUDE_CHOICES), checkpoint_files(getattr(loaded, "source", None)),
+                   families.of(model).checkpoint_names)
 
     @property
     def copied_bytes(self) -> int:
@@ -51,11 +59,11 @@ class WeightStore:
         by_file: dict[Path, list[str]] = {}
         for n in names:
             if n in self.in_file:
-                by_file.setdefault(self.in_file[n], []).append(n)
+                by_file.setdefault(self.in_file[n][0], []).append(n)
         for path, members in by_file.items():
             with safe_open(str(path), framework="pt", device="cpu") as f:
                 for n in members:
-                    result[n] = f.get_tensor(f"{n}.weight")
+                    result[n] = f.get_tensor(self.in_file[n][1])
         return result
 
     @torch.no_grad()
@@ -88,18 +96,25 @@ def checkpoint_files(source: str | None) -> list[Path]:
 
 
 @torch.no_grad()
-def _verified_file_keys(layers: dict[str, torch.nn.Module], files: list[Path]) -> dict[str, Path]:
-    """Layer name -> the file holding a tensor of that name bit-identical to the loaded weight."""
-    found: dict[str, Path] = {}
+def _verified_file_keys(layers: dict[str, torch.nn.Module], files: list[Path],
+                        spellings: Callable[[str], list[str]]) -> dict[str, tuple[Path, str]]:
+    """Layer name -> (file, key) of a tensor under that name (or another spelling of it)
+    bit-identical to the loaded weight."""
+    found: dict[str, tuple[Path, str]] = {}
     for path in files:
         try:
             with safe_open(str(path), framework="pt", device="cpu") as f:
                 keys = set(f.keys())
-                for name in [n for n in layers if f"{n}.weight" in keys]:
+                for name in [n for n in layers if n not in found]:
                     weight = layers[name].weight
-                    stored = f.get_tensor(f"{name}.weight")
-                    if stored.shape == weight.shape and torch.equal(stored.to(weight.device, weight.dtype), weight):
-                        found[name] = path
+                    for key in [f"{spelled}.weight" for spelled in (name, *spellings(name))]:
+                        if key not in keys:
+                            continue
+                        stored = f.get_tensor(key)
+                        if stored.shape == weight.shape and torch.equal(stored.to(weight.device, weight.dtype),
+                                                                        weight):
+                            found[name] = (path, key)
+                            break
         except (OSError, RuntimeError, ValueError) as err:
             log.info("checkpoint file %s not usable for restores (%s)", path.name, type(err).__name__)
     return found

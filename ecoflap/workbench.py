@@ -193,8 +193,19 @@ class Workbench:
         """Answers of the full model (weights None) or of a variant."""
         return self.using(weights, lambda loaded: ask_model(loaded, images, questions, max_new_tokens))
 
+    def ask_each(self, images, questions: list[str], variants: list[RunWeights | None],
+                 max_new_tokens: int = 20) -> list[list[str]]:
+        """The answers of several variants (None: the full model) in one short unit, so a
+        person's question never waits behind more than the one long unit in progress."""
+        answers = []
+        with self.unit() as loaded:
+            for weights in variants:
+                with weights.applied(self.store) if weights is not None else contextlib.nullcontext():
+                    answers.append(ask_model(loaded, images, questions, max_new_tokens))
+        return answers
+
     def restore(self) -> bool:
         """Put the full weights back (they already are between units); True if identical."""
-        with self.unit(long=True) as _loaded:
+        with self.unit(long=True):
             self.store.restore()
             return self.store.is_original()

@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ecoflap.data import Example
+from ecoflap.data import Example, batches
 from ecoflap.models import LoadedModel, build_blip2, build_processor, small_blip2_config
 from ecoflap.shapes.tokenizer import build_tokenizer
 
@@ -148,3 +148,28 @@ def client(url):
 def prune(c, method, sparsity, **extra):
     options = {**FAST, **extra}
     return c.predict(method, sparsity, api_name="/prune", **options)
+
+
+def inputs_alone(loaded, layers, examples):
+    """Sum of squares, X^T X and row count of each layer's inputs, one example at a time."""
+    sums = {l.name: [torch.zeros(l.module.in_features, dtype=torch.float64),
+                     torch.zeros(l.module.in_features, l.module.in_features, dtype=torch.float64), 0]
+            for l in layers}
+
+    def hook_for(name):
+        def hook(_module, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+            sums[name][0] += (x * x).sum(0)
+            sums[name][1] += x.t() @ x
+            sums[name][2] += x.shape[0]
+        return hook
+
+    handles = [l.module.register_forward_pre_hook(hook_for(l.name)) for l in layers]
+    try:
+        with torch.no_grad():
+            for example in examples:
+                loaded.model(**batches(loaded, [example], 1)[0])
+    finally:
+        for h in handles:
+            h.remove()
+    return sums

@@ -1,7 +1,13 @@
-"""The page in headless Debian Chromium (never a downloaded browser): prune, chart, answers."""
+"""The page in headless Debian Chromium (never a downloaded browser), as a teacher uses it.
+
+Prune and see the chart, overlay four runs, stop a prune, a comparison and a sweep (calm:
+no error styling, the previous chart kept), compare three methods, ask, and a screenshot
+of every tab at 1400 and 390 px wide (test-artifacts/, looked at by a person).
+"""
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -15,32 +21,143 @@ CHROMIUM = shutil.which("chromium")
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
         "--disable-sync", "--no-first-run", "--disable-quic"]
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+TABS = ["Prune", "Ask", "Why", "Teach", "Sweep", "Export"]
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Debian chromium is not installed (apt-get install chromium)")
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="Debian chromium is not installed (apt-get install chromium)")
-def test_prune_see_chart_and_both_answers(app):
-    errors: list[str] = []
+@pytest.fixture
+def browser():
     with playwright.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-        page.on("pageerror", lambda e: errors.append(str(e)))
-        page.goto(app)
-        page.get_by_text("prunable by default").wait_for(timeout=60_000)
-        page.get_by_label("Wanda", exact=True).first.check()
-        page.get_by_role("button", name="Prune", exact=True).click()
-        page.get_by_text("achieved sparsity").wait_for(timeout=120_000)
-        page.locator(".js-plotly-plot").first.wait_for(timeout=30_000)
-        assert page.locator(".js-plotly-plot .scatterlayer .trace").count() >= 1
-
-        page.get_by_role("tab", name="Ask").click()
-        page.locator("input[type=file]").first.set_input_files(str(EXAMPLE))
-        page.get_by_label("Question (empty: a caption)").first.fill("how many shapes are there?")
-        page.get_by_role("button", name="Ask the full and the pruned models").click()
-        page.get_by_text("Full model", exact=True).wait_for(timeout=60_000)
-        page.get_by_text("Wanda @ 0.50").last.wait_for(timeout=10_000)
-        ARTIFACTS.mkdir(exist_ok=True)
-        page.screenshot(path=str(ARTIFACTS / "browser.png"), full_page=True)
+        yield browser
         browser.close()
+
+
+def open_page(browser, app, width: int, errors: list):
+    page = browser.new_page(viewport={"width": width, "height": 1000})
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(app)
+    page.get_by_text("prunable by default").wait_for(timeout=60_000)
+    return page
+
+
+def prune(page, method: str, sparsity: float):
+    page.get_by_role("tab", name="Prune").click()
+    number = page.locator("#prune-sparsity input[type=number]")
+    number.fill(str(sparsity))
+    number.press("Enter")
+    page.locator("#prune-method").get_by_label(method, exact=True).check()
+    page.get_by_role("button", name="Prune", exact=True).click()
+    page.get_by_text(f"{method} @ {sparsity:.2f}", exact=False).first.wait_for(timeout=180_000)
+    page.get_by_text("done: achieved").wait_for(timeout=180_000)
+
+
+def assert_calm(page):
+    """No error badge or toast, and no untranslated text anywhere."""
+    errors = page.locator(".toast-body.error").count() + page.get_by_text("Error", exact=True).count()
+    if errors:
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "not-calm.png"), full_page=True)
+    where = page.evaluate("""() => [...document.querySelectorAll('*')].filter(e => e.children.length == 0
+        && e.textContent.trim() == 'Error').map(e => { let p = e; while (p && !p.id) p = p.parentElement;
+        return p ? p.id : e.parentElement.parentElement.parentElement.textContent.slice(0, 300); })""")
+    assert errors == 0, f"error styling on the page (in {where}): see test-artifacts/not-calm.png"
+    # the screen-reader-only status line included: gradio 6.31 announces "common.complete"
+    # there unless the app gives it words (app.SCREEN_READER_WORDS)
+    body = page.evaluate("() => document.body.textContent")
+    assert "common." not in body, body[max(0, body.find("common.") - 300):body.find("common.") + 100]
+
+
+def stop_soon(page, start_button: str, stop: str):
+    page.get_by_role("button", name=start_button, exact=True).click()
+    page.locator(".progress-text, .eta-bar, .progress-level").filter(visible=True).first.wait_for(timeout=60_000)
+    page.locator(f"#{stop}").click()
+    page.get_by_text(re.compile(r"^Stopped\. ")).filter(visible=True).first.wait_for(
+        timeout=30_000)
+    # the job winds down within one block; until then gradio ignores a new click of its button
+    page.locator(".progress-text, .eta-bar, .progress-level").filter(visible=True).first.wait_for(
+        state="hidden", timeout=60_000)
+
+
+def test_a_class_session_in_the_browser(browser, app):
+    errors: list[str] = []
+    page = open_page(browser, app, 1400, errors)
+    ARTIFACTS.mkdir(exist_ok=True)
+
+    for method, sparsity in [("Wanda", 0.5), ("ECoFLaP (zeroth-order)", 0.6), ("OWL", 0.6), ("SparseGPT", 0.7)]:
+        prune(page, method, sparsity)
+    for label in ["Wanda @ 0.50", "ECoFLaP (zeroth-order) @ 0.60", "OWL @ 0.60"]:
+        page.locator("#overlay-runs").get_by_label(label, exact=True).check()
+    page.wait_for_function(
+        "() => document.querySelectorAll('#prune-chart .scatterlayer .trace').length == 4",
+        timeout=30_000)
+    legend = page.locator("#prune-chart .legendtext").all_text_contents()
+    assert len(legend) == 4 and all("target" in t for t in legend)
+    page.screenshot(path=str(ARTIFACTS / "prune-overlay-1400.png"), full_page=True)
+
+    page.locator("#prune-method").get_by_label("ECoFLaP (first-order)", exact=True).check()
+    stop_soon(page, "Prune", "prune-stop")
+    assert_calm(page)
+    assert page.locator("#prune-chart .js-plotly-plot").is_visible()
+    assert page.locator("#overlay-runs").get_by_label("SparseGPT @ 0.70", exact=True).is_visible()
+
+    page.get_by_role("tab", name="Ask").click()
+    page.locator("input[type=file]").first.set_input_files(str(EXAMPLE))
+    page.get_by_label("Question (empty: a caption)").first.fill("how many shapes are there?")
+    page.get_by_role("button", name="Ask the full and the pruned models").click()
+    page.get_by_text("Full model", exact=True).wait_for(timeout=60_000)
+    page.get_by_text("SparseGPT @ 0.70").last.wait_for(timeout=10_000)
+    assert page.get_by_text("trained only on pictures of coloured circles").first.is_visible()
+
+    page.get_by_role("tab", name="Teach").click()
+    page.locator("#teach-curve .js-plotly-plot").wait_for(timeout=30_000)
+    page.get_by_text("Measured ahead of time on this model").wait_for(timeout=30_000)
+    page.locator("#teach-methods").get_by_label("Magnitude", exact=True).check()
+    page.get_by_role("button", name="Compare", exact=True).click()
+    page.get_by_text("Vision and language columns").wait_for(timeout=300_000)
+    # the Prune tab already made an ECoFLaP run at 0.60, so this one is told apart by its number
+    for label in ["Full model", "Wanda @ 0.60", "ECoFLaP (zeroth-order) @ 0.60 #2", "Magnitude @ 0.60"]:
+        assert page.get_by_role("cell", name=label, exact=True).count() == 1, label
+    stop_soon(page, "Compare", "teach-stop")
+    assert_calm(page)
+
+    page.get_by_role("tab", name="Sweep").click()
+    page.get_by_label("Sparsities").fill("0.3,0.5,0.6,0.7")
+    stop_soon(page, "Run sweep", "sweep-stop")
+    assert_calm(page)
+    page.get_by_label("Sparsities").fill("0.3,0.6")
+    page.get_by_role("button", name="Run sweep").click()
+    page.get_by_text("4 points measured").wait_for(timeout=300_000)
+
+    page.get_by_role("tab", name="Why").click()
+    page.get_by_role("button", name="Show weight and gradient distributions").click()
+    page.get_by_text("zeros)").first.wait_for(timeout=60_000)
+
+    page.get_by_role("tab", name="Export").click()
+    page.get_by_role("button", name="Export", exact=True).click()
+    page.get_by_text(".report").filter(visible=True).first.wait_for(timeout=60_000)  # gradio splits off ".json"
+
+    for tab in TABS:
+        page.get_by_role("tab", name=tab).click()
+        page.wait_for_timeout(500)
+        page.screenshot(path=str(ARTIFACTS / f"{tab.lower()}-1400.png"), full_page=True)
+    assert_calm(page)
+    real = [e for e in errors if "favicon" not in e]
+    assert not real, real
+
+
+def test_every_tab_at_390_px(browser, app):
+    errors: list[str] = []
+    page = open_page(browser, app, 390, errors)
+    prune(page, "Wanda", 0.5)
+    for tab in TABS:
+        target = page.get_by_role("tab", name=tab)
+        if not target.is_visible():  # narrow screens put the last tabs in gradio's "More tabs" menu
+            page.get_by_role("button", name="More tabs").click()
+            target = page.locator(".overflow-dropdown button", has_text=tab)
+        target.click()
+        page.wait_for_timeout(500)
+        page.screenshot(path=str(ARTIFACTS / f"{tab.lower()}-390.png"), full_page=True)
     real = [e for e in errors if "favicon" not in e]
     assert not real, real

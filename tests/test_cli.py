@@ -1,6 +1,9 @@
 """The command line, end to end on tiny models saved to local folders."""
 
+import contextlib
+import io
 import json
+import math
 import os
 import subprocess
 import sys
@@ -9,14 +12,26 @@ from pathlib import Path
 import pytest
 import torch
 
+from ecoflap.__main__ import main
 from ecoflap.models import ModelLoadError, load_model
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run(*args):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, "-m", "ecoflap", *args], capture_output=True, text=True, env=env, cwd=ROOT)
+def run(*args, separate_process: bool = False):
+    """The command's exit code and output: in this process (fast: no second start of torch
+    and transformers), or as `python -m ecoflap` in its own process."""
+    if separate_process:
+        env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
+        return subprocess.run([sys.executable, "-m", "ecoflap", *args], capture_output=True, text=True, env=env,
+                              cwd=ROOT)
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(list(args))
+        except SystemExit as exit:  # argparse refusing an option
+            code = exit.code
+    return subprocess.CompletedProcess(["ecoflap", *args], code or 0, out.getvalue(), err.getvalue())
 
 
 @pytest.mark.parametrize("method", ["wanda", "ecoflap"])
@@ -54,15 +69,49 @@ def test_prune_writes_report_and_model(saved_model, calibration_folder, tmp_path
         (["--sparsity", "1.2"], "[0, 1)"),
         (["--nm", "4:2"], "N:M"),
         (["--method", "ecoflap", "--max-sparsity", "0.3"], "below the target"),
+        (["--method", "per_modality", "--vision-sparsity", "1.2"], "vision sparsity"),
+        (["--method", "owl", "--owl-lambda", "0.7"], "lambda"),
     ],
 )
 def test_prune_bad_input_is_one_clear_line(saved_model, args, message):
     model = [] if args[0] == "--model" else ["--model", str(saved_model)]
-    done = run("prune", *model, *args)
+    done = run("prune", *model, *args, separate_process=args[0] == "--model")  # once as `python -m ecoflap`
     assert done.returncode == 2
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("error:") and message in last
     assert "Traceback" not in done.stderr
+
+
+def test_prune_owl_hits_the_budget_inside_the_band(saved_model, calibration_folder, tmp_path):
+    report = tmp_path / "report.json"
+    done = run("prune", "--model", str(saved_model), "--method", "owl", "--sparsity", "0.6",
+               "--calibration", str(calibration_folder), "--samples", "16", "--report", str(report))
+    assert done.returncode == 0, done.stderr
+    data = json.loads(report.read_text())
+    total = sum(r["numel"] for r in data["layers"])
+    assert total - sum(r["zeros"] for r in data["layers"]) == math.floor(total * 0.4 + 1e-9)
+    assert "achieved 0.6000" in done.stdout
+    assert data["options"]["band"] == pytest.approx([0.52, 0.68]) and data["options"]["owl_m"] == 5
+    groups = data["groups"]
+    assert len({round(g["sparsity"], 4) for g in groups}) > 1
+    for g in groups:
+        assert 0.52 - 1 / g["numel"] <= g["sparsity"] <= 0.68 + 1 / g["numel"] and g["score"] >= 0
+
+
+def test_sweep_measures_random_methods_once_per_seed(saved_model, calibration_folder, tmp_path):
+    out, csv = tmp_path / "sweep.json", tmp_path / "sweep.csv"
+    done = run("sweep", "--model", str(saved_model), "--calibration", str(calibration_folder),
+               "--methods", "global_magnitude,ecoflap_zeroth", "--sparsities", "0.5", "--seeds", "3,4",
+               "--samples", "8", "--eval-n", "10", "--json", str(out), "--csv", str(csv),
+               "--html", str(tmp_path / "sweep.html"))
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["method"], r["seed"]) for r in rows] == [("global_magnitude", 3), ("ecoflap_zeroth", 3),
+                                                        ("ecoflap_zeroth", 4)]
+    for r in rows:
+        assert set(r) >= {"method", "label", "sparsity", "seed", "score", "achieved_sparsity", "seconds"}
+        assert r["achieved_sparsity"] == pytest.approx(0.5, abs=1e-4)
+    assert "seed" in csv.read_text().splitlines()[0].split(",")
 
 
 def test_ask_single_and_jsonl(saved_model, calibration_folder, tmp_path):

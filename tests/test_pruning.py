@@ -187,7 +187,8 @@ def test_joint_group_scores_are_the_same_replayed_or_not(loaded, examples):
 
 
 def test_calibration_encoding_is_reused_for_the_same_examples(loaded, examples):
-    from ecoflap.data import ENCODED_SETS_KEPT, batches, encode
+    from ecoflap.data import ENCODED_SETS_KEPT, batches
+    from ecoflap.families.blip2 import encode
 
     decoder_only = loaded.decoder_only
 

@@ -17,7 +17,7 @@ import httpx
 import pytest
 from gradio_client import handle_file
 
-from conftest import APP_FILES, EXAMPLE, FAST, client, prune
+from conftest import APP_FILES, EXAMPLE, client, prune
 
 PATHS = ["/etc/passwd", "/etc/shadow", "/root", "/no/such/file.png", "/proc/self/environ",
          "/tmp/../etc/passwd", "assets/examples/scene1.png", "../../../../etc/hosts", "", "\x00"]
@@ -126,7 +126,7 @@ def test_a_closed_event_stream_stops_the_job(app):
     fn = next(d["id"] for d in config["dependencies"] if d.get("api_name") == "prune")
     before = client(app).predict(api_name="/stats")
     session_hash = uuid.uuid4().hex
-    data = ["ecoflap_first", 0.5, "block", 0, 128, 0, 0.001, "off", ["vision", "language"], 8, None]
+    data = ["ecoflap_first", 0.5, "block", 0, 128, 0, 0.001, "off", ["vision", "language"], 8, 5, 0.08, None, None]
     assert httpx.post(f"{base}/queue/join", json={"data": data, "fn_index": fn, "session_hash": session_hash}).is_success
     with httpx.stream("GET", f"{base}/queue/data", params={"session_hash": session_hash}, timeout=60) as stream:
         for line in stream.iter_lines():
@@ -198,3 +198,29 @@ def test_many_strangers_at_once_never_change_the_full_answers(app):
         t.join(300)
     assert not errors, errors
     assert client(app).predict(handle_file(str(EXAMPLE)), "", api_name="/ask")[1]["full"] == baseline
+
+
+def test_the_soak_command_runs_against_the_app_and_checks_what_matters(app, tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    out = tmp_path / "soak.json"
+    done = subprocess.run([sys.executable, "-m", "ecoflap", "soak", "--url", app, "--users", "2", "--minutes", "0.15",
+                           "--json", str(out)], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    result = json.loads(out.read_text())
+    assert result["ok"] and result["leaks"] == result["silent_losses"] == result["changed_full_answers"] == 0
+    assert result["ask_seconds"]["n"] > 0 and result["samples"]
+    assert "full answers changed: 0" in done.stdout
+
+
+def test_the_soak_refuses_other_hosts_without_consent():
+    from ecoflap.soak import soak
+
+    with pytest.raises(ValueError, match="not this machine"):
+        soak("http://example.com:7860/", users=1, minutes=0.1)
+    with pytest.raises(ValueError, match="users must be"):
+        soak("http://127.0.0.1:7860/", users=500, minutes=1)

@@ -359,3 +359,12 @@ def test_a_notebook_session_does_everything_the_app_does(model_folder, tmp_path)
     hist = me.distributions(me.runs()[0].id)
     assert set(hist["series"]) == {"full", "Wanda @ 0.50"}
     assert set(hist["series"]["full"]["weights"]) == {"vision", "language"}
+
+
+def test_clearing_runs_frees_their_memory(model_folder, tmp_path):
+    server = make_server(model_folder, tmp_path)
+    me = server.open_session()
+    me.prune("sparsegpt", 0.5, **FAST)
+    me.prune("magnitude", 0.5)
+    assert server.stored_run_bytes > 0
+    assert me.clear_runs() == 2 and me.runs() == [] and server.stored_run_bytes == 0

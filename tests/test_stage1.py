@@ -212,3 +212,17 @@ def test_zeroth_order_draws_a_fresh_direction_per_batch_and_draw(loaded, example
     zeroth_order_scores(loaded.model, layers, _data(loaded, examples, n=12, batch_size=4), noise_samples=2)
     assert len(drawn) == 2 * 3 * 2
     assert len({hash(z.numpy().tobytes()) for z in drawn}) == len(drawn)
+
+
+def test_the_seed_changes_the_directions_and_the_scores(loaded, examples):
+    """(A CPU generator keeps 32 bits of its seed: a seed above them would be ignored.)"""
+    layer = prunable_layers(loaded.model)[0]
+    first = Directions(0).draw(layer)
+    for seed in (1, 2**31 - 1):
+        assert not torch.equal(first, Directions(seed).draw(layer)), seed
+    data = _data(loaded, examples)
+    layers = prunable_layers(loaded.model)
+    language = [l for l in layers if l.modality == "language"]
+    one = zeroth_order_scores(loaded.model, language, data, seed=0)
+    other = zeroth_order_scores(loaded.model, language, data, seed=1)
+    assert one != other

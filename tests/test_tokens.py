@@ -15,32 +15,7 @@ from ecoflap.pipeline import prune
 from ecoflap.replay import sequential_statistics
 from ecoflap.weights import WeightStore
 
-from conftest import tiny_model
-
-
-def _alone(loaded, layers, examples):
-    """Sum of squares, X^T X and row count of each layer's inputs, one example at a time."""
-    sums = {l.name: [torch.zeros(l.module.in_features, dtype=torch.float64),
-                     torch.zeros(l.module.in_features, l.module.in_features, dtype=torch.float64), 0]
-            for l in layers}
-
-    def hook_for(name):
-        def hook(_module, args):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
-            sums[name][0] += (x * x).sum(0)
-            sums[name][1] += x.t() @ x
-            sums[name][2] += x.shape[0]
-        return hook
-
-    handles = [l.module.register_forward_pre_hook(hook_for(l.name)) for l in layers]
-    try:
-        with torch.no_grad():
-            for example in examples:
-                loaded.model(**batches(loaded, [example], 1)[0])
-    finally:
-        for h in handles:
-            h.remove()
-    return sums
+from conftest import inputs_alone, tiny_model
 
 
 def test_statistics_are_sums_over_exactly_the_real_tokens(family, examples):
@@ -53,7 +28,7 @@ def test_statistics_are_sums_over_exactly_the_real_tokens(family, examples):
         seen.update(stats)
 
     sequential_statistics(loaded.model, batches(loaded, chosen, 8), layers, keep, want_hessian=True)
-    reference = _alone(loaded, layers, chosen)
+    reference = inputs_alone(loaded, layers, chosen)
     assert set(seen) == {l.name for l in layers}
     for name, (sq, hessian, rows) in reference.items():
         stats = seen[name]

@@ -1,12 +1,13 @@
 """Measure a trained shapes model and write its model card.
 
-    python -m ecoflap.toy.card assets/shapes-blip2
+    python -m ecoflap.toy.card assets/shapes-blip2 [--curves]
 
 Scores the model on 1,000 held-out generated examples (seed 10000, 200 of each type,
 images 96 to 256 px) and on the scenes of an independently written renderer, then
-prunes it with Wanda and ECoFLaP at sparsity 0.3, 0.5, 0.6 and 0.7 and scores each,
-then writes README.md and eval.json into the model folder. Every number in the card is
-measured here; nothing is typed in by hand.
+writes README.md and eval.json into the model folder. The pruning table comes from the
+folder's pruning-curves.json, measured again first with --curves (10 to 40 minutes on two
+CPU cores; see `pruning_curves`). Every number in the card is measured; nothing is typed
+in by hand.
 """
 
 from __future__ import annotations
@@ -18,17 +19,15 @@ from pathlib import Path
 
 import torch
 
+from ..curves import FILE, leaders, summarise
 from ..models import load_model
-from ..scoring import quick_score
-from ..sweep import sweep
 from ..workbench import Workbench
 from ..shapes.evaluate import evaluate, make_eval_set
 from ..shapes.independent import independent_examples
+from ..sweep import EVAL_SEED as SCORE_SEED
+from .pruning_curves import EVAL_N, SELECTION_N, SELECTION_SEED, measure_curves, write_curves
 
 EVAL_SEED = 10_000
-PRUNING_METHODS = ("wanda", "ecoflap_zeroth")
-PRUNING_SPARSITIES = (0.3, 0.5, 0.6, 0.7)
-PRUNING_EVAL_N = 500
 
 
 def _table(result: dict) -> str:
@@ -39,14 +38,48 @@ def _table(result: dict) -> str:
     return "\n".join(rows)
 
 
-def _pruning_table(rows: list[dict], full: float) -> str:
-    by = {(r["method"], r["sparsity"]): r["score"] for r in rows}
-    names = {"wanda": "Wanda", "ecoflap_zeroth": "ECoFLaP (zeroth-order, Wanda stage 2)"}
-    header = "| method | " + " | ".join(f"s = {s}" for s in PRUNING_SPARSITIES) + " |"
-    lines = [header, "|---" * (len(PRUNING_SPARSITIES) + 1) + "|",
-             "| full model | " + " | ".join(f"{full:.1%}" for _ in PRUNING_SPARSITIES) + " |"]
-    for m in PRUNING_METHODS:
-        lines.append(f"| {names[m]} | " + " | ".join(f"{by[(m, s)]:.1%}" for s in PRUNING_SPARSITIES) + " |")
+def _pruning_table(curves: dict) -> str:
+    """Methods by sparsity: the mean over seeds with their range where a method is random,
+    the chosen vision/language split for the per-modality rows."""
+    rows = summarise(curves["rows"])
+    sparsities = sorted({r["sparsity"] for r in rows})
+    by = {(r["method"], r["sparsity"]): r for r in rows}
+    lines = ["| method | " + " | ".join(f"s = {s:g}" for s in sparsities) + " |",
+             "|---" * (len(sparsities) + 1) + "|",
+             "| full model | " + " | ".join(f"{curves['full_score']:.1%}" for _ in sparsities) + " |"]
+    for method in dict.fromkeys(r["method"] for r in rows):
+        cells = []
+        for s in sparsities:
+            r = by.get((method, s))
+            cell = "" if r is None else f"{r['score']:.1%}"
+            if r is not None and r["seeds"] > 1:
+                cell += f" ({r['score_min']:.1%} to {r['score_max']:.1%})"
+            if r is not None and r.get("split"):
+                cell += f" (vision {r['split']['vision']:.2f}, language {r['split']['language']:.2f})"
+            cells.append(cell)
+        label = next(r["label"] for r in rows if r["method"] == method)
+        seeds = max(r["seeds"] for r in rows if r["method"] == method)
+        lines.append(f"| {label}{f', {seeds} seeds' if seeds > 1 else ''} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _split_table(curves: dict) -> str:
+    """The per-modality search: accuracy on the selection questions for each vision
+    sparsity tried (as an offset from the target), the chosen one in bold."""
+    search = curves["split_search"]
+    offsets = sorted({round(t["vision"] - t["sparsity"], 4) for t in search})
+    lines = ["| target | " + " | ".join(f"vision {o:+.2f}" for o in offsets) + " |",
+             "|---" * (len(offsets) + 1) + "|"]
+    for s in sorted({t["sparsity"] for t in search}):
+        tried = {round(t["vision"] - s, 4): t for t in search if t["sparsity"] == s}
+        chosen = next(r["split"]["vision"] for r in curves["rows"]
+                      if r["method"] == "per_modality" and r["sparsity"] == s)
+        cells = []
+        for o in offsets:
+            t = tried.get(o)
+            cell = "" if t is None else f"{t['selection_score']:.1%}"
+            cells.append(f"**{cell}**" if t is not None and abs(t["vision"] - chosen) < 1e-3 else cell)
+        lines.append(f"| {s:g} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -58,14 +91,15 @@ def measure(folder: str, n: int = 1000, independent_scenes: int = 300) -> dict:
     held_seconds = time.time() - started
     other = evaluate(loaded, independent_examples(independent_scenes, seed=99), batch_size=64)
     params = sum(p.numel() for p in loaded.model.parameters())
-    full = quick_score(loaded, PRUNING_EVAL_N)["value"]  # the sweep's own score, on the same examples
-    pruning = sweep(Workbench(loaded), list(PRUNING_METHODS), list(PRUNING_SPARSITIES), eval_n=PRUNING_EVAL_N)
     return {"held_out": held_out, "independent": other, "eval_seconds": round(held_seconds, 1),
-            "parameters": params, "pruning_full": full, "pruning": pruning}
+            "parameters": params}
 
 
 def write_card(folder: Path, measured: dict) -> str:
     training = json.loads((folder / "training.json").read_text())
+    if not (folder / FILE).is_file():
+        raise FileNotFoundError(f"{folder / FILE} is missing: measure it with python -m ecoflap.toy.card --curves")
+    curves = json.loads((folder / FILE).read_text())
     recipe = training["recipe"]
     size_mb = sum(p.stat().st_size for p in folder.iterdir() if p.is_file()) / 1e6
     flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in recipe.items())
@@ -147,14 +181,30 @@ numpy rasterisation, other RGB values, shapes a fifth to a third of the width):
 
 {_table(other)}
 
-## Pruning matters
+## Pruning: where the sparsity goes
 
-Accuracy (exact match, {PRUNING_EVAL_N} generated examples, seed 1234) after pruning the vision
-encoder and language model blocks with the shipped calibration set, default options:
+Accuracy (exact match, {EVAL_N} generated questions, seed {SCORE_SEED}) after pruning the vision
+encoder and language model blocks with the shipped calibration set and default options.
+Every allocation keeps exactly floor(N (1 - s)) of the N prunable weights (uniform Wanda,
+rounding each row down, keeps up to one weight per row more), and all but global magnitude
+zero them with Wanda, so they differ in how much each layer loses: uniform (Wanda),
+OWL (outlier-weighted per block, M = 5, lambda = 0.08), one global |W| threshold,
+ECoFLaP's importance-based allocation (zeroth-order: mean and range over seeds), and a
+per-modality split (the vision sparsity chosen per target on {SELECTION_N} other questions,
+seed {SELECTION_SEED}; the language model takes the rest of the budget).
 
-{_pruning_table(measured['pruning'], measured['pruning_full'])}
+{_pruning_table(curves)}
 
-Reproduce: `python -m ecoflap.toy.card assets/shapes-blip2`.
+{leaders(summarise(curves["rows"]))}
+
+The per-modality split search, accuracy on the {SELECTION_N} selection questions for each
+vision sparsity tried (the language model at whatever completes the budget; chosen in
+bold, ties going to the split nearer equal):
+
+{_split_table(curves)}
+
+Measured in about {max(1, round(curves['seconds'] / 60))} minutes on 2 CPU cores; the same rows are in
+`{FILE}`, which the workbench's Teach tab draws. Reproduce: `{curves['command']}`.
 
 ## Limitations
 
@@ -174,7 +224,12 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folder", nargs="?", default="assets/shapes-blip2")
     parser.add_argument("-n", type=int, default=1000)
+    parser.add_argument("--curves", action="store_true", help="measure the pruning curves again first (10 to 40 minutes on two CPU cores)")
     args = parser.parse_args(argv)
+    if args.curves:
+        torch.set_num_threads(2)
+        curves = measure_curves(Workbench(load_model(args.folder, device="cpu")))
+        print("curves:", write_curves(Path(args.folder), curves))
     measured = measure(args.folder, args.n)
     write_card(Path(args.folder), measured)
     for name in ("held_out", "independent"):

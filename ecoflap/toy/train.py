@@ -28,7 +28,7 @@ from torch import nn
 from tqdm import tqdm
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from ..data import encode_text
+from ..families.blip2 import encode_text
 from ..models import build_blip2, build_processor, small_blip2_config
 from ..shapes.world import COLORS, KINDS, pixel_shape_labels, questions, random_scene, render
 from ..shapes.tokenizer import build_tokenizer

@@ -1,0 +1,262 @@
+"""Soak a running deployment with simulated students, and check what a class depends on.
+
+    python -m ecoflap soak --url http://127.0.0.1:7860 --users 20 --minutes 3
+
+Each student is its own client (its own session): they prune with every method, ask,
+compare, sweep, export, stop a prune midway and sometimes leave and come back as a new
+session. Throughout, the soak checks that the full model's answers never change, that
+every session sees exactly its own runs, that no run disappears without its owner being
+told, and that nobody reaches another session's run; it samples the server's memory and
+export disk, and times answers while others prune. It talks to the app's public API with
+gradio_client, like any client would; point it only at your own deployment (loopback by
+default; another host needs --yes-i-own-it). Users and minutes are bounded.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from urllib.parse import urlparse
+
+from .data import example_prompts
+from .methods import METHODS
+
+MAX_USERS = 50
+MAX_MINUTES = 30
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+DROPPED = re.compile(r"Your run (.+?) was dropped")
+FAST = {"samples": 32, "stage1_samples": 8}
+
+
+@dataclass
+class Findings:
+    """What the students saw, shared by all of them (guarded by `lock`)."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    asks: list[tuple[float, bool]] = field(default_factory=list)
+    prunes: list[float] = field(default_factory=list)
+    actions: dict[str, int] = field(default_factory=dict)
+    changed_answers: list[str] = field(default_factory=list)
+    leaks: list[str] = field(default_factory=list)
+    silent_losses: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    pruning_now: int = 0
+    owners: dict[str, int] = field(default_factory=dict)  # run id -> the session it was returned to
+    sessions: itertools.count = field(default_factory=itertools.count)
+
+    def own(self, run_id: str, student: int):
+        with self.lock:
+            self.owners.setdefault(run_id, student)
+
+    def count(self, action: str):
+        with self.lock:
+            self.actions[action] = self.actions.get(action, 0) + 1
+
+
+class Student:
+    """One simulated person with their own session and their own idea of their runs."""
+
+    def __init__(self, url: str, baseline: dict, findings: Findings, rng: random.Random, examples):
+        from gradio_client import Client
+
+        with findings.lock:
+            self.index = next(findings.sessions)  # a new session each time a student comes back
+        self.url, self.baseline, self.findings = url, baseline, findings
+        self.rng, self.examples = rng, examples
+        self.client = Client(url, verbose=False)
+        self.runs: dict[str, str] = {}  # run id -> label
+
+    def leave(self):
+        self.client.close()
+
+    def _told(self, text: str):
+        for label in DROPPED.findall(text or ""):
+            self.runs = {i: l for i, l in self.runs.items() if l != label}
+
+    def prune(self):
+        method = self.rng.choice(list(METHODS))
+        sparsity = self.rng.choice([0.3, 0.5, 0.6, 0.7])
+        with self.findings.lock:
+            self.findings.pruning_now += 1
+        started = time.perf_counter()
+        try:
+            status, _c, _g, overlay, _e, _d, run_id, _r = self.client.predict(method, sparsity, api_name="/prune",
+                                                                              **FAST)
+        finally:
+            with self.findings.lock:
+                self.findings.pruning_now -= 1
+        with self.findings.lock:
+            self.findings.prunes.append(time.perf_counter() - started)
+        self.findings.own(run_id, self.index)
+        self._told(status)
+        self.runs[run_id] = dict((i, label) for label, i in overlay["choices"])[run_id]
+
+    def ask(self):
+        image, question = self.rng.choice(self.examples)
+        from gradio_client import handle_file
+
+        with self.findings.lock:
+            during_prune = self.findings.pruning_now > 0
+        started = time.perf_counter()
+        page, answers = self.client.predict(handle_file(image), question, api_name="/ask")
+        elapsed = time.perf_counter() - started
+        self._told(page)
+        with self.findings.lock:
+            self.findings.asks.append((elapsed, during_prune))
+            if answers["full"] != self.baseline[(image, question)]:
+                self.findings.changed_answers.append(f"{question!r}: {answers['full']!r}")
+        seen = {r["run"]: r["label"] for r in answers["runs"]}
+        with self.findings.lock:
+            for run_id in set(seen) - set(self.runs):
+                owner = self.findings.owners.get(run_id)
+                if owner is not None and owner != self.index:
+                    self.findings.leaks.append(f"a session saw run {run_id} of another session")
+            for run_id in set(self.runs) - set(seen):
+                self.findings.silent_losses.append(f"run {self.runs[run_id]} vanished without a notice")
+        # a run nobody was told of is this session's own: a prune whose reply was lost
+        # (a client timeout, a stop that came after the run was stored)
+        for run_id in set(seen) - set(self.runs):
+            if self.findings.owners.get(run_id, self.index) == self.index:
+                self.findings.own(run_id, self.index)
+        self.runs = {i: seen[i] for i in seen if self.findings.owners.get(i) == self.index}
+
+    def export(self):
+        if self.runs:
+            self.client.predict(self.rng.choice(list(self.runs)), self.rng.random() < 0.2, api_name="/export")
+        with self.findings.lock:
+            others = [i for i, owner in self.findings.owners.items() if owner != self.index]
+        if others:
+            try:
+                self.client.predict(self.rng.choice(others), False, api_name="/export")
+            except Exception as err:  # the expected refusal
+                if "no run with that id" not in str(err).lower():
+                    raise
+            else:
+                with self.findings.lock:
+                    self.findings.leaks.append("a session exported another session's run")
+
+    def compare(self):
+        text, _plot, overlay, *_ = self.client.predict(["wanda", "ecoflap_zeroth"], 0.6, None, "",
+                                                       api_name="/compare")
+        self._told(text)
+        for label, run_id in overlay["choices"]:
+            if label.startswith(("Wanda @ 0.60", "ECoFLaP (zeroth-order) @ 0.60")) and run_id not in self.runs:
+                self.runs[run_id] = label
+                self.findings.own(run_id, self.index)
+
+    def sweep(self):
+        *_, status = self.client.predict(["magnitude"], "0.3,0.6", api_name="/sweep")
+        self._told(status)
+
+    def stop_midway(self):
+        job = self.client.submit("ecoflap_zeroth", 0.5, api_name="/prune", **FAST)
+        deadline = time.time() + 30
+        while job.status().code.name not in ("PROGRESS", "FINISHED") and time.time() < deadline:
+            time.sleep(0.05)
+        job.cancel()
+        time.sleep(0.5)
+
+    ACTIONS = {"prune": 4, "ask": 8, "export": 2, "compare": 0.3, "sweep": 0.3, "stop": 1, "leave": 0.3}
+
+    def act(self) -> str:
+        names, weights = zip(*self.ACTIONS.items())
+        action = self.rng.choices(names, weights)[0]
+        {"prune": self.prune, "ask": self.ask, "export": self.export, "compare": self.compare,
+         "sweep": self.sweep, "stop": self.stop_midway, "leave": lambda: None}[action]()
+        self.findings.count(action)
+        return action
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def soak(url: str, users: int = 20, minutes: float = 3, seed: int = 0, allow_remote: bool = False,
+         log=print) -> dict:
+    """Run the students against `url`; returns the findings and the server's samples."""
+    from gradio_client import Client, handle_file
+
+    host = urlparse(url).hostname or ""
+    if host not in LOOPBACK and not allow_remote:
+        raise ValueError(f"{host} is not this machine: soak only your own deployment (add --yes-i-own-it)")
+    if not 1 <= users <= MAX_USERS or not 0 < minutes <= MAX_MINUTES:
+        raise ValueError(f"users must be 1 to {MAX_USERS} and minutes above 0 and at most {MAX_MINUTES}")
+    examples = example_prompts()
+    if not examples:
+        raise ValueError("the shipped example images are missing")
+    probe = Client(url, verbose=False)
+    baseline = {(image, q): probe.predict(handle_file(image), q, api_name="/ask")[1]["full"] for image, q in examples}
+    findings = Findings()
+    samples: list[dict] = []
+    stop_at = time.monotonic() + minutes * 60
+    started = time.monotonic()
+
+    def monitor():
+        while time.monotonic() < stop_at:
+            stats = probe.predict(api_name="/stats")
+            samples.append({"t": round(time.monotonic() - started, 1), **stats})
+            time.sleep(5)
+
+    def student_loop(index: int):
+        rng = random.Random(seed * 1000 + index)
+        student = None
+        while time.monotonic() < stop_at:
+            try:
+                student = student or Student(url, baseline, findings, rng, examples)
+                if student.act() == "leave":
+                    student.leave()
+                    student = None
+            except Exception as err:  # counted; the soak goes on
+                with findings.lock:
+                    findings.errors.append(f"{type(err).__name__}: {str(err)[:200]}")
+                time.sleep(0.5)
+        if student is not None:
+            student.leave()
+
+    threads = [threading.Thread(target=monitor, daemon=True)]
+    threads += [threading.Thread(target=student_loop, args=(i,), daemon=True) for i in range(users)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(minutes * 60 + 600)
+    samples.append({"t": round(time.monotonic() - started, 1), **probe.predict(api_name="/stats")})
+    probe.close()
+    return summarise(findings, samples, users, minutes)
+
+
+def summarise(findings: Findings, samples: list[dict], users: int, minutes: float) -> dict:
+    during = [t for t, busy in findings.asks if busy]
+    everything = [t for t, _ in findings.asks]
+    warm = [s for s in samples if s["t"] >= samples[-1]["t"] / 3] or samples
+    longest_prune = max(findings.prunes, default=0.0)
+    return {
+        "users": users,
+        "minutes": minutes,
+        "actions": findings.actions,
+        "changed_full_answers": len(findings.changed_answers),
+        "leaks": len(findings.leaks),
+        "silent_losses": len(findings.silent_losses),
+        "errors": len(findings.errors),
+        "examples": (findings.changed_answers + findings.leaks + findings.silent_losses + findings.errors)[:10],
+        "ask_seconds": {"n": len(everything), "p50": percentile(everything, 0.5), "p95": percentile(everything, 0.95),
+                        "max": max(everything, default=float("nan"))},
+        "ask_seconds_while_pruning": {"n": len(during), "p50": percentile(during, 0.5),
+                                      "p95": percentile(during, 0.95), "max": max(during, default=float("nan"))},
+        "prune_seconds": {"n": len(findings.prunes), "p50": percentile(findings.prunes, 0.5),
+                          "max": longest_prune},
+        "resident_mib": {"start": samples[0]["resident_mib"], "after_warm_up": warm[0]["resident_mib"],
+                         "max_after_warm_up": max(s["resident_mib"] for s in warm),
+                         "end": samples[-1]["resident_mib"]},
+        "export_mib": {"max": max(s["export_mib"] for s in samples), "end": samples[-1]["export_mib"]},
+        "stored_run_mib": {"max": max(s["stored_run_mib"] for s in samples), "end": samples[-1]["stored_run_mib"]},
+        "sessions": {"max": max(s["sessions"] for s in samples), "end": samples[-1]["sessions"]},
+        "samples": samples,
+        "ok": not (findings.changed_answers or findings.leaks or findings.silent_losses),
+    }
