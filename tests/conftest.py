@@ -173,3 +173,18 @@ def inputs_alone(loaded, layers, examples):
         for h in handles:
             h.remove()
     return sums
+
+
+def masks_at_batch_sizes(loaded, method, batch_sizes, examples, samples):
+    """The zero masks of one prune per calibration batch size, the full weights back between."""
+    from ecoflap.options import PruneOptions
+    from ecoflap.pipeline import prune
+    from ecoflap.weights import WeightStore
+
+    store = WeightStore.of(loaded)
+    masks = []
+    for batch_size in batch_sizes:
+        result = prune(loaded, method, 0.5, PruneOptions(samples=samples, batch_size=batch_size), examples)
+        masks.append({r["name"]: loaded.model.get_submodule(r["name"]).weight == 0 for r in result.layers})
+        store.restore()
+    return masks

@@ -28,7 +28,7 @@ from ecoflap.pruners.masks import per_row_count
 from ecoflap.replay import sequential_statistics
 from ecoflap.weights import WeightStore
 
-from conftest import EXAMPLE, ROOT, inputs_alone
+from conftest import EXAMPLE, ROOT, inputs_alone, masks_at_batch_sizes
 from tiny_families import BUILDERS, tiny, varied_examples
 
 FAMILIES = list(BUILDERS)
@@ -201,13 +201,7 @@ def test_tokenizers_that_pad_on_the_left_give_the_same_batches(family, examples)
 
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
 def test_masks_do_not_depend_on_the_batch_size(family, examples, method):
-    loaded = tiny(family)
-    store = WeightStore.of(loaded)
-    masks = []
-    for batch_size in (1, 4):
-        result = prune(loaded, method, 0.5, PruneOptions(samples=8, batch_size=batch_size), examples)
-        masks.append({r["name"]: loaded.model.get_submodule(r["name"]).weight == 0 for r in result.layers})
-        store.restore()
+    masks = masks_at_batch_sizes(tiny(family), method, (1, 4), examples, samples=8)
     for name, mask in masks[0].items():
         assert torch.equal(mask, masks[1][name]), name
 

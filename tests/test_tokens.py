@@ -10,12 +10,9 @@ import torch
 
 from ecoflap.anatomy import INCLUDE_CHOICES, prunable_layers
 from ecoflap.data import batches
-from ecoflap.options import PruneOptions
-from ecoflap.pipeline import prune
 from ecoflap.replay import sequential_statistics
-from ecoflap.weights import WeightStore
 
-from conftest import inputs_alone, tiny_model
+from conftest import inputs_alone, masks_at_batch_sizes, tiny_model
 
 
 def test_statistics_are_sums_over_exactly_the_real_tokens(family, examples):
@@ -40,12 +37,6 @@ def test_statistics_are_sums_over_exactly_the_real_tokens(family, examples):
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
 def test_masks_do_not_depend_on_the_batch_size(family, examples, method):
     """Batch size 1 has no padding; batch size 8 pads (the shipped set is 17% padding)."""
-    loaded = tiny_model(family)
-    store = WeightStore.of(loaded.model)
-    masks = []
-    for batch_size in (1, 8):
-        result = prune(loaded, method, 0.5, PruneOptions(samples=16, batch_size=batch_size), examples)
-        masks.append({r["name"]: loaded.model.get_submodule(r["name"]).weight == 0 for r in result.layers})
-        store.restore()
+    masks = masks_at_batch_sizes(tiny_model(family), method, (1, 8), examples, samples=16)
     for name, mask in masks[0].items():
         assert torch.equal(mask, masks[1][name]), (name, (mask != masks[1][name]).float().mean().item())

@@ -102,16 +102,20 @@ def _cross_attention_inputs(block: nn.Module) -> set[nn.Module]:
     return {m for attention in cross for m in (attention.k, attention.v)}
 
 
-class Blip2(Family):
-    name = short = "BLIP-2"
-    model_types = ("blip-2",)
-    model_class = "Blip2ForConditionalGeneration"
+class BlipLayout(Family):
+    """What BLIP-2 and InstructBLIP share: an OPT/Vicuna or a FlanT5 language model."""
 
     def decoder_only(self, config) -> bool:
         return config.use_decoder_only_language_model
 
     def refuses_float16(self, config) -> str | None:
         return None if self.decoder_only(config) else "FlanT5 overflows in float16: use --dtype bfloat16 or float32"
+
+
+class Blip2(BlipLayout):
+    name = short = "BLIP-2"
+    model_types = ("blip-2",)
+    model_class = "Blip2ForConditionalGeneration"
 
     def gpu_dtype(self, config) -> torch.dtype:
         """float16 for OPT, bfloat16 for T5."""
@@ -137,7 +141,7 @@ class Blip2(Family):
         return config.num_query_tokens
 
 
-class InstructBlip(Family):
+class InstructBlip(BlipLayout):
     """BLIP-2's layout with an instruction-aware Q-Former; the instruction is the prompt."""
 
     name = short = "InstructBLIP"
@@ -145,12 +149,6 @@ class InstructBlip(Family):
     model_class = "InstructBlipForConditionalGeneration"
     # One of InstructBLIP's own captioning instructions.
     caption_instruction = "A short image caption:"
-
-    def decoder_only(self, config) -> bool:
-        return config.use_decoder_only_language_model
-
-    def refuses_float16(self, config) -> str | None:
-        return None if self.decoder_only(config) else "FlanT5 overflows in float16: use --dtype bfloat16 or float32"
 
     def gpu_dtype(self, config) -> torch.dtype:
         return super().gpu_dtype(config) if self.decoder_only(config) else torch.bfloat16
