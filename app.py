@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import html
 import logging
 import os
@@ -164,200 +165,234 @@ def progress_reporter(progress: gr.Progress):
     return report
 
 
+def with_notices(me: ecoflap.Session, text: str) -> str:
+    told = me.notices()
+    return text + "".join(f"\n\n> {note}" for note in told)
+
+
+def run_lists(me: ecoflap.Session, selected=None, latest=None):
+    choices = [(r.label, r.id) for r in me.runs()]
+    ids = [c[1] for c in choices]
+    overlay = [i for i in (selected or []) if i in ids] or ([latest] if latest in ids else ids[-1:])
+    single = latest if latest in ids else (ids[-1] if ids else None)
+    return (gr.update(choices=choices, value=overlay), gr.update(choices=choices, value=single),
+            gr.update(choices=choices, value=single))
+
+
+def charts(me: ecoflap.Session, ids):
+    runs = [r for r in me.runs() if r.id in (ids or [])]
+    if not runs:
+        return None, gr.update(value=None, visible=False)
+    sparsity = ecoflap.plots.sparsity_figure(
+        [{"label": r.label, "layers": r.result.layers, "target_sparsity": r.result.target_sparsity}
+         for r in runs])
+    grouped = [{"label": r.label, "groups": r.result.groups} for r in runs if r.result.groups]
+    # one chart compares runs with the same groups: those of the latest such run
+    names = [g["name"] for g in grouped[-1]["groups"]] if grouped else []
+    grouped = [g for g in grouped if [x["name"] for x in g["groups"]] == names]
+    groups = ecoflap.plots.group_scores_figure(grouped) if grouped else None
+    return sparsity, gr.update(value=groups, visible=groups is not None)
+
+
+def describe(server: ecoflap.Server, token):
+    """The model this session works on."""
+    me = server.session(token)
+    info = me.describe()
+    per = info["prunable_by_modality"]
+    unused = (f" · never pruned, since their output is never used: {len(info['unused'])} module(s)"
+              if info.get("unused") else "")
+    extra = " and ".join(f"{MODULE_LABELS[m]} {per[m]:,}" for m in ("qformer", "projection") if per[m])
+    return with_notices(me, (
+        f"**Model** `{info['name']}` · {info['family']} · device **{info['device']}** · {info['dtype']} · "
+        f"{info['total']:,} parameters · prunable by default: {info['prunable']:,} (vision {per['vision']:,}, "
+        f"language {per['language']:,}{f'; {extra} on request' if extra else ''}){unused}"))
+
+
+def curves(server: ecoflap.Server, token):
+    """The shipped accuracy-against-sparsity curves of this session's model, if any."""
+    data = server.session(token).shipped_curves()
+    if data is None:
+        return gr.update(value=None, visible=False), ""
+    return (gr.update(value=ecoflap.plots.curves_figure(data), visible=True),
+            f"{ecoflap.curves.leaders(data['rows'])} Measured ahead of time on this model: "
+            f"{data['measured_on']}. Regenerate with `{data['command']}`.")
+
+
+def load_model(server: ecoflap.Server, name, token):
+    """Switch this session to another model (a hub id; local folders where the deployment allows)."""
+    me = server.session(token)
+    try:
+        message = me.load_model(name)
+    except EXPECTED as err:
+        raise refusal(err) from None
+    return (describe(server, token), message, *run_lists(me), None, gr.update(value=None, visible=False))
+
+
+def status_of(run: ecoflap.Run) -> str:
+    r = run.result
+    stages = ", ".join(f"{k.removesuffix('_s').replace('stage', 'stage ')} {v:.1f} s" for k, v in r.timings.items())
+    parts = ", ".join(f"{ecoflap.plots.MODALITY_NAMES.get(m, m).lower()} {s:.3f}"
+                      for m, s in r.sparsity_by_modality.items())
+    memory = ("GPU memory allocated" if r.peak_memory_kind == "cuda_max_allocated"
+              else "growth of the process's memory")
+    return (f"**{run.label}** done: achieved sparsity **{r.achieved_sparsity:.4f}** (target "
+            f"{r.target_sparsity:.2f}); {parts}. Time: {stages}. Peak during the run: "
+            f"{r.peak_memory_bytes / 2**20:,.1f} MiB ({memory}).")
+
+
+async def prune(server: ecoflap.Server, method, sparsity, granularity, max_sparsity, samples, stage1_samples, eps,
+                nm, modules, batch_size, owl_m, owl_lambda, vision_sparsity, token, progress=gr.Progress()):
+    """Prune with a method at a sparsity; the run is stored for this session."""
+    me = server.session(token)
+    try:
+        run = await in_worker(me.prune, method, sparsity, progress=progress_reporter(progress),
+                              granularity=granularity, max_sparsity=max_sparsity, samples=samples,
+                              stage1_samples=stage1_samples, eps=eps, nm=nm, modules=modules,
+                              batch_size=batch_size, owl_m=owl_m, owl_lambda=owl_lambda,
+                              vision_sparsity=vision_sparsity)
+    except ecoflap.Cancelled:
+        log.info("stopped: a prune of session %s", me.id[:12])
+        return (gr.skip(),) * 8  # the Stop button has said so
+    except EXPECTED as err:
+        raise refusal(err) from None
+    sparsity_chart, groups_chart = charts(me, [run.id])
+    return (with_notices(me, status_of(run)), sparsity_chart, groups_chart, *run_lists(me, latest=run.id),
+            run.id, run.result.to_dict())
+
+
+# The Stop buttons stop the session's jobs through the library, not with gradio's
+# `cancels`: in gradio 6.31 a cancelled event leaves the page's button dead (the next
+# click sends nothing) or badged "Error". The stopped handler ends normally instead.
+def stop(server: ecoflap.Server, token):
+    """Stop this session's running jobs: a stopped job stores nothing."""
+    return STOPPED if server.session(token).stop() else NOTHING_RUNNING
+
+
+def stop_comparison(server: ecoflap.Server, token):
+    """Stop this session's running jobs; the runs a comparison finished stay."""
+    return STOPPED_COMPARISON if server.session(token).stop() else NOTHING_RUNNING
+
+
+def overlay(server: ecoflap.Server, selected, token):
+    return charts(server.session(token), selected)
+
+
+def clear_runs(server: ecoflap.Server, token):
+    """Drop every run of this session."""
+    me = server.session(token)
+    cleared = me.clear_runs()
+    return (with_notices(me, f"{cleared} run(s) cleared."), *run_lists(me), None,
+            gr.update(value=None, visible=False))
+
+
+def verify(server: ecoflap.Server, token):
+    """Check the shared model holds its full weights, bit for bit (it always returns to them)."""
+    me = server.session(token)
+    identical = me.restore()
+    return with_notices(me, "The shared model holds its full weights, bit-identical to the loaded ones; "
+                            "your runs are kept (Clear my runs drops them)." if identical else
+                            "The model's weights differ from the loaded ones: please report this.")
+
+
+def ask(server: ecoflap.Server, image, question, token):
+    """Answer a question about an image with the full model and every run of this session."""
+    me = server.session(token)
+    try:
+        path = uploaded_file(image)
+        if path is None:
+            raise Refused("upload an image (or pick an example) first")
+        answers = me.ask(path, question)
+    except EXPECTED as err:
+        raise refusal(err) from None
+    return answers_page(answers, me.notices()), answers.to_dict()
+
+
+def distributions(server: ecoflap.Server, run_id, token):
+    """Weight and gradient magnitude histograms: the full model against one of this session's runs."""
+    me = server.session(token)
+    try:
+        data = me.distributions(run_id or None)
+    except EXPECTED as err:
+        raise refusal(err) from None
+    return ecoflap.plots.distribution_figures(data)
+
+
+async def compare(server: ecoflap.Server, methods, sparsity, image, question, token, progress=gr.Progress()):
+    """Prune with two to four methods at one sparsity; allocations, scores and answers side by side."""
+    me = server.session(token)
+    try:
+        path = uploaded_file(image)
+        result = await in_worker(me.compare, methods, sparsity, path, question,
+                                 progress=progress_reporter(progress))
+    except ecoflap.Cancelled:
+        log.info("stopped: a comparison of session %s", me.id[:12])
+        return gr.skip(), gr.skip(), *run_lists(me)  # the Stop button has said so
+    except EXPECTED as err:
+        raise refusal(err) from None
+    chart = ecoflap.plots.sparsity_figure(
+        [{"label": r.label, "layers": r.result.layers, "target_sparsity": r.result.target_sparsity}
+         for r in result.runs])
+    return (with_notices(me, comparison_text(result)), chart, *run_lists(me, [r.id for r in result.runs],
+                                                                         result.runs[-1].id))
+
+
+async def sweep(server: ecoflap.Server, methods, sparsities, token, progress=gr.Progress()):
+    """Score against sparsity for the chosen methods (the shared model is never left pruned)."""
+    me = server.session(token)
+    try:
+        rows = await in_worker(me.sweep, methods, sparsities, progress=progress_reporter(progress))
+    except ecoflap.Cancelled:
+        log.info("stopped: a sweep of session %s", me.id[:12])
+        return gr.skip(), gr.skip(), gr.skip()  # the Stop button has said so
+    except EXPECTED as err:
+        raise refusal(err) from None
+    metric = rows[0]["metric"]
+    table = [[r["label"], r["sparsity"], round(r["score"], 4), round(r["achieved_sparsity"], 4),
+              round(r["seconds"], 2)] for r in rows]
+    return ecoflap.plots.sweep_figure(rows, metric), table, with_notices(me, f"{len(rows)} points measured.")
+
+
+def export(server: ecoflap.Server, run_id, with_model, token):
+    """The run's JSON report and per-layer CSV (and the pruned model, zipped, where allowed)."""
+    me = server.session(token)
+    try:
+        return [str(p) for p in me.export(run_id, with_model)]
+    except EXPECTED as err:
+        raise refusal(err) from None
+
+
+def new_session(server: ecoflap.Server) -> str:
+    return server.open_session().id
+
+
+def page_closed(server: ecoflap.Server, token):
+    server.close_session(token, "the page was closed")
+
+
+def stats(server: ecoflap.Server) -> dict:
+    """Sessions, stored runs, memory and export disk of this deployment right now."""
+    return server.stats()
+
+
+class Handler(functools.partial):
+    """A module-level handler with this deployment's server bound as its first argument.
+    Gradio reads its name, docstring and remaining parameters; gr.State copies the initial
+    value it is given, and a handler is code, not state: a copy is the handler itself."""
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+def bind(server: ecoflap.Server, handler) -> Handler:
+    bound = Handler(handler, server)
+    bound.__name__, bound.__doc__ = handler.__name__, handler.__doc__
+    return bound
+
+
 def build_app(server: ecoflap.Server) -> gr.Blocks:
-    def session(token) -> ecoflap.Session:
-        return server.session(token)
-
-    def with_notices(me: ecoflap.Session, text: str) -> str:
-        told = me.notices()
-        return text + "".join(f"\n\n> {note}" for note in told)
-
-    def run_lists(me: ecoflap.Session, selected=None, latest=None):
-        choices = [(r.label, r.id) for r in me.runs()]
-        ids = [c[1] for c in choices]
-        overlay = [i for i in (selected or []) if i in ids] or ([latest] if latest in ids else ids[-1:])
-        single = latest if latest in ids else (ids[-1] if ids else None)
-        return (gr.update(choices=choices, value=overlay), gr.update(choices=choices, value=single),
-                gr.update(choices=choices, value=single))
-
-    def charts(me: ecoflap.Session, ids):
-        runs = [r for r in me.runs() if r.id in (ids or [])]
-        if not runs:
-            return None, gr.update(value=None, visible=False)
-        sparsity = ecoflap.plots.sparsity_figure(
-            [{"label": r.label, "layers": r.result.layers, "target_sparsity": r.result.target_sparsity}
-             for r in runs])
-        grouped = [{"label": r.label, "groups": r.result.groups} for r in runs if r.result.groups]
-        # one chart compares runs with the same groups: those of the latest such run
-        names = [g["name"] for g in grouped[-1]["groups"]] if grouped else []
-        grouped = [g for g in grouped if [x["name"] for x in g["groups"]] == names]
-        groups = ecoflap.plots.group_scores_figure(grouped) if grouped else None
-        return sparsity, gr.update(value=groups, visible=groups is not None)
-
-    def describe(token):
-        """The model this session works on."""
-        me = session(token)
-        info = me.describe()
-        per = info["prunable_by_modality"]
-        unused = (f" · never pruned, since their output is never used: {len(info['unused'])} module(s)"
-                  if info.get("unused") else "")
-        extra = " and ".join(f"{MODULE_LABELS[m]} {per[m]:,}" for m in ("qformer", "projection") if per[m])
-        return with_notices(me, (
-            f"**Model** `{info['name']}` · {info['family']} · device **{info['device']}** · {info['dtype']} · "
-            f"{info['total']:,} parameters · prunable by default: {info['prunable']:,} (vision {per['vision']:,}, "
-            f"language {per['language']:,}{f'; {extra} on request' if extra else ''}){unused}"))
-
-    def curves(token):
-        """The shipped accuracy-against-sparsity curves of this session's model, if any."""
-        data = session(token).shipped_curves()
-        if data is None:
-            return gr.update(value=None, visible=False), ""
-        return (gr.update(value=ecoflap.plots.curves_figure(data), visible=True),
-                f"{ecoflap.curves.leaders(data['rows'])} Measured ahead of time on this model: "
-                f"{data['measured_on']}. Regenerate with `{data['command']}`.")
-
-    def load_model(name, token):
-        """Switch this session to another model (a hub id; local folders where the deployment allows)."""
-        me = session(token)
-        try:
-            message = me.load_model(name)
-        except EXPECTED as err:
-            raise refusal(err) from None
-        return (describe(token), message, *run_lists(me), None, gr.update(value=None, visible=False))
-
-    def status_of(run: ecoflap.Run) -> str:
-        r = run.result
-        stages = ", ".join(f"{k.removesuffix('_s').replace('stage', 'stage ')} {v:.1f} s" for k, v in r.timings.items())
-        parts = ", ".join(f"{ecoflap.plots.MODALITY_NAMES.get(m, m).lower()} {s:.3f}"
-                          for m, s in r.sparsity_by_modality.items())
-        memory = ("GPU memory allocated" if r.peak_memory_kind == "cuda_max_allocated"
-                  else "growth of the process's memory")
-        return (f"**{run.label}** done: achieved sparsity **{r.achieved_sparsity:.4f}** (target "
-                f"{r.target_sparsity:.2f}); {parts}. Time: {stages}. Peak during the run: "
-                f"{r.peak_memory_bytes / 2**20:,.1f} MiB ({memory}).")
-
-    async def prune(method, sparsity, granularity, max_sparsity, samples, stage1_samples, eps, nm, modules,
-                    batch_size, owl_m, owl_lambda, vision_sparsity, token, progress=gr.Progress()):
-        """Prune with a method at a sparsity; the run is stored for this session."""
-        me = session(token)
-        try:
-            run = await in_worker(me.prune, method, sparsity, progress=progress_reporter(progress),
-                                  granularity=granularity, max_sparsity=max_sparsity, samples=samples,
-                                  stage1_samples=stage1_samples, eps=eps, nm=nm, modules=modules,
-                                  batch_size=batch_size, owl_m=owl_m, owl_lambda=owl_lambda,
-                                  vision_sparsity=vision_sparsity)
-        except ecoflap.Cancelled:
-            log.info("stopped: a prune of session %s", me.id[:12])
-            return (gr.skip(),) * 8  # the Stop button has said so
-        except EXPECTED as err:
-            raise refusal(err) from None
-        sparsity_chart, groups_chart = charts(me, [run.id])
-        return (with_notices(me, status_of(run)), sparsity_chart, groups_chart, *run_lists(me, latest=run.id),
-                run.id, run.result.to_dict())
-
-    # The Stop buttons stop the session's jobs through the library, not with gradio's
-    # `cancels`: in gradio 6.31 a cancelled event leaves the page's button dead (the next
-    # click sends nothing) or badged "Error". The stopped handler ends normally instead.
-    def stop(token):
-        """Stop this session's running jobs: a stopped job stores nothing."""
-        return STOPPED if session(token).stop() else NOTHING_RUNNING
-
-    def stop_comparison(token):
-        """Stop this session's running jobs; the runs a comparison finished stay."""
-        return STOPPED_COMPARISON if session(token).stop() else NOTHING_RUNNING
-
-    def overlay(selected, token):
-        return charts(session(token), selected)
-
-    def clear_runs(token):
-        """Drop every run of this session."""
-        me = session(token)
-        cleared = me.clear_runs()
-        return (with_notices(me, f"{cleared} run(s) cleared."), *run_lists(me), None,
-                gr.update(value=None, visible=False))
-
-    def verify(token):
-        """Check the shared model holds its full weights, bit for bit (it always returns to them)."""
-        me = session(token)
-        identical = me.restore()
-        return with_notices(me, "The shared model holds its full weights, bit-identical to the loaded ones; "
-                                "your runs are kept (Clear my runs drops them)." if identical else
-                                "The model's weights differ from the loaded ones: please report this.")
-
-    def ask(image, question, token):
-        """Answer a question about an image with the full model and every run of this session."""
-        me = session(token)
-        try:
-            path = uploaded_file(image)
-            if path is None:
-                raise Refused("upload an image (or pick an example) first")
-            answers = me.ask(path, question)
-        except EXPECTED as err:
-            raise refusal(err) from None
-        return answers_page(answers, me.notices()), answers.to_dict()
-
-    def distributions(run_id, token):
-        """Weight and gradient magnitude histograms: the full model against one of this session's runs."""
-        me = session(token)
-        try:
-            data = me.distributions(run_id or None)
-        except EXPECTED as err:
-            raise refusal(err) from None
-        return ecoflap.plots.distribution_figures(data)
-
-    async def compare(methods, sparsity, image, question, token, progress=gr.Progress()):
-        """Prune with two to four methods at one sparsity; allocations, scores and answers side by side."""
-        me = session(token)
-        try:
-            path = uploaded_file(image)
-            result = await in_worker(me.compare, methods, sparsity, path, question,
-                                     progress=progress_reporter(progress))
-        except ecoflap.Cancelled:
-            log.info("stopped: a comparison of session %s", me.id[:12])
-            return gr.skip(), gr.skip(), *run_lists(me)  # the Stop button has said so
-        except EXPECTED as err:
-            raise refusal(err) from None
-        chart = ecoflap.plots.sparsity_figure(
-            [{"label": r.label, "layers": r.result.layers, "target_sparsity": r.result.target_sparsity}
-             for r in result.runs])
-        return (with_notices(me, comparison_text(result)), chart, *run_lists(me, [r.id for r in result.runs],
-                                                                             result.runs[-1].id))
-
-    async def sweep(methods, sparsities, token, progress=gr.Progress()):
-        """Score against sparsity for the chosen methods (the shared model is never left pruned)."""
-        me = session(token)
-        try:
-            rows = await in_worker(me.sweep, methods, sparsities, progress=progress_reporter(progress))
-        except ecoflap.Cancelled:
-            log.info("stopped: a sweep of session %s", me.id[:12])
-            return gr.skip(), gr.skip(), gr.skip()  # the Stop button has said so
-        except EXPECTED as err:
-            raise refusal(err) from None
-        metric = rows[0]["metric"]
-        table = [[r["label"], r["sparsity"], round(r["score"], 4), round(r["achieved_sparsity"], 4),
-                  round(r["seconds"], 2)] for r in rows]
-        return ecoflap.plots.sweep_figure(rows, metric), table, with_notices(me, f"{len(rows)} points measured.")
-
-    def export(run_id, with_model, token):
-        """The run's JSON report and per-layer CSV (and the pruned model, zipped, where allowed)."""
-        me = session(token)
-        try:
-            return [str(p) for p in me.export(run_id, with_model)]
-        except EXPECTED as err:
-            raise refusal(err) from None
-
-    def new_session() -> str:
-        return server.open_session().id
-
-    def page_closed(token):
-        server.close_session(token, "the page was closed")
-
-    def stats() -> dict:
-        """Sessions, stored runs, memory and export disk of this deployment right now."""
-        return server.stats()
-
+    """The page: layout, then its events, each bound to a handler above."""
     with gr.Blocks(title="ecoflap: prune a vision-language model", delete_cache=(600, 3600)) as demo:
-        token = gr.State(new_session, delete_callback=page_closed)
+        token = gr.State(bind(server, new_session), delete_callback=bind(server, page_closed))
         gr.Markdown("# ecoflap — prune a vision-language model and see where the sparsity went")
         model_info = gr.Markdown()
         with gr.Accordion("Load another model", open=False):
@@ -468,37 +503,43 @@ def build_app(server: ecoflap.Server) -> gr.Blocks:
                 export_files = gr.File(label="Files", file_count="multiple")
 
         run_outputs = [runs_selected, export_run, dist_run]
-        demo.load(describe, token, model_info, api_name="describe")
-        demo.load(curves, token, [teach_curve, teach_curve_note], api_visibility="private")
-        load_button.click(load_model, [model_name, token],
-                          [model_info, load_status, *run_outputs, sparsity_plot, groups_plot], api_name="load_model",
-                          preprocess=False).then(curves, token, [teach_curve, teach_curve_note],
-                                                 api_visibility="private")
+        demo.load(bind(server, describe), token, model_info, api_name="describe")
+        demo.load(bind(server, curves), token, [teach_curve, teach_curve_note], api_visibility="private")
+        load_button.click(
+            bind(server, load_model), [model_name, token],
+            [model_info, load_status, *run_outputs, sparsity_plot, groups_plot], api_name="load_model",
+            preprocess=False).then(bind(server, curves), token, [teach_curve, teach_curve_note],
+                                   api_visibility="private")
         prune_button.click(
-            prune, [method, sparsity, granularity, max_sparsity, samples, stage1_samples, eps, nm, modules,
-                    batch_size, owl_m, owl_lambda, vision_sparsity, token],
+            bind(server, prune),
+            [method, sparsity, granularity, max_sparsity, samples, stage1_samples, eps, nm, modules, batch_size,
+             owl_m, owl_lambda, vision_sparsity, token],
             [status, sparsity_plot, groups_plot, *run_outputs, last_run, last_report],
             api_name="prune", preprocess=False, show_progress_on=[status], concurrency_limit=8,
             concurrency_id="long")
-        stop_button.click(stop, token, status, api_visibility="private", queue=False)
-        runs_selected.change(overlay, [runs_selected, token], [sparsity_plot, groups_plot], api_visibility="private")
-        verify_button.click(verify, token, status, api_name="restore")
-        clear_button.click(clear_runs, token, [status, *run_outputs, sparsity_plot, groups_plot], api_name="clear_runs")
-        ask_button.click(ask, [image, question, token], [answers_html, answers_json], api_name="ask", preprocess=False)
-        dist_button.click(distributions, [dist_run, token], [weights_plot, grads_plot], api_name="distributions",
-                          preprocess=False)
+        stop_button.click(bind(server, stop), token, status, api_visibility="private", queue=False)
+        runs_selected.change(bind(server, overlay), [runs_selected, token], [sparsity_plot, groups_plot],
+                             api_visibility="private")
+        verify_button.click(bind(server, verify), token, status, api_name="restore")
+        clear_button.click(bind(server, clear_runs), token, [status, *run_outputs, sparsity_plot, groups_plot],
+                           api_name="clear_runs")
+        ask_button.click(bind(server, ask), [image, question, token], [answers_html, answers_json], api_name="ask",
+                         preprocess=False)
+        dist_button.click(bind(server, distributions), [dist_run, token], [weights_plot, grads_plot],
+                          api_name="distributions", preprocess=False)
         teach_button.click(
-            compare, [teach_methods, teach_sparsity, teach_image, teach_question, token],
+            bind(server, compare), [teach_methods, teach_sparsity, teach_image, teach_question, token],
             [teach_text, teach_plot, *run_outputs], api_name="compare", preprocess=False,
             show_progress_on=[teach_text], concurrency_limit=8, concurrency_id="long")
-        teach_stop.click(stop_comparison, token, teach_text, api_visibility="private", queue=False)
-        sweep_button.click(sweep, [sweep_methods, sweep_sparsities, token], [sweep_plot, sweep_table, sweep_status],
-                           api_name="sweep", preprocess=False, show_progress_on=[sweep_status], concurrency_limit=8,
-                           concurrency_id="long")
-        sweep_stop.click(stop, token, sweep_status, api_visibility="private", queue=False)
-        export_button.click(export, [export_run, export_model, token], export_files, api_name="export",
-                            preprocess=False)
-        gr.api(stats, api_name="stats")
+        teach_stop.click(bind(server, stop_comparison), token, teach_text, api_visibility="private", queue=False)
+        sweep_button.click(
+            bind(server, sweep), [sweep_methods, sweep_sparsities, token], [sweep_plot, sweep_table, sweep_status],
+            api_name="sweep", preprocess=False, show_progress_on=[sweep_status], concurrency_limit=8,
+            concurrency_id="long")
+        sweep_stop.click(bind(server, stop), token, sweep_status, api_visibility="private", queue=False)
+        export_button.click(bind(server, export), [export_run, export_model, token], export_files,
+                            api_name="export", preprocess=False)
+        gr.api(bind(server, stats), api_name="stats")
     return demo
 
 

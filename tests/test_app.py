@@ -151,3 +151,14 @@ def test_public_deployment_refuses_server_folders(app):
         assert "No such" not in str(refused.value) and "Errno" not in str(refused.value)
     with pytest.raises(Exception, match="at most 200 characters"):
         c.predict("x" * 5000, api_name="/load_model")
+
+
+def test_handlers_live_at_module_level_and_build_app_is_layout():
+    """app.py reads top to bottom: handlers, then the page that binds them (no inner closures)."""
+    import ast
+
+    tree = ast.parse((Path(__file__).resolve().parent.parent / "app.py").read_text())
+    build = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "build_app")
+    inner = [n.name for n in ast.walk(build) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
+             and n is not build]
+    assert inner == []
