@@ -33,6 +33,7 @@ class PruneResult:
     timings: dict = field(default_factory=dict)
     peak_memory_bytes: int = 0
     peak_memory_kind: str = ""
+    quality: dict | None = None  # the pruned model against the full one (see `quality`), when measured
 
     def to_dict(self) -> dict:
         return asdict(self)
