@@ -20,6 +20,7 @@ from .methods import get_method
 from .models import LoadedModel
 from .options import PruneOptions
 from .pipeline import prune
+from .scoring import held_out_examples, reference_for
 from .anatomy import prunable_layers
 from .weights import WeightStore
 
@@ -60,8 +61,11 @@ def bench(
     options: PruneOptions | None = None,
     naive_zeroth: bool = True,
     progress: Callable[[str, int, int], None] | None = None,
+    held_out: int = 0,
 ) -> dict:
-    """{"methods": {name: {stage1_s, stage2_s, total_s, forward_equivalents, peak_bytes, peak_vs_inference}}, ...}."""
+    """{"methods": {name: {stage1_s, stage2_s, total_s, forward_equivalents, peak_bytes, peak_vs_inference,
+    quality?}}, ...}; with `held_out` examples, each method's run against the full model,
+    measured in a pass of its own after the timings."""
 
     options = options or PruneOptions()
     methods = [get_method(name).name for name in methods]
@@ -141,6 +145,14 @@ def bench(
         }
     if not cpu:
         extra = naive_comparison()
+    if held_out:
+        reference = reference_for(loaded, held_out_examples(calibration, held_out))
+        for name in methods:
+            try:
+                results[name]["quality"] = prune(loaded, name, sparsity, options, calibration, progress,
+                                                 reference).quality
+            finally:
+                store.restore()
     first = next(iter(model.parameters()))
     return {
         "model": loaded.name,
