@@ -10,6 +10,7 @@ import sys
 from tqdm import tqdm
 
 from .anatomy import DEFAULT_INCLUDE, INCLUDE_CHOICES
+from .losses import LOSSES
 from .methods import METHODS, method_names
 from .models import ModelLoadError
 from .owl import DEFAULT_LAMBDA, DEFAULT_M
@@ -47,13 +48,38 @@ def _model_args(p: argparse.ArgumentParser):
 
 
 def _calibration_arg(p: argparse.ArgumentParser):
-    p.add_argument("--calibration", default=None, help="folder with examples.jsonl (default: shipped set)")
+    p.add_argument("--calibration", default=None,
+                   help="calibration data: a folder with examples.jsonl, a folder of images (the full model labels "
+                        "them), a datasets save_to_disk or parquet folder (FOLDER:SPLIT picks a split), or "
+                        "hf:OWNER/NAME[:SPLIT] (default: $ECOFLAP_CALIBRATION for a model that is not the shapes "
+                        "model, else the shipped shapes set)")
+    p.add_argument("--image-column", default=None, help="a dataset's image column (default: found by type)")
+    p.add_argument("--text-column", default=None, help="a dataset's text column (default: found by name and type)")
+    p.add_argument("--question", default="", help="images without captions: the question the full model answers "
+                   "to make their targets (default: none, a caption)")
+    p.add_argument("--loss", default="answer", choices=LOSSES,
+                   help="answer: the target's loss given image and prompt; prefix_lm: the ECoFLaP reference's "
+                        "recipe (lowercased captions cut at a random point in their first half)")
 
 
-def _calibration(args):
-    from .data import load_examples
+def _calibration(args, loaded, methods: list[str], options):
+    """The calibration drawn from --calibration (or the deployment's default) for these
+    methods' sample counts; None for the shipped set, which the pipeline takes itself."""
+    from .answers import ask
+    from .methods import get_method
+    from .sources import deployment_default, labeller, parse
 
-    return load_examples(args.calibration) if args.calibration else None
+    spec = args.calibration or deployment_default(loaded)
+    if spec is None:
+        return None
+    source = parse(spec, image_column=args.image_column, text_column=args.text_column, question=args.question)
+    n = max(options.samples_used(get_method(m)) for m in methods) or options.samples
+    return source.draw(n, labeller=labeller(lambda images, questions: ask(loaded, images, questions)))
+
+
+def _warn(warnings: list[str]):
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -164,22 +190,28 @@ def cmd_prune(args) -> int:
         owl_m=args.owl_m,
         owl_lambda=args.owl_lambda,
         vision_sparsity=args.vision_sparsity,
+        loss=args.loss,
     )
     check(get_method(args.method), args.sparsity, options)
     loaded = _load(args)
-    calibration = _calibration(args)
+    calibration = _calibration(args, loaded, [args.method], options)
     progress = TqdmProgress()
     try:
         result = prune(loaded, args.method, args.sparsity, options, calibration, progress)
     finally:
         progress.close()
     report = result.to_dict()
+    _warn(result.warnings)
     print(
         f"{result.method} on {result.model}: target sparsity {result.target_sparsity:.3f}, "
         f"achieved {result.achieved_sparsity:.4f} "
         + ", ".join(f"{m} {s:.3f}" for m, s in result.sparsity_by_modality.items())
         + f"; {result.timings['total_s']:.1f} s; peak memory {result.peak_memory_bytes / 2**20:.0f} MiB"
     )
+    if result.calibration:
+        c = result.calibration
+        split = f" ({c['split']})" if c["split"] else ""
+        print(f"calibration: {c['count']} samples of {c['id']}{split}, targets {c['targets']}, loss {c['loss']}")
     if result.groups:
         low = min(result.groups, key=lambda g: g["sparsity"])
         high = max(result.groups, key=lambda g: g["sparsity"])
@@ -254,9 +286,11 @@ def cmd_sweep(args) -> int:
     sparsities = sparsity_list(args.sparsities, limit=10_000)
     seeds = seed_list(args.seeds)
     loaded = _load(args)
+    options = PruneOptions(samples=args.samples, loss=args.loss)
+    calibration = _calibration(args, loaded, names, options)
     progress = TqdmProgress()
     try:
-        rows = sweep(Workbench(loaded), names, sparsities, PruneOptions(samples=args.samples), _calibration(args),
+        rows = sweep(Workbench(loaded), names, sparsities, options, calibration,
                      eval_n=args.eval_n, seeds=seeds,
                      on_row=lambda r: print(f"{r['method']:22s} {r['sparsity']:.2f} seed {r['seed']}  "
                                             f"{r['metric']} {r['score']:.4f}"),
@@ -285,11 +319,13 @@ def cmd_bench(args) -> int:
         loaded = random_model(args.arch, args.device, args.dtype)
     else:
         loaded = _load(args)
+    options = PruneOptions(samples=args.samples, stage1_samples=args.stage1_samples, batch_size=args.batch_size,
+                           loss=args.loss)
+    calibration = _calibration(args, loaded, names, options)
     progress = TqdmProgress()
     try:
-        result = bench(loaded, names, args.sparsity, _calibration(args), PruneOptions(
-            samples=args.samples, stage1_samples=args.stage1_samples, batch_size=args.batch_size),
-            naive_zeroth=not args.no_naive, progress=progress)
+        result = bench(loaded, names, args.sparsity, calibration.examples if calibration else None, options,
+                       naive_zeroth=not args.no_naive, progress=progress)
     finally:
         progress.close()
     print(f"{result['model']} on {result['device']} ({result['dtype']}), sparsity {result['sparsity']}, "

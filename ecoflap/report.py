@@ -33,6 +33,8 @@ class PruneResult:
     timings: dict = field(default_factory=dict)
     peak_memory_bytes: int = 0
     peak_memory_kind: str = ""
+    calibration: dict | None = None
+    warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
