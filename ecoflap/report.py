@@ -33,6 +33,7 @@ class PruneResult:
     timings: dict = field(default_factory=dict)
     peak_memory_bytes: int = 0
     peak_memory_kind: str = ""
+    recovery: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
