@@ -239,7 +239,7 @@ def cmd_recover(args) -> int:
         progress.close()
     targets = {row["name"]: row.get("target_sparsity") for row in report["layers"]}
     table = [{**row, "target_sparsity": targets[row["name"]]} for row in layer_table(layers)]
-    report.update(layers=table, achieved_sparsity=achieved_sparsity(table),
+    report.update(layers=table, achieved_sparsity=achieved_sparsity(table), quality=None,
                   recovery={"from": str(args.model), **recovery.to_dict()})
     held = "identical" if recovery.zeros_before == recovery.zeros_after else "CHANGED"
     scores = ""

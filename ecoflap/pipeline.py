@@ -25,8 +25,10 @@ from .owl import dense_outlier_ratios, owl_budget
 from .pruners.magnitude import prune_magnitude
 from .pruners.sparsegpt import prune_sparsegpt
 from .pruners.wanda import prune_wanda
+from .quality import Reference
 from .replay import sequential_statistics
 from .report import PruneResult
+from .scoring import quality_against_full, reference_for
 from .stats import achieved_sparsity, layer_table, sparsity_by_modality
 
 Progress = Callable[[str, int, int], None]
@@ -39,10 +41,13 @@ def prune(
     options: PruneOptions | None = None,
     calibration: list[Example] | None = None,
     progress: Progress | None = None,
+    held_out: list[Example] | Reference | None = None,
 ) -> PruneResult:
     """Prune the loaded model in place and return what happened.
 
     The caller keeps the full weights (see `WeightStore`); this function only prunes.
+    With `held_out` examples (or the full model's `Reference` on them, computed once for
+    many runs), the result's `quality` compares the pruned model with the full one.
     """
     method, options = get_method(method), options or PruneOptions()
     layers = prunable_layers(loaded.model, options.include)
@@ -51,6 +56,8 @@ def prune(
     if method.calibrated and calibration is None:
         calibration = default_calibration()
     loaded.model.eval()
+    if held_out is not None and not isinstance(held_out, Reference):
+        held_out = reference_for(loaded, held_out, _labelled(progress, "full model"))
     with PeakMemory(loaded.device, interval=0.01) as memory:
         start = time.perf_counter()
         budget = allocate(loaded, method, layers, sparsity, options, calibration, progress)
@@ -59,7 +66,10 @@ def prune(
         end = time.perf_counter()
     timings = {"stage1_s": stage1_end - start} if method.allocation != "uniform" else {}
     timings.update(stage2_s=end - stage1_end, total_s=end - start)
-    return summarise(loaded, method, sparsity, options, layers, budget, timings, memory)
+    result = summarise(loaded, method, sparsity, options, layers, budget, timings, memory)
+    if held_out is not None:
+        result.quality = quality_against_full(loaded, held_out, _labelled(progress, "pruned model"))
+    return result
 
 
 def allocate(loaded, method: Method, layers, sparsity, options, calibration, progress) -> LayerBudget:

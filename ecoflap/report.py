@@ -34,6 +34,7 @@ class PruneResult:
     peak_memory_bytes: int = 0
     peak_memory_kind: str = ""
     recovery: dict = field(default_factory=dict)
+    quality: dict | None = None  # the pruned model against the full one (see `quality`), when measured
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -276,7 +276,8 @@ class Session:
                 raise Cancelled("stopped by the user")
         targets = {row["name"]: row.get("target_sparsity") for row in source.result.layers}
         layers = [{**row, "target_sparsity": targets.get(row["name"])} for row in table]
-        result = replace(source.result, layers=layers, recovery={"from": source.label, **recovery.to_dict()})
+        result = replace(source.result, layers=layers, quality=None,  # measured on the pruned weights, not these
+                         recovery={"from": source.label, **recovery.to_dict()})
         way_note = " (LoRA)" if options.way == "lora" else ""
         return self._keep(get_method(result.method), result, weights, bench,
                           label=f"{source.label} + {options.steps} steps{way_note}")
