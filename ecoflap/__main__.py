@@ -1,4 +1,4 @@
-"""Command line: python -m ecoflap {prune, ask, eval, sweep, bench, soak} ..."""
+"""Command line: python -m ecoflap {prune, recover, ask, eval, sweep, bench, soak} ..."""
 
 from __future__ import annotations
 
@@ -114,6 +114,24 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--report", default=None, help="write the JSON report here")
     p.add_argument("--save", default=None, help="write the pruned model (safetensors) and report here")
 
+    r = sub.add_parser("recover", help="fine-tune a pruned model (a folder prune --save wrote), every zero held")
+    _model_args(r)
+    r.add_argument("--steps", type=int, default=None, help="fine-tuning steps (required)")
+    r.add_argument("--lr", type=float, default=2e-5, help="AdamW learning rate (the paper's reference: 2e-5)")
+    r.add_argument("--weight-decay", type=float, default=0.05)
+    r.add_argument("--schedule", default="cosine", choices=["cosine", "constant"])
+    r.add_argument("--way", default="full", choices=["full", "lora"],
+                   help="full: the pruned matrices, gradient and update masked; lora: a LoRA merged as W + dW * mask")
+    r.add_argument("--rank", type=int, default=8, help="LoRA rank")
+    r.add_argument("--batch-size", type=int, default=8)
+    r.add_argument("--seed", type=int, default=0, help="which fresh scenes (shapes model) or shuffles")
+    r.add_argument("--eval-n", type=int, default=200, help="questions scored before and after (0: none)")
+    r.add_argument("--calibration", default=None,
+                   help="folder with examples.jsonl to fine-tune on (default: fresh shapes scenes for the "
+                        "shapes model, else the shipped calibration set)")
+    r.add_argument("--report", default=None, help="write the JSON report here")
+    r.add_argument("--save", default=None, help="write the recovered model (safetensors) and report here")
+
     a = sub.add_parser("ask", help="answer a question about an image (no question: a caption)")
     _model_args(a)
     a.add_argument("--image", default=None)
@@ -223,6 +241,55 @@ def cmd_prune(args) -> int:
     if args.save:
         save_pruned(loaded, report, args.save)
         print(f"pruned model: {args.save}")
+    return 0
+
+
+def cmd_recover(args) -> int:
+    from pathlib import Path
+
+    from .anatomy import INCLUDE_CHOICES, prunable_layers
+    from .recover import recover, recover_options
+    from .report import save_pruned, write_json
+    from .stats import achieved_sparsity, layer_table
+
+    options = recover_options(args.steps, args.lr, args.weight_decay, args.schedule, args.batch_size, args.way,
+                              args.rank, args.seed, args.eval_n)
+    pruned_report = Path(args.model or "") / "ecoflap_report.json"
+    if not args.model or not pruned_report.is_file():
+        raise ValueError("--model must be a folder that `python -m ecoflap prune --save` wrote "
+                         "(it holds ecoflap_report.json, which names the pruned layers)")
+    report = json.loads(pruned_report.read_text())
+    loaded = _load(args)
+    names = {row["name"] for row in report["layers"]}
+    layers = [l for l in prunable_layers(loaded.model, INCLUDE_CHOICES) if l.name in names]
+    if len(layers) != len(names):
+        raise ValueError("the folder's ecoflap_report.json names layers this model does not have")
+    progress = TqdmProgress()
+    try:
+        recovery = recover(loaded, layers, options, _calibration(args), progress)
+    finally:
+        progress.close()
+    targets = {row["name"]: row.get("target_sparsity") for row in report["layers"]}
+    table = [{**row, "target_sparsity": targets[row["name"]]} for row in layer_table(layers)]
+    report.update(layers=table, achieved_sparsity=achieved_sparsity(table), quality=None,
+                  recovery={"from": str(args.model), **recovery.to_dict()})
+    held = "identical" if recovery.zeros_before == recovery.zeros_after else "CHANGED"
+    scores = ""
+    if recovery.before is not None:
+        scores = (f"; {recovery.before['metric']} {recovery.before['value']:.4f} -> "
+                  f"{recovery.after['value']:.4f} on {recovery.after['n']} examples")
+    print(f"{options.steps} steps ({options.way}, lr {options.lr:g}, {options.schedule}): loss "
+          f"{recovery.losses[0]:.4f} -> {recovery.losses[-1]:.4f}{scores}; zeros per layer {held}; "
+          f"{recovery.timings['train_s']:.1f} s training; peak memory {recovery.peak_memory_bytes / 2**20:.0f} MiB")
+    if recovery.merge_densification is not None:
+        print(f"LoRA merge densification: {recovery.merge_densification} (a plain merge would have filled "
+              f"{recovery.plain_merge_would_fill:,} zeros)")
+    if args.report:
+        write_json(report, args.report)
+        print(f"report: {args.report}")
+    if args.save:
+        save_pruned(loaded, report, args.save)
+        print(f"recovered model: {args.save}")
     return 0
 
 
@@ -373,7 +440,7 @@ def cmd_soak(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
-    commands = {"prune": cmd_prune, "ask": cmd_ask, "eval": cmd_eval, "sweep": cmd_sweep, "bench": cmd_bench,
+    commands = {"prune": cmd_prune, "recover": cmd_recover, "ask": cmd_ask, "eval": cmd_eval, "sweep": cmd_sweep, "bench": cmd_bench,
                 "soak": cmd_soak}
     try:
         return commands[args.command](args)

@@ -26,8 +26,10 @@ from .owl import dense_outlier_ratios, owl_budget
 from .pruners.magnitude import prune_magnitude
 from .pruners.sparsegpt import prune_sparsegpt
 from .pruners.wanda import prune_wanda
+from .quality import Reference
 from .replay import sequential_statistics
 from .report import PruneResult
+from .scoring import quality_against_full, reference_for
 from .sources import Calibration, calibration_warnings, given, parse
 from .stats import achieved_sparsity, layer_table, sparsity_by_modality
 
@@ -41,12 +43,15 @@ def prune(
     options: PruneOptions | None = None,
     calibration: Calibration | list[Example] | None = None,
     progress: Progress | None = None,
+    held_out: list[Example] | Reference | None = None,
 ) -> PruneResult:
     """Prune the loaded model in place and return what happened.
 
     `calibration`: drawn from a source (see `sources`), a plain list of examples, or None
     for the shipped shapes set. The caller keeps the full weights (see `WeightStore`);
-    this function only prunes.
+    this function only prunes. With `held_out` examples (or the full model's `Reference`
+    on them, computed once for many runs), the result's `quality` compares the pruned
+    model with the full one.
     """
     method, options = get_method(method), options or PruneOptions()
     layers = prunable_layers(loaded.model, options.include)
@@ -58,6 +63,8 @@ def prune(
             given(calibration) if calibration is not None else parse(None).draw(len(default_calibration()))
         calibration = examples_for(options.loss, drawn.examples, options.seed)
     loaded.model.eval()
+    if held_out is not None and not isinstance(held_out, Reference):
+        held_out = reference_for(loaded, held_out, _labelled(progress, "full model"))
     with PeakMemory(loaded.device, interval=0.01) as memory:
         start = time.perf_counter()
         budget = allocate(loaded, method, layers, sparsity, options, calibration, progress)
@@ -70,6 +77,8 @@ def prune(
     if drawn is not None:
         result.calibration = {**drawn.report(options.samples_used(method)), "loss": options.loss}
         result.warnings = drawn.warnings + calibration_warnings(loaded, drawn)
+    if held_out is not None:
+        result.quality = quality_against_full(loaded, held_out, _labelled(progress, "pruned model"))
     return result
 
 
