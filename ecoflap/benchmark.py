@@ -13,14 +13,14 @@ from typing import Callable
 
 import torch
 
-from .data import batches, calibration_loss, default_calibration, encode_examples, on_model, take
+from .data import Example, batches, calibration_loss, default_calibration, encode_examples, on_model, take
 from .importance import zeroth_order_scores
 from .memory import PeakMemory, return_freed_memory_to_the_system
 from .methods import get_method
 from .models import LoadedModel
 from .options import PruneOptions
 from .pipeline import prune
-from .scoring import held_out_examples, reference_for
+from .scoring import reference_for
 from .anatomy import prunable_layers
 from .weights import WeightStore
 
@@ -61,7 +61,7 @@ def bench(
     options: PruneOptions | None = None,
     naive_zeroth: bool = True,
     progress: Callable[[str, int, int], None] | None = None,
-    held_out: int = 0,
+    held_out: list[Example] | None = None,
 ) -> dict:
     """{"methods": {name: {stage1_s, stage2_s, total_s, forward_equivalents, peak_bytes, peak_vs_inference,
     quality?}}, ...}; with `held_out` examples, each method's run against the full model,
@@ -146,7 +146,7 @@ def bench(
     if not cpu:
         extra = naive_comparison()
     if held_out:
-        reference = reference_for(loaded, held_out_examples(calibration, held_out))
+        reference = reference_for(loaded, held_out)
         for name in methods:
             try:
                 results[name]["quality"] = prune(loaded, name, sparsity, options, calibration, progress,

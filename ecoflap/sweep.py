@@ -47,8 +47,9 @@ def sweep(
     and the quality columns}; `seeds` default to the options' one seed; `held_out` to
     `eval_n` examples drawn with the scoring seed that no calibration sample shows."""
     options = options or PruneOptions()
-    own_questions = held_out is None
-    if own_questions:
+    # the shipped set leaves nothing over: the held-out examples are then the scored questions
+    own_questions = held_out is None and not getattr(calibration, "held_out", None)
+    if held_out is None:
         held_out = held_out_examples(calibration, eval_n, EVAL_SEED)
     seeds = list(seeds) if seeds else [options.seed]
     points = [(get_method(name), s, seed) for name in methods for s in sparsities

@@ -19,15 +19,17 @@ from typing import Callable
 
 import torch
 
-from .anatomy import parameter_counts
+from .anatomy import INCLUDE_CHOICES, parameter_counts, prunable_layers
 from .answers import ask as ask_model
 from .data import Example
 from .models import LoadedModel
 from .options import PruneOptions
 from .pipeline import prune
 from .quality import Reference
+from .recover import OnStep, Recovery, RecoverOptions, recover
 from .report import PruneResult
 from .scoring import reference_for
+from .stats import layer_table
 from .weights import RunWeights, WeightStore
 
 log = logging.getLogger(__name__)
@@ -187,6 +189,35 @@ class Workbench:
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
         return result, weights, extra
+
+    def recover(self, weights: RunWeights, options: RecoverOptions, calibration: list[Example] | None = None,
+                progress: Progress | None = None, should_stop: StopCheck | None = None,
+                on_step: OnStep | None = None) -> tuple[Recovery, list[dict], RunWeights]:
+        """Fine-tune a variant with its zeros held, as one long unit: returns what happened,
+        the per-layer table and the recovered weights; the full weights are back afterwards."""
+
+        def report(what, done, total):
+            if should_stop is not None and should_stop():
+                raise Cancelled("stopped by the user")
+            if progress is not None:
+                progress(what, done, total)
+
+        with self.unit(long=True, should_stop=should_stop) as loaded:
+            names = set(weights.names)
+            layers = [l for l in prunable_layers(loaded.model, INCLUDE_CHOICES) if l.name in names]
+            try:
+                with weights.applied(self.store):
+                    recovery = recover(loaded, layers, options, calibration, report, on_step)
+                    table = layer_table(layers)
+                    recovered = RunWeights.capture(self.store, weights.names)
+            except torch.OutOfMemoryError as err:
+                raise MemoryError("out of memory while fine-tuning: the recovery was abandoned and the full "
+                                  "model restored; try a smaller batch size or the LoRA way") from err
+            finally:
+                self.store.restore()
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+        return recovery, table, recovered
 
     def reference(self, examples: list[Example], should_stop: StopCheck | None = None) -> Reference:
         """The full model on held-out examples (its answers and next-token distributions),

@@ -235,6 +235,6 @@ def test_sweep_columns_and_y_axis_against_the_full_model(saved_model, calibratio
     assert {"kl_mean", "kl_p99", "same_top", "same_answer", "right_to_wrong", "wrong_to_right"} <= set(header)
     rows = json.loads(out.read_text())["rows"]
     assert rows[0]["kl_mean"] < rows[1]["kl_mean"]  # more zeros, further from the full model
-    assert rows[0]["score"] == rows[0]["accuracy"]  # a shapes vocabulary: the score is the held-out accuracy
+    assert all(0 <= r["accuracy"] <= 1 for r in rows)  # a shapes vocabulary: exact match scores its answers
     assert "mean KL(full || pruned)" in html.read_text()
     assert run("sweep", "--y", "loss").returncode == 2
