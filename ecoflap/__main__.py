@@ -150,7 +150,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--method", default=None, help="prune --model with this method first (default options), then "
                    "compare it with the full model")
     e.add_argument("--sparsity", type=float, default=0.5, help="with --method")
-    e.add_argument("--samples", type=int, default=128, help="with --method: calibration samples")
+    e.add_argument("--samples", type=int, default=128, help="calibration samples (held-out examples come after them)")
     _calibration_arg(e)
     e.add_argument("--held-out", type=int, default=200, help="held-out examples for the comparison with the full "
                    "model (never a calibration image)")

@@ -11,6 +11,7 @@ speaks the shapes world.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import random
 from typing import Callable
@@ -92,10 +93,16 @@ def held_out_examples(calibration: Calibration | list[Example] | None = None, n:
         if not free:
             raise ValueError("every example of the source was used for calibration: none is left to hold out")
         return random.Random(seed).sample(free, min(n, len(free)))
+    return [e for e in generated_examples(n, seed) if fingerprint(e.image) not in used]
+
+
+@functools.lru_cache(maxsize=8)
+def generated_examples(n: int, seed: int) -> tuple[Example, ...]:
+    """Generated shapes questions as examples, the same objects for the same (n, seed), so
+    the full model's reference on them is measured once (it is kept by their identity)."""
     from .shapes.evaluate import make_eval_set
 
-    generated = [Example(e.image, e.question, e.answer) for e in make_eval_set(n, seed)]
-    return [e for e in generated if fingerprint(e.image) not in used]
+    return tuple(Example(e.image, e.question, e.answer) for e in make_eval_set(n, seed))
 
 
 def quality_against_full(loaded: LoadedModel, reference: Reference, progress=None) -> dict:

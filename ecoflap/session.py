@@ -42,9 +42,10 @@ from .methods import Method, get_method
 from .options import PruneOptions, from_settings, number, sparsity_list, sparsity_value
 from .recover import OnStep, recover_options
 from .report import PruneResult, layers_csv, save_pruned, write_json, write_text
-from .scoring import quick_score
+from .quality import labelled_counts
+from .scoring import held_out_examples
 from .stats import gradient_histograms, weight_histograms
-from .sweep import sweep
+from .sweep import EVAL_SEED, sweep
 from .weights import RunWeights
 from .workbench import Cancelled, Workbench
 
@@ -52,6 +53,7 @@ log = logging.getLogger(__name__)
 Progress = Callable[[str, int, int], None]
 StopCheck = Callable[[], bool]
 MAX_NEW_TOKENS = 64
+QUALITY_N = 100  # held-out examples each run is measured on against the full model
 
 
 @dataclass
@@ -251,8 +253,10 @@ class Session:
         if options is None:
             options = from_settings(sparsity, **settings)
         bench = self.workbench
+        held_out = held_out_examples(calibration, QUALITY_N)
         with self._job(should_stop) as stopped:
-            result, weights, _ = bench.prune(method.name, sparsity, options, calibration, progress, stopped)
+            result, weights, _ = bench.prune(method.name, sparsity, options, calibration, progress, stopped,
+                                             held_out=held_out)
             if stopped():
                 raise Cancelled("stopped by the user")
         return self._keep(method, result, weights, bench)
@@ -336,8 +340,10 @@ class Session:
 
     def compare(self, methods, sparsity, image=None, question="", eval_n: int = 200,
                 progress: Progress | None = None, should_stop: StopCheck | None = None) -> Comparison:
-        """Prune with each method at one sparsity (each its own run), then score the full
-        model and every run on the same questions, and answer one question with each."""
+        """Prune with each method at one sparsity (each its own run), measure every run
+        against the full model on the same held-out questions (accuracy and flips where
+        the model speaks the shapes world, else the mean KL from the full model), and
+        answer one question with each."""
         names = [get_method(m) for m in _listed(methods, "methods")]
         if not 2 <= len(names) <= 4 or len({m.name for m in names}) != len(names):
             raise ValueError("choose two to four different methods to compare")
@@ -347,27 +353,40 @@ class Session:
         if image is not None:
             picture, fitted, _ = self._inputs(image, question, 20)
         bench = self.workbench
+        held_out = held_out_examples(None, eval_n, EVAL_SEED)
         runs = []
         with self._job(should_stop) as stopped:
+            reference = bench.reference(held_out, stopped)
             for i, method in enumerate(names):
                 step = f"{method.label} @ {sparsity:.2f} ({i + 1} of {len(names)})"
                 result, weights, _ = bench.prune(method.name, sparsity, PruneOptions(),
-                                                 progress=_prefixed(progress, step), should_stop=stopped)
+                                                 progress=_prefixed(progress, step), should_stop=stopped,
+                                                 held_out=held_out)
                 runs.append(self._keep(method, result, weights, bench))
+            labelled = "accuracy" in runs[0].result.quality
+            full = {"n": len(held_out), "kl_mean": 0.0, "same_top": 1.0, "same_answer": 1.0}
+            if labelled:
+                full.update(labelled_counts(reference.answers, reference.answers, reference.expected))
             rows = []
-            for i, (label, weights) in enumerate([("Full model", None)] + [(r.label, r.weights) for r in runs]):
+            for label, quality, weights in [("Full model", full, None)] + [(r.label, r.result.quality, r.weights)
+                                                                          for r in runs]:
                 if stopped():
                     raise Cancelled("stopped by the user")
-                if progress:
-                    progress(f"scoring {label} on {eval_n} questions", i, len(runs) + 1)
-                score = bench.using(weights, lambda loaded: quick_score(loaded, eval_n), long=True,
-                                    should_stop=stopped)
                 answer = bench.ask([picture], [fitted], weights)[0] if picture is not None else None
-                rows.append({"label": label, "score": score["value"], "answer": answer,
+                rows.append({"label": label, "score": quality["accuracy" if labelled else "kl_mean"],
+                             "quality": quality, "answer": answer,
                              "sparsity_by_modality": next((r.result.sparsity_by_modality for r in runs
                                                            if r.label == label), {})})
-        return Comparison(sparsity, runs, rows, score["metric"], score["higher_is_better"], score["measured_on"],
-                          fitted)
+        n = len(held_out)
+        if labelled:
+            return Comparison(sparsity, runs, rows, "accuracy", True,
+                              f"exact match on {n} generated shapes questions (seed {EVAL_SEED}; the same "
+                              f"questions for every model, none of them a calibration image)", fitted)
+        return Comparison(sparsity, runs, rows, "mean KL from the full model", False,
+                          f"KL(full || pruned) of the next-token distributions over the answer tokens of {n} "
+                          f"held-out examples that no calibration sample shows, teacher-forced on "
+                          f"{reference.from_references} reference answers and {n - reference.from_references} of "
+                          f"the full model's own", fitted)
 
     def sweep(self, methods, sparsities, eval_n: int = 200, progress: Progress | None = None,
               should_stop: StopCheck | None = None, on_row: Callable[[dict], None] | None = None) -> list[dict]:

@@ -207,14 +207,15 @@ def test_eval_against_the_full_model_saved_or_pruned_now(saved_model, calibratio
     """A pruned model saved by `prune --save` and compared with `--full` measures the same as
     pruning in the same command with `--method`: same held-out examples, same weights."""
     pruned, saved, now = tmp_path / "pruned", tmp_path / "saved.json", tmp_path / "now.json"
-    common = ("--calibration", str(calibration_folder), "--held-out", "6", "--seed", "3")
+    # the held-out examples are the 6 after the 8 calibration samples of the folder, in both
+    common = ("--calibration", str(calibration_folder), "--samples", "8", "--held-out", "6")
     assert run("prune", "--model", str(saved_model), "--method", "wanda", "--sparsity", "0.6", "--samples", "8",
                "--calibration", str(calibration_folder), "--save", str(pruned)).returncode == 0
     done = run("eval", "--model", str(pruned), "--full", str(saved_model), *common, "--json", str(saved))
     assert done.returncode == 0, done.stderr
     assert "KL(full || pruned) over" in done.stdout and "same top" in done.stdout
-    done = run("eval", "--model", str(saved_model), "--method", "wanda", "--sparsity", "0.6", "--samples", "8",
-               *common, "--json", str(now))
+    done = run("eval", "--model", str(saved_model), "--method", "wanda", "--sparsity", "0.6", *common,
+               "--json", str(now))
     assert done.returncode == 0, done.stderr
     a, b = json.loads(saved.read_text()), json.loads(now.read_text())
     assert a["n"] == b["n"] == 6 and a["tokens"] == b["tokens"] and a["kl_mean"] > 0
