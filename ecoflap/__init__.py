@@ -22,7 +22,7 @@ from .models import DEFAULT_MODEL, LoadedModel, ModelLoadError, load_model
 from .options import MAX_SPARSITY, PruneOptions
 from .pipeline import prune
 from .report import PruneResult, save_pruned, write_json
-from .server import ConfigError, Limits, Server
+from .server import Busy, ConfigError, Limits, Server, client_address
 from .session import Answers, Comparison, Run, Session
 from .weights import WeightStore
 from .workbench import Cancelled, Workbench
@@ -39,6 +39,7 @@ __all__ = [
     "METHODS",
     "MODALITIES",
     "Answers",
+    "Busy",
     "Cancelled",
     "Comparison",
     "ConfigError",
@@ -57,6 +58,7 @@ __all__ = [
     "allocate_sparsity",
     "curves",
     "ask",
+    "client_address",
     "example_prompts",
     "get_method",
     "load_examples",

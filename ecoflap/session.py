@@ -103,9 +103,10 @@ class Comparison:
 class Session:
     """One person's runs on one model, and everything they can do with them."""
 
-    def __init__(self, server, session_id: str):
+    def __init__(self, server, session_id: str, client: str | None = None):
         self.server = server
         self.id = session_id
+        self.client = client  # who opened it (an address), for the per-client bounds
         self.model_name = server.default_model
         self._runs: OrderedDict[str, Run] = OrderedDict()
         self._notices: list[str] = []
@@ -122,6 +123,11 @@ class Session:
     @property
     def busy(self) -> bool:
         return bool(self._jobs)
+
+    @property
+    def empty(self) -> bool:
+        """No runs and no jobs: closing it costs its owner nothing."""
+        return not self._runs and not self._jobs
 
     def tell(self, message: str):
         with self._lock:
