@@ -21,9 +21,13 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .models import DEFAULT_MODEL, ModelLoadError, load_model
 from .workbench import Workbench
+
+if TYPE_CHECKING:
+    from .session import Session
 
 log = logging.getLogger(__name__)
 HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
@@ -354,6 +358,23 @@ class Server:
             "resident_mib": round(resident_bytes() / 2**20, 1),
             "export_mib": round(self.export_disk_bytes() / 2**20, 3),
         }
+
+    # jobs (prunes, comparisons, sweeps, model exports), bounded per session and per client
+
+    def start_job(self, session: "Session", flag: threading.Event):
+        """Count a new job of `session`, or Busy if it or its client already has its share."""
+        limits = self.limits
+        with self._lock:
+            if len(session._jobs) >= limits.jobs_per_session:
+                raise Busy(f"you already have {len(session._jobs)} job(s) running or waiting here (at most "
+                           f"{limits.jobs_per_session} per session): wait for one to finish, or Stop it")
+            if session.client is not None:
+                theirs = sum(len(s._jobs) for s in self._sessions.values() if s.client == session.client)
+                if theirs >= limits.jobs_per_client:
+                    raise Busy(f"you already have {theirs} jobs running or waiting (at most "
+                               f"{limits.jobs_per_client} per person, across your sessions): wait for one to finish")
+            with session._lock:
+                session._jobs.add(flag)
 
     # runs of all sessions, bounded in memory together
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 import uuid
 
 import httpx
@@ -55,6 +56,10 @@ def call(url: str, api: str, data: list, address: str, session_hash: str | None 
     return kind, payload
 
 
+def stats(url: str) -> dict:
+    return visitor(url, "127.0.0.1").predict(api_name="/stats")
+
+
 def run_ids(c: Client) -> list[str]:
     return [r["run"] for r in c.predict(handle_file(str(EXAMPLE)), "", api_name="/ask")[1]["runs"]]
 
@@ -63,7 +68,10 @@ def test_a_flood_of_new_sessions_wipes_nobody(guarded):
     url, log, _ = guarded
     students = [visitor(url, f"10.0.0.{i}") for i in (1, 2)]
     runs = [c.predict("magnitude", 0.5, api_name="/prune", **FAST)[-2] for c in students]
-    assert call(url, "new_session", [], "10.6.6.6")[0] == "refused"  # the page's own start is no API
+    before = stats(url)["sessions"]
+    for _ in range(20):  # the page's own start: not in the API, and it holds nothing
+        call(url, "new_session", [], "10.6.6.6")
+    assert stats(url)["sessions"] == before
 
     def flood(address):
         for _ in range(15):
@@ -85,3 +93,23 @@ def test_a_flood_of_new_sessions_wipes_nobody(guarded):
     kind, result = call(url, "describe", [], attacker)
     assert kind == "error" and "already have 3 sessions with work in them" in json.dumps(result)
     assert "Traceback" not in log.read_text()
+
+
+def test_one_client_cannot_take_the_long_slots(guarded):
+    url, log, _ = guarded
+    sessions = [visitor(url, "10.6.6.7") for _ in range(3)]
+    jobs = [c.submit("ecoflap_zeroth", 0.5, api_name="/prune") for c in sessions for _ in range(4)]
+    deadline = time.time() + 120
+    while sum(job.done() for job in jobs) < 10 and time.time() < deadline:
+        time.sleep(0.1)  # refusals are immediate; two prunes go on
+    refused = []
+    student = visitor(url, "10.0.0.3")
+    assert "Magnitude @ 0.50" in student.predict("magnitude", 0.5, api_name="/prune", **FAST)[0]
+    for job in jobs:
+        if job.done() and job.exception() is not None:
+            refused.append(str(job.exception()))
+        else:
+            job.cancel()
+    assert len(refused) == 10, refused  # the client's bound is 2 jobs, whatever its sessions
+    assert sum("(at most 1 per session)" in r for r in refused) >= 4
+    assert all("already have" in r and "wait for one to finish" in r for r in refused)

@@ -402,3 +402,31 @@ def test_clearing_runs_frees_their_memory(model_folder, tmp_path):
     me.prune("magnitude", 0.5)
     assert server.stored_run_bytes > 0
     assert me.clear_runs() == 2 and me.runs() == [] and server.stored_run_bytes == 0
+
+
+def test_jobs_are_bounded_per_session_and_per_client(model_folder, tmp_path):
+    server = make_server(model_folder, tmp_path, jobs_per_session=1, jobs_per_client=2)
+    a, b, c = (server.open_session("10.0.0.9") for _ in range(3))
+    other = server.open_session("10.0.0.1")
+    holding, release = threading.Event(), threading.Event()
+
+    def hold(what, done, total):
+        holding.set()
+        release.wait(30)
+
+    first = threading.Thread(target=lambda: a.prune("magnitude", 0.5, progress=hold, **FAST))
+    first.start()
+    holding.wait(30)
+    with pytest.raises(Busy, match="already have 1 job\\(s\\) running or waiting here \\(at most 1 per session"):
+        a.prune("magnitude", 0.6, **FAST)
+    second = threading.Thread(target=lambda: b.sweep(["magnitude"], "0.3", eval_n=10))
+    second.start()
+    while len(b._jobs) < 1:
+        time.sleep(0.01)
+    with pytest.raises(Busy, match="already have 2 jobs running or waiting \\(at most 2 per person"):
+        c.compare(["magnitude", "wanda"], 0.5, eval_n=10)
+    release.set()
+    assert other.prune("magnitude", 0.5, **FAST).label == "Magnitude @ 0.50"
+    first.join(60)
+    second.join(60)
+    assert len(a.runs()) == 1 and c.prune("magnitude", 0.5, **FAST)
