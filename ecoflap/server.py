@@ -50,6 +50,7 @@ class Limits:
     runs_per_session: int = 8
     run_memory_mb: float = 1024
     sweep_points: int = 24
+    recover_steps: int = 300
     sessions: int = 200
     sessions_per_client: int = 30
     jobs_per_session: int = 2
@@ -69,6 +70,7 @@ class Limits:
         "runs_per_session": "ECOFLAP_MAX_RUNS",
         "run_memory_mb": "ECOFLAP_MAX_RUN_MB",
         "sweep_points": "ECOFLAP_MAX_SWEEP_POINTS",
+        "recover_steps": "ECOFLAP_MAX_RECOVER_STEPS",
         "sessions": "ECOFLAP_MAX_SESSIONS",
         "sessions_per_client": "ECOFLAP_MAX_SESSIONS_PER_CLIENT",
         "jobs_per_session": "ECOFLAP_MAX_JOBS_PER_SESSION",
