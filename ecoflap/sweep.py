@@ -42,6 +42,7 @@ def sweep(
     on_row: Callable[[dict], None] | None = None,
     seeds: Sequence[int] | None = None,
     held_out: list | None = None,
+    owner: object = None,
 ) -> list[dict]:
     """Rows {method, label, sparsity, seed, metric, score, achieved_sparsity, seconds, split?,
     and the quality columns}; `seeds` default to the options' one seed; `held_out` to
@@ -62,7 +63,7 @@ def sweep(
         row = measure_point(workbench, method.name, sparsity, replace(options, seed=seed), calibration, eval_n,
                             progress=(lambda what, done, total: progress(f"{step} · {what}", done, total))
                             if progress else None, should_stop=should_stop, held_out=held_out,
-                            score_from_quality=own_questions)
+                            score_from_quality=own_questions, owner=owner)
         rows.append(row)
         if on_row:
             on_row(row)
@@ -72,7 +73,7 @@ def sweep(
 def measure_point(workbench: Workbench, method: str, sparsity: float, options: PruneOptions, calibration=None,
                   eval_n: int = 200, eval_seed: int = EVAL_SEED, progress: Progress | None = None,
                   should_stop: StopCheck | None = None, held_out: list | None = None,
-                  score_from_quality: bool = False) -> dict:
+                  score_from_quality: bool = False, owner: object = None) -> dict:
     """One prune and its quick score on `eval_n` questions drawn with `eval_seed`, as a row
     (with the vision/language split where the allocation has one); with `held_out`, also
     the run against the full model on them. `score_from_quality`: the held-out examples
@@ -87,7 +88,7 @@ def measure_point(workbench: Workbench, method: str, sparsity: float, options: P
         return quick_score(loaded, eval_n, eval_seed)
 
     result, _, score = workbench.prune(method.name, sparsity, options, calibration, progress=progress,
-                                       should_stop=should_stop, then=score_of, held_out=held_out)
+                                       should_stop=should_stop, owner=owner, then=score_of, held_out=held_out)
     row = {"method": method.name, "label": method.label, "sparsity": sparsity, "seed": options.seed,
            "metric": score["metric"], "score": score["value"], "achieved_sparsity": result.achieved_sparsity,
            "seconds": result.timings["total_s"]}
