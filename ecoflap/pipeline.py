@@ -122,7 +122,7 @@ def prune_layers(loaded, stage2: str, layers: list[PrunableLayer], budget: Layer
 
     def prune_block(block_layers: list[PrunableLayer], stats):
         for l in block_layers:
-            s, weight = stats[l.name], l.module.weight.data
+            s, weight = stats.pop(l.name), l.module.weight.data  # each layer's statistics freed once it is pruned
             if stage2 == "wanda":
                 prune_wanda(weight, s.sq_norm, budget.sparsity[l.name], nm, budget.zeros[l.name])
             else:

@@ -107,9 +107,10 @@ class Comparison:
 class Session:
     """One person's runs on one model, and everything they can do with them."""
 
-    def __init__(self, server, session_id: str):
+    def __init__(self, server, session_id: str, client: str | None = None):
         self.server = server
         self.id = session_id
+        self.client = client  # who opened it (an address), for the per-client bounds
         self.model_name = server.default_model
         self._runs: OrderedDict[str, Run] = OrderedDict()
         self._notices: list[str] = []
@@ -126,6 +127,11 @@ class Session:
     @property
     def busy(self) -> bool:
         return bool(self._jobs)
+
+    @property
+    def empty(self) -> bool:
+        """No runs and no jobs: closing it costs its owner nothing."""
+        return not self._runs and not self._jobs
 
     def tell(self, message: str):
         with self._lock:
@@ -171,10 +177,10 @@ class Session:
 
     @contextlib.contextmanager
     def _job(self, should_stop: StopCheck | None):
-        """A long job of this session: yields its stop check (stop(), end() or the caller's)."""
+        """A long job of this session: yields its stop check (stop(), end() or the caller's).
+        Busy if the session or its client already has as many jobs as the deployment allows."""
         flag = threading.Event()
-        with self._lock:
-            self._jobs.add(flag)
+        self.server.start_job(self, flag)
         self.touch()
         try:
             yield lambda: flag.is_set() or self.ended or (should_stop is not None and bool(should_stop()))
@@ -266,7 +272,8 @@ class Session:
         bench = self.workbench
         with self._job(should_stop) as stopped:
             drawn = self.calibration_for(method, options, calibration, calibration_images, calibration_question)
-            result, weights, _ = bench.prune(method.name, sparsity, options, drawn, progress, stopped)
+            result, weights, _ = bench.prune(method.name, sparsity, options, drawn, progress, stopped,
+                                             owner=self.id)
             if stopped():
                 raise Cancelled("stopped by the user")
         return self._keep(method, result, weights, bench)
@@ -296,6 +303,32 @@ class Session:
         n = options.samples_used(method)
         label = sources.labeller(lambda pictures, questions: bench.ask(pictures, questions))
         return sources.draw_kept(source, n, labeller=label, labelled_by=bench)
+
+    def recover(self, run_id, steps=100, lr=2e-5, weight_decay=0.05, schedule="cosine", way="full", rank=8,
+                batch_size=8, seed=0, eval_n=200, calibration=None, progress: Progress | None = None,
+                should_stop: StopCheck | None = None, on_step: OnStep | None = None) -> Run:
+        """Fine-tune one of this session's runs with its zeros held; the result is a new run
+        ("Wanda @ 0.70 + 200 steps") whose report says how it went (`result.recovery`):
+        steps, settings, loss curve, time, peak memory and the score before and after. At
+        most `Limits.recover_steps` steps; a stopped recovery stores nothing."""
+        source = self.run(run_id)
+        options = recover_options(steps, lr, weight_decay, schedule, batch_size, way, rank, seed, eval_n,
+                                  max_steps=self.server.limits.recover_steps)
+        bench = self.workbench
+        if source.workbench is not bench:
+            raise KeyError("that run belongs to a model that is no longer loaded")
+        with self._job(should_stop) as stopped:
+            recovery, table, weights = bench.recover(source.weights, options, calibration, progress, stopped, on_step,
+                                                     owner=self.id)
+            if stopped():
+                raise Cancelled("stopped by the user")
+        targets = {row["name"]: row.get("target_sparsity") for row in source.result.layers}
+        layers = [{**row, "target_sparsity": targets.get(row["name"])} for row in table]
+        result = replace(source.result, layers=layers, quality=None,  # measured on the pruned weights, not these
+                         recovery={"from": source.label, **recovery.to_dict()})
+        way_note = " (LoRA)" if options.way == "lora" else ""
+        return self._keep(get_method(result.method), result, weights, bench,
+                          label=f"{source.label} + {options.steps} steps{way_note}")
 
     def _keep(self, method: Method, result: PruneResult, weights: RunWeights, bench: Workbench,
               label: str | None = None) -> Run:
@@ -367,7 +400,8 @@ class Session:
             for i, method in enumerate(names):
                 step = f"{method.label} @ {sparsity:.2f} ({i + 1} of {len(names)})"
                 result, weights, _ = bench.prune(method.name, sparsity, PruneOptions(),
-                                                 progress=_prefixed(progress, step), should_stop=stopped)
+                                                 progress=_prefixed(progress, step), should_stop=stopped,
+                                                 owner=self.id)
                 runs.append(self._keep(method, result, weights, bench))
             rows = []
             for i, (label, weights) in enumerate([("Full model", None)] + [(r.label, r.weights) for r in runs]):
@@ -376,7 +410,7 @@ class Session:
                 if progress:
                     progress(f"scoring {label} on {eval_n} questions", i, len(runs) + 1)
                 score = bench.using(weights, lambda loaded: quick_score(loaded, eval_n), long=True,
-                                    should_stop=stopped)
+                                    should_stop=stopped, owner=self.id)
                 answer = bench.ask([picture], [fitted], weights)[0] if picture is not None else None
                 rows.append({"label": label, "score": score["value"], "answer": answer,
                              "sparsity_by_modality": next((r.result.sparsity_by_modality for r in runs
@@ -402,7 +436,8 @@ class Session:
         eval_n = number(eval_n, "questions to score", 10, 1000, whole=True)
         bench = self.workbench
         with self._job(should_stop) as stopped:
-            return sweep(bench, names, values, eval_n=eval_n, progress=progress, should_stop=stopped, on_row=on_row)
+            return sweep(bench, names, values, eval_n=eval_n, progress=progress, should_stop=stopped, on_row=on_row,
+                         owner=self.id)
 
     def distributions(self, run_id=None) -> dict:
         """Weight and gradient magnitude histograms per modality: the full model's, and a run's."""
@@ -445,7 +480,9 @@ class Session:
         write_text(layers_csv(report), files[1])
         if with_model:
             model_folder = folder / f"{stem}.model"
-            run.workbench.using(run.weights, lambda loaded: save_pruned(loaded, report, model_folder), long=True)
+            with self._job(None) as stopped:
+                run.workbench.using(run.weights, lambda loaded: save_pruned(loaded, report, model_folder), long=True,
+                                    should_stop=stopped, owner=self.id)
             files.append(Path(shutil.make_archive(str(model_folder), "zip", model_folder)))
             shutil.rmtree(model_folder, ignore_errors=True)
         return files
