@@ -35,7 +35,7 @@ from PIL import Image
 
 from .answers import MAX_QUESTION_CHARS, fit_question
 from .anatomy import prunable_layers
-from .curves import shipped_curves
+from .curves import shipped_curves, shipped_recovery
 from .data import batches, default_calibration
 from .images import open_image
 from .methods import Method, get_method
@@ -210,6 +210,11 @@ class Session:
     def shipped_curves(self) -> dict | None:
         """Accuracy against sparsity measured ahead of time for this model, if it ships them."""
         return shipped_curves(self.workbench.loaded.source)
+
+    def shipped_recovery(self) -> list[dict] | None:
+        """Recovery measured ahead of time for this model (before and after, per method,
+        sparsity and steps), if it ships it."""
+        return shipped_recovery(self.workbench.loaded.source)
 
     def load_model(self, name) -> str:
         """Switch this session to another model (loading it if needed); returns what happened."""
