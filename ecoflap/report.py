@@ -35,6 +35,8 @@ class PruneResult:
     peak_memory_kind: str = ""
     recovery: dict = field(default_factory=dict)
     quality: dict | None = None  # the pruned model against the full one (see `quality`), when measured
+    calibration: dict | None = None
+    warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)

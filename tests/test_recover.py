@@ -226,7 +226,7 @@ def test_the_command_line_recovers_a_saved_folder_and_keeps_its_zeros(saved_mode
     assert run("prune", "--model", str(saved_model), "--method", "wanda", "--sparsity", "0.6", "--calibration",
                str(calibration_folder), "--samples", "16", "--save", str(pruned)).returncode == 0
     done = run("recover", "--model", str(pruned), "--steps", "3", "--lr", "1e-3", "--eval-n", "0", "--way", "lora",
-               "--calibration", str(calibration_folder), "--save", str(out), "--report", str(report))
+               "--calibration", str(calibration_folder), "--samples", "32", "--save", str(out), "--report", str(report))
     assert done.returncode == 0, done.stderr
     assert "zeros per layer identical" in done.stdout and "LoRA merge densification: 0" in done.stdout
     data = json.loads(report.read_text())
