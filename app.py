@@ -34,6 +34,8 @@ STOPPED = "Stopped. Nothing from the stopped job was stored, and the shared mode
 STOPPED_COMPARISON = ("Stopped. The runs that finished before the stop are kept; nothing else was stored, and the "
                       "shared model keeps its full weights.")
 NOTHING_RUNNING = "Nothing of yours was running."
+MAX_CALIBRATION_UPLOADS = 256
+LOSS_CHOICES = [("Target given image and prompt", "answer"), ("Prefix-LM captions (the ECoFLaP paper's)", "prefix_lm")]
 # gradio 6.31's screen-reader status line announces these keys untranslated
 SCREEN_READER_WORDS = gr.I18n(en={"common.complete": "Complete", "common.error": "Error"})
 SHAPES_NOTE = (
@@ -165,6 +167,26 @@ def progress_reporter(progress: gr.Progress):
     return report
 
 
+def requester(server: ecoflap.Server) -> str | None:
+    """Who sent the event being handled: the socket's address, or behind a trusted proxy
+    (ECOFLAP_BEHIND_PROXY=1) the address the proxy saw."""
+    from gradio.context import LocalContext
+
+    request = LocalContext.request.get(None)
+    if request is None:
+        return None
+    peer = request.client.host if request.client else None
+    return ecoflap.client_address(peer, request.headers.get("x-forwarded-for"), server.limits.behind_proxy)
+
+
+def session_of(server: ecoflap.Server, token) -> ecoflap.Session:
+    """The session of this page, opened for its client within the deployment's bounds."""
+    try:
+        return server.session(token, requester(server))
+    except ecoflap.Busy as err:
+        raise refusal(err) from None
+
+
 def with_notices(me: ecoflap.Session, text: str) -> str:
     told = me.notices()
     return text + "".join(f"\n\n> {note}" for note in told)
@@ -184,8 +206,8 @@ def charts(me: ecoflap.Session, ids):
     if not runs:
         return None, gr.update(value=None, visible=False)
     sparsity = ecoflap.plots.sparsity_figure(
-        [{"label": r.label, "layers": r.result.layers, "target_sparsity": r.result.target_sparsity}
-         for r in runs])
+        [{"label": r.label, "layers": r.result.layers, "target_sparsity": r.result.target_sparsity,
+          "warnings": r.result.warnings} for r in runs])
     grouped = [{"label": r.label, "groups": r.result.groups} for r in runs if r.result.groups]
     # one chart compares runs with the same groups: those of the latest such run
     names = [g["name"] for g in grouped[-1]["groups"]] if grouped else []
@@ -196,7 +218,7 @@ def charts(me: ecoflap.Session, ids):
 
 def describe(server: ecoflap.Server, token):
     """The model this session works on."""
-    me = server.session(token)
+    me = session_of(server, token)
     info = me.describe()
     per = info["prunable_by_modality"]
     unused = (f" · never pruned, since their output is never used: {len(info['unused'])} module(s)"
@@ -210,17 +232,28 @@ def describe(server: ecoflap.Server, token):
 
 def curves(server: ecoflap.Server, token):
     """The shipped accuracy-against-sparsity curves of this session's model, if any."""
-    data = server.session(token).shipped_curves()
+    data = session_of(server, token).shipped_curves()
     if data is None:
         return gr.update(value=None, visible=False), ""
+    leaders = ecoflap.curves.leaders(data["rows"], data["metric"], data.get("higher_is_better", True))
     return (gr.update(value=ecoflap.plots.curves_figure(data), visible=True),
-            f"{ecoflap.curves.leaders(data['rows'])} Measured ahead of time on this model: "
-            f"{data['measured_on']}. Regenerate with `{data['command']}`.")
+            f"{leaders} Measured ahead of time on this model: {data.get('measured_on', 'see its file')}. "
+            f"Regenerate with `{data.get('command', 'python -m ecoflap sweep --json FILE')}`.")
+
+
+def calibration_note(server: ecoflap.Server) -> str:
+    """What this deployment calibrates on by default and which data a person may name."""
+    limits = server.limits
+    default = (f"`{limits.calibration}` for models other than the shapes model" if limits.calibration else
+               "the shipped shapes set (a model that was not trained on it is pruned with a warning)")
+    named = [f"`hf:{d}`" for d in limits.allowed_datasets] + [f"`local:{n}`" for n in server.local_sets()]
+    return (f"Default: {default}. You may name: `shapes`{''.join(', ' + n for n in named)}. Your own images need "
+            f"no captions: the full model's own answers become the targets, and the report says so.")
 
 
 def load_model(server: ecoflap.Server, name, token):
     """Switch this session to another model (a hub id; local folders where the deployment allows)."""
-    me = server.session(token)
+    me = session_of(server, token)
     try:
         message = me.load_model(name)
     except EXPECTED as err:
@@ -235,21 +268,40 @@ def status_of(run: ecoflap.Run) -> str:
                       for m, s in r.sparsity_by_modality.items())
     memory = ("GPU memory allocated" if r.peak_memory_kind == "cuda_max_allocated"
               else "growth of the process's memory")
+    c = r.calibration
+    split = f" ({c['split']})" if c and c["split"] else ""
+    data = f" Calibrated on {c['count']} samples of {c['id']}{split}, loss {c['loss']}." if c else ""
+    warnings = "".join(f"\n\n> ⚠ {w[:1].upper() + w[1:]}" for w in r.warnings)
     return (f"**{run.label}** done: achieved sparsity **{r.achieved_sparsity:.4f}** (target "
             f"{r.target_sparsity:.2f}); {parts}. Time: {stages}. Peak during the run: "
-            f"{r.peak_memory_bytes / 2**20:,.1f} MiB ({memory}).")
+            f"{r.peak_memory_bytes / 2**20:,.1f} MiB ({memory}).{data}{warnings}")
+
+
+def uploaded_images(payload) -> list[str]:
+    """The paths of several uploaded images (none: an empty list), each checked as an upload."""
+    if payload in (None, "", [], {}):
+        return []
+    if not isinstance(payload, list):
+        payload = [payload]
+    if len(payload) > MAX_CALIBRATION_UPLOADS:
+        raise Refused(f"calibrate on at most {MAX_CALIBRATION_UPLOADS} of your own images")
+    return [uploaded_file(item) for item in payload]
 
 
 async def prune(server: ecoflap.Server, method, sparsity, granularity, max_sparsity, samples, stage1_samples, eps,
-                nm, modules, batch_size, owl_m, owl_lambda, vision_sparsity, token, progress=gr.Progress()):
-    """Prune with a method at a sparsity; the run is stored for this session."""
-    me = server.session(token)
+                nm, modules, batch_size, owl_m, owl_lambda, vision_sparsity, calibration, calibration_images,
+                calibration_question, loss, token, progress=gr.Progress()):
+    """Prune with a method at a sparsity; the run is stored for this session. Calibration: your
+    own images (the full model labels them), else a dataset this deployment allows, else its default."""
+    me = session_of(server, token)
     try:
         run = await in_worker(me.prune, method, sparsity, progress=progress_reporter(progress),
+                              calibration=calibration or None, calibration_images=uploaded_images(calibration_images),
+                              calibration_question=calibration_question or "",
                               granularity=granularity, max_sparsity=max_sparsity, samples=samples,
                               stage1_samples=stage1_samples, eps=eps, nm=nm, modules=modules,
                               batch_size=batch_size, owl_m=owl_m, owl_lambda=owl_lambda,
-                              vision_sparsity=vision_sparsity)
+                              vision_sparsity=vision_sparsity, loss=loss)
     except ecoflap.Cancelled:
         log.info("stopped: a prune of session %s", me.id[:12])
         return (gr.skip(),) * 8  # the Stop button has said so
@@ -265,21 +317,21 @@ async def prune(server: ecoflap.Server, method, sparsity, granularity, max_spars
 # click sends nothing) or badged "Error". The stopped handler ends normally instead.
 def stop(server: ecoflap.Server, token):
     """Stop this session's running jobs: a stopped job stores nothing."""
-    return STOPPED if server.session(token).stop() else NOTHING_RUNNING
+    return STOPPED if session_of(server, token).stop() else NOTHING_RUNNING
 
 
 def stop_comparison(server: ecoflap.Server, token):
     """Stop this session's running jobs; the runs a comparison finished stay."""
-    return STOPPED_COMPARISON if server.session(token).stop() else NOTHING_RUNNING
+    return STOPPED_COMPARISON if session_of(server, token).stop() else NOTHING_RUNNING
 
 
 def overlay(server: ecoflap.Server, selected, token):
-    return charts(server.session(token), selected)
+    return charts(session_of(server, token), selected)
 
 
 def clear_runs(server: ecoflap.Server, token):
     """Drop every run of this session."""
-    me = server.session(token)
+    me = session_of(server, token)
     cleared = me.clear_runs()
     return (with_notices(me, f"{cleared} run(s) cleared."), *run_lists(me), None,
             gr.update(value=None, visible=False))
@@ -287,7 +339,7 @@ def clear_runs(server: ecoflap.Server, token):
 
 def verify(server: ecoflap.Server, token):
     """Check the shared model holds its full weights, bit for bit (it always returns to them)."""
-    me = server.session(token)
+    me = session_of(server, token)
     identical = me.restore()
     return with_notices(me, "The shared model holds its full weights, bit-identical to the loaded ones; "
                             "your runs are kept (Clear my runs drops them)." if identical else
@@ -296,7 +348,7 @@ def verify(server: ecoflap.Server, token):
 
 def ask(server: ecoflap.Server, image, question, token):
     """Answer a question about an image with the full model and every run of this session."""
-    me = server.session(token)
+    me = session_of(server, token)
     try:
         path = uploaded_file(image)
         if path is None:
@@ -309,7 +361,7 @@ def ask(server: ecoflap.Server, image, question, token):
 
 def distributions(server: ecoflap.Server, run_id, token):
     """Weight and gradient magnitude histograms: the full model against one of this session's runs."""
-    me = server.session(token)
+    me = session_of(server, token)
     try:
         data = me.distributions(run_id or None)
     except EXPECTED as err:
@@ -319,7 +371,7 @@ def distributions(server: ecoflap.Server, run_id, token):
 
 async def compare(server: ecoflap.Server, methods, sparsity, image, question, token, progress=gr.Progress()):
     """Prune with two to four methods at one sparsity; allocations, scores and answers side by side."""
-    me = server.session(token)
+    me = session_of(server, token)
     try:
         path = uploaded_file(image)
         result = await in_worker(me.compare, methods, sparsity, path, question,
@@ -330,15 +382,15 @@ async def compare(server: ecoflap.Server, methods, sparsity, image, question, to
     except EXPECTED as err:
         raise refusal(err) from None
     chart = ecoflap.plots.sparsity_figure(
-        [{"label": r.label, "layers": r.result.layers, "target_sparsity": r.result.target_sparsity}
-         for r in result.runs])
+        [{"label": r.label, "layers": r.result.layers, "target_sparsity": r.result.target_sparsity,
+          "warnings": r.result.warnings} for r in result.runs])
     return (with_notices(me, comparison_text(result)), chart, *run_lists(me, [r.id for r in result.runs],
                                                                          result.runs[-1].id))
 
 
 async def sweep(server: ecoflap.Server, methods, sparsities, token, progress=gr.Progress()):
     """Score against sparsity for the chosen methods (the shared model is never left pruned)."""
-    me = server.session(token)
+    me = session_of(server, token)
     try:
         rows = await in_worker(me.sweep, methods, sparsities, progress=progress_reporter(progress))
     except ecoflap.Cancelled:
@@ -354,7 +406,7 @@ async def sweep(server: ecoflap.Server, methods, sparsities, token, progress=gr.
 
 def export(server: ecoflap.Server, run_id, with_model, token):
     """The run's JSON report and per-layer CSV (and the pruned model, zipped, where allowed)."""
-    me = server.session(token)
+    me = session_of(server, token)
     try:
         return [str(p) for p in me.export(run_id, with_model)]
     except EXPECTED as err:
@@ -362,7 +414,8 @@ def export(server: ecoflap.Server, run_id, with_model, token):
 
 
 def new_session(server: ecoflap.Server) -> str:
-    return server.open_session().id
+    """A token for a new page; the server holds nothing for it until the page first acts."""
+    return server.session_token()
 
 
 def page_closed(server: ecoflap.Server, token):
@@ -427,6 +480,18 @@ def build_app(server: ecoflap.Server) -> gr.Blocks:
                             with gr.Row():
                                 owl_m = gr.Number(value=5, label="OWL: M (outlier = score above M x mean)")
                                 owl_lambda = gr.Number(value=0.08, label="OWL: lambda (band around the target)")
+                        with gr.Accordion("Calibration data", open=False, elem_id="calibration-data"):
+                            gr.Markdown(calibration_note(server))
+                            calibration = gr.Textbox(value="", max_lines=1, max_length=200, elem_id="calibration-source",
+                                                     label="Dataset (empty: this deployment's default)",
+                                                     placeholder="hf:OWNER/NAME:SPLIT, local:NAME or shapes")
+                            calibration_images = gr.File(value=[], file_count="multiple", file_types=["image"],
+                                                         label="Or your own images (the full model labels them)",
+                                                         elem_id="calibration-images", height=140)
+                            calibration_question = gr.Textbox(value="", max_lines=1, max_length=500,
+                                                              label="Question the full model answers for your images "
+                                                                    "(empty: it captions them)")
+                            loss = gr.Radio(LOSS_CHOICES, value="answer", label="Calibration loss")
                         with gr.Row():
                             prune_button = gr.Button("Prune", variant="primary")
                             stop_button = gr.Button("Stop", elem_id="prune-stop")
@@ -513,7 +578,7 @@ def build_app(server: ecoflap.Server) -> gr.Blocks:
         prune_button.click(
             bind(server, prune),
             [method, sparsity, granularity, max_sparsity, samples, stage1_samples, eps, nm, modules, batch_size,
-             owl_m, owl_lambda, vision_sparsity, token],
+             owl_m, owl_lambda, vision_sparsity, calibration, calibration_images, calibration_question, loss, token],
             [status, sparsity_plot, groups_plot, *run_outputs, last_run, last_report],
             api_name="prune", preprocess=False, show_progress_on=[status], concurrency_limit=8,
             concurrency_id="long")
@@ -540,6 +605,9 @@ def build_app(server: ecoflap.Server) -> gr.Blocks:
         export_button.click(bind(server, export), [export_run, export_model, token], export_files,
                             api_name="export", preprocess=False)
         gr.api(bind(server, stats), api_name="stats")
+    for fn in demo.fns.values():
+        if getattr(fn.fn, "func", None) is new_session:
+            fn.api_visibility = "private"  # the page's own start, not an API
     return demo
 
 

@@ -25,6 +25,7 @@ import torch
 from .anatomy import prunable_layers
 from .data import Example, batches, calibration_loss, default_calibration, take
 from .gradients import LossScale, consumed_gradients
+from .losses import examples_for
 from .methods import get_method
 from .models import LoadedModel
 from .options import PruneOptions
@@ -60,7 +61,8 @@ def group_allocation(loaded: LoadedModel, method: str, sparsity: float, options:
     """{group: (sparsity, score)} of a method's stage 1 on the loaded model; no weight changes."""
     method = get_method(method)
     layers = prunable_layers(loaded.model, options.include)
-    budget = allocate(loaded, method, layers, sparsity, options, calibration, None)
+    examples = examples_for(options.loss, calibration, options.seed)
+    budget = allocate(loaded, method, layers, sparsity, options, examples, None)
     return {g["name"]: (g["sparsity"], g["score"]) for g in budget.groups}
 
 

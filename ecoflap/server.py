@@ -1,7 +1,8 @@
 """A deployment: the models it serves, the sessions of the people using it, and its bounds.
 
 Everything a public deployment must bound is bounded here: models in memory, stored runs
-per session and in all, sweep points, idle sessions, export files on disk. The bounds
+per session and in all, sweep points, sessions in all and per client, idle sessions,
+jobs per session and per client, export files on disk. The bounds
 come from `Limits` (`Limits.from_environment()` reads the ECOFLAP_* variables, refusing
 a bad value with a message that names it). Loading a model never blocks the users of
 other models: the registry's lock only guards its table, never a load.
@@ -20,9 +21,14 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .models import DEFAULT_MODEL, ModelLoadError, load_model
+from .sources import Source
 from .workbench import Workbench
+
+if TYPE_CHECKING:
+    from .session import Session
 
 log = logging.getLogger(__name__)
 HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
@@ -33,6 +39,10 @@ class ConfigError(ValueError):
     """A deployment setting (an environment variable) has a value that cannot be used."""
 
 
+class Busy(PermissionError):
+    """A bound of the deployment is reached for now: the request is refused, nothing is lost."""
+
+
 @dataclass
 class Limits:
     """What one deployment allows; the defaults suit a small public Space."""
@@ -41,7 +51,11 @@ class Limits:
     runs_per_session: int = 8
     run_memory_mb: float = 1024
     sweep_points: int = 24
+    recover_steps: int = 300
     sessions: int = 200
+    sessions_per_client: int = 30
+    jobs_per_session: int = 2
+    jobs_per_client: int = 4
     session_idle_minutes: float = 60
     export_minutes: float = 30
     export_disk_mb: float = 2048
@@ -50,13 +64,22 @@ class Limits:
     allowed_models: tuple[str, ...] | None = None
     upload_mb: float = 20
     queue_size: int = 64
+    behind_proxy: bool = False
+    allowed_datasets: tuple[str, ...] = ()
+    calibration: str | None = None
+    local_data: str | None = None
+    curves: str | None = None
 
     ENVIRONMENT = {
         "max_models": "ECOFLAP_MAX_MODELS",
         "runs_per_session": "ECOFLAP_MAX_RUNS",
         "run_memory_mb": "ECOFLAP_MAX_RUN_MB",
         "sweep_points": "ECOFLAP_MAX_SWEEP_POINTS",
+        "recover_steps": "ECOFLAP_MAX_RECOVER_STEPS",
         "sessions": "ECOFLAP_MAX_SESSIONS",
+        "sessions_per_client": "ECOFLAP_MAX_SESSIONS_PER_CLIENT",
+        "jobs_per_session": "ECOFLAP_MAX_JOBS_PER_SESSION",
+        "jobs_per_client": "ECOFLAP_MAX_JOBS_PER_CLIENT",
         "session_idle_minutes": "ECOFLAP_SESSION_IDLE_MINUTES",
         "export_minutes": "ECOFLAP_EXPORT_MINUTES",
         "export_disk_mb": "ECOFLAP_MAX_EXPORT_MB",
@@ -65,7 +88,13 @@ class Limits:
         "allowed_models": "ECOFLAP_ALLOWED_MODELS",
         "upload_mb": "ECOFLAP_MAX_UPLOAD_MB",
         "queue_size": "ECOFLAP_QUEUE_SIZE",
+        "behind_proxy": "ECOFLAP_BEHIND_PROXY",
+        "allowed_datasets": "ECOFLAP_DATASETS",
+        "calibration": "ECOFLAP_CALIBRATION",
+        "local_data": "ECOFLAP_LOCAL_DATA",
+        "curves": "ECOFLAP_CURVES",
     }
+    TEXT = ("calibration", "local_data", "curves")
 
     @classmethod
     def from_environment(cls, environ=None) -> "Limits":
@@ -79,13 +108,34 @@ class Limits:
             raw = raw.strip()
             if f.name == "allowed_models":
                 values[f.name] = tuple(m.strip() for m in raw.split(",") if m.strip())
+            elif f.name == "allowed_datasets":
+                values[f.name] = tuple(d.strip().removeprefix("hf:") for d in raw.split(",") if d.strip())
+            elif f.name in cls.TEXT:
+                values[f.name] = raw
             elif isinstance(f.default, bool):
                 if raw not in ("0", "1"):
                     raise ConfigError(f"{name} must be 0 or 1 (got {raw[:40]!r})")
                 values[f.name] = raw == "1"
             else:
                 values[f.name] = _positive(name, raw, whole=f.type == "int")
-        return cls(**values)
+        limits = cls(**values)
+        limits.check_data()
+        return limits
+
+    def check_data(self):
+        """The deployment's own data settings must name something usable (checked at start)."""
+        from .sources import SourceError, parse
+
+        if self.calibration:
+            try:
+                parse(self.calibration)
+            except SourceError as err:
+                raise ConfigError(f"ECOFLAP_CALIBRATION: {err}") from None
+        if self.local_data and not Path(self.local_data).is_dir():
+            raise ConfigError("ECOFLAP_LOCAL_DATA must be a folder (of calibration sets, one per sub-folder)")
+        if self.curves and not Path(self.curves).exists():
+            raise ConfigError("ECOFLAP_CURVES must be a sweep's JSON file (python -m ecoflap sweep --json) or a "
+                              "folder of them")
 
 
 def _positive(name: str, raw: str, whole: bool):
@@ -234,18 +284,17 @@ class Server:
 
     # sessions
 
-    def open_session(self) -> "Session":
-        from .session import Session
+    def session_token(self) -> str:
+        """An unguessable id for a page's session; nothing is held until it is first used
+        (so asking for tokens in a loop costs the server nothing)."""
+        return f"session-{secrets.token_urlsafe(16)}"
 
-        self.tidy()
-        session = Session(self, self.new_id("session"))
-        with self._lock:
-            self._sessions[session.id] = session
-            self._make_room_for_sessions()
-        return session
+    def open_session(self, client: str | None = None) -> "Session":
+        return self.session(self.session_token(), client)
 
-    def session(self, session_id: str) -> "Session":
-        """The live session of an id; a session that ended is reopened empty, and told why."""
+    def session(self, session_id: str, client: str | None = None) -> "Session":
+        """The live session of an id, or a new one for `client` if the bounds admit it (a
+        session that ended is reopened empty, and told why); Busy if they do not."""
         from .session import Session
 
         self.tidy()
@@ -255,28 +304,52 @@ class Server:
                 self._sessions.move_to_end(session_id)
                 session.touch()
                 return session
+            evicted = self._room_for(client)
             ended = self._ended.pop(session_id, None)
-            session = Session(self, session_id)
+            session = Session(self, session_id, client)
             if ended is not None:
                 session.tell(f"Your earlier session ended ({ended.reason}); its runs and exports are gone.")
             self._sessions[session_id] = session
-            self._make_room_for_sessions()
-            return session
+        for old in evicted:
+            old.end()
+        return session
+
+    def _room_for(self, client: str | None) -> list["Session"]:
+        """Which sessions to close so a new one of `client` fits: only sessions without runs
+        or jobs, least recently used first; Busy when every candidate holds someone's work."""
+        limits = self.limits
+        evicted = []
+        mine = [s for s in self._sessions.values() if client is not None and s.client == client]
+        if len(mine) >= limits.sessions_per_client:
+            victim = next((s for s in mine if s.empty), None)
+            if victim is None:
+                raise Busy(f"you already have {len(mine)} sessions with work in them open here (at most "
+                           f"{limits.sessions_per_client} per person): go on in one of them, or clear the runs of "
+                           f"one you no longer need")
+            evicted.append((victim, f"you opened more than {limits.sessions_per_client} sessions"))
+        elif len(self._sessions) >= limits.sessions:
+            victim = next((s for s in self._sessions.values() if s.empty), None)
+            if victim is None:
+                raise Busy(f"this deployment is serving as many people as it can ({limits.sessions} sessions, "
+                           f"each with work in it); try again in a few minutes")
+            evicted.append((victim, f"this deployment keeps at most {limits.sessions} sessions, and yours "
+                                       f"had no runs"))
+        return [self._retire(victim.id, reason) for victim, reason in evicted]
 
     def close_session(self, session_id: str, reason: str = "closed"):
         with self._lock:
-            session = self._sessions.pop(session_id, None)
-            if session is None:
-                return
+            session = self._retire(session_id, reason)
+        if session is not None:
+            session.end()
+
+    def _retire(self, session_id: str, reason: str) -> "Session | None":
+        """Take a session off the table (under the lock), remembering why for its owner."""
+        session = self._sessions.pop(session_id, None)
+        if session is not None:
             self._ended[session_id] = _Ended(reason)
             while len(self._ended) > 10 * self.limits.sessions:
                 self._ended.popitem(last=False)
-        session.end()
-
-    def _make_room_for_sessions(self):
-        while len(self._sessions) > self.limits.sessions:
-            oldest = next(iter(self._sessions))
-            self.close_session(oldest, f"this deployment keeps at most {self.limits.sessions} sessions")
+        return session
 
     def tidy(self, force: bool = False):
         """Close idle sessions and delete expired exports (at most every 30 s unless forced)."""
@@ -319,6 +392,23 @@ class Server:
             "export_mib": round(self.export_disk_bytes() / 2**20, 3),
         }
 
+    # jobs (prunes, comparisons, sweeps, model exports), bounded per session and per client
+
+    def start_job(self, session: "Session", flag: threading.Event):
+        """Count a new job of `session`, or Busy if it or its client already has its share."""
+        limits = self.limits
+        with self._lock:
+            if len(session._jobs) >= limits.jobs_per_session:
+                raise Busy(f"you already have {len(session._jobs)} job(s) running or waiting here (at most "
+                           f"{limits.jobs_per_session} per session): wait for one to finish, or Stop it")
+            if session.client is not None:
+                theirs = sum(len(s._jobs) for s in self._sessions.values() if s.client == session.client)
+                if theirs >= limits.jobs_per_client:
+                    raise Busy(f"you already have {theirs} jobs running or waiting (at most "
+                               f"{limits.jobs_per_client} per person, across your sessions): wait for one to finish")
+            with session._lock:
+                session._jobs.add(flag)
+
     # runs of all sessions, bounded in memory together
 
     def admit(self, run) -> list:
@@ -358,6 +448,42 @@ class Server:
                                    f"(this deployment keeps {self.limits.max_models} models)")
             self.forget(run)
 
+    # calibration data
+
+    def calibration_source(self, spec) -> "Source":
+        """A source a person names (checked against what this deployment allows): `shapes`,
+        `hf:OWNER/NAME[:SPLIT]` from ECOFLAP_DATASETS, or `local:NAME[:SPLIT]`, a set in
+        ECOFLAP_LOCAL_DATA. Paths on the server are never taken from a person."""
+        from .sources import SourceError, parse
+
+        if not isinstance(spec, str) or len(spec) > MAX_NAME:
+            raise ValueError("a calibration source is text: hf:OWNER/NAME[:SPLIT], local:NAME or shapes")
+        spec = spec.strip()
+        if spec == "shapes":
+            return parse(None)
+        if spec.startswith("hf:"):
+            return parse(spec, allowed_datasets=self.limits.allowed_datasets)
+        if spec.startswith("local:"):
+            name, _, split = spec.removeprefix("local:").partition(":")
+            sets = self.local_sets()
+            if not sets:
+                raise SourceError("this deployment has no calibration sets of its own (its owner can add them in "
+                                  "ECOFLAP_LOCAL_DATA)")
+            if name not in sets:
+                raise SourceError(f"this deployment has no calibration set named {name[:40]!r} (it has: "
+                                  f"{', '.join(sets)})")
+            return parse(str(Path(self.limits.local_data) / name), split=split or None)
+        raise SourceError("calibration data comes from a hub dataset (hf:OWNER/NAME), one of this deployment's "
+                          "sets (local:NAME), the shipped set (shapes) or your own uploaded images, never from a "
+                          "path on the server")
+
+    def local_sets(self) -> list[str]:
+        """The names of this deployment's own calibration sets (sub-folders of ECOFLAP_LOCAL_DATA)."""
+        if not self.limits.local_data:
+            return []
+        return sorted(p.name for p in Path(self.limits.local_data).iterdir()
+                      if p.is_dir() and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", p.name))
+
     # exports
 
     def export_folder(self, session_id: str) -> Path:
@@ -374,6 +500,17 @@ class Server:
 
     def export_disk_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.export_root.rglob("*") if p.is_file())
+
+
+def client_address(peer: str | None, forwarded_for: str | None, behind_proxy: bool) -> str:
+    """Who is asking, for the per-client bounds: the socket's address; behind a trusted
+    proxy, the last X-Forwarded-For entry (the one that proxy wrote; the entries before
+    it are whatever the client claimed)."""
+    if behind_proxy and forwarded_for:
+        last = forwarded_for.split(",")[-1].strip()
+        if last:
+            return last[:64]
+    return peer or "unknown"
 
 
 def load_error_message(err: Exception) -> str:
