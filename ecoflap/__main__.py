@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
 import sys
 
 from tqdm import tqdm
@@ -373,8 +374,15 @@ def cmd_sweep(args) -> int:
                      progress=progress)
     finally:
         progress.close()
-    if args.json:
-        write_json({"model": loaded.name, "rows": rows}, args.json)
+    if args.json:  # also a deployment's precomputed curves (ECOFLAP_CURVES), shown in the Teach tab
+        source = calibration.record["id"] if calibration else "the shipped shapes set"
+        higher = rows[0]["metric"] == "accuracy" if rows else True
+        write_json({"model": loaded.name, "metric": rows[0]["metric"] if rows else "score",
+                    "higher_is_better": higher,
+                    "measured_on": f"{args.eval_n} evaluation examples per point; calibration: {source}, "
+                                   f"{args.samples} samples, loss {args.loss}",
+                    "command": "python -m ecoflap " + " ".join(shlex.quote(a) for a in args.argv),
+                    "calibration": calibration.report() if calibration else None, "rows": rows}, args.json)
     write_text(table_csv(rows, (*SWEEP_COLUMNS, "seed")), args.csv)
     figure = sweep_figure(summarise(rows), rows[0]["metric"] if rows else "score")
     write_text(figure.to_html(include_plotlyjs=True), args.html)
@@ -470,6 +478,7 @@ def cmd_soak(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     commands = {"prune": cmd_prune, "recover": cmd_recover, "ask": cmd_ask, "eval": cmd_eval, "sweep": cmd_sweep, "bench": cmd_bench,
                 "soak": cmd_soak}
