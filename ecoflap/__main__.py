@@ -133,8 +133,13 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, default=0, help="which fresh scenes (shapes model) or shuffles")
     r.add_argument("--eval-n", type=int, default=200, help="questions scored before and after (0: none)")
     r.add_argument("--calibration", default=None,
-                   help="folder with examples.jsonl to fine-tune on (default: fresh shapes scenes for the "
-                        "shapes model, else the shipped calibration set)")
+                   help="captioned examples to fine-tune on, any labelled calibration source: a folder with "
+                        "examples.jsonl, a datasets save_to_disk or parquet folder (FOLDER:SPLIT), or "
+                        "hf:OWNER/NAME[:SPLIT] (default: fresh shapes scenes for the shapes model, else "
+                        "$ECOFLAP_CALIBRATION or the shipped calibration set)")
+    r.add_argument("--samples", type=int, default=128, help="examples drawn from --calibration (cycled)")
+    r.add_argument("--image-column", default=None, help="a dataset's image column (default: found by type)")
+    r.add_argument("--text-column", default=None, help="a dataset's text column (default: found by name and type)")
     r.add_argument("--report", default=None, help="write the JSON report here")
     r.add_argument("--save", default=None, help="write the recovered model (safetensors) and report here")
 
@@ -255,6 +260,20 @@ def cmd_prune(args) -> int:
     return 0
 
 
+def _recovery_examples(args, loaded):
+    """Examples to fine-tune on from --calibration (or the deployment's default); None:
+    fresh scenes (shapes model) or the shipped set. Sources that need the full model to
+    label them are refused: a pruned folder has no full model to ask."""
+    from .sources import deployment_default, parse
+
+    spec = args.calibration or deployment_default(loaded)
+    if spec is None:
+        return None
+    drawn = parse(spec, image_column=args.image_column, text_column=args.text_column).draw(args.samples)
+    _warn(drawn.warnings)
+    return drawn.examples
+
+
 def cmd_recover(args) -> int:
     from pathlib import Path
 
@@ -277,7 +296,7 @@ def cmd_recover(args) -> int:
         raise ValueError("the folder's ecoflap_report.json names layers this model does not have")
     progress = TqdmProgress()
     try:
-        recovery = recover(loaded, layers, options, _calibration(args), progress)
+        recovery = recover(loaded, layers, options, _recovery_examples(args, loaded), progress)
     finally:
         progress.close()
     targets = {row["name"]: row.get("target_sparsity") for row in report["layers"]}

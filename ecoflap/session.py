@@ -36,7 +36,7 @@ from PIL import Image
 from . import sources
 from .answers import MAX_QUESTION_CHARS, fit_question
 from .anatomy import prunable_layers
-from .curves import shipped_curves
+from .curves import shipped_curves, shipped_recovery
 from .data import batches, default_calibration
 from .images import open_image
 from .methods import Method, get_method
@@ -221,6 +221,11 @@ class Session:
         (ECOFLAP_CURVES) or the model folder's, if any."""
         loaded = self.workbench.loaded
         return shipped_curves(loaded.source, self.server.limits.curves, loaded.name)
+
+    def shipped_recovery(self) -> list[dict] | None:
+        """Recovery measured ahead of time for this model (before and after, per method,
+        sparsity and steps), if it ships it."""
+        return shipped_recovery(self.workbench.loaded.source)
 
     def load_model(self, name) -> str:
         """Switch this session to another model (loading it if needed); returns what happened."""
