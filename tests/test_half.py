@@ -207,3 +207,22 @@ def test_float16_first_order_loses_no_more_gradients_than_float32():
     assert shares["float16_unscaled"]["subnormal"] > 0.3
     assert shares["float16_scaled"]["zero"] <= shares["float32"]["zero"] + 1e-4
     assert shares["float16_scaled"]["subnormal"] < 1e-3
+
+
+def test_the_float32_head_runs_inside_accelerates_offload_hooks():
+    """With the weights offloaded (accelerate's hooks bring them in for each forward),
+    the head's inner forward is the one swapped: same float32 loss as the model held whole."""
+    import dataclasses
+
+    from accelerate import cpu_offload
+
+    loaded = tiny("llava")
+    loaded.model.to(torch.bfloat16)
+    loaded = dataclasses.replace(loaded, dtype=torch.bfloat16)
+    batch = batches(loaded, varied_examples(4), 4)[0]
+    with torch.no_grad():
+        whole = calibration_loss(loaded.model, batch)
+        cpu_offload(loaded.model, execution_device=torch.device("cpu"))
+        assert loaded.model.get_output_embeddings().weight.device.type == "meta"
+        offloaded = calibration_loss(loaded.model, batch)
+    assert whole.dtype == offloaded.dtype == torch.float32 and torch.equal(whole, offloaded)
