@@ -174,3 +174,19 @@ def test_an_offloaded_pruned_model_exports_its_pruned_weights(saved_model, tmp_p
     for a, b in zip(prunable_layers(off.model, INCLUDE_CHOICES), prunable_layers(back.model, INCLUDE_CHOICES)):
         assert torch.equal(read_weight(a.module), b.module.weight), a.name
     assert sum(int((b.module.weight == 0).sum()) for b in prunable_layers(back.model)) > 0
+
+
+def test_bench_runs_offloaded_and_says_what_it_leaves_out(saved_model, calibration_folder, tmp_path):
+    import json
+
+    from test_cli import run
+
+    out = tmp_path / "bench.json"
+    done = run("bench", "--model", str(saved_model), "--calibration", str(calibration_folder), "--offload", "cpu",
+               "--methods", "wanda,ecoflap_zeroth", "--samples", "8", "--stage1-samples", "4", "--batch-size", "4",
+               "--json", str(out))
+    assert done.returncode == 0, done.stderr
+    assert "offloaded: the reference-loop timing and the half-precision comparison are not run" in done.stdout
+    result = json.loads(out.read_text())
+    assert set(result["methods"]) == {"wanda", "ecoflap_zeroth"}
+    assert all(abs(m["achieved_sparsity"] - 0.5) < 0.03 for m in result["methods"].values())
