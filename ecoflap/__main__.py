@@ -46,6 +46,11 @@ def _model_args(p: argparse.ArgumentParser):
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     p.add_argument("--device-map", default=None, help="'auto' to spread a large model over devices (accelerate)")
+    p.add_argument("--offload", default=None, choices=["cpu", "disk"],
+                   help="a model larger than the device: weights stay in CPU memory (or on disk) and each block "
+                        "comes to the device for its turn (default: $ECOFLAP_OFFLOAD)")
+    p.add_argument("--offload-folder", default=None,
+                   help="where --offload disk writes the weights (default: $ECOFLAP_OFFLOAD_FOLDER)")
 
 
 def _calibration_arg(p: argparse.ArgumentParser):
@@ -194,7 +199,8 @@ def _parser() -> argparse.ArgumentParser:
 def _load(args):
     from .models import load_model
 
-    return load_model(args.model, device=args.device, dtype=args.dtype, device_map=args.device_map)
+    return load_model(args.model, device=args.device, dtype=args.dtype, device_map=args.device_map,
+                      offload=args.offload, offload_folder=args.offload_folder)
 
 
 def cmd_prune(args) -> int:

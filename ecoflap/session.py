@@ -41,6 +41,7 @@ from .data import batches, default_calibration
 from .images import open_image
 from .methods import Method, get_method
 from .options import PruneOptions, from_settings, number, sparsity_list, sparsity_value
+from .offload import is_offloaded
 from .recover import OnStep, recover_options
 from .report import PruneResult, layers_csv, save_pruned, write_json, write_text
 from .scoring import quick_score, speaks_shapes
@@ -445,7 +446,8 @@ class Session:
                          owner=self.id)
 
     def distributions(self, run_id=None) -> dict:
-        """Weight and gradient magnitude histograms per modality: the full model's, and a run's."""
+        """Weight and gradient magnitude histograms per modality: the full model's, and a run's
+        (an offloaded model has no gradient distributions; its load says so)."""
         self.touch()
         run = self.run(run_id) if run_id not in (None, "") else None
         bench = self.workbench
@@ -454,7 +456,8 @@ class Session:
         def measure(loaded):
             layers = prunable_layers(loaded.model)
             batch = batches(loaded, calibration, 8)[0]
-            return {"weights": weight_histograms(layers), "gradients": gradient_histograms(loaded.model, layers, batch)}
+            gradients = {} if is_offloaded(loaded.model) else gradient_histograms(loaded.model, layers, batch)
+            return {"weights": weight_histograms(layers), "gradients": gradients}
 
         series = {"full": bench.using(None, measure)}
         if run is not None:
