@@ -435,3 +435,38 @@ def test_a_deployment_shows_its_own_precomputed_curves(tmp_path, saved_model, pa
     by = {(r["method"], r["sparsity"]): r["score"] for r in shown["rows"]}
     assert by == {(r["method"], r["sparsity"]): r["score"] for r in written["rows"]}
     assert server_for(saved_model, tmp_path).open_session().shipped_curves() is None
+
+
+def test_self_labelled_table_is_means_over_seeds_of_the_rows():
+    from ecoflap.toy.self_labels import table
+
+    rows = [{"method": "ecoflap_zeroth", "sparsity": 0.6, "seed": s, "targets": t, "accuracy": a}
+            for s, t, a in [(0, "labelled", 0.94), (0, "self-labelled", 0.93), (1, "labelled", 0.92),
+                            (1, "self-labelled", 0.95)]]
+    rows += [{"method": "wanda", "sparsity": 0.6, "seed": 0, "targets": "labelled", "accuracy": 0.874},
+             {"method": "wanda", "sparsity": 0.6, "seed": 0, "targets": "self-labelled", "accuracy": 0.872},
+             {"method": "wanda", "sparsity": 0.7, "seed": 0, "targets": "labelled", "accuracy": 0.5}]
+    assert table({"rows": rows}).splitlines()[2:] == [
+        "| Wanda | 0.6 | 1 | 87.4% | 87.2% | -0.2 points |",
+        "| ECoFLaP (zeroth-order) | 0.6 | 2 | 93.0% (92.0% to 94.0%) | 94.0% (93.0% to 95.0%) | +1.0 points |"]
+
+
+@pytest.mark.parametrize("name", ["instructblip", "instructblip_t5", "llava", "llava_next", "qwen2_vl", "qwen2_5_vl",
+                                  "paligemma", "idefics3", "smolvlm"])
+def test_every_family_calibrates_on_a_dataset_with_either_loss(name, parquet_folder):
+    """The prefix-LM cut unlabels the whole tokens of each target's prefix (none where the cut
+    falls inside the first token) and keeps the rest, whatever the family's prompt and
+    tokenizer; the pipeline records the source for every family."""
+    from tiny_families import tiny
+
+    loaded = tiny(name)
+    drawn = parse(str(parquet_folder[0])).draw(8)
+    cut = examples_for("prefix_lm", drawn.examples, seed=0)
+    full = encode_examples(loaded, [Example(e.image, e.question, e.answer) for e in cut])
+    given = encode_examples(loaded, cut)
+    scored_full, scored_cut = (full["labels"] != IGNORE).sum(1), (given["labels"] != IGNORE).sum(1)
+    assert bool((scored_cut <= scored_full).all()) and bool((scored_cut < scored_full).any())
+    assert bool((scored_cut >= 1).all())
+    result = prune(loaded, "wanda", 0.5, PruneOptions(samples=4, loss="prefix_lm", batch_size=2), drawn)
+    assert result.calibration["count"] == 4 and result.calibration["loss"] == "prefix_lm"
+    assert result.warnings == []
