@@ -412,7 +412,8 @@ def cmd_sweep(args) -> int:
 
 def cmd_bench(args) -> int:
     from .benchmark import bench
-    from .models import random_model
+    from .models import offloaded, random_model, resolve_device
+    from .offload import resolve_offload
     from .options import PruneOptions
     from .report import write_json
 
@@ -422,9 +423,16 @@ def cmd_bench(args) -> int:
     if args.arch:
         if not args.random_init:
             raise ValueError("--arch builds an architecture from its config: add --random-init")
-        loaded = random_model(args.arch, args.device, args.dtype)
+        loaded = random_model(args.arch, "cpu" if args.offload else args.device, args.dtype)
+        if args.offload:
+            offload, folder = resolve_offload(args.offload, args.offload_folder)
+            loaded = offloaded(loaded, offload, resolve_device(args.device), folder)
     else:
         loaded = _load(args)
+    if loaded.offload and not (args.no_naive and args.no_half):
+        print("offloaded: the reference-loop timing and the half-precision comparison are not run "
+              "(they perturb or convert every weight at once)")
+        args.no_naive = args.no_half = True
     options = PruneOptions(samples=args.samples, stage1_samples=args.stage1_samples, batch_size=args.batch_size,
                            loss=args.loss)
     calibration = _calibration(args, loaded, names, options)

@@ -176,14 +176,8 @@ def load_model(
         log.info("weights of %s: %s", name, err)
         raise ModelLoadError(_weights_problem(source, shown, err)) from err
     if offload:
-        try:
-            offload_model(model, offload, target, offload_folder)
-        except OSError as err:
-            log.info("offload of %s: %s", name, err)
-            raise ModelLoadError(f"cannot write the offloaded weights of {shown} to the offload folder") from err
-        log.warning("%s: weights offloaded to %s, one block at a time on %s; not available with offload: "
-                    "first-order ECoFLaP, gradient distributions, recovery", shown, offload, target)
-        return LoadedModel(model.eval(), processor, shown, target, torch_dtype, source, offload)
+        return offloaded(LoadedModel(model.eval(), processor, shown, target, torch_dtype, source), offload, target,
+                         offload_folder)
     if not device_map:
         try:
             model.to(target)
@@ -194,6 +188,19 @@ def load_model(
     first_param = next(model.parameters())
     log.info("loaded %s (%s) on %s (%s)", name, family.name, first_param.device, first_param.dtype)
     return LoadedModel(model, processor, shown, first_param.device, torch_dtype, source)
+
+
+def offloaded(loaded: LoadedModel, offload: str, device: torch.device, folder: str | None = None) -> LoadedModel:
+    """A model loaded on the CPU, offloaded (see `offload`) to run one block at a time on `device`."""
+    try:
+        offload_model(loaded.model, offload, device, folder)
+    except OSError as err:
+        log.info("offload of %s: %s", loaded.name, err)
+        raise ModelLoadError(f"cannot write the offloaded weights of {loaded.name} to the offload folder") from err
+    log.warning("%s: weights offloaded to %s, one block at a time on %s; not available with offload: "
+                "first-order ECoFLaP, gradient distributions, recovery", loaded.name, offload, device)
+    loaded.device, loaded.offload = device, offload
+    return loaded
 
 
 def _weights_problem(source: str, shown: str, err: Exception) -> str:
