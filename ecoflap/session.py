@@ -413,6 +413,7 @@ class Session:
             for i, method in enumerate(names):
                 step = f"{method.label} @ {sparsity:.2f} ({i + 1} of {len(names)})"
                 result, weights, _ = bench.prune(method.name, sparsity, PruneOptions(),
+                                                 self.calibration_for(method, PruneOptions()),
                                                  progress=_prefixed(progress, step), should_stop=stopped,
                                                  owner=self.id, held_out=held_out)
                 runs.append(self._keep(method, result, weights, bench))
@@ -458,9 +459,10 @@ class Session:
                              f"this one has {len(names) * len(values)}")
         eval_n = number(eval_n, "questions to score", 10, 1000, whole=True)
         bench = self.workbench
+        hungriest = max((get_method(n) for n in names), key=PruneOptions().samples_used)
         with self._job(should_stop) as stopped:
-            return sweep(bench, names, values, eval_n=eval_n, progress=progress, should_stop=stopped, on_row=on_row,
-                         owner=self.id)
+            return sweep(bench, names, values, calibration=self.calibration_for(hungriest, PruneOptions()),
+                         eval_n=eval_n, progress=progress, should_stop=stopped, on_row=on_row, owner=self.id)
 
     def distributions(self, run_id=None) -> dict:
         """Weight and gradient magnitude histograms per modality: the full model's, and a run's
