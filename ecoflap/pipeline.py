@@ -25,7 +25,7 @@ from .owl import dense_outlier_ratios, owl_budget
 from .pruners.magnitude import prune_magnitude
 from .pruners.sparsegpt import prune_sparsegpt
 from .pruners.wanda import prune_wanda
-from .replay import sequential_statistics
+from .replay import BlockReplay
 from .report import PruneResult
 from .stats import achieved_sparsity, layer_table, sparsity_by_modality
 
@@ -100,18 +100,16 @@ def prune_layers(loaded, stage2: str, layers: list[PrunableLayer], budget: Layer
                 progress(f"magnitude: {l.name}", i + 1, len(layers))
         return
 
-    def prune_block(block_layers: list[PrunableLayer], stats):
-        for l in block_layers:
-            s, weight = stats[l.name], l.module.weight.data
-            if stage2 == "wanda":
-                prune_wanda(weight, s.sq_norm, budget.sparsity[l.name], nm, budget.zeros[l.name])
-            else:
-                prune_sparsegpt(weight, s.hessian, s.tokens, budget.sparsity[l.name], nm, options.blocksize,
-                                options.percdamp, budget.zeros[l.name])
-
     data = batches(loaded, take(calibration, options.samples, "stage 2"), options.batch_size)
-    sequential_statistics(loaded.model, data, layers, prune_block, want_hessian=stage2 == "sparsegpt",
-                          progress=(lambda what, i, n: progress(f"stage 2 ({stage2}): {what}", i, n)) if progress else None)
+    for block in BlockReplay(loaded.model, data).blocks(layers, _labelled(progress, f"stage 2 ({stage2})")):
+        stats = block.input_statistics(hessian=stage2 == "sparsegpt")
+        for layer in block.layers:
+            s, weight = stats[layer.name], layer.module.weight.data
+            if stage2 == "wanda":
+                prune_wanda(weight, s.sq_norm, budget.sparsity[layer.name], nm, budget.zeros[layer.name])
+            else:
+                prune_sparsegpt(weight, s.hessian, s.tokens, budget.sparsity[layer.name], nm, options.blocksize,
+                                options.percdamp, budget.zeros[layer.name])
 
 
 def check_nm_widths(layers: list[PrunableLayer], nm: tuple[int, int] | None):
