@@ -21,6 +21,7 @@ from .methods import METHODS, Method, get_method
 from .models import DEFAULT_MODEL, LoadedModel, ModelLoadError, load_model
 from .options import MAX_SPARSITY, PruneOptions
 from .pipeline import prune
+from .recover import RecoverOptions, Recovery, recover, recover_options
 from .report import PruneResult, save_pruned, write_json
 from .server import ConfigError, Limits, Server
 from .session import Answers, Comparison, Run, Session
@@ -49,6 +50,8 @@ __all__ = [
     "ModelLoadError",
     "PruneOptions",
     "PruneResult",
+    "RecoverOptions",
+    "Recovery",
     "Run",
     "Server",
     "Session",
@@ -67,6 +70,8 @@ __all__ = [
     "prepare_image",
     "prunable_layers",
     "prune",
+    "recover",
+    "recover_options",
     "return_freed_memory_to_the_system",
     "save_pruned",
     "write_json",

@@ -41,6 +41,7 @@ class Limits:
     runs_per_session: int = 8
     run_memory_mb: float = 1024
     sweep_points: int = 24
+    recover_steps: int = 300
     sessions: int = 200
     session_idle_minutes: float = 60
     export_minutes: float = 30
@@ -56,6 +57,7 @@ class Limits:
         "runs_per_session": "ECOFLAP_MAX_RUNS",
         "run_memory_mb": "ECOFLAP_MAX_RUN_MB",
         "sweep_points": "ECOFLAP_MAX_SWEEP_POINTS",
+        "recover_steps": "ECOFLAP_MAX_RECOVER_STEPS",
         "sessions": "ECOFLAP_MAX_SESSIONS",
         "session_idle_minutes": "ECOFLAP_SESSION_IDLE_MINUTES",
         "export_minutes": "ECOFLAP_EXPORT_MINUTES",

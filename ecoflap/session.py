@@ -8,6 +8,7 @@ The same calls serve a notebook, the CLI and the app:
     me.ask("cat.png", "what is this?").full, me.ask("cat.png").runs
     me.compare(["wanda", "ecoflap_zeroth"], 0.6), me.sweep(["wanda"], [0.5, 0.7])
     me.distributions(run.id), me.export(run.id)
+    better = me.recover(run.id, steps=200)     # a new run: fine-tuned, every zero held
 
 A session owns its runs: their ids are unguessable and never reused, another session's
 id (or a stale one) reaches nothing, and a quota of its own bounds them. When the
@@ -26,7 +27,7 @@ import shutil
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -39,6 +40,7 @@ from .data import batches, default_calibration
 from .images import open_image
 from .methods import Method, get_method
 from .options import PruneOptions, from_settings, number, sparsity_list, sparsity_value
+from .recover import OnStep, recover_options
 from .report import PruneResult, layers_csv, save_pruned, write_json, write_text
 from .scoring import quick_score
 from .stats import gradient_histograms, weight_histograms
@@ -255,10 +257,36 @@ class Session:
                 raise Cancelled("stopped by the user")
         return self._keep(method, result, weights, bench)
 
-    def _keep(self, method: Method, result: PruneResult, weights: RunWeights, bench: Workbench) -> Run:
+    def recover(self, run_id, steps=100, lr=2e-5, weight_decay=0.05, schedule="cosine", way="full", rank=8,
+                batch_size=8, seed=0, eval_n=200, calibration=None, progress: Progress | None = None,
+                should_stop: StopCheck | None = None, on_step: OnStep | None = None) -> Run:
+        """Fine-tune one of this session's runs with its zeros held; the result is a new run
+        ("Wanda @ 0.70 + 200 steps") whose report says how it went (`result.recovery`):
+        steps, settings, loss curve, time, peak memory and the score before and after. At
+        most `Limits.recover_steps` steps; a stopped recovery stores nothing."""
+        source = self.run(run_id)
+        options = recover_options(steps, lr, weight_decay, schedule, batch_size, way, rank, seed, eval_n,
+                                  max_steps=self.server.limits.recover_steps)
+        bench = self.workbench
+        if source.workbench is not bench:
+            raise KeyError("that run belongs to a model that is no longer loaded")
+        with self._job(should_stop) as stopped:
+            recovery, table, weights = bench.recover(source.weights, options, calibration, progress, stopped, on_step)
+            if stopped():
+                raise Cancelled("stopped by the user")
+        targets = {row["name"]: row.get("target_sparsity") for row in source.result.layers}
+        layers = [{**row, "target_sparsity": targets.get(row["name"])} for row in table]
+        result = replace(source.result, layers=layers, quality=None,  # measured on the pruned weights, not these
+                         recovery={"from": source.label, **recovery.to_dict()})
+        way_note = " (LoRA)" if options.way == "lora" else ""
+        return self._keep(get_method(result.method), result, weights, bench,
+                          label=f"{source.label} + {options.steps} steps{way_note}")
+
+    def _keep(self, method: Method, result: PruneResult, weights: RunWeights, bench: Workbench,
+              label: str | None = None) -> Run:
         if self.ended:
             raise Cancelled("the session ended")
-        label = f"{method.label} @ {result.target_sparsity:.2f}"
+        label = label or f"{method.label} @ {result.target_sparsity:.2f}"
         with self._lock:
             same = sum(1 for r in self._runs.values() if r.label.split(" #")[0] == label)
             run = Run(self.server.new_id("run"), f"{label} #{same + 1}" if same else label, result, weights,

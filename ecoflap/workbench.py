@@ -19,18 +19,23 @@ from typing import Callable
 
 import torch
 
-from .anatomy import parameter_counts
+from .anatomy import INCLUDE_CHOICES, parameter_counts, prunable_layers
 from .answers import ask as ask_model
 from .data import Example
 from .models import LoadedModel
 from .options import PruneOptions
 from .pipeline import prune
+from .quality import Reference
+from .recover import OnStep, Recovery, RecoverOptions, recover
 from .report import PruneResult
+from .scoring import reference_for
+from .stats import layer_table
 from .weights import RunWeights, WeightStore
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str, int, int], None]
 StopCheck = Callable[[], bool]
+REFERENCES_KEPT = 4
 
 
 class Cancelled(Exception):
@@ -122,6 +127,8 @@ class Workbench:
         self.store = WeightStore.of(loaded)
         self.long_queue = FirstComeLock()
         self.model_lock = ModelLock()
+        self._references: dict[tuple, tuple[list[Example], Reference]] = {}
+        self._references_lock = threading.Lock()
 
     @contextlib.contextmanager
     def unit(self, long: bool = False, should_stop: StopCheck | None = None):
@@ -154,9 +161,12 @@ class Workbench:
     def prune(self, method: str, sparsity: float, options: PruneOptions | None = None,
               calibration: list[Example] | None = None, progress: Progress | None = None,
               should_stop: StopCheck | None = None,
-              then: Callable[[LoadedModel, PruneResult], object] | None = None) -> tuple[PruneResult, RunWeights, object]:
+              then: Callable[[LoadedModel, PruneResult], object] | None = None,
+              held_out: list[Example] | None = None) -> tuple[PruneResult, RunWeights, object]:
         """One prune as one unit: returns its report, its compact weights and then(loaded,
-        result) computed on the pruned model (a sweep's score), the full weights restored."""
+        result) computed on the pruned model (a sweep's score), the full weights restored.
+        With `held_out` examples, the report's `quality` compares the run with the full model."""
+        reference = self.reference(held_out, should_stop) if held_out is not None else None
 
         def report(what, done, total):
             if should_stop is not None and should_stop():
@@ -166,7 +176,7 @@ class Workbench:
 
         with self.unit(long=True, should_stop=should_stop) as loaded:
             try:
-                result = prune(loaded, method, sparsity, options, calibration, report)
+                result = prune(loaded, method, sparsity, options, calibration, report, reference)
                 weights = RunWeights.capture(self.store, [r["name"] for r in result.layers])
                 extra = then(loaded, result) if then is not None else None
             except torch.OutOfMemoryError as err:
@@ -179,6 +189,51 @@ class Workbench:
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
         return result, weights, extra
+
+    def recover(self, weights: RunWeights, options: RecoverOptions, calibration: list[Example] | None = None,
+                progress: Progress | None = None, should_stop: StopCheck | None = None,
+                on_step: OnStep | None = None) -> tuple[Recovery, list[dict], RunWeights]:
+        """Fine-tune a variant with its zeros held, as one long unit: returns what happened,
+        the per-layer table and the recovered weights; the full weights are back afterwards."""
+
+        def report(what, done, total):
+            if should_stop is not None and should_stop():
+                raise Cancelled("stopped by the user")
+            if progress is not None:
+                progress(what, done, total)
+
+        with self.unit(long=True, should_stop=should_stop) as loaded:
+            names = set(weights.names)
+            layers = [l for l in prunable_layers(loaded.model, INCLUDE_CHOICES) if l.name in names]
+            try:
+                with weights.applied(self.store):
+                    recovery = recover(loaded, layers, options, calibration, report, on_step)
+                    table = layer_table(layers)
+                    recovered = RunWeights.capture(self.store, weights.names)
+            except torch.OutOfMemoryError as err:
+                raise MemoryError("out of memory while fine-tuning: the recovery was abandoned and the full "
+                                  "model restored; try a smaller batch size or the LoRA way") from err
+            finally:
+                self.store.restore()
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+        return recovery, table, recovered
+
+    def reference(self, examples: list[Example], should_stop: StopCheck | None = None) -> Reference:
+        """The full model on held-out examples (its answers and next-token distributions),
+        measured once per set of examples and kept: the full model never changes."""
+        key = tuple(map(id, examples))
+        with self._references_lock:
+            kept = self._references.get(key)
+        if kept is not None:
+            return kept[1]
+        reference = self.using(None, lambda loaded: reference_for(loaded, examples), long=True,
+                               should_stop=should_stop)
+        with self._references_lock:
+            self._references[key] = (list(examples), reference)  # the examples pin their ids
+            while len(self._references) > REFERENCES_KEPT:
+                self._references.pop(next(iter(self._references)))
+        return reference
 
     def using(self, weights: RunWeights | None, fn: Callable[[LoadedModel], object], long: bool = False,
               should_stop: StopCheck | None = None):
