@@ -124,7 +124,7 @@ def prune_layers(loaded, stage2: str, layers: list[PrunableLayer], budget: Layer
     for block in BlockReplay(loaded.model, data).blocks(layers, _labelled(progress, f"stage 2 ({stage2})")):
         stats = block.input_statistics(hessian=stage2 == "sparsegpt")
         for layer in block.layers:
-            s, weight = stats[layer.name], layer.module.weight.data
+            s, weight = stats.pop(layer.name), layer.module.weight.data  # each layer's statistics freed once it is pruned
             if stage2 == "wanda":
                 prune_wanda(weight, s.sq_norm, budget.sparsity[layer.name], nm, budget.zeros[layer.name])
             else:
