@@ -27,6 +27,7 @@ from .pruners.magnitude import prune_magnitude
 from .pruners.sparsegpt import prune_sparsegpt
 from .pruners.wanda import prune_wanda
 from .quality import Reference
+from .offload import is_offloaded, onloaded
 from .replay import BlockReplay
 from .report import PruneResult
 from .scoring import quality_against_full, reference_for
@@ -56,6 +57,7 @@ def prune(
     method, options = get_method(method), options or PruneOptions()
     layers = prunable_layers(loaded.model, options.include)
     nm = check(method, sparsity, options)
+    check_offload(loaded.model, method, options)
     check_nm_widths(layers, nm)
     drawn = None
     if method.calibrated:
@@ -119,7 +121,8 @@ def prune_layers(loaded, stage2: str, layers: list[PrunableLayer], budget: Layer
     """Stage 2: zero each layer's weights at its budget, block by block in forward order."""
     if stage2 == "magnitude":
         for i, l in enumerate(layers):
-            prune_magnitude(l.module.weight.data, budget.sparsity[l.name], nm, budget.zeros[l.name])
+            with onloaded(l.module):
+                prune_magnitude(l.module.weight.data, budget.sparsity[l.name], nm, budget.zeros[l.name])
             if progress:
                 progress(f"magnitude: {l.name}", i + 1, len(layers))
         return
@@ -134,6 +137,18 @@ def prune_layers(loaded, stage2: str, layers: list[PrunableLayer], budget: Layer
             else:
                 prune_sparsegpt(weight, s.hessian, s.tokens, budget.sparsity[layer.name], nm, options.blocksize,
                                 options.percdamp, budget.zeros[layer.name])
+
+
+def check_offload(model, method: Method, options):
+    """What sequential onloading cannot do, refused in one line before anything changes."""
+    if not is_offloaded(model):
+        return
+    if method.estimator == "first":
+        raise ValueError("first-order scores need every weight on the device at once for the backward pass; "
+                         "with offloading use ecoflap_zeroth (forward passes only, one block at a time)")
+    if method.perturb == "group" and options.granularity == "model":
+        raise ValueError("a joint perturbation of a whole modality needs all its blocks on the device at once; "
+                         "with offloading use --granularity block or layer, or ecoflap_zeroth (one matrix at a time)")
 
 
 def check_nm_widths(layers: list[PrunableLayer], nm: tuple[int, int] | None):
