@@ -117,7 +117,7 @@ def _event_alive():
 
 
 async def in_worker(work, *args, **kwargs):
-    """Run work(*args, should_stop=..., **kwargs) in a thread; it stops within one block if
+    """Run work(*args, should_stop=..., **kwargs) in a thread; it stops within one layer if
     the event is cancelled (Stop, job.cancel()) or its client goes away. A cancelled event
     still waits for its thread to stop, so the concurrency limit counts real work."""
     cancelled = threading.Event()

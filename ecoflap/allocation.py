@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .anatomy import PrunableLayer, group_key
+from .progress import StopCheck, stop_if_asked
 
 AGGREGATES = ("sum", "avg")
 
@@ -128,7 +129,8 @@ def modality_budget(layers: list[PrunableLayer], sparsity: float, vision_sparsit
     return group_budget(groups, keep, {"split": split})
 
 
-def global_magnitude_budget(layers: list[PrunableLayer], sparsity: float) -> LayerBudget:
+def global_magnitude_budget(layers: list[PrunableLayer], sparsity: float,
+                            should_stop: StopCheck | None = None) -> LayerBudget:
     """One threshold over every prunable |W|: the N - floor(N (1 - s)) smallest become zero.
 
     Ties at the threshold are shared out by each layer's number of tied weights, so the
@@ -137,7 +139,7 @@ def global_magnitude_budget(layers: list[PrunableLayer], sparsity: float) -> Lay
     """
     total = sum(l.numel for l in layers)
     zeros = total - keep_budget(total, sparsity)
-    threshold = kth_smallest_magnitude(layers, zeros) if zeros else None
+    threshold = kth_smallest_magnitude(layers, zeros, should_stop) if zeros else None
     if threshold is None:
         per_layer = [0] * len(layers)
     else:
@@ -154,16 +156,21 @@ def global_magnitude_budget(layers: list[PrunableLayer], sparsity: float) -> Lay
     return budget
 
 
-def kth_smallest_magnitude(layers: list[PrunableLayer], k: int) -> float:
+def kth_smallest_magnitude(layers: list[PrunableLayer], k: int, should_stop: StopCheck | None = None) -> float:
     """The k-th smallest |W| over all layers (k >= 1), exactly, holding one layer at a time:
-    a bisection over float32 bit patterns, which order like the non-negative values they encode."""
+    a bisection over float32 bit patterns, which order like the non-negative values they encode.
+    About 31 passes over every layer: `should_stop` is asked before each layer is counted."""
     if not 1 <= k <= sum(l.numel for l in layers):
         raise ValueError(f"k must be between 1 and the number of weights (got {k})")
     low, high = 0, 0x7F800000  # 0.0 and +inf
     while low < high:
         middle = (low + high) // 2
         value = _float32(middle)
-        if sum(_count(l, lambda a: a <= value) for l in layers) >= k:
+        at_most = 0
+        for layer in layers:
+            stop_if_asked(should_stop)
+            at_most += _count(layer, lambda a: a <= value)
+        if at_most >= k:
             high = middle
         else:
             low = middle + 1

@@ -15,6 +15,7 @@ import torch
 from .anatomy import PrunableLayer
 from .data import calibration_loss
 from .gradients import checkpointed_blocks, consumed_gradients
+from .progress import StopCheck, stop_if_asked
 from .replay import BlockReplay
 
 ESTIMATORS = ("zeroth", "first")
@@ -91,6 +92,7 @@ def zeroth_order_scores(
     progress: Callable[[str, int, int], None] | None = None,
     replay: bool = True,
     group_of: Callable[[PrunableLayer], str] | None = None,
+    should_stop: StopCheck | None = None,
 ) -> dict[str, float]:
     """Sum over batches of |directional derivative| along fresh Gaussian directions.
 
@@ -119,12 +121,14 @@ def zeroth_order_scores(
         for block in BlockReplay(model, batches).blocks(layers):
             for layer in block.layers:
                 if layer.name in starts_unit:
+                    stop_if_asked(should_stop)
                     name = starts_unit[layer.name]
                     scores[name] = unit_score(model, units[name], block.batches(), directions, noise_samples, eps)
                     if progress:
                         progress(f"stage 1 (zeroth-order): {name}", len(scores), len(units))
     else:
         for name, members in units.items():
+            stop_if_asked(should_stop)
             scores[name] = unit_score(model, members, batches, directions, noise_samples, eps)
             if progress:
                 progress(f"stage 1 (zeroth-order): {name}", len(scores), len(units))
@@ -151,6 +155,7 @@ def first_order_scores(
     batches: list[dict],
     progress: Callable[[str, int, int], None] | None = None,
     checkpoint: bool = True,
+    should_stop: StopCheck | None = None,
 ) -> dict[str, float]:
     """Mean over batches of sum_ij |dL/dW_ij| * |W_ij|, by exact gradients.
 
@@ -166,6 +171,7 @@ def first_order_scores(
     recompute = checkpointed_blocks(model) if checkpoint else contextlib.nullcontext()
     with consumed_gradients(model, layers, accumulate), recompute:
         for b, batch in enumerate(batches):
+            stop_if_asked(should_stop)
             calibration_loss(model, batch).backward()
             if progress:
                 progress("stage 1 (first-order)", b + 1, len(batches))

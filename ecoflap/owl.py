@@ -21,6 +21,7 @@ import torch
 
 from .allocation import Group, LayerBudget, group_budget, grouped, keep_budget
 from .anatomy import PrunableLayer
+from .progress import StopCheck, stop_if_asked
 from .pruners.wanda import wanda_scores
 from .replay import BlockReplay
 
@@ -46,11 +47,12 @@ def outlier_ratio(scores: Sequence[torch.Tensor], m: float) -> float:
 
 @torch.no_grad()
 def dense_outlier_ratios(model, layers: list[PrunableLayer], batches: list[dict], m: float,
-                         progress: Progress | None = None) -> dict[str, float]:
+                         progress: Progress | None = None, should_stop: StopCheck | None = None) -> dict[str, float]:
     """Each block's outlier ratio, from the dense model's inputs (nothing is pruned while
     they are gathered, as in the reference's first pass)."""
     sq_norms: dict[str, torch.Tensor] = {}
     for block in BlockReplay(model, batches).blocks(layers, progress):
+        stop_if_asked(should_stop)
         stats = block.input_statistics()
         for layer in block.layers:
             sq_norms[layer.name] = stats[layer.name].sq_norm

@@ -26,6 +26,7 @@ from .owl import dense_outlier_ratios, owl_budget
 from .pruners.magnitude import prune_magnitude
 from .pruners.sparsegpt import prune_sparsegpt
 from .pruners.wanda import prune_wanda
+from .progress import StopCheck, stop_if_asked
 from .quality import Reference
 from .replay import BlockReplay
 from .report import PruneResult
@@ -44,6 +45,7 @@ def prune(
     calibration: Calibration | list[Example] | None = None,
     progress: Progress | None = None,
     held_out: list[Example] | Reference | None = None,
+    should_stop: StopCheck | None = None,
 ) -> PruneResult:
     """Prune the loaded model in place and return what happened.
 
@@ -51,7 +53,8 @@ def prune(
     for the shipped shapes set. The caller keeps the full weights (see `WeightStore`);
     this function only prunes. With `held_out` examples (or the full model's `Reference`
     on them, computed once for many runs), the result's `quality` compares the pruned
-    model with the full one.
+    model with the full one. `should_stop` is asked between layers (and inside stage 1's
+    long loops); once it says yes, `Cancelled` is raised and the caller restores the weights.
     """
     method, options = get_method(method), options or PruneOptions()
     layers = prunable_layers(loaded.model, options.include)
@@ -67,9 +70,9 @@ def prune(
         held_out = reference_for(loaded, held_out, _labelled(progress, "full model"))
     with PeakMemory(loaded.device, interval=0.01) as memory:
         start = time.perf_counter()
-        budget = allocate(loaded, method, layers, sparsity, options, calibration, progress)
+        budget = allocate(loaded, method, layers, sparsity, options, calibration, progress, should_stop)
         stage1_end = time.perf_counter()
-        prune_layers(loaded, method.stage2, layers, budget, nm, options, calibration, progress)
+        prune_layers(loaded, method.stage2, layers, budget, nm, options, calibration, progress, should_stop)
         end = time.perf_counter()
     timings = {"stage1_s": stage1_end - start} if method.allocation != "uniform" else {}
     timings.update(stage2_s=end - stage1_end, total_s=end - start)
@@ -82,25 +85,28 @@ def prune(
     return result
 
 
-def allocate(loaded, method: Method, layers, sparsity, options, calibration, progress) -> LayerBudget:
+def allocate(loaded, method: Method, layers, sparsity, options, calibration, progress,
+             should_stop: StopCheck | None = None) -> LayerBudget:
     """Stage 1: how many weights each layer loses."""
     if method.allocation == "uniform":
         return uniform_budget(layers, sparsity)
     if method.allocation == "modality":
         return modality_budget(layers, sparsity, options.vision_sparsity)
     if method.allocation == "global":
-        return global_magnitude_budget(layers, sparsity)
+        return global_magnitude_budget(layers, sparsity, should_stop)
     if method.allocation == "owl":
         data = batches(loaded, take(calibration, options.samples, "OWL"), options.batch_size)
-        ratios = dense_outlier_ratios(loaded.model, layers, data, options.owl_m, _labelled(progress, "OWL ratios"))
+        ratios = dense_outlier_ratios(loaded.model, layers, data, options.owl_m, _labelled(progress, "OWL ratios"),
+                                      should_stop)
         return owl_budget(group_scores(layers, ratios, "block", by_group=True), sparsity, options.owl_lambda)
     data = batches(loaded, take(calibration, options.stage1_sample_count(method), "stage 1"), options.batch_size)
     if method.estimator == "zeroth":
         joint = method.perturb == "group"
         scores = zeroth_order_scores(loaded.model, layers, data, options.eps, options.noise_samples, options.seed,
-                                     progress, group_of=(lambda l: group_key(l, options.granularity)) if joint else None)
+                                     progress, group_of=(lambda l: group_key(l, options.granularity)) if joint else None,
+                                     should_stop=should_stop)
     else:
-        scores = first_order_scores(loaded.model, layers, data, progress)
+        scores = first_order_scores(loaded.model, layers, data, progress, should_stop=should_stop)
         joint = False
     groups = group_scores(layers, scores, options.granularity, options.aggregate, by_group=joint)
     return ecoflap_budget(groups, sparsity, options.cap(sparsity))
@@ -111,10 +117,11 @@ def _labelled(progress: Progress | None, stage: str) -> Progress | None:
 
 
 def prune_layers(loaded, stage2: str, layers: list[PrunableLayer], budget: LayerBudget, nm, options, calibration,
-                 progress: Progress | None):
+                 progress: Progress | None, should_stop: StopCheck | None = None):
     """Stage 2: zero each layer's weights at its budget, block by block in forward order."""
     if stage2 == "magnitude":
         for i, l in enumerate(layers):
+            stop_if_asked(should_stop)
             prune_magnitude(l.module.weight.data, budget.sparsity[l.name], nm, budget.zeros[l.name])
             if progress:
                 progress(f"magnitude: {l.name}", i + 1, len(layers))
@@ -124,6 +131,7 @@ def prune_layers(loaded, stage2: str, layers: list[PrunableLayer], budget: Layer
     for block in BlockReplay(loaded.model, data).blocks(layers, _labelled(progress, f"stage 2 ({stage2})")):
         stats = block.input_statistics(hessian=stage2 == "sparsegpt")
         for layer in block.layers:
+            stop_if_asked(should_stop)
             s, weight = stats[layer.name], layer.module.weight.data
             if stage2 == "wanda":
                 prune_wanda(weight, s.sq_norm, budget.sparsity[layer.name], nm, budget.zeros[layer.name])

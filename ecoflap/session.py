@@ -14,7 +14,7 @@ A session owns its runs: their ids are unguessable and never reused, another ses
 id (or a stale one) reaches nothing, and a quota of its own bounds them. When the
 server's shared memory for runs must drop one, or its model is unloaded, only its owner
 is told, the next time they look (`notices()`). Every long job can be stopped (`stop()`,
-its own `should_stop`, or the session ending): it stops within one block and stores
+its own `should_stop`, or the session ending): it stops within one layer and stores
 nothing.
 """
 
@@ -360,7 +360,7 @@ class Session:
                     raise Cancelled("stopped by the user")
                 if progress:
                     progress(f"scoring {label} on {eval_n} questions", i, len(runs) + 1)
-                score = bench.using(weights, lambda loaded: quick_score(loaded, eval_n), long=True,
+                score = bench.using(weights, lambda loaded: quick_score(loaded, eval_n, should_stop=stopped), long=True,
                                     should_stop=stopped)
                 answer = bench.ask([picture], [fitted], weights)[0] if picture is not None else None
                 rows.append({"label": label, "score": score["value"], "answer": answer,

@@ -1,7 +1,7 @@
 """Score against sparsity: for every method and sparsity, prune, score, restore.
 
 Each point is one unit of work on the shared model (see `Workbench.prune`), so other
-people's work goes on between points, and a stop takes effect within one block. Methods
+people's work goes on between points, and a stop takes effect within one layer. Methods
 whose result depends on the seed (zeroth-order ECoFLaP) are measured once per seed, the
 others once.
 """
@@ -60,7 +60,8 @@ def measure_point(workbench: Workbench, method: str, sparsity: float, options: P
     method = get_method(method)
     result, _, score = workbench.prune(method.name, sparsity, options, calibration, progress=progress,
                                        should_stop=should_stop,
-                                       then=lambda loaded, _result: quick_score(loaded, eval_n, eval_seed))
+                                       then=lambda loaded, _result: quick_score(loaded, eval_n, eval_seed,
+                                                                              should_stop=should_stop))
     row = {"method": method.name, "label": method.label, "sparsity": sparsity, "seed": options.seed,
            "metric": score["metric"], "score": score["value"], "achieved_sparsity": result.achieved_sparsity,
            "seconds": result.timings["total_s"]}

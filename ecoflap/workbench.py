@@ -25,6 +25,7 @@ from .data import Example
 from .models import LoadedModel
 from .options import PruneOptions
 from .pipeline import prune
+from .progress import Cancelled, Progress, StopCheck, stop_if_asked
 from .quality import Reference
 from .recover import OnStep, Recovery, RecoverOptions, recover
 from .report import PruneResult
@@ -33,13 +34,7 @@ from .stats import layer_table
 from .weights import RunWeights, WeightStore
 
 log = logging.getLogger(__name__)
-Progress = Callable[[str, int, int], None]
-StopCheck = Callable[[], bool]
 REFERENCES_KEPT = 4
-
-
-class Cancelled(Exception):
-    """The user stopped a job; nothing was stored and the model has its full weights."""
 
 
 class FirstComeLock:
@@ -115,8 +110,7 @@ class ModelLock:
 
 
 def _check(should_stop: StopCheck | None):
-    if should_stop is not None and should_stop():
-        raise Cancelled("stopped while waiting for the model")
+    stop_if_asked(should_stop, "stopped while waiting for the model")
 
 
 class Workbench:
@@ -167,17 +161,11 @@ class Workbench:
         result) computed on the pruned model (a sweep's score), the full weights restored.
         With `held_out` examples, the report's `quality` compares the run with the full model."""
         reference = self.reference(held_out, should_stop) if held_out is not None else None
-
-        def report(what, done, total):
-            if should_stop is not None and should_stop():
-                raise Cancelled("stopped by the user")
-            if progress is not None:
-                progress(what, done, total)
-
         with self.unit(long=True, should_stop=should_stop) as loaded:
             try:
-                result = prune(loaded, method, sparsity, options, calibration, report, reference)
+                result = prune(loaded, method, sparsity, options, calibration, progress, reference, should_stop)
                 weights = RunWeights.capture(self.store, [r["name"] for r in result.layers])
+                stop_if_asked(should_stop)
                 extra = then(loaded, result) if then is not None else None
             except torch.OutOfMemoryError as err:
                 raise MemoryError(

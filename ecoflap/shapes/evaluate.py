@@ -8,6 +8,7 @@ from typing import Callable
 from PIL import Image
 
 from ..answers import ask
+from ..progress import StopCheck, stop_if_asked
 from ..quality import exact_match
 from .world import QUESTION_TYPES, Sample, draw_sample, samples
 
@@ -27,12 +28,13 @@ def make_eval_set(n: int = 1000, seed: int = 10_000) -> list[EvalExample]:
 
 
 def evaluate(loaded, examples: list[EvalExample], batch_size: int = 64,
-             progress: Callable[[int, int], None] | None = None) -> dict:
+             progress: Callable[[int, int], None] | None = None, should_stop: StopCheck | None = None) -> dict:
     """{"overall", "by_type": {type: accuracy}, "n", "mistakes": first few wrong answers}."""
     correct = {t: 0 for t in QUESTION_TYPES}
     total = {t: 0 for t in QUESTION_TYPES}
     mistakes = []
     for start in range(0, len(examples), batch_size):
+        stop_if_asked(should_stop)
         chunk = examples[start : start + batch_size]
         answers = ask(loaded, [e.image for e in chunk], [e.question for e in chunk])
         for e, got in zip(chunk, answers):
