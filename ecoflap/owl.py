@@ -15,20 +15,19 @@ floor(N (1 - s)) weights stay.
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 
 from .allocation import Group, LayerBudget, group_budget, grouped, keep_budget
 from .anatomy import PrunableLayer
-from .progress import StopCheck, stop_if_asked
+from .progress import Progress, StopCheck, stop_if_asked
 from .pruners.wanda import wanda_scores
 from .replay import BlockReplay
 
 DEFAULT_M = 5.0  # the reference README's recipes (its argparse default is 3)
 DEFAULT_LAMBDA = 0.08
 
-Progress = Callable[[str, int, int], None]
 
 
 def outlier_ratio(scores: Sequence[torch.Tensor], m: float) -> float:

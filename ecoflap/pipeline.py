@@ -10,7 +10,6 @@ calibrated on the outputs of the already-pruned blocks before it.
 from __future__ import annotations
 
 import time
-from typing import Callable
 
 from .allocation import (LayerBudget, ecoflap_budget, global_magnitude_budget, group_scores, modality_budget,
                          uniform_budget)
@@ -23,10 +22,10 @@ from .methods import Method, get_method
 from .models import LoadedModel
 from .options import PruneOptions, as_report, check
 from .owl import dense_outlier_ratios, owl_budget
+from .progress import Progress, StopCheck, prefixed, stop_if_asked
 from .pruners.magnitude import prune_magnitude
 from .pruners.sparsegpt import prune_sparsegpt
 from .pruners.wanda import prune_wanda
-from .progress import StopCheck, stop_if_asked
 from .quality import Reference
 from .replay import BlockReplay
 from .report import PruneResult
@@ -34,7 +33,6 @@ from .scoring import quality_against_full, reference_for
 from .sources import Calibration, calibration_warnings, given, parse
 from .stats import achieved_sparsity, layer_table, sparsity_by_modality
 
-Progress = Callable[[str, int, int], None]
 
 
 def prune(
@@ -67,7 +65,7 @@ def prune(
         calibration = examples_for(options.loss, drawn.examples, options.seed)
     loaded.model.eval()
     if held_out is not None and not isinstance(held_out, Reference):
-        held_out = reference_for(loaded, held_out, _labelled(progress, "full model"))
+        held_out = reference_for(loaded, held_out, prefixed(progress, "full model: "))
     with PeakMemory(loaded.device, interval=0.01) as memory:
         start = time.perf_counter()
         budget = allocate(loaded, method, layers, sparsity, options, calibration, progress, should_stop)
@@ -81,7 +79,7 @@ def prune(
         result.calibration = {**drawn.report(options.samples_used(method)), "loss": options.loss}
         result.warnings = drawn.warnings + calibration_warnings(loaded, drawn)
     if held_out is not None:
-        result.quality = quality_against_full(loaded, held_out, _labelled(progress, "pruned model"))
+        result.quality = quality_against_full(loaded, held_out, prefixed(progress, "pruned model: "))
     return result
 
 
@@ -96,7 +94,7 @@ def allocate(loaded, method: Method, layers, sparsity, options, calibration, pro
         return global_magnitude_budget(layers, sparsity, should_stop)
     if method.allocation == "owl":
         data = batches(loaded, take(calibration, options.samples, "OWL"), options.batch_size)
-        ratios = dense_outlier_ratios(loaded.model, layers, data, options.owl_m, _labelled(progress, "OWL ratios"),
+        ratios = dense_outlier_ratios(loaded.model, layers, data, options.owl_m, prefixed(progress, "OWL ratios: "),
                                       should_stop)
         return owl_budget(group_scores(layers, ratios, "block", by_group=True), sparsity, options.owl_lambda)
     data = batches(loaded, take(calibration, options.stage1_sample_count(method), "stage 1"), options.batch_size)
@@ -112,10 +110,6 @@ def allocate(loaded, method: Method, layers, sparsity, options, calibration, pro
     return ecoflap_budget(groups, sparsity, options.cap(sparsity))
 
 
-def _labelled(progress: Progress | None, stage: str) -> Progress | None:
-    return (lambda what, i, n: progress(f"{stage}: {what}", i, n)) if progress else None
-
-
 def prune_layers(loaded, stage2: str, layers: list[PrunableLayer], budget: LayerBudget, nm, options, calibration,
                  progress: Progress | None, should_stop: StopCheck | None = None):
     """Stage 2: zero each layer's weights at its budget, block by block in forward order."""
@@ -128,7 +122,7 @@ def prune_layers(loaded, stage2: str, layers: list[PrunableLayer], budget: Layer
         return
 
     data = batches(loaded, take(calibration, options.samples, "stage 2"), options.batch_size)
-    for block in BlockReplay(loaded.model, data).blocks(layers, _labelled(progress, f"stage 2 ({stage2})")):
+    for block in BlockReplay(loaded.model, data).blocks(layers, prefixed(progress, f"stage 2 ({stage2}): ")):
         stats = block.input_statistics(hessian=stage2 == "sparsegpt")
         for layer in block.layers:
             stop_if_asked(should_stop)

@@ -35,9 +35,9 @@ from .forwards import replaced_forward
 from .memory import PeakMemory
 from .models import LoadedModel
 from .options import number
+from .progress import Progress
 from .scoring import quick_score, speaks_shapes
 
-Progress = Callable[[str, int, int], None]
 OnStep = Callable[[int, float], None]
 WAYS = ("full", "lora")
 SCHEDULES = ("cosine", "constant")

@@ -27,8 +27,8 @@ from torch import nn
 
 from .anatomy import PrunableLayer, Stack, stacks
 from .forwards import replaced_forward
+from .progress import Progress
 
-Progress = Callable[[str, int, int], None]
 
 
 class _Stop(Exception):

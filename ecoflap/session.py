@@ -40,6 +40,7 @@ from .data import batches, default_calibration
 from .images import open_image
 from .methods import Method, get_method
 from .options import PruneOptions, from_settings, number, sparsity_list, sparsity_value
+from .progress import Progress, StopCheck, prefixed
 from .recover import OnStep, recover_options
 from .report import PruneResult, layers_csv, save_pruned, write_json, write_text
 from .scoring import quick_score
@@ -49,8 +50,6 @@ from .weights import RunWeights
 from .workbench import Cancelled, Workbench
 
 log = logging.getLogger(__name__)
-Progress = Callable[[str, int, int], None]
-StopCheck = Callable[[], bool]
 MAX_NEW_TOKENS = 64
 
 
@@ -252,7 +251,7 @@ class Session:
             options = from_settings(sparsity, **settings)
         bench = self.workbench
         with self._job(should_stop) as stopped:
-            result, weights, _ = bench.prune(method.name, sparsity, options, calibration, progress, stopped)
+            result, weights, _ = bench.prune(method, sparsity, options, calibration, progress, stopped)
             if stopped():
                 raise Cancelled("stopped by the user")
         return self._keep(method, result, weights, bench)
@@ -338,8 +337,8 @@ class Session:
                 progress: Progress | None = None, should_stop: StopCheck | None = None) -> Comparison:
         """Prune with each method at one sparsity (each its own run), then score the full
         model and every run on the same questions, and answer one question with each."""
-        names = [get_method(m) for m in _listed(methods, "methods")]
-        if not 2 <= len(names) <= 4 or len({m.name for m in names}) != len(names):
+        chosen = [get_method(m) for m in _listed(methods, "methods")]
+        if not 2 <= len(chosen) <= 4 or len(set(chosen)) != len(chosen):
             raise ValueError("choose two to four different methods to compare")
         sparsity = sparsity_value(sparsity)
         eval_n = number(eval_n, "questions to score", 10, 1000, whole=True)
@@ -349,10 +348,10 @@ class Session:
         bench = self.workbench
         runs = []
         with self._job(should_stop) as stopped:
-            for i, method in enumerate(names):
-                step = f"{method.label} @ {sparsity:.2f} ({i + 1} of {len(names)})"
-                result, weights, _ = bench.prune(method.name, sparsity, PruneOptions(),
-                                                 progress=_prefixed(progress, step), should_stop=stopped)
+            for i, method in enumerate(chosen):
+                step = f"{method.label} @ {sparsity:.2f} ({i + 1} of {len(chosen)})"
+                result, weights, _ = bench.prune(method, sparsity, PruneOptions(),
+                                                 progress=prefixed(progress, f"{step} · "), should_stop=stopped)
                 runs.append(self._keep(method, result, weights, bench))
             rows = []
             for i, (label, weights) in enumerate([("Full model", None)] + [(r.label, r.weights) for r in runs]):
@@ -360,8 +359,8 @@ class Session:
                     raise Cancelled("stopped by the user")
                 if progress:
                     progress(f"scoring {label} on {eval_n} questions", i, len(runs) + 1)
-                score = bench.using(weights, lambda loaded: quick_score(loaded, eval_n, should_stop=stopped), long=True,
-                                    should_stop=stopped)
+                score = bench.using(weights, lambda loaded: quick_score(loaded, eval_n, should_stop=stopped),
+                                    long=True, should_stop=stopped)
                 answer = bench.ask([picture], [fitted], weights)[0] if picture is not None else None
                 rows.append({"label": label, "score": score["value"], "answer": answer,
                              "sparsity_by_modality": next((r.result.sparsity_by_modality for r in runs
@@ -373,21 +372,21 @@ class Session:
               should_stop: StopCheck | None = None, on_row: Callable[[dict], None] | None = None) -> list[dict]:
         """Score against sparsity, each point one prune and one score (other users' work goes
         on between points); at most `Limits.sweep_points` points."""
-        names = [get_method(m).name for m in _listed(methods, "methods")]
-        if len(set(names)) != len(names):
+        chosen = [get_method(m) for m in _listed(methods, "methods")]
+        if len(set(chosen)) != len(chosen):
             raise ValueError("each method may appear only once")
         limit = self.server.limits.sweep_points
         values = (sparsity_list(sparsities, limit) if isinstance(sparsities, str)
                   else [sparsity_value(s) for s in _numbers(sparsities)])
-        if not names or not values:
+        if not chosen or not values:
             raise ValueError("choose at least one method and one sparsity")
-        if len(names) * len(values) > limit:
+        if len(chosen) * len(values) > limit:
             raise ValueError(f"a sweep takes at most {limit} points (methods x sparsities) on this deployment; "
-                             f"this one has {len(names) * len(values)}")
+                             f"this one has {len(chosen) * len(values)}")
         eval_n = number(eval_n, "questions to score", 10, 1000, whole=True)
         bench = self.workbench
         with self._job(should_stop) as stopped:
-            return sweep(bench, names, values, eval_n=eval_n, progress=progress, should_stop=stopped, on_row=on_row)
+            return sweep(bench, chosen, values, eval_n=eval_n, progress=progress, should_stop=stopped, on_row=on_row)
 
     def distributions(self, run_id=None) -> dict:
         """Weight and gradient magnitude histograms per modality: the full model's, and a run's."""
@@ -439,12 +438,6 @@ class Session:
         """The model holds its full weights between units of work; check they are bit-identical."""
         self.touch()
         return self.workbench.restore()
-
-
-def _prefixed(progress: Progress | None, step: str) -> Progress | None:
-    if progress is None:
-        return None
-    return lambda what, done, total: progress(f"{step} · {what}", done, total)
 
 
 def _listed(values, what: str) -> list[str]:

@@ -11,18 +11,18 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Callable, Sequence
 
-from .methods import get_method
+from .methods import Method, get_method
 from .options import PruneOptions
+from .progress import Progress, StopCheck, prefixed
 from .scoring import quick_score
-from .workbench import StopCheck, Workbench
+from .workbench import Workbench
 
-Progress = Callable[[str, int, int], None]
 EVAL_SEED = 1234
 
 
 def sweep(
     workbench: Workbench,
-    methods: list[str],
+    methods: list[str | Method],
     sparsities: list[float],
     options: PruneOptions | None = None,
     calibration=None,
@@ -36,29 +36,29 @@ def sweep(
     `seeds` default to the options' one seed."""
     options = options or PruneOptions()
     seeds = list(seeds) if seeds else [options.seed]
-    points = [(get_method(name), s, seed) for name in methods for s in sparsities
-              for seed in (seeds if get_method(name).seeded else seeds[:1])]
+    methods = [get_method(m) for m in methods]
+    points = [(method, s, seed) for method in methods for s in sparsities
+              for seed in (seeds if method.seeded else seeds[:1])]
     rows = []
     for i, (method, sparsity, seed) in enumerate(points):
         step = f"point {i + 1} of {len(points)}: {method.label} @ {sparsity:.2f}"
         if progress:
             progress(step, i, len(points))
-        row = measure_point(workbench, method.name, sparsity, replace(options, seed=seed), calibration, eval_n,
-                            progress=(lambda what, done, total: progress(f"{step} · {what}", done, total))
-                            if progress else None, should_stop=should_stop)
+        row = measure_point(workbench, method, sparsity, replace(options, seed=seed), calibration, eval_n,
+                            progress=prefixed(progress, f"{step} · "), should_stop=should_stop)
         rows.append(row)
         if on_row:
             on_row(row)
     return rows
 
 
-def measure_point(workbench: Workbench, method: str, sparsity: float, options: PruneOptions, calibration=None,
+def measure_point(workbench: Workbench, method: str | Method, sparsity: float, options: PruneOptions, calibration=None,
                   eval_n: int = 200, eval_seed: int = EVAL_SEED, progress: Progress | None = None,
                   should_stop: StopCheck | None = None) -> dict:
     """One prune and its quick score on `eval_n` questions drawn with `eval_seed`, as a row
     (with the vision/language split where the allocation has one)."""
     method = get_method(method)
-    result, _, score = workbench.prune(method.name, sparsity, options, calibration, progress=progress,
+    result, _, score = workbench.prune(method, sparsity, options, calibration, progress=progress,
                                        should_stop=should_stop,
                                        then=lambda loaded, _result: quick_score(loaded, eval_n, eval_seed,
                                                                               should_stop=should_stop))

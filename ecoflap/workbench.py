@@ -22,6 +22,7 @@ import torch
 from .anatomy import INCLUDE_CHOICES, parameter_counts, prunable_layers
 from .answers import ask as ask_model
 from .data import Example
+from .methods import Method
 from .models import LoadedModel
 from .options import PruneOptions
 from .pipeline import prune
@@ -152,7 +153,7 @@ class Workbench:
             **parameter_counts(self.loaded.model),
         }
 
-    def prune(self, method: str, sparsity: float, options: PruneOptions | None = None,
+    def prune(self, method: str | Method, sparsity: float, options: PruneOptions | None = None,
               calibration: list[Example] | None = None, progress: Progress | None = None,
               should_stop: StopCheck | None = None,
               then: Callable[[LoadedModel, PruneResult], object] | None = None,
