@@ -6,14 +6,31 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 
 from tqdm import tqdm
 
-from .anatomy import DEFAULT_INCLUDE, INCLUDE_CHOICES
+from .anatomy import DEFAULT_INCLUDE, INCLUDE_CHOICES, prunable_layers
+from .answers import ask
+from .benchmark import bench
+from .curves import summarise
+from .images import open_image
 from .losses import LOSSES
-from .methods import METHODS, method_names
-from .models import ModelLoadError
+from .methods import METHODS, get_method, method_names
+from .models import ModelLoadError, load_model, random_model
+from .options import PruneOptions, check, seed_list, sparsity_list
 from .owl import DEFAULT_LAMBDA, DEFAULT_M
+from .pipeline import prune
+from .plots import sweep_figure
+from .recover import recover, recover_options
+from .report import SWEEP_COLUMNS, save_pruned, table_csv, write_json, write_text
+from .scoring import quick_score
+from .shapes.evaluate import CARD_SEED
+from .soak import soak
+from .sources import deployment_default, labeller, parse
+from .stats import achieved_sparsity, layer_table
+from .sweep import sweep
+from .workbench import Workbench
 
 log = logging.getLogger("ecoflap")
 
@@ -65,10 +82,6 @@ def _calibration_arg(p: argparse.ArgumentParser):
 def _calibration(args, loaded, methods: list[str], options):
     """The calibration drawn from --calibration (or the deployment's default) for these
     methods' sample counts; None for the shipped set, which the pipeline takes itself."""
-    from .answers import ask
-    from .methods import get_method
-    from .sources import deployment_default, labeller, parse
-
     spec = args.calibration or deployment_default(loaded)
     if spec is None:
         return None
@@ -141,7 +154,7 @@ def _parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="score the model: accuracy per question type (shapes model) or calibration loss")
     _model_args(e)
     e.add_argument("--n", type=int, default=1000, help="evaluation examples")
-    e.add_argument("--seed", type=int, default=10_000)
+    e.add_argument("--seed", type=int, default=CARD_SEED)
     e.add_argument("--json", default=None, help="also write the score as JSON here")
 
     w = sub.add_parser("sweep", help="score against sparsity for several methods")
@@ -182,17 +195,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _load(args):
-    from .models import load_model
-
     return load_model(args.model, device=args.device, dtype=args.dtype, device_map=args.device_map)
 
 
 def cmd_prune(args) -> int:
-    from .methods import get_method
-    from .options import PruneOptions, check
-    from .pipeline import prune
-    from .report import save_pruned, write_json
-
     options = PruneOptions(
         nm=args.nm,
         include=tuple(x.strip() for x in args.include.split(",") if x.strip()),
@@ -245,13 +251,6 @@ def cmd_prune(args) -> int:
 
 
 def cmd_recover(args) -> int:
-    from pathlib import Path
-
-    from .anatomy import INCLUDE_CHOICES, prunable_layers
-    from .recover import recover, recover_options
-    from .report import save_pruned, write_json
-    from .stats import achieved_sparsity, layer_table
-
     options = recover_options(args.steps, args.lr, args.weight_decay, args.schedule, args.batch_size, args.way,
                               args.rank, args.seed, args.eval_n)
     pruned_report = Path(args.model or "") / "ecoflap_report.json"
@@ -261,7 +260,7 @@ def cmd_recover(args) -> int:
     report = json.loads(pruned_report.read_text())
     loaded = _load(args)
     names = {row["name"] for row in report["layers"]}
-    layers = [l for l in prunable_layers(loaded.model, INCLUDE_CHOICES) if l.name in names]
+    layers = [layer for layer in prunable_layers(loaded.model, INCLUDE_CHOICES) if layer.name in names]
     if len(layers) != len(names):
         raise ValueError("the folder's ecoflap_report.json names layers this model does not have")
     progress = TqdmProgress()
@@ -294,9 +293,6 @@ def cmd_recover(args) -> int:
 
 
 def cmd_ask(args) -> int:
-    from .answers import ask
-    from .images import open_image
-
     if bool(args.image) == bool(args.jsonl):
         raise ValueError("give either --image (with an optional --question) or --jsonl")
     if args.jsonl:
@@ -324,9 +320,6 @@ def cmd_ask(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .report import write_json
-    from .scoring import quick_score
-
     loaded = _load(args)
     bar = tqdm(total=args.n, desc="evaluating", file=sys.stderr)
     try:
@@ -342,13 +335,6 @@ def cmd_eval(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from .options import PruneOptions, seed_list, sparsity_list
-    from .plots import sweep_figure
-    from .curves import summarise
-    from .report import SWEEP_COLUMNS, table_csv, write_json, write_text
-    from .sweep import sweep
-    from .workbench import Workbench
-
     names = method_names(args.methods)
     sparsities = sparsity_list(args.sparsities, limit=10_000)
     seeds = seed_list(args.seeds)
@@ -374,11 +360,6 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .benchmark import bench
-    from .models import random_model
-    from .options import PruneOptions
-    from .report import write_json
-
     names = method_names(args.methods)
     if args.arch:
         if not args.random_init:
@@ -416,9 +397,6 @@ def cmd_bench(args) -> int:
 
 
 def cmd_soak(args) -> int:
-    from .report import write_json
-    from .soak import soak
-
     result = soak(args.url, args.users, args.minutes, args.seed, args.yes_i_own_it)
     ask, busy, rss = result["ask_seconds"], result["ask_seconds_while_pruning"], result["resident_mib"]
     print(f"{args.users} users for {args.minutes:g} min: {sum(result['actions'].values())} actions {result['actions']}")

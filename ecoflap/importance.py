@@ -18,11 +18,6 @@ from .gradients import checkpointed_blocks, consumed_gradients
 from .progress import StopCheck, stop_if_asked
 from .replay import BlockReplay
 
-ESTIMATORS = ("zeroth", "first")
-# Zeroth-order perturbations: one per matrix (the paper's estimator), or one joint
-# perturbation of all matrices of a group (fewer forward passes, a different estimate).
-PERTURBATIONS = ("matrix", "group")
-
 
 class Directions:
     """Random directions z ~ N(0, I), one stream per matrix.
@@ -163,7 +158,7 @@ def first_order_scores(
     the prunable weights require gradients, so no full set of gradients is ever held;
     with `checkpoint` each block keeps only its input for the backward pass.
     """
-    scores = {l.name: 0.0 for l in layers}
+    scores = {layer.name: 0.0 for layer in layers}
 
     def accumulate(layer, grad):
         scores[layer.name] += (grad.float().abs() * layer.module.weight.detach().float().abs()).sum().item()

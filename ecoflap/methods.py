@@ -14,8 +14,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-ALLOCATIONS = ("uniform", "modality", "global", "owl", "ecoflap")
-STAGE2 = ("magnitude", "wanda", "sparsegpt")
 # Allocations decided from the weights alone, without calibration data.
 DATA_FREE_ALLOCATIONS = ("uniform", "modality", "global")
 
@@ -26,7 +24,9 @@ class Method:
     label: str
     allocation: str
     stage2: str
-    estimator: str | None = None
+    estimator: str | None = None  # ECoFLaP's stage 1: "zeroth" or "first"
+    # Zeroth-order perturbations: one per matrix (the paper's estimator), or "group": one joint
+    # perturbation of all matrices of a group (fewer forward passes, a different estimate).
     perturb: str = "matrix"
 
     @property

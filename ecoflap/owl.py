@@ -55,7 +55,7 @@ def dense_outlier_ratios(model, layers: list[PrunableLayer], batches: list[dict]
         stats = block.input_statistics()
         for layer in block.layers:
             sq_norms[layer.name] = stats[layer.name].sq_norm
-    return {g.name: outlier_ratio([wanda_scores(l.module.weight, sq_norms[l.name]) for l in g.layers], m)
+    return {g.name: outlier_ratio([wanda_scores(layer.module.weight, sq_norms[layer.name]) for layer in g.layers], m)
             for g in grouped(layers, "block")}
 
 

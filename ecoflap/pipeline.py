@@ -100,9 +100,9 @@ def allocate(loaded, method: Method, layers, sparsity, options, calibration, pro
     data = batches(loaded, take(calibration, options.stage1_sample_count(method), "stage 1"), options.batch_size)
     if method.estimator == "zeroth":
         joint = method.perturb == "group"
+        group_of = (lambda layer: group_key(layer, options.granularity)) if joint else None
         scores = zeroth_order_scores(loaded.model, layers, data, options.eps, options.noise_samples, options.seed,
-                                     progress, group_of=(lambda l: group_key(l, options.granularity)) if joint else None,
-                                     should_stop=should_stop)
+                                     progress, group_of=group_of, should_stop=should_stop)
     else:
         scores = first_order_scores(loaded.model, layers, data, progress, should_stop=should_stop)
         joint = False
@@ -114,11 +114,11 @@ def prune_layers(loaded, stage2: str, layers: list[PrunableLayer], budget: Layer
                  progress: Progress | None, should_stop: StopCheck | None = None):
     """Stage 2: zero each layer's weights at its budget, block by block in forward order."""
     if stage2 == "magnitude":
-        for i, l in enumerate(layers):
+        for i, layer in enumerate(layers):
             stop_if_asked(should_stop)
-            prune_magnitude(l.module.weight.data, budget.sparsity[l.name], nm, budget.zeros[l.name])
+            prune_magnitude(layer.module.weight.data, budget.sparsity[layer.name], nm, budget.zeros[layer.name])
             if progress:
-                progress(f"magnitude: {l.name}", i + 1, len(layers))
+                progress(f"magnitude: {layer.name}", i + 1, len(layers))
         return
 
     data = batches(loaded, take(calibration, options.samples, "stage 2"), options.batch_size)
@@ -136,10 +136,10 @@ def prune_layers(loaded, stage2: str, layers: list[PrunableLayer], budget: Layer
 
 def check_nm_widths(layers: list[PrunableLayer], nm: tuple[int, int] | None):
     if nm:
-        for l in layers:
-            if l.module.in_features % nm[1]:
+        for layer in layers:
+            if layer.module.in_features % nm[1]:
                 raise ValueError(f"N:M with M={nm[1]} needs input widths divisible by {nm[1]}; "
-                                 f"{l.name} has {l.module.in_features}")
+                                 f"{layer.name} has {layer.module.in_features}")
 
 
 def summarise(loaded, method: Method, sparsity, options, layers, budget: LayerBudget, timings, memory) -> PruneResult:

@@ -22,11 +22,14 @@ from .data import Example, batches, calibration_loss, default_calibration
 from .models import LoadedModel
 from .progress import StopCheck, stop_if_asked
 from .quality import Reference, against_full, exact_match, full_reference
+from .shapes.evaluate import evaluate, make_eval_set
 from .shapes.tokenizer import build_tokenizer
 
 __all__ = ["exact_match", "held_out_examples", "quality_against_full", "quick_score", "speaks_shapes"]
 HELD_OUT_N = 200
-HELD_OUT_SEED = 1234  # the sweep's questions: for the shapes model, accuracy is the sweep's score
+# The quick score's questions (sweeps, comparisons, recovery), the same for every model; held-out
+# examples are drawn with it too, so for the shapes model accuracy there is the sweep's score.
+SCORE_SEED = 1234
 
 
 def speaks_shapes(loaded: LoadedModel) -> bool:
@@ -47,14 +50,12 @@ def mean_loss(loaded: LoadedModel, examples, batch_size: int = 8, should_stop: S
 
 
 def quick_score(
-    loaded: LoadedModel, n: int = 200, seed: int = 1234, progress: Callable[[int, int], None] | None = None,
+    loaded: LoadedModel, n: int = 200, seed: int = SCORE_SEED, progress: Callable[[int, int], None] | None = None,
     should_stop: StopCheck | None = None,
 ) -> dict:
     """{"metric": "accuracy"|"calibration loss", "value", "higher_is_better", "by_type"?, "n", "measured_on"};
     `should_stop` is asked before each batch of questions."""
     if speaks_shapes(loaded):
-        from .shapes.evaluate import evaluate, make_eval_set
-
         result = evaluate(loaded, make_eval_set(n, seed), progress=progress, should_stop=should_stop)
         return {"metric": "accuracy", "value": result["overall"], "higher_is_better": True,
                 "by_type": result["by_type"], "n": result["n"],
@@ -74,7 +75,7 @@ def fingerprint(image) -> str:
     return hashlib.sha1(f"{image.size}".encode() + image.tobytes()).hexdigest()
 
 
-def held_out_examples(calibration: list[Example] | None = None, n: int = HELD_OUT_N, seed: int = HELD_OUT_SEED,
+def held_out_examples(calibration: list[Example] | None = None, n: int = HELD_OUT_N, seed: int = SCORE_SEED,
                       pool: list[Example] | None = None) -> list[Example]:
     """n examples whose images no calibration sample shows.
 
@@ -92,7 +93,6 @@ def held_out_examples(calibration: list[Example] | None = None, n: int = HELD_OU
         if not free:
             raise ValueError("every example of the source was used for calibration: none is left to hold out")
         return random.Random(seed).sample(free, min(n, len(free)))
-    from .shapes.evaluate import make_eval_set
 
     generated = [Example(e.image, e.question, e.answer) for e in make_eval_set(n, seed)]
     return [e for e in generated if fingerprint(e.image) not in used]

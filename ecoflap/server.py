@@ -21,7 +21,9 @@ from collections import OrderedDict
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from .models import DEFAULT_MODEL, ModelLoadError, load_model
+from .memory import resident_bytes
+from .models import DEFAULT_MODEL, display_name, load_model
+from .session import Session
 from .workbench import Workbench
 
 log = logging.getLogger(__name__)
@@ -106,7 +108,8 @@ class ModelRegistry:
 
     Loads happen outside the table's lock (two requests for one model share one load;
     different models load side by side, one at a time, without stopping anyone's work).
-    The least recently used model beyond `max_models` is unloaded, never the default;
+    The least recently used model beyond `max_models` is unloaded, never the default nor
+    the one just loaded (with `max_models` 1, only the default is served);
     `on_unload` hears of it, so the runs made on it can be dropped and their owners told.
     """
 
@@ -130,10 +133,12 @@ class ModelRegistry:
             raise ValueError(f"a model name is at most {MAX_NAME} characters (got {len(name):,})")
         if name == self.default_name:
             return name
+        if self.limits.max_models <= 1:
+            raise PermissionError(f"this deployment keeps one model in memory: {display_name(self.default_name)} only")
         allowed = self.limits.allowed_models
         if allowed is not None:
             if name not in allowed:
-                shown = ", ".join(_shown(m) for m in (self.default_name, *allowed))
+                shown = ", ".join(display_name(m) for m in (self.default_name, *allowed))
                 raise PermissionError(f"this deployment serves these models: {shown}")
             return name
         if HUB_ID.fullmatch(name) and not Path(name).expanduser().exists():
@@ -175,20 +180,14 @@ class ModelRegistry:
             with self._lock:
                 self._benches[name] = bench
                 unloaded = []
-                while len(self._benches) > max(1, self.limits.max_models):
-                    oldest = next(n for n in self._benches if n != self.default_name)
+                while len(self._benches) > max(2, self.limits.max_models):  # the default and the newcomer stay
+                    oldest = next(n for n in self._benches if n not in (self.default_name, name))
                     unloaded.append(self._benches.pop(oldest))
             for old in unloaded:
                 log.info("unloaded %s to make room", old.loaded.name)
                 if self.on_unload is not None:
                     self.on_unload(old)
             return bench
-
-
-def _shown(name: str) -> str:
-    from .models import display_name
-
-    return display_name(name)
 
 
 @dataclass
@@ -237,8 +236,6 @@ class Server:
     # sessions
 
     def open_session(self) -> "Session":
-        from .session import Session
-
         self.tidy()
         session = Session(self, self.new_id("session"))
         with self._lock:
@@ -248,8 +245,6 @@ class Server:
 
     def session(self, session_id: str) -> "Session":
         """The live session of an id; a session that ended is reopened empty, and told why."""
-        from .session import Session
-
         self.tidy()
         with self._lock:
             session = self._sessions.get(session_id)
@@ -306,8 +301,6 @@ class Server:
 
     def stats(self) -> dict:
         """What the deployment holds now: for its owner's monitoring and the soak command."""
-        from .memory import resident_bytes
-
         with self._lock:
             sessions = list(self._sessions.values())
             runs = list(self._runs.values())
@@ -376,10 +369,3 @@ class Server:
 
     def export_disk_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.export_root.rglob("*") if p.is_file())
-
-
-def load_error_message(err: Exception) -> str:
-    """A model-loading failure as one line for a stranger (no server paths, no OS errors)."""
-    if isinstance(err, (ModelLoadError, PermissionError, ValueError)):
-        return str(err)
-    return "the model could not be loaded"

@@ -39,6 +39,7 @@ from .curves import shipped_curves
 from .data import batches, default_calibration
 from .images import open_image
 from .methods import Method, get_method
+from .models import display_name
 from .options import PruneOptions, from_settings, number, sparsity_list, sparsity_value
 from .progress import Progress, StopCheck, prefixed
 from .recover import OnStep, recover_options
@@ -190,7 +191,7 @@ class Session:
     def _check_model(self):
         """A model unloaded by the server: back to the default, its runs are gone, say so."""
         if self.model_name != self.server.default_model and self.server.models.current(self.model_name) is None:
-            self.tell(f"The model {_display(self.model_name)} was unloaded to make room for another; "
+            self.tell(f"The model {display_name(self.model_name)} was unloaded to make room for another; "
                       f"you are back on the default model. Load it again to go on with it.")
             self.model_name = self.server.default_model
         with self._lock:
@@ -459,10 +460,3 @@ def _numbers(values) -> list:
 def _file_stem(label: str) -> str:
     """'ECoFLaP (zeroth-order) @ 0.60 #2' -> 'ecoflap-zeroth-order-0.60-2'."""
     return re.sub(r"[^a-z0-9.]+", "-", label.lower()).strip("-.") or "run"
-
-
-def _display(name: str) -> str:
-    from .models import display_name
-
-    return display_name(name)
-

@@ -13,17 +13,17 @@ from .gradients import consumed_gradients
 def layer_table(layers: list[PrunableLayer]) -> list[dict]:
     """Per layer, in forward order: name, modality, stack, block, numel, zeros, sparsity."""
     rows = []
-    for l in layers:
-        zeros = int((l.module.weight == 0).sum().item())
+    for layer in layers:
+        zeros = int((layer.module.weight == 0).sum().item())
         rows.append(
             {
-                "name": l.name,
-                "modality": l.modality,
-                "stack": l.stack,
-                "block": l.block,
-                "numel": l.numel,
+                "name": layer.name,
+                "modality": layer.modality,
+                "stack": layer.stack,
+                "block": layer.block,
+                "numel": layer.numel,
                 "zeros": zeros,
-                "sparsity": zeros / l.numel,
+                "sparsity": zeros / layer.numel,
             }
         )
     return rows
@@ -86,8 +86,8 @@ def magnitude_histograms(samples_by_modality: dict[str, list[np.ndarray]], bins:
 def weight_histograms(layers: list[PrunableLayer], bins: int = 60) -> dict[str, dict]:
     """|W| distribution per modality (sampled per layer), zeros counted apart."""
     grouped: dict[str, list[np.ndarray]] = {}
-    for l in layers:
-        grouped.setdefault(l.modality, []).append(_sample(l.module.weight))
+    for layer in layers:
+        grouped.setdefault(layer.modality, []).append(_sample(layer.module.weight))
     return magnitude_histograms(grouped, bins)
 
 
@@ -97,6 +97,6 @@ def gradient_histograms(model, layers: list[PrunableLayer], batch: dict, bins: i
     Each gradient is sampled and freed as soon as it exists.
     """
     grouped: dict[str, list[np.ndarray]] = {}
-    with consumed_gradients(model, layers, lambda l, g: grouped.setdefault(l.modality, []).append(_sample(g))):
+    with consumed_gradients(model, layers, lambda layer, g: grouped.setdefault(layer.modality, []).append(_sample(g))):
         calibration_loss(model, batch).backward()
     return magnitude_histograms(grouped, bins)

@@ -14,10 +14,9 @@ from typing import Callable, Sequence
 from .methods import Method, get_method
 from .options import PruneOptions
 from .progress import Progress, StopCheck, prefixed
-from .scoring import quick_score
+from .scoring import SCORE_SEED, quick_score
 from .workbench import Workbench
 
-EVAL_SEED = 1234
 
 
 def sweep(
@@ -53,7 +52,7 @@ def sweep(
 
 
 def measure_point(workbench: Workbench, method: str | Method, sparsity: float, options: PruneOptions, calibration=None,
-                  eval_n: int = 200, eval_seed: int = EVAL_SEED, progress: Progress | None = None,
+                  eval_n: int = 200, eval_seed: int = SCORE_SEED, progress: Progress | None = None,
                   should_stop: StopCheck | None = None) -> dict:
     """One prune and its quick score on `eval_n` questions drawn with `eval_seed`, as a row
     (with the vision/language split where the allocation has one)."""

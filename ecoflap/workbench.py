@@ -4,8 +4,9 @@ The model holds its full weights between units of work. A unit (one prune, one s
 point, one answer) takes the model, swaps in whatever variant it needs, works, and puts
 the full weights back before it lets go: nobody ever sees another user's zeros, and the
 full model's answers never change. Long units (pruning) wait in a first-come queue of
-their own, so a short one (an answer) never waits behind more than the one long unit in
-progress.
+their own, and a waiting short unit (an answer) goes before the first of them: an answer
+waits for the long unit in progress, and for one more only if that one has already waited
+`ModelLock.patience` seconds (so answers cannot starve it).
 """
 
 from __future__ import annotations
@@ -193,7 +194,7 @@ class Workbench:
 
         with self.unit(long=True, should_stop=should_stop) as loaded:
             names = set(weights.names)
-            layers = [l for l in prunable_layers(loaded.model, INCLUDE_CHOICES) if l.name in names]
+            layers = [layer for layer in prunable_layers(loaded.model, INCLUDE_CHOICES) if layer.name in names]
             try:
                 with weights.applied(self.store):
                     recovery = recover(loaded, layers, options, calibration, report, on_step)

@@ -125,9 +125,9 @@ def test_ask_single_and_jsonl(saved_model, calibration_folder, tmp_path):
     jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
     done = run("ask", "--model", str(saved_model), "--jsonl", str(jsonl), "--max-new-tokens", "3")
     assert done.returncode == 0, done.stderr
-    lines = [json.loads(l) for l in done.stdout.strip().splitlines()]
-    assert [(l["image"], l["question"]) for l in lines] == [(r["image"], r["question"]) for r in rows]
-    assert all(isinstance(l["answer"], str) for l in lines)
+    lines = [json.loads(layer) for layer in done.stdout.strip().splitlines()]
+    assert [(layer["image"], layer["question"]) for layer in lines] == [(r["image"], r["question"]) for r in rows]
+    assert all(isinstance(layer["answer"], str) for layer in lines)
 
 
 def test_load_model_errors(tmp_path):

@@ -21,7 +21,10 @@ class EvalExample:
     answer: str
 
 
-def make_eval_set(n: int = 1000, seed: int = 10_000) -> list[EvalExample]:
+CARD_SEED = 10_000  # the model card's 1,000 held-out questions (`python -m ecoflap eval`)
+
+
+def make_eval_set(n: int = 1000, seed: int = CARD_SEED) -> list[EvalExample]:
     """n held-out examples (types in equal shares, images 96 to 256 px); training uses other seeds."""
     chosen: list[Sample] = samples(n, seed)
     return [EvalExample(draw_sample(s, i, seed), s.kind, s.question, s.answer) for i, s in enumerate(chosen)]

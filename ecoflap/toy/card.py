@@ -22,12 +22,10 @@ import torch
 from ..curves import FILE, leaders, summarise
 from ..models import load_model
 from ..workbench import Workbench
-from ..shapes.evaluate import evaluate, make_eval_set
+from ..shapes.evaluate import CARD_SEED, evaluate, make_eval_set
 from ..shapes.independent import independent_examples
-from ..sweep import EVAL_SEED as SCORE_SEED
+from ..scoring import SCORE_SEED
 from .pruning_curves import EVAL_N, SELECTION_N, SELECTION_SEED, measure_curves, write_curves
-
-EVAL_SEED = 10_000
 
 
 def _table(result: dict) -> str:
@@ -87,7 +85,7 @@ def measure(folder: str, n: int = 1000, independent_scenes: int = 300) -> dict:
     torch.set_num_threads(2)
     loaded = load_model(folder, device="cpu")
     started = time.time()
-    held_out = evaluate(loaded, make_eval_set(n, seed=EVAL_SEED), batch_size=64)
+    held_out = evaluate(loaded, make_eval_set(n, seed=CARD_SEED), batch_size=64)
     held_seconds = time.time() - started
     other = evaluate(loaded, independent_examples(independent_scenes, seed=99), batch_size=64)
     params = sum(p.numel() for p in loaded.model.parameters())
@@ -171,7 +169,7 @@ real BLIP-2 (image encoder first):
 
 ## Accuracy
 
-Exact match (greedy decoding) on 1,000 held-out generated examples (seed {EVAL_SEED}, 200 of each
+Exact match (greedy decoding) on 1,000 held-out generated examples (seed {CARD_SEED}, 200 of each
 type, images 96 to 256 px; training used other seeds):
 
 {_table(held)}
