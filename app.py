@@ -29,6 +29,7 @@ MODULE_LABELS = {"vision": "Vision encoder", "qformer": "Q-Former", "projection"
                  "language": "Language model"}
 PRUNE_METHODS = [(m.label, m.name) for m in ecoflap.METHODS.values()]
 TEACH_DEFAULT = ["wanda", "ecoflap_zeroth"]
+DEFAULTS = ecoflap.PruneOptions()  # the advanced settings start at the library's defaults
 # Stopping is a normal action: one calm line, whichever route stopped the work first.
 STOPPED = "Stopped. Nothing from the stopped job was stored, and the shared model keeps its full weights."
 STOPPED_COMPARISON = ("Stopped. The runs that finished before the stop are kept; nothing else was stored, and the "
@@ -409,24 +410,26 @@ def build_app(server: ecoflap.Server) -> gr.Blocks:
                         method = gr.Radio(PRUNE_METHODS, value="ecoflap_zeroth", label="Method",
                                           elem_id="prune-method")
                         with gr.Accordion("Advanced", open=False):
-                            granularity = gr.Radio(list(ecoflap.GRANULARITIES), value="block",
+                            granularity = gr.Radio(list(ecoflap.GRANULARITIES), value=DEFAULTS.granularity,
                                                    label="ECoFLaP granularity")
                             max_sparsity = gr.Number(value=0, label="Max per-layer sparsity (0: sparsity + 0.1)")
-                            samples = gr.Number(value=128, precision=0, label="Calibration samples (layer-wise stage)")
+                            samples = gr.Number(value=DEFAULTS.samples, precision=0,
+                                                label="Calibration samples (layer-wise stage)")
                             stage1_samples = gr.Number(value=0, precision=0,
                                                        label="Stage-1 samples (0: 32 zeroth / 128 first)")
-                            eps = gr.Number(value=1e-3, label="Zeroth-order eps")
+                            eps = gr.Number(value=DEFAULTS.eps, label="Zeroth-order eps")
                             nm = gr.Dropdown(["off", "2:4", "4:8", "1:4"], value="off", allow_custom_value=True,
                                              label="N:M (uniform methods; sets the sparsity to N/M)")
-                            batch_size = gr.Number(value=8, precision=0, label="Batch size")
+                            batch_size = gr.Number(value=DEFAULTS.batch_size, precision=0, label="Batch size")
                             modules = gr.CheckboxGroup([(label, key) for key, label in MODULE_LABELS.items()],
-                                                       value=list(ecoflap.DEFAULT_INCLUDE), label="Modules to prune")
+                                                       value=list(DEFAULTS.include), label="Modules to prune")
                             vision_sparsity = gr.Textbox(value="", max_lines=1, elem_id="prune-vision-sparsity",
                                                          label="Per-modality: vision sparsity (empty: the target; "
                                                                "the language model takes the rest of the budget)")
                             with gr.Row():
-                                owl_m = gr.Number(value=5, label="OWL: M (outlier = score above M x mean)")
-                                owl_lambda = gr.Number(value=0.08, label="OWL: lambda (band around the target)")
+                                owl_m = gr.Number(value=DEFAULTS.owl_m, label="OWL: M (outlier = score above M x mean)")
+                                owl_lambda = gr.Number(value=DEFAULTS.owl_lambda,
+                                                       label="OWL: lambda (band around the target)")
                         with gr.Row():
                             prune_button = gr.Button("Prune", variant="primary")
                             stop_button = gr.Button("Stop", elem_id="prune-stop")

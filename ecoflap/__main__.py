@@ -10,7 +10,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .anatomy import DEFAULT_INCLUDE, INCLUDE_CHOICES, prunable_layers
+from .anatomy import INCLUDE_CHOICES, prunable_layers
 from .answers import ask
 from .benchmark import bench
 from .curves import summarise
@@ -18,8 +18,7 @@ from .images import open_image
 from .losses import LOSSES
 from .methods import METHODS, get_method, method_names
 from .models import ModelLoadError, load_model, random_model
-from .options import PruneOptions, check, seed_list, sparsity_list
-from .owl import DEFAULT_LAMBDA, DEFAULT_M
+from .options import DEFAULTS, PruneOptions, check, from_settings, seed_list, sparsity_list, sparsity_value
 from .pipeline import prune
 from .plots import sweep_figure
 from .recover import recover, recover_options
@@ -74,7 +73,7 @@ def _calibration_arg(p: argparse.ArgumentParser):
     p.add_argument("--text-column", default=None, help="a dataset's text column (default: found by name and type)")
     p.add_argument("--question", default="", help="images without captions: the question the full model answers "
                    "to make their targets (default: none, a caption)")
-    p.add_argument("--loss", default="answer", choices=LOSSES,
+    p.add_argument("--loss", default=DEFAULTS.loss, choices=LOSSES,
                    help="answer: the target's loss given image and prompt; prefix_lm: the ECoFLaP reference's "
                         "recipe (lowercased captions cut at a random point in their first half)")
 
@@ -105,21 +104,21 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="ecoflap", help=f"one of {', '.join(METHODS)}; ecoflap is ecoflap_zeroth")
     p.add_argument("--sparsity", type=float, default=0.5)
     p.add_argument("--nm", default=None, help="semi-structured N:M, e.g. 2:4 (uniform methods)")
-    p.add_argument("--include", default=",".join(DEFAULT_INCLUDE),
+    p.add_argument("--include", default=",".join(DEFAULTS.include),
                    help=f"comma-separated module sets to prune, from {','.join(INCLUDE_CHOICES)}")
     _calibration_arg(p)
-    p.add_argument("--samples", type=int, default=128, help="calibration samples for the layer-wise stage")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--granularity", default="block", help="ecoflap groups: layer, block or model")
-    p.add_argument("--aggregate", default="sum", help="group score: sum or avg")
+    p.add_argument("--samples", type=int, default=DEFAULTS.samples, help="calibration samples for the layer-wise stage")
+    p.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size)
+    p.add_argument("--granularity", default=DEFAULTS.granularity, help="ecoflap groups: layer, block or model")
+    p.add_argument("--aggregate", default=DEFAULTS.aggregate, help="group score: sum or avg")
     p.add_argument("--max-sparsity", type=float, default=None, help="per-layer cap (default: sparsity + 0.1)")
-    p.add_argument("--eps", type=float, default=1e-3, help="zeroth-order perturbation size")
-    p.add_argument("--noise-samples", type=int, default=1, help="zeroth-order draws per batch")
+    p.add_argument("--eps", type=float, default=DEFAULTS.eps, help="zeroth-order perturbation size")
+    p.add_argument("--noise-samples", type=int, default=DEFAULTS.noise_samples, help="zeroth-order draws per batch")
     p.add_argument("--stage1-samples", type=int, default=None, help="default 32 (zeroth) or 128 (first)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--owl-m", type=float, default=DEFAULT_M,
+    p.add_argument("--seed", type=int, default=DEFAULTS.seed)
+    p.add_argument("--owl-m", type=float, default=DEFAULTS.owl_m,
                    help="owl: outliers are Wanda scores above M times their block's mean")
-    p.add_argument("--owl-lambda", type=float, default=DEFAULT_LAMBDA,
+    p.add_argument("--owl-lambda", type=float, default=DEFAULTS.owl_lambda,
                    help="owl: every block's sparsity stays within the target +/- lambda")
     p.add_argument("--vision-sparsity", type=float, default=None,
                    help="per_modality: the vision encoder's sparsity (default: the target); the language "
@@ -199,29 +198,33 @@ def _load(args):
 
 
 def cmd_prune(args) -> int:
-    options = PruneOptions(
+    """The same edge as the app's and the API's (`from_settings`: bounds, "0 means default"),
+    then the library's own check, before the model loads."""
+    method, sparsity = get_method(args.method), sparsity_value(args.sparsity)
+    options = from_settings(
+        sparsity,
         nm=args.nm,
-        include=tuple(x.strip() for x in args.include.split(",") if x.strip()),
+        modules=[x.strip() for x in args.include.split(",") if x.strip()],
         samples=args.samples,
+        stage1_samples=args.stage1_samples,
         batch_size=args.batch_size,
         granularity=args.granularity,
         aggregate=args.aggregate,
         max_sparsity=args.max_sparsity,
         eps=args.eps,
         noise_samples=args.noise_samples,
-        stage1_samples=args.stage1_samples,
         seed=args.seed,
         owl_m=args.owl_m,
         owl_lambda=args.owl_lambda,
         vision_sparsity=args.vision_sparsity,
         loss=args.loss,
     )
-    check(get_method(args.method), args.sparsity, options)
+    check(method, sparsity, options)
     loaded = _load(args)
     calibration = _calibration(args, loaded, [args.method], options)
     progress = TqdmProgress()
     try:
-        result = prune(loaded, args.method, args.sparsity, options, calibration, progress)
+        result = prune(loaded, method, sparsity, options, calibration, progress)
     finally:
         progress.close()
     report = result.to_dict()

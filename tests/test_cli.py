@@ -64,9 +64,10 @@ def test_prune_writes_report_and_model(saved_model, calibration_folder, tmp_path
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["--model", "/nonexistent/model"], "no model folder"),
+        pytest.param(["--model", "/nonexistent/model"], "no model folder", marks=pytest.mark.slow),
         (["--method", "nope"], "unknown method"),
-        (["--sparsity", "1.2"], "[0, 1)"),
+        (["--sparsity", "1.2"], "sparsity must be a number from 0 to 0.95"),
+        (["--batch-size", "1000"], "batch size must be a whole number from 1 to 64"),  # as the app and the API
         (["--nm", "4:2"], "N:M"),
         (["--method", "ecoflap", "--max-sparsity", "0.3"], "below the target"),
         (["--method", "per_modality", "--vision-sparsity", "1.2"], "vision sparsity"),
