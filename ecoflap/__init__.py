@@ -23,7 +23,7 @@ from .options import MAX_SPARSITY, PruneOptions
 from .pipeline import prune
 from .recover import RecoverOptions, Recovery, recover, recover_options
 from .report import PruneResult, save_pruned, write_json
-from .server import ConfigError, Limits, Server
+from .server import Busy, ConfigError, Limits, Server, client_address
 from .session import Answers, Comparison, Run, Session
 from .weights import WeightStore
 from .workbench import Cancelled, Workbench
@@ -40,6 +40,7 @@ __all__ = [
     "METHODS",
     "MODALITIES",
     "Answers",
+    "Busy",
     "Cancelled",
     "Comparison",
     "ConfigError",
@@ -60,6 +61,7 @@ __all__ = [
     "allocate_sparsity",
     "curves",
     "ask",
+    "client_address",
     "example_prompts",
     "get_method",
     "load_examples",

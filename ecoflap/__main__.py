@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from .anatomy import INCLUDE_CHOICES, prunable_layers
 from .answers import ask
-from .benchmark import bench
+from .benchmark import bench, sparsegpt_layer_peak
 from .curves import summarise
 from .images import open_image
 from .losses import LOSSES
@@ -182,6 +182,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--batch-size", type=int, default=8)
     b.add_argument("--no-naive", action="store_true", help="skip timing the reference-style zeroth-order loop")
     b.add_argument("--json", default=None)
+    b.add_argument("--sparsegpt-layer", action="append", default=None, metavar="ROWSxCOLUMNS",
+                   help="instead: SparseGPT's peak memory on one float32 CPU layer of this shape "
+                        "(repeatable; a LLaMA-7B MLP: 4096x11008 and 11008x4096)")
 
     k = sub.add_parser("soak", help="simulated students against a running app: isolation, answers, latency, memory")
     k.add_argument("--url", default="http://127.0.0.1:7860/")
@@ -363,6 +366,8 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    if args.sparsegpt_layer:
+        return _bench_sparsegpt_layers(args)
     names = method_names(args.methods)
     if args.arch:
         if not args.random_init:
@@ -396,6 +401,23 @@ def cmd_bench(args) -> int:
               f"as the reference loop does ({result['zeroth_stage1_speedup_vs_reference_loop']:.2f}x)")
     if args.json:
         write_json(result, args.json)
+    return 0
+
+
+def _bench_sparsegpt_layers(args) -> int:
+    rows = []
+    for shape in args.sparsegpt_layer:
+        try:
+            r, c = (int(n) for n in shape.lower().split("x"))
+        except ValueError:
+            raise ValueError(f"--sparsegpt-layer takes ROWSxCOLUMNS, e.g. 4096x11008 (got {shape!r})") from None
+        rows.append(sparsegpt_layer_peak(r, c, sparsity=args.sparsity))
+        m = rows[-1]
+        print(f"SparseGPT {m['shape']} float32 CPU: peak growth {m['peak_growth_mib']:.1f} MiB over the layer "
+              f"({m['weight_mib']:.1f} MiB) and its Hessian ({m['hessian_mib']:.1f} MiB), "
+              f"{m['peak_over_hessian']:.2f}x the Hessian; {m['seconds']:.1f} s")
+    if args.json:
+        write_json({"sparsegpt_layers": rows}, args.json)
     return 0
 
 

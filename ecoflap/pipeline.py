@@ -126,7 +126,7 @@ def prune_layers(loaded, stage2: str, layers: list[PrunableLayer], budget: Layer
         stats = block.input_statistics(hessian=stage2 == "sparsegpt")
         for layer in block.layers:
             stop_if_asked(should_stop)
-            s, weight = stats[layer.name], layer.module.weight.data
+            s, weight = stats.pop(layer.name), layer.module.weight.data  # statistics freed once it is pruned
             if stage2 == "wanda":
                 prune_wanda(weight, s.sq_norm, budget.sparsity[layer.name], nm, budget.zeros[layer.name])
             else:

@@ -105,9 +105,10 @@ class Comparison:
 class Session:
     """One person's runs on one model, and everything they can do with them."""
 
-    def __init__(self, server, session_id: str):
+    def __init__(self, server, session_id: str, client: str | None = None):
         self.server = server
         self.id = session_id
+        self.client = client  # who opened it (an address), for the per-client bounds
         self.model_name = server.default_model
         self._runs: OrderedDict[str, Run] = OrderedDict()
         self._notices: list[str] = []
@@ -124,6 +125,11 @@ class Session:
     @property
     def busy(self) -> bool:
         return bool(self._jobs)
+
+    @property
+    def empty(self) -> bool:
+        """No runs and no jobs: closing it costs its owner nothing."""
+        return not self._runs and not self._jobs
 
     def tell(self, message: str):
         with self._lock:
@@ -169,10 +175,10 @@ class Session:
 
     @contextlib.contextmanager
     def _job(self, should_stop: StopCheck | None):
-        """A long job of this session: yields its stop check (stop(), end() or the caller's)."""
+        """A long job of this session: yields its stop check (stop(), end() or the caller's).
+        Busy if the session or its client already has as many jobs as the deployment allows."""
         flag = threading.Event()
-        with self._lock:
-            self._jobs.add(flag)
+        self.server.start_job(self, flag)
         self.touch()
         try:
             yield lambda: flag.is_set() or self.ended or (should_stop is not None and bool(should_stop()))
@@ -252,7 +258,7 @@ class Session:
             options = from_settings(sparsity, **settings)
         bench = self.workbench
         with self._job(should_stop) as stopped:
-            result, weights, _ = bench.prune(method, sparsity, options, calibration, progress, stopped)
+            result, weights, _ = bench.prune(method, sparsity, options, calibration, progress, stopped, owner=self.id)
             if stopped():
                 raise Cancelled("stopped by the user")
         return self._keep(method, result, weights, bench)
@@ -271,7 +277,8 @@ class Session:
         if source.workbench is not bench:
             raise KeyError("that run belongs to a model that is no longer loaded")
         with self._job(should_stop) as stopped:
-            recovery, table, weights = bench.recover(source.weights, options, calibration, progress, stopped, on_step)
+            recovery, table, weights = bench.recover(source.weights, options, calibration, progress, stopped, on_step,
+                                                     owner=self.id)
             if stopped():
                 raise Cancelled("stopped by the user")
         targets = {row["name"]: row.get("target_sparsity") for row in source.result.layers}
@@ -352,7 +359,8 @@ class Session:
             for i, method in enumerate(chosen):
                 step = f"{method.label} @ {sparsity:.2f} ({i + 1} of {len(chosen)})"
                 result, weights, _ = bench.prune(method, sparsity, PruneOptions(),
-                                                 progress=prefixed(progress, f"{step} · "), should_stop=stopped)
+                                                 progress=prefixed(progress, f"{step} · "), should_stop=stopped,
+                                                 owner=self.id)
                 runs.append(self._keep(method, result, weights, bench))
             rows = []
             for i, (label, weights) in enumerate([("Full model", None)] + [(r.label, r.weights) for r in runs]):
@@ -361,7 +369,7 @@ class Session:
                 if progress:
                     progress(f"scoring {label} on {eval_n} questions", i, len(runs) + 1)
                 score = bench.using(weights, lambda loaded: quick_score(loaded, eval_n, should_stop=stopped),
-                                    long=True, should_stop=stopped)
+                                    long=True, should_stop=stopped, owner=self.id)
                 answer = bench.ask([picture], [fitted], weights)[0] if picture is not None else None
                 rows.append({"label": label, "score": score["value"], "answer": answer,
                              "sparsity_by_modality": next((r.result.sparsity_by_modality for r in runs
@@ -387,7 +395,8 @@ class Session:
         eval_n = number(eval_n, "questions to score", 10, 1000, whole=True)
         bench = self.workbench
         with self._job(should_stop) as stopped:
-            return sweep(bench, chosen, values, eval_n=eval_n, progress=progress, should_stop=stopped, on_row=on_row)
+            return sweep(bench, chosen, values, eval_n=eval_n, progress=progress, should_stop=stopped, on_row=on_row,
+                         owner=self.id)
 
     def distributions(self, run_id=None) -> dict:
         """Weight and gradient magnitude histograms per modality: the full model's, and a run's."""
@@ -430,7 +439,9 @@ class Session:
         write_text(layers_csv(report), files[1])
         if with_model:
             model_folder = folder / f"{stem}.model"
-            run.workbench.using(run.weights, lambda loaded: save_pruned(loaded, report, model_folder), long=True)
+            with self._job(None) as stopped:
+                run.workbench.using(run.weights, lambda loaded: save_pruned(loaded, report, model_folder), long=True,
+                                    should_stop=stopped, owner=self.id)
             files.append(Path(shutil.make_archive(str(model_folder), "zip", model_folder)))
             shutil.rmtree(model_folder, ignore_errors=True)
         return files

@@ -3,10 +3,11 @@
 The model holds its full weights between units of work. A unit (one prune, one sweep
 point, one answer) takes the model, swaps in whatever variant it needs, works, and puts
 the full weights back before it lets go: nobody ever sees another user's zeros, and the
-full model's answers never change. Long units (pruning) wait in a first-come queue of
-their own, and a waiting short unit (an answer) goes before the first of them: an answer
-waits for the long unit in progress, and for one more only if that one has already waited
-`ModelLock.patience` seconds (so answers cannot starve it).
+full model's answers never change. Long units (pruning) wait in a queue of their own,
+sessions served in turn (one session's many units never starve another's), and a waiting
+short unit (an answer) goes before the first of them: an answer waits for the long unit in
+progress, and for one more only if that one has already waited `ModelLock.patience`
+seconds (so answers cannot starve it).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from typing import Callable
 
 import torch
@@ -39,28 +40,44 @@ log = logging.getLogger(__name__)
 REFERENCES_KEPT = 4
 
 
-class FirstComeLock:
-    """A lock granted in arrival order; a waiter can give up when asked to stop."""
+class FairQueue:
+    """The turn of long units: one at a time, owners (sessions) served in rotation, each
+    owner's own units in arrival order, so one session's queue never starves the others.
+    A waiter can give up when asked to stop."""
 
     def __init__(self):
         self._condition = threading.Condition()
-        self._queue: deque[object] = deque()
+        self._waiting: OrderedDict[object, deque[object]] = OrderedDict()  # owners in turn order
         self._held = False
 
-    def acquire(self, should_stop: StopCheck | None = None, poll: float = 0.1):
+    def acquire(self, owner: object = None, should_stop: StopCheck | None = None, poll: float = 0.1):
         ticket = object()
         with self._condition:
-            self._queue.append(ticket)
+            self._waiting.setdefault(owner, deque()).append(ticket)
             try:
-                while self._held or self._queue[0] is not ticket:
+                while self._held or not self._first(ticket):
                     _check(should_stop)
                     self._condition.wait(poll)
             except BaseException:
-                self._queue.remove(ticket)
+                self._leave(owner, ticket)
                 self._condition.notify_all()
                 raise
-            self._queue.popleft()
+            queue = self._waiting.pop(owner)
+            queue.popleft()
+            if queue:
+                self._waiting[owner] = queue  # its next unit goes after every other owner's
             self._held = True
+
+    def _first(self, ticket: object) -> bool:
+        queue = next(iter(self._waiting.values()), None)
+        return queue is not None and queue[0] is ticket
+
+    def _leave(self, owner: object, ticket: object):
+        queue = self._waiting.get(owner)
+        if queue is not None:
+            queue.remove(ticket)
+            if not queue:
+                del self._waiting[owner]
 
     def release(self):
         with self._condition:
@@ -69,7 +86,8 @@ class FirstComeLock:
 
     @property
     def waiting(self) -> int:
-        return len(self._queue)
+        with self._condition:
+            return sum(len(q) for q in self._waiting.values())
 
 
 class ModelLock:
@@ -121,16 +139,17 @@ class Workbench:
     def __init__(self, loaded: LoadedModel):
         self.loaded = loaded
         self.store = WeightStore.of(loaded)
-        self.long_queue = FirstComeLock()
+        self.long_queue = FairQueue()
         self.model_lock = ModelLock()
         self._references: dict[tuple, tuple[list[Example], Reference]] = {}
         self._references_lock = threading.Lock()
 
     @contextlib.contextmanager
-    def unit(self, long: bool = False, should_stop: StopCheck | None = None):
-        """Hold the model for one unit of work; the full weights are back when it ends."""
+    def unit(self, long: bool = False, should_stop: StopCheck | None = None, owner: object = None):
+        """Hold the model for one unit of work; the full weights are back when it ends.
+        Long units take turns by `owner` (a session id; None: one shared line)."""
         if long:
-            self.long_queue.acquire(should_stop)
+            self.long_queue.acquire(owner, should_stop)
         try:
             self.model_lock.acquire(long, should_stop)
             try:
@@ -158,12 +177,12 @@ class Workbench:
               calibration: list[Example] | None = None, progress: Progress | None = None,
               should_stop: StopCheck | None = None,
               then: Callable[[LoadedModel, PruneResult], object] | None = None,
-              held_out: list[Example] | None = None) -> tuple[PruneResult, RunWeights, object]:
+              held_out: list[Example] | None = None, owner: object = None) -> tuple[PruneResult, RunWeights, object]:
         """One prune as one unit: returns its report, its compact weights and then(loaded,
         result) computed on the pruned model (a sweep's score), the full weights restored.
         With `held_out` examples, the report's `quality` compares the run with the full model."""
-        reference = self.reference(held_out, should_stop) if held_out is not None else None
-        with self.unit(long=True, should_stop=should_stop) as loaded:
+        reference = self.reference(held_out, should_stop, owner) if held_out is not None else None
+        with self.unit(long=True, should_stop=should_stop, owner=owner) as loaded:
             try:
                 result = prune(loaded, method, sparsity, options, calibration, progress, reference, should_stop)
                 weights = RunWeights.capture(self.store, [r["name"] for r in result.layers])
@@ -182,7 +201,7 @@ class Workbench:
 
     def recover(self, weights: RunWeights, options: RecoverOptions, calibration: list[Example] | None = None,
                 progress: Progress | None = None, should_stop: StopCheck | None = None,
-                on_step: OnStep | None = None) -> tuple[Recovery, list[dict], RunWeights]:
+                on_step: OnStep | None = None, owner: object = None) -> tuple[Recovery, list[dict], RunWeights]:
         """Fine-tune a variant with its zeros held, as one long unit: returns what happened,
         the per-layer table and the recovered weights; the full weights are back afterwards."""
 
@@ -192,7 +211,7 @@ class Workbench:
             if progress is not None:
                 progress(what, done, total)
 
-        with self.unit(long=True, should_stop=should_stop) as loaded:
+        with self.unit(long=True, should_stop=should_stop, owner=owner) as loaded:
             names = set(weights.names)
             layers = [layer for layer in prunable_layers(loaded.model, INCLUDE_CHOICES) if layer.name in names]
             try:
@@ -209,7 +228,8 @@ class Workbench:
                     torch.cuda.empty_cache()
         return recovery, table, recovered
 
-    def reference(self, examples: list[Example], should_stop: StopCheck | None = None) -> Reference:
+    def reference(self, examples: list[Example], should_stop: StopCheck | None = None,
+                  owner: object = None) -> Reference:
         """The full model on held-out examples (its answers and next-token distributions),
         measured once per set of examples and kept: the full model never changes."""
         key = tuple(map(id, examples))
@@ -218,7 +238,7 @@ class Workbench:
         if kept is not None:
             return kept[1]
         reference = self.using(None, lambda loaded: reference_for(loaded, examples), long=True,
-                               should_stop=should_stop)
+                               should_stop=should_stop, owner=owner)
         with self._references_lock:
             self._references[key] = (list(examples), reference)  # the examples pin their ids
             while len(self._references) > REFERENCES_KEPT:
@@ -226,9 +246,9 @@ class Workbench:
         return reference
 
     def using(self, weights: RunWeights | None, fn: Callable[[LoadedModel], object], long: bool = False,
-              should_stop: StopCheck | None = None):
+              should_stop: StopCheck | None = None, owner: object = None):
         """fn(loaded) with a variant's weights in place (None: the full model), as one unit."""
-        with self.unit(long, should_stop) as loaded:
+        with self.unit(long, should_stop, owner) as loaded:
             if weights is None:
                 return fn(loaded)
             with weights.applied(self.store):

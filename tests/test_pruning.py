@@ -250,3 +250,27 @@ def test_calibration_encoding_is_reused_for_the_same_examples(loaded, examples):
     for start in range(2, 2 + ENCODED_SETS_KEPT):
         encoded(examples[start : start + 4])
     assert encoded(examples[:8])[0]["pixel_values"] is not first[0]["pixel_values"]
+
+
+def test_sparsegpt_frees_each_layers_hessian_once_it_is_pruned(examples, monkeypatch):
+    """A block's Hessians do not all live until the block ends: when a layer is pruned,
+    the Hessians of the layers pruned before it are gone (and the Hessian is consumed)."""
+    import gc
+    import weakref
+
+    import ecoflap.pipeline as pipeline
+
+    real, seen, alive_when_pruning = pipeline.prune_sparsegpt, [], []
+
+    def watched(weight, hessian, *args, **kwargs):
+        gc.collect()
+        alive_when_pruning.append(sum(ref() is not None for ref in seen))
+        seen.append(weakref.ref(hessian))
+        before = hessian.clone()
+        mask = real(weight, hessian, *args, **kwargs)
+        assert not torch.equal(hessian, before)  # factored in its own storage
+        return mask
+
+    monkeypatch.setattr(pipeline, "prune_sparsegpt", watched)
+    prune(tiny_model("opt"), "sparsegpt", 0.5, PruneOptions(samples=8), examples)
+    assert len(seen) > 8 and alive_when_pruning == [0] * len(seen)

@@ -78,7 +78,7 @@ def prune_sparsegpt(
             W1[:, i:] -= err.unsqueeze(1).matmul(Hinv1[i, i:].unsqueeze(0))
             Err1[:, i] = err
         W[:, i1:i2] = Q1
-        W[:, i2:] -= Err1.matmul(Hinv[i1:i2, i2:])
+        W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1)
         mask[:, i1:i2] = mask1
     if W is not weight:
         weight.copy_(W.to(weight.dtype))
