@@ -35,6 +35,8 @@ STOPPED = "Stopped. Nothing from the stopped job was stored, and the shared mode
 STOPPED_COMPARISON = ("Stopped. The runs that finished before the stop are kept; nothing else was stored, and the "
                       "shared model keeps its full weights.")
 NOTHING_RUNNING = "Nothing of yours was running."
+MAX_CALIBRATION_UPLOADS = 256
+LOSS_CHOICES = [("Target given image and prompt", "answer"), ("Prefix-LM captions (the ECoFLaP paper's)", "prefix_lm")]
 # gradio 6.31's screen-reader status line announces these keys untranslated
 SCREEN_READER_WORDS = gr.I18n(en={"common.complete": "Complete", "common.error": "Error"})
 SHAPES_NOTE = (
@@ -205,8 +207,8 @@ def charts(me: ecoflap.Session, ids):
     if not runs:
         return None, gr.update(value=None, visible=False)
     sparsity = ecoflap.plots.sparsity_figure(
-        [{"label": r.label, "layers": r.result.layers, "target_sparsity": r.result.target_sparsity}
-         for r in runs])
+        [{"label": r.label, "layers": r.result.layers, "target_sparsity": r.result.target_sparsity,
+          "warnings": r.result.warnings} for r in runs])
     grouped = [{"label": r.label, "groups": r.result.groups} for r in runs if r.result.groups]
     # one chart compares runs with the same groups: those of the latest such run
     names = [g["name"] for g in grouped[-1]["groups"]] if grouped else []
@@ -234,9 +236,20 @@ def curves(server: ecoflap.Server, token):
     data = session_of(server, token).shipped_curves()
     if data is None:
         return gr.update(value=None, visible=False), ""
+    leaders = ecoflap.curves.leaders(data["rows"], data["metric"], data.get("higher_is_better", True))
     return (gr.update(value=ecoflap.plots.curves_figure(data), visible=True),
-            f"{ecoflap.curves.leaders(data['rows'])} Measured ahead of time on this model: "
-            f"{data['measured_on']}. Regenerate with `{data['command']}`.")
+            f"{leaders} Measured ahead of time on this model: {data.get('measured_on', 'see its file')}. "
+            f"Regenerate with `{data.get('command', 'python -m ecoflap sweep --json FILE')}`.")
+
+
+def calibration_note(server: ecoflap.Server) -> str:
+    """What this deployment calibrates on by default and which data a person may name."""
+    limits = server.limits
+    default = (f"`{limits.calibration}` for models other than the shapes model" if limits.calibration else
+               "the shipped shapes set (a model that was not trained on it is pruned with a warning)")
+    named = [f"`hf:{d}`" for d in limits.allowed_datasets] + [f"`local:{n}`" for n in server.local_sets()]
+    return (f"Default: {default}. You may name: `shapes`{''.join(', ' + n for n in named)}. Your own images need "
+            f"no captions: the full model's own answers become the targets, and the report says so.")
 
 
 def load_model(server: ecoflap.Server, name, token):
@@ -256,21 +269,40 @@ def status_of(run: ecoflap.Run) -> str:
                       for m, s in r.sparsity_by_modality.items())
     memory = ("GPU memory allocated" if r.peak_memory_kind == "cuda_max_allocated"
               else "growth of the process's memory")
+    c = r.calibration
+    split = f" ({c['split']})" if c and c["split"] else ""
+    data = f" Calibrated on {c['count']} samples of {c['id']}{split}, loss {c['loss']}." if c else ""
+    warnings = "".join(f"\n\n> ⚠ {w[:1].upper() + w[1:]}" for w in r.warnings)
     return (f"**{run.label}** done: achieved sparsity **{r.achieved_sparsity:.4f}** (target "
             f"{r.target_sparsity:.2f}); {parts}. Time: {stages}. Peak during the run: "
-            f"{r.peak_memory_bytes / 2**20:,.1f} MiB ({memory}).")
+            f"{r.peak_memory_bytes / 2**20:,.1f} MiB ({memory}).{data}{warnings}")
+
+
+def uploaded_images(payload) -> list[str]:
+    """The paths of several uploaded images (none: an empty list), each checked as an upload."""
+    if payload in (None, "", [], {}):
+        return []
+    if not isinstance(payload, list):
+        payload = [payload]
+    if len(payload) > MAX_CALIBRATION_UPLOADS:
+        raise Refused(f"calibrate on at most {MAX_CALIBRATION_UPLOADS} of your own images")
+    return [uploaded_file(item) for item in payload]
 
 
 async def prune(server: ecoflap.Server, method, sparsity, granularity, max_sparsity, samples, stage1_samples, eps,
-                nm, modules, batch_size, owl_m, owl_lambda, vision_sparsity, token, progress=gr.Progress()):
-    """Prune with a method at a sparsity; the run is stored for this session."""
+                nm, modules, batch_size, owl_m, owl_lambda, vision_sparsity, calibration, calibration_images,
+                calibration_question, loss, token, progress=gr.Progress()):
+    """Prune with a method at a sparsity; the run is stored for this session. Calibration: your
+    own images (the full model labels them), else a dataset this deployment allows, else its default."""
     me = session_of(server, token)
     try:
         run = await in_worker(me.prune, method, sparsity, progress=progress_reporter(progress),
+                              calibration=calibration or None, calibration_images=uploaded_images(calibration_images),
+                              calibration_question=calibration_question or "",
                               granularity=granularity, max_sparsity=max_sparsity, samples=samples,
                               stage1_samples=stage1_samples, eps=eps, nm=nm, modules=modules,
                               batch_size=batch_size, owl_m=owl_m, owl_lambda=owl_lambda,
-                              vision_sparsity=vision_sparsity)
+                              vision_sparsity=vision_sparsity, loss=loss)
     except ecoflap.Cancelled:
         log.info("stopped: a prune of session %s", me.id[:12])
         return (gr.skip(),) * 8  # the Stop button has said so
@@ -351,8 +383,8 @@ async def compare(server: ecoflap.Server, methods, sparsity, image, question, to
     except EXPECTED as err:
         raise refusal(err) from None
     chart = ecoflap.plots.sparsity_figure(
-        [{"label": r.label, "layers": r.result.layers, "target_sparsity": r.result.target_sparsity}
-         for r in result.runs])
+        [{"label": r.label, "layers": r.result.layers, "target_sparsity": r.result.target_sparsity,
+          "warnings": r.result.warnings} for r in result.runs])
     return (with_notices(me, comparison_text(result)), chart, *run_lists(me, [r.id for r in result.runs],
                                                                          result.runs[-1].id))
 
@@ -451,6 +483,18 @@ def build_app(server: ecoflap.Server) -> gr.Blocks:
                                 owl_m = gr.Number(value=DEFAULTS.owl_m, label="OWL: M (outlier = score above M x mean)")
                                 owl_lambda = gr.Number(value=DEFAULTS.owl_lambda,
                                                        label="OWL: lambda (band around the target)")
+                        with gr.Accordion("Calibration data", open=False, elem_id="calibration-data"):
+                            gr.Markdown(calibration_note(server))
+                            calibration = gr.Textbox(value="", max_lines=1, max_length=200, elem_id="calibration-source",
+                                                     label="Dataset (empty: this deployment's default)",
+                                                     placeholder="hf:OWNER/NAME:SPLIT, local:NAME or shapes")
+                            calibration_images = gr.File(value=[], file_count="multiple", file_types=["image"],
+                                                         label="Or your own images (the full model labels them)",
+                                                         elem_id="calibration-images", height=140)
+                            calibration_question = gr.Textbox(value="", max_lines=1, max_length=500,
+                                                              label="Question the full model answers for your images "
+                                                                    "(empty: it captions them)")
+                            loss = gr.Radio(LOSS_CHOICES, value=DEFAULTS.loss, label="Calibration loss")
                         with gr.Row():
                             prune_button = gr.Button("Prune", variant="primary")
                             stop_button = gr.Button("Stop", elem_id="prune-stop")
@@ -537,7 +581,7 @@ def build_app(server: ecoflap.Server) -> gr.Blocks:
         prune_button.click(
             bind(server, prune),
             [method, sparsity, granularity, max_sparsity, samples, stage1_samples, eps, nm, modules, batch_size,
-             owl_m, owl_lambda, vision_sparsity, token],
+             owl_m, owl_lambda, vision_sparsity, calibration, calibration_images, calibration_question, loss, token],
             [status, sparsity_plot, groups_plot, *run_outputs, last_run, last_report],
             api_name="prune", preprocess=False, show_progress_on=[status], concurrency_limit=8,
             concurrency_id="long")

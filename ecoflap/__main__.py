@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
 import sys
 from pathlib import Path
 
@@ -181,6 +182,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--stage1-samples", type=int, default=None, help="default 32 (zeroth) or 128 (first)")
     b.add_argument("--batch-size", type=int, default=8)
     b.add_argument("--no-naive", action="store_true", help="skip timing the reference-style zeroth-order loop")
+    b.add_argument("--no-half", action="store_true", help="skip the half-precision comparison with float32")
     b.add_argument("--json", default=None)
     b.add_argument("--sparsegpt-layer", action="append", default=None, metavar="ROWSxCOLUMNS",
                    help="instead: SparseGPT's peak memory on one float32 CPU layer of this shape "
@@ -356,8 +358,15 @@ def cmd_sweep(args) -> int:
                      progress=progress)
     finally:
         progress.close()
-    if args.json:
-        write_json({"model": loaded.name, "rows": rows}, args.json)
+    if args.json:  # also a deployment's precomputed curves (ECOFLAP_CURVES), shown in the Teach tab
+        source = calibration.record["id"] if calibration else "the shipped shapes set"
+        higher = rows[0]["metric"] == "accuracy" if rows else True
+        write_json({"model": loaded.name, "metric": rows[0]["metric"] if rows else "score",
+                    "higher_is_better": higher,
+                    "measured_on": f"{args.eval_n} evaluation examples per point; calibration: {source}, "
+                                   f"{args.samples} samples, loss {args.loss}",
+                    "command": "python -m ecoflap " + " ".join(shlex.quote(a) for a in args.argv),
+                    "calibration": calibration.report() if calibration else None, "rows": rows}, args.json)
     write_text(table_csv(rows, (*SWEEP_COLUMNS, "seed")), args.csv)
     figure = sweep_figure(summarise(rows), rows[0]["metric"] if rows else "score")
     write_text(figure.to_html(include_plotlyjs=True), args.html)
@@ -381,7 +390,7 @@ def cmd_bench(args) -> int:
     progress = TqdmProgress()
     try:
         result = bench(loaded, names, args.sparsity, calibration.examples if calibration else None, options,
-                       naive_zeroth=not args.no_naive, progress=progress)
+                       naive_zeroth=not args.no_naive, progress=progress, half=not args.no_half)
     finally:
         progress.close()
     print(f"{result['model']} on {result['device']} ({result['dtype']}), sparsity {result['sparsity']}, "
@@ -399,6 +408,19 @@ def cmd_bench(args) -> int:
               f"per perturbation on the same batches ({result['zeroth_stage1_speedup']:.2f}x), vs "
               f"{result['zeroth_stage1_reference_loop_s']:.3f} s also encoding each batch at every perturbation "
               f"as the reference loop does ({result['zeroth_stage1_speedup_vs_reference_loop']:.2f}x)")
+    if "half_precision" in result:
+        drift, lost = result["half_precision"]["allocation"], result["half_precision"]["gradients"]
+        seeds = drift["float32_seeds"]
+        print("half precision vs float32, ECoFLaP zeroth-order allocation (largest group-sparsity difference, "
+              f"score rank correlation): float32 seed 0 vs 1 {seeds['max_sparsity_difference']:.4f} "
+              f"({seeds['score_rank_correlation']:.3f}); " + "; ".join(
+                  f"{name} {d['max_sparsity_difference']:.4f} ({d['score_rank_correlation']:.3f})"
+                  for name, d in drift.items() if name != "float32_seeds"))
+        print("gradient entries lost (zero / subnormal): float32 "
+              f"{lost['float32']['zero']:.2%} / {lost['float32']['subnormal']:.2%}; float16 unscaled "
+              f"{lost['float16_unscaled']['zero']:.2%} / {lost['float16_unscaled']['subnormal']:.2%}; float16 with "
+              f"loss scale {lost['float16_scaled']['scale']:g} {lost['float16_scaled']['zero']:.2%} / "
+              f"{lost['float16_scaled']['subnormal']:.2%}")
     if args.json:
         write_json(result, args.json)
     return 0
@@ -442,6 +464,7 @@ def cmd_soak(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     commands = {"prune": cmd_prune, "recover": cmd_recover, "ask": cmd_ask, "eval": cmd_eval, "sweep": cmd_sweep, "bench": cmd_bench,
                 "soak": cmd_soak}

@@ -38,8 +38,9 @@ def _bands(fig: go.Figure, rows: list[dict], key: str, label_key: str):
 def sparsity_figure(runs: list[dict]) -> go.Figure:
     """Per-layer sparsity in forward order for one or more runs.
 
-    Each run is {"label", "layers": [report rows], "target_sparsity"}; the background
-    shows which part of the model each layer belongs to.
+    Each run is {"label", "layers": [report rows], "target_sparsity", "warnings"?}; the
+    background shows which part of the model each layer belongs to. A run's warnings (a
+    model calibrated on data it was not trained on) are in the title, where nobody misses them.
     """
     fig = go.Figure()
     for r, run in enumerate(runs):
@@ -60,7 +61,9 @@ def sparsity_figure(runs: list[dict]) -> go.Figure:
                       opacity=0.6)
     if runs:
         _bands(fig, runs[0]["layers"], "stack", "stack")
-    fig.update_layout(title={"text": "Sparsity of each prunable layer", "y": 0.97},
+    warned = list(dict.fromkeys(w.split(":")[0] for run in runs for w in run.get("warnings") or []))
+    title = "Sparsity of each prunable layer" + "".join(f"<br><sup>⚠ {w}</sup>" for w in warned)
+    fig.update_layout(title={"text": title, "y": 0.97},
                       xaxis_title="prunable layer (forward order)", yaxis_title="sparsity of the layer",
                       yaxis_range=[0, 1.02], **LAYOUT)
     return fig
