@@ -208,7 +208,8 @@ def first_order_scores(
 
     def accumulate(layer, grad):
         g = scale.unscaled(grad)
-        pending[layer.name] = pending.get(layer.name, 0.0) + (g.abs() * layer.module.weight.detach().float().abs()).sum().item()
+        value = (g.abs() * layer.module.weight.detach().float().abs()).sum().item()
+        pending[layer.name] = pending.get(layer.name, 0.0) + value
 
     recompute = checkpointed_blocks(model) if checkpoint else contextlib.nullcontext()
     with consumed_gradients(model, layers, accumulate), recompute:
