@@ -18,7 +18,8 @@ from .curves import summarise
 from .images import open_image
 from .losses import LOSSES
 from .methods import METHODS, get_method, method_names
-from .models import ModelLoadError, load_model, random_model
+from .models import ModelLoadError, load_model, offloaded, random_model, resolve_device
+from .offload import resolve_offload
 from .options import DEFAULTS, PruneOptions, check, from_settings, seed_list, sparsity_list, sparsity_value
 from .pipeline import prune
 from .plots import sweep_figure
@@ -62,6 +63,11 @@ def _model_args(p: argparse.ArgumentParser):
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     p.add_argument("--device-map", default=None, help="'auto' to spread a large model over devices (accelerate)")
+    p.add_argument("--offload", default=None, choices=["cpu", "disk"],
+                   help="a model larger than the device: weights stay in CPU memory (or on disk) and each block "
+                        "comes to the device for its turn (default: $ECOFLAP_OFFLOAD)")
+    p.add_argument("--offload-folder", default=None,
+                   help="where --offload disk writes the weights (default: $ECOFLAP_OFFLOAD_FOLDER)")
 
 
 def _calibration_arg(p: argparse.ArgumentParser):
@@ -140,8 +146,13 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, default=0, help="which fresh scenes (shapes model) or shuffles")
     r.add_argument("--eval-n", type=int, default=200, help="questions scored before and after (0: none)")
     r.add_argument("--calibration", default=None,
-                   help="folder with examples.jsonl to fine-tune on (default: fresh shapes scenes for the "
-                        "shapes model, else the shipped calibration set)")
+                   help="captioned examples to fine-tune on, any labelled calibration source: a folder with "
+                        "examples.jsonl, a datasets save_to_disk or parquet folder (FOLDER:SPLIT), or "
+                        "hf:OWNER/NAME[:SPLIT] (default: fresh shapes scenes for the shapes model, else "
+                        "$ECOFLAP_CALIBRATION or the shipped calibration set)")
+    r.add_argument("--samples", type=int, default=128, help="examples drawn from --calibration (cycled)")
+    r.add_argument("--image-column", default=None, help="a dataset's image column (default: found by type)")
+    r.add_argument("--text-column", default=None, help="a dataset's text column (default: found by name and type)")
     r.add_argument("--report", default=None, help="write the JSON report here")
     r.add_argument("--save", default=None, help="write the recovered model (safetensors) and report here")
 
@@ -199,7 +210,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _load(args):
-    return load_model(args.model, device=args.device, dtype=args.dtype, device_map=args.device_map)
+    return load_model(args.model, device=args.device, dtype=args.dtype, device_map=args.device_map,
+                      offload=args.offload, offload_folder=args.offload_folder)
 
 
 def cmd_prune(args) -> int:
@@ -258,6 +270,18 @@ def cmd_prune(args) -> int:
     return 0
 
 
+def _recovery_examples(args, loaded):
+    """Examples to fine-tune on from --calibration (or the deployment's default); None:
+    fresh scenes (shapes model) or the shipped set. Sources that need the full model to
+    label them are refused: a pruned folder has no full model to ask."""
+    spec = args.calibration or deployment_default(loaded)
+    if spec is None:
+        return None
+    drawn = parse(spec, image_column=args.image_column, text_column=args.text_column).draw(args.samples)
+    _warn(drawn.warnings)
+    return drawn.examples
+
+
 def cmd_recover(args) -> int:
     options = recover_options(args.steps, args.lr, args.weight_decay, args.schedule, args.batch_size, args.way,
                               args.rank, args.seed, args.eval_n)
@@ -273,7 +297,7 @@ def cmd_recover(args) -> int:
         raise ValueError("the folder's ecoflap_report.json names layers this model does not have")
     progress = TqdmProgress()
     try:
-        recovery = recover(loaded, layers, options, _calibration(args), progress)
+        recovery = recover(loaded, layers, options, _recovery_examples(args, loaded), progress)
     finally:
         progress.close()
     targets = {row["name"]: row.get("target_sparsity") for row in report["layers"]}
@@ -381,9 +405,16 @@ def cmd_bench(args) -> int:
     if args.arch:
         if not args.random_init:
             raise ValueError("--arch builds an architecture from its config: add --random-init")
-        loaded = random_model(args.arch, args.device, args.dtype)
+        loaded = random_model(args.arch, "cpu" if args.offload else args.device, args.dtype)
+        if args.offload:
+            offload, folder = resolve_offload(args.offload, args.offload_folder)
+            loaded = offloaded(loaded, offload, resolve_device(args.device), folder)
     else:
         loaded = _load(args)
+    if loaded.offload and not (args.no_naive and args.no_half):
+        print("offloaded: the reference-loop timing and the half-precision comparison are not run "
+              "(they perturb or convert every weight at once)")
+        args.no_naive = args.no_half = True
     options = PruneOptions(samples=args.samples, stage1_samples=args.stage1_samples, batch_size=args.batch_size,
                            loss=args.loss)
     calibration = _calibration(args, loaded, names, options)

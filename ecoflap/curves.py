@@ -67,3 +67,41 @@ def leaders(summary: list[dict], metric: str = "accuracy", higher_is_better: boo
         names = ", ".join(r["label"] for r in summary if r["sparsity"] == s and r["score"] == top)
         best.append(f"at {s:g}, {names} with {top:.1%}" if metric == "accuracy" else f"at {s:g}, {names} with {top:.4g}")
     return f"{'Highest' if higher_is_better else 'Lowest'} mean {metric}: " + "; ".join(best) + "."
+
+
+RECOVERY_FILE = "recovery.json"
+
+
+def shipped_recovery(source: str | None) -> list[dict] | None:
+    """Recovery measured ahead of time in a model folder (`recovery.json`, written by the
+    command it names), one row per (method, sparsity, steps): the mean score before and
+    after over seeds, their ranges, the seed count and the mean CPU time; None where absent."""
+    if not source or not (Path(source) / RECOVERY_FILE).is_file():
+        return None
+    try:
+        rows = json.loads((Path(source) / RECOVERY_FILE).read_text())["rows"]
+        groups: dict[tuple, list[dict]] = {}
+        for row in rows:
+            groups.setdefault((row["method"], float(row["sparsity"]), int(row["steps"]), float(row["lr"])),
+                              []).append(row)
+        return [{"method": method, "label": members[0].get("label", method), "sparsity": sparsity, "steps": steps,
+                 "lr": lr, "before": mean(r["before"] for r in members), "after": mean(r["after"] for r in members),
+                 "before_min": min(r["before"] for r in members), "before_max": max(r["before"] for r in members),
+                 "after_min": min(r["after"] for r in members), "after_max": max(r["after"] for r in members),
+                 "seeds": len(members), "cpu_s": mean(r["recover_cpu_s"] for r in members)}
+                for (method, sparsity, steps, lr), members in groups.items()]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        log.warning("ignoring %s of %s: %s", RECOVERY_FILE, Path(source).name, err)
+        return None
+
+
+def recovery_sentence(summary: list[dict]) -> str:
+    """What recovery brought back, per sparsity and number of steps, in one sentence."""
+    parts = []
+    several = len({r["lr"] for r in summary}) > 1
+    for key in sorted({(r["sparsity"], r["steps"], r["lr"]) for r in summary}):
+        rows = [r for r in summary if (r["sparsity"], r["steps"], r["lr"]) == key]
+        at = f"at {key[0]:g} after {key[1]} steps" + (f" (lr {key[2]:g})" if several else "")
+        parts.append(f"{at}: " + ", ".join(f"{r['label']} {r['before']:.1%} → {r['after']:.1%}" for r in rows))
+    lr = "" if several else f", lr {summary[0]['lr']:g}"
+    return f"Recovery measured on this model (fine-tuning with every zero held{lr}): " + "; ".join(parts) + "."

@@ -48,15 +48,15 @@ def outlier_ratio(scores: Sequence[torch.Tensor], m: float) -> float:
 def dense_outlier_ratios(model, layers: list[PrunableLayer], batches: list[dict], m: float,
                          progress: Progress | None = None, should_stop: StopCheck | None = None) -> dict[str, float]:
     """Each block's outlier ratio, from the dense model's inputs (nothing is pruned while
-    they are gathered, as in the reference's first pass)."""
-    sq_norms: dict[str, torch.Tensor] = {}
+    they are gathered, as in the reference's first pass). Computed while the block is
+    visited, so its scores never outlive it (and an offloaded block is still onloaded)."""
+    ratios: dict[str, float] = {}
     for block in BlockReplay(model, batches).blocks(layers, progress):
         stop_if_asked(should_stop)
         stats = block.input_statistics()
-        for layer in block.layers:
-            sq_norms[layer.name] = stats[layer.name].sq_norm
-    return {g.name: outlier_ratio([wanda_scores(layer.module.weight, sq_norms[layer.name]) for layer in g.layers], m)
-            for g in grouped(layers, "block")}
+        scores = [wanda_scores(layer.module.weight, stats[layer.name].sq_norm) for layer in block.layers]
+        ratios[block.layers[0].block_name] = outlier_ratio(scores, m)
+    return {g.name: ratios[g.name] for g in grouped(layers, "block")}
 
 
 def band(sparsity: float, lam: float) -> tuple[float, float]:

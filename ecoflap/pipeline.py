@@ -27,6 +27,7 @@ from .pruners.magnitude import prune_magnitude
 from .pruners.sparsegpt import prune_sparsegpt
 from .pruners.wanda import prune_wanda
 from .quality import Reference
+from .offload import is_offloaded, onloaded
 from .replay import BlockReplay
 from .report import PruneResult
 from .scoring import quality_against_full, reference_for
@@ -57,6 +58,7 @@ def prune(
     method, options = get_method(method), options or PruneOptions()
     layers = prunable_layers(loaded.model, options.include)
     nm = check(method, sparsity, options)
+    check_offload(loaded.model, method, options)
     check_nm_widths(layers, nm)
     drawn = None
     if method.calibrated:
@@ -120,7 +122,8 @@ def prune_layers(loaded, stage2: str, layers: list[PrunableLayer], budget: Layer
     if stage2 == "magnitude":
         for i, layer in enumerate(layers):
             stop_if_asked(should_stop)
-            prune_magnitude(layer.module.weight.data, budget.sparsity[layer.name], nm, budget.zeros[layer.name])
+            with onloaded(layer.module):
+                prune_magnitude(layer.module.weight.data, budget.sparsity[layer.name], nm, budget.zeros[layer.name])
             if progress:
                 progress(f"magnitude: {layer.name}", i + 1, len(layers))
         return
@@ -136,6 +139,18 @@ def prune_layers(loaded, stage2: str, layers: list[PrunableLayer], budget: Layer
             else:
                 prune_sparsegpt(weight, s.hessian, s.tokens, budget.sparsity[layer.name], nm, options.blocksize,
                                 options.percdamp, budget.zeros[layer.name])
+
+
+def check_offload(model, method: Method, options):
+    """What sequential onloading cannot do, refused in one line before anything changes."""
+    if not is_offloaded(model):
+        return
+    if method.estimator == "first":
+        raise ValueError("first-order scores need every weight on the device at once for the backward pass; "
+                         "with offloading use ecoflap_zeroth (forward passes only, one block at a time)")
+    if method.perturb == "group" and options.granularity == "model":
+        raise ValueError("a joint perturbation of a whole modality needs all its blocks on the device at once; "
+                         "with offloading use --granularity block or layer, or ecoflap_zeroth (one matrix at a time)")
 
 
 def check_nm_widths(layers: list[PrunableLayer], nm: tuple[int, int] | None):

@@ -6,8 +6,10 @@ the cached output of block b-1 (the stack's loop just passes it along), and whol
 that are finished are made to return their cached output. A forward hook stops the run
 as soon as the part of interest has executed. For pruning, each block therefore runs
 about twice (statistics, then its pruned output); ECoFLaP's zeroth-order stage 1 uses
-the same replay to start each perturbed forward pass at the perturbed block. Each user
-reads as one loop:
+the same replay to start each perturbed forward pass at the perturbed block. Under
+accelerate's offload each block's weights come to the execution device for its turn
+(`offload.onloaded`) and go back, pruned, before the next block's. Each user reads as
+one loop:
 
     for block in BlockReplay(model, batches).blocks(layers, progress):
         stats = block.input_statistics(hessian=...)
@@ -27,6 +29,7 @@ from torch import nn
 
 from .anatomy import PrunableLayer, Stack, stacks
 from .forwards import replaced_forward
+from .offload import onloaded
 from .progress import Progress
 
 
@@ -168,16 +171,17 @@ class BlockReplay:
                     continue
                 cache: list | None = None
                 for b, block in enumerate(stack.blocks):
-                    if (stack.name, b) in by_block:
-                        yield Block(self, stack, b, by_block[(stack.name, b)], cache)
-                        done += 1
-                        if progress:
-                            progress(f"{stack.name} block {b}", done, total)
-                    last_block = b == len(stack.blocks) - 1
-                    if last_block and si < last_stack:
-                        self.finished[stack.name] = self._outputs_of(stack, b, cache, stack.output)
-                    elif not last_block:
-                        cache = self._outputs_of(stack, b, cache, block)
+                    with onloaded(block):
+                        if (stack.name, b) in by_block:
+                            yield Block(self, stack, b, by_block[(stack.name, b)], cache)
+                            done += 1
+                            if progress:
+                                progress(f"{stack.name} block {b}", done, total)
+                        last_block = b == len(stack.blocks) - 1
+                        if last_block and si < last_stack:
+                            self.finished[stack.name] = self._outputs_of(stack, b, cache, stack.output)
+                        elif not last_block:
+                            cache = self._outputs_of(stack, b, cache, block)
         finally:
             self.finished.clear()
 

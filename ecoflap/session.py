@@ -36,12 +36,13 @@ from PIL import Image
 from . import sources
 from .answers import MAX_QUESTION_CHARS, fit_question
 from .anatomy import prunable_layers
-from .curves import shipped_curves
+from .curves import shipped_curves, shipped_recovery
 from .data import batches, default_calibration
 from .images import open_image
 from .methods import Method, get_method
 from .models import display_name
 from .options import PruneOptions, from_settings, number, sparsity_list, sparsity_value
+from .offload import is_offloaded
 from .progress import Progress, StopCheck, prefixed
 from .recover import OnStep, recover_options
 from .report import PruneResult, layers_csv, save_pruned, write_json, write_text
@@ -220,6 +221,11 @@ class Session:
         (ECOFLAP_CURVES) or the model folder's, if any."""
         loaded = self.workbench.loaded
         return shipped_curves(loaded.source, self.server.limits.curves, loaded.name)
+
+    def shipped_recovery(self) -> list[dict] | None:
+        """Recovery measured ahead of time for this model (before and after, per method,
+        sparsity and steps), if it ships it."""
+        return shipped_recovery(self.workbench.loaded.source)
 
     def load_model(self, name) -> str:
         """Switch this session to another model (loading it if needed); returns what happened."""
@@ -440,7 +446,8 @@ class Session:
                          owner=self.id)
 
     def distributions(self, run_id=None) -> dict:
-        """Weight and gradient magnitude histograms per modality: the full model's, and a run's."""
+        """Weight and gradient magnitude histograms per modality: the full model's, and a run's
+        (an offloaded model has no gradient distributions; its load says so)."""
         self.touch()
         run = self.run(run_id) if run_id not in (None, "") else None
         bench = self.workbench
@@ -449,7 +456,8 @@ class Session:
         def measure(loaded):
             layers = prunable_layers(loaded.model)
             batch = batches(loaded, calibration, 8)[0]
-            return {"weights": weight_histograms(layers), "gradients": gradient_histograms(loaded.model, layers, batch)}
+            gradients = {} if is_offloaded(loaded.model) else gradient_histograms(loaded.model, layers, batch)
+            return {"weights": weight_histograms(layers), "gradients": gradients}
 
         series = {"full": bench.using(None, measure)}
         if run is not None:
