@@ -6,9 +6,9 @@ gradients (first-order).
 
 In half precision the finite difference needs three things float32 gives for free: the
 loss in float32 (`calibration_loss`), the difference divided by the step the weights
-really took (W + eps z and W - eps z are rounded to the weight's dtype), and a step larger than
-the rounding noise of a half-precision forward pass (`resolvable_step`). First-order
-gradients in float16 are taken under a `LossScale`.
+really took (W + eps z and W - eps z are rounded to the weight's dtype), and a step
+larger than the rounding noise of a half-precision forward pass (`resolvable_step`).
+First-order gradients in float16 are taken under a `LossScale`.
 """
 
 from __future__ import annotations

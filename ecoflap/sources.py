@@ -35,7 +35,6 @@ from typing import Callable
 
 from .data import DEFAULT_CALIBRATION, Example, default_calibration
 from .images import MAX_IMAGE_PIXELS, open_image
-from .scoring import speaks_shapes
 
 MAX_SAMPLES = 1024  # calibration plus held-out examples read from one source
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -206,6 +205,8 @@ def given(examples: list[Example], what: str = "examples given in code") -> Cali
 def deployment_default(loaded, environ=None) -> str | None:
     """The deployment's default source (ECOFLAP_CALIBRATION) for a model that does not speak
     the shapes world; None (the shipped set) for one that does, or where none is set."""
+    from .scoring import speaks_shapes  # here, not at the top: scoring imports this module
+
     spec = (os.environ if environ is None else environ).get("ECOFLAP_CALIBRATION", "").strip()
     return spec or None if not speaks_shapes(loaded) else None
 
@@ -227,6 +228,8 @@ def labeller(ask: Callable[[list, list[str]], list[str]], batch_size: int = 8) -
 def calibration_warnings(loaded, drawn: Calibration) -> list[str]:
     """What a person must know about calibrating this model on this data, beyond the
     source's own warnings: the shapes set used for a model that does not speak it."""
+    from .scoring import speaks_shapes  # here, not at the top: scoring imports this module
+
     return [SYNTHETIC] if drawn.record["kind"] == "shapes" and not speaks_shapes(loaded) else []
 
 
