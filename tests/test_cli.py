@@ -99,6 +99,7 @@ def test_prune_owl_hits_the_budget_inside_the_band(saved_model, calibration_fold
         assert 0.52 - 1 / g["numel"] <= g["sparsity"] <= 0.68 + 1 / g["numel"] and g["score"] >= 0
 
 
+@pytest.mark.slow  # many prunes and scores end to end
 def test_sweep_measures_random_methods_once_per_seed(saved_model, calibration_folder, tmp_path):
     out, csv = tmp_path / "sweep.json", tmp_path / "sweep.csv"
     done = run("sweep", "--model", str(saved_model), "--calibration", str(calibration_folder),
@@ -161,6 +162,7 @@ def test_eval_reports_accuracy_per_type_on_the_shipped_model(tmp_path):
     assert sum(score["by_type"].values()) / 5 == pytest.approx(score["value"], abs=1e-9)
 
 
+@pytest.mark.slow  # many prunes and scores end to end
 def test_sweep_writes_csv_and_chart(saved_model, calibration_folder, tmp_path):
     csv, html = tmp_path / "sweep.csv", tmp_path / "sweep.html"
     done = run("sweep", "--model", str(saved_model), "--calibration", str(calibration_folder),
@@ -175,6 +177,7 @@ def test_sweep_writes_csv_and_chart(saved_model, calibration_folder, tmp_path):
     assert "plotly" in html.read_text()[:100_000].lower()
 
 
+@pytest.mark.slow  # many prunes and scores end to end
 def test_bench_writes_every_method_side_by_side(saved_model, calibration_folder, tmp_path):
     out = tmp_path / "bench.json"
     done = run("bench", "--model", str(saved_model), "--calibration", str(calibration_folder),

@@ -196,6 +196,7 @@ def test_out_of_memory_mid_prune_restores_and_says_so(examples, monkeypatch):
     assert _same(bench.loaded.model, before)
 
 
+@pytest.mark.slow  # a soak: a hundred cycles
 def test_hundred_prune_restore_cycles_are_bit_identical(examples):
     bench = Workbench(tiny_model("t5"))
     before = _full_state(bench.loaded.model)
