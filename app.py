@@ -14,6 +14,7 @@ import functools
 import html
 import logging
 import os
+import secrets
 import threading
 import time
 from pathlib import Path
@@ -73,6 +74,11 @@ Pruning removes the left (small) end of the weight curve; where ECoFLaP gave a p
 more of its curve survives. The gradients are those of the calibration loss for one batch: parts
 whose loss gradients are large matter more to the output, which is what ECoFLaP's scores measure.
 """
+
+
+MAX_MESSAGE = 400  # a refusal's length, whatever it quotes
+MALFORMED = ("The request does not have the form this endpoint takes: one value per input, and images as "
+             "files uploaded to this page (see Use via API).")
 
 
 class Refused(Exception):
@@ -148,9 +154,12 @@ def refusal(err: Exception) -> gr.Error:
     else:
         log.exception("unexpected error")
         message = "something went wrong on the server; your model and runs are as they were"
+    message = message if len(message) <= MAX_MESSAGE else message[:MAX_MESSAGE - 3] + "..."
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")
     log.info("refused: %s", message)
     text = message[:1].upper() + message[1:]
-    return gr.Error(text if text.endswith(".") else text + ".", print_exception=False)
+    # the page renders a message as HTML: whatever a person typed is shown, never run
+    return gr.Error(html.escape(text if text.endswith(".") else text + ".", quote=False), print_exception=False)
 
 
 EXPECTED = (Refused, ValueError, KeyError, PermissionError, MemoryError, ecoflap.ModelLoadError)
@@ -390,9 +399,21 @@ def page_closed(server: ecoflap.Server, token):
     server.close_session(token, "the page was closed")
 
 
-def stats(server: ecoflap.Server) -> dict:
-    """Sessions, stored runs, memory and export disk of this deployment right now."""
-    return server.stats()
+class OwnerStats:
+    """/stats: sessions, jobs, stored runs, memory and export disk of this deployment right
+    now. They tell how busy the server is, so they are for its owner, who sets
+    ECOFLAP_STATS_TOKEN and sends it as `key`; without one set, /stats answers nobody."""
+
+    def __init__(self, server: ecoflap.Server, owner_key: str | None):
+        self.server, self.owner_key = server, owner_key
+        self.__name__ = "stats"
+
+    def __call__(self, key: str = "") -> dict:
+        if not self.owner_key or not isinstance(key, str) or not secrets.compare_digest(
+                key.encode("utf-8", "replace"), self.owner_key.encode()):
+            raise refusal(Refused("these statistics are for the deployment's owner (the key set in "
+                                  "ECOFLAP_STATS_TOKEN)"))
+        return self.server.stats()
 
 
 class Handler(functools.partial):
@@ -410,9 +431,25 @@ def bind(server: ecoflap.Server, handler) -> Handler:
     return bound
 
 
-def build_app(server: ecoflap.Server) -> gr.Blocks:
-    """The page: layout, then its events, each bound to a handler above."""
-    with gr.Blocks(title="ecoflap: prune a vision-language model", delete_cache=(600, 3600)) as demo:
+class Page(gr.Blocks):
+    """The page's Blocks. A request gradio itself cannot read (a hand-made FileData, a
+    string or a list where a file goes, too few values) gets one calm line, not an empty
+    error and a traceback in the log."""
+
+    async def preprocess_data(self, block_fn, inputs, state, explicit_call=False):
+        try:
+            return await super().preprocess_data(block_fn, inputs, state, explicit_call)
+        except gr.Error:
+            raise
+        except Exception as err:
+            log.info("refused: a request of a form this endpoint does not take (%s)", type(err).__name__)
+            raise gr.Error(MALFORMED, print_exception=False) from None
+
+
+def build_app(server: ecoflap.Server, stats_key: str | None = None) -> gr.Blocks:
+    """The page: layout, then its events, each bound to a handler above (`stats_key`: the
+    owner's key for /stats; without one, /stats answers nobody)."""
+    with Page(title="ecoflap: prune a vision-language model", delete_cache=(600, 3600)) as demo:
         token = gr.State(bind(server, new_session), delete_callback=bind(server, page_closed))
         gr.Markdown("# ecoflap — prune a vision-language model and see where the sparsity went")
         model_info = gr.Markdown()
@@ -560,7 +597,7 @@ def build_app(server: ecoflap.Server) -> gr.Blocks:
         sweep_stop.click(bind(server, stop), token, sweep_status, api_visibility="private", queue=False)
         export_button.click(bind(server, export), [export_run, export_model, token], export_files,
                             api_name="export", preprocess=False)
-        gr.api(bind(server, stats), api_name="stats")
+        gr.api(OwnerStats(server, stats_key), api_name="stats")
     for fn in demo.fns.values():
         if getattr(fn.fn, "func", None) is new_session:
             fn.api_visibility = "private"  # the page's own start, not an API
@@ -614,7 +651,7 @@ def main(argv=None):
         server = ecoflap.Server.from_environment(args.model, device=args.device, dtype=args.dtype)
     except (ecoflap.ConfigError, ecoflap.ModelLoadError) as err:
         raise SystemExit(f"error: {err}") from None
-    demo = build_app(server)
+    demo = build_app(server, os.environ.get("ECOFLAP_STATS_TOKEN") or None)
     demo.queue(max_size=server.limits.queue_size, default_concurrency_limit=4)
     demo.launch(server_name=args.host, server_port=args.port, allowed_paths=[str(server.export_root)],
                 max_file_size=f"{int(server.limits.upload_mb)}mb", i18n=SCREEN_READER_WORDS)

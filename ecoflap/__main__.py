@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from tqdm import tqdm
@@ -181,6 +182,8 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("--seed", type=int, default=0)
     k.add_argument("--yes-i-own-it", action="store_true", help="allow a host other than this machine")
     k.add_argument("--json", default=None, help="write every finding and server sample here")
+    k.add_argument("--stats-key", default=os.environ.get("ECOFLAP_STATS_TOKEN"),
+                   help="the deployment's ECOFLAP_STATS_TOKEN, to sample its memory and disk (default: $ECOFLAP_STATS_TOKEN)")
     return parser
 
 
@@ -444,7 +447,7 @@ def cmd_soak(args) -> int:
     from .report import write_json
     from .soak import soak
 
-    result = soak(args.url, args.users, args.minutes, args.seed, args.yes_i_own_it)
+    result = soak(args.url, args.users, args.minutes, args.seed, args.yes_i_own_it, stats_key=args.stats_key)
     ask, busy, rss = result["ask_seconds"], result["ask_seconds_while_pruning"], result["resident_mib"]
     print(f"{args.users} users for {args.minutes:g} min: {sum(result['actions'].values())} actions {result['actions']}")
     print(f"full answers changed: {result['changed_full_answers']}; leaks: {result['leaks']}; "

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .models import DEFAULT_MODEL, ModelLoadError, load_model
+from .models import DEFAULT_MODEL, ModelLoadError, load_model, not_on_hub
 from .workbench import Workbench
 
 if TYPE_CHECKING:
@@ -153,9 +153,13 @@ class ModelRegistry:
                 shown = ", ".join(_shown(m) for m in (self.default_name, *allowed))
                 raise PermissionError(f"this deployment serves these models: {shown}")
             return name
-        if HUB_ID.fullmatch(name) and not Path(name).expanduser().exists():
-            return name
         if self.limits.allow_local_models:
+            return name
+        if HUB_ID.fullmatch(name):
+            if Path(name).expanduser().exists():
+                # a hub id that is also a folder here gets the words of a hub id that does not
+                # exist, so nobody learns from the answer what is on this server
+                raise ModelLoadError(not_on_hub(name))
             return name
         raise PermissionError("this deployment loads models from the Hugging Face hub by id (owner/name), "
                               "not from folders on the server")

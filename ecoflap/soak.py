@@ -179,7 +179,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def soak(url: str, users: int = 20, minutes: float = 3, seed: int = 0, allow_remote: bool = False,
-         log=print) -> dict:
+         log=print, stats_key: str | None = None) -> dict:
     """Run the students against `url`; returns the findings and the server's samples."""
     from gradio_client import Client, handle_file
 
@@ -188,6 +188,9 @@ def soak(url: str, users: int = 20, minutes: float = 3, seed: int = 0, allow_rem
         raise ValueError(f"{host} is not this machine: soak only your own deployment (add --yes-i-own-it)")
     if not 1 <= users <= MAX_USERS or not 0 < minutes <= MAX_MINUTES:
         raise ValueError(f"users must be 1 to {MAX_USERS} and minutes above 0 and at most {MAX_MINUTES}")
+    if not stats_key:
+        raise ValueError("the soak samples the deployment's memory and disk through /stats: give its "
+                         "ECOFLAP_STATS_TOKEN (--stats-key)")
     examples = example_prompts()
     if not examples:
         raise ValueError("the shipped example images are missing")
@@ -200,7 +203,7 @@ def soak(url: str, users: int = 20, minutes: float = 3, seed: int = 0, allow_rem
 
     def monitor():
         while time.monotonic() < stop_at:
-            stats = probe.predict(api_name="/stats")
+            stats = probe.predict(stats_key, api_name="/stats")
             samples.append({"t": round(time.monotonic() - started, 1), **stats})
             time.sleep(5)
 
@@ -226,7 +229,7 @@ def soak(url: str, users: int = 20, minutes: float = 3, seed: int = 0, allow_rem
         t.start()
     for t in threads:
         t.join(minutes * 60 + 600)
-    samples.append({"t": round(time.monotonic() - started, 1), **probe.predict(api_name="/stats")})
+    samples.append({"t": round(time.monotonic() - started, 1), **probe.predict(stats_key, api_name="/stats")})
     probe.close()
     return summarise(findings, samples, users, minutes)
 

@@ -16,7 +16,7 @@ import httpx
 import pytest
 from gradio_client import Client, handle_file
 
-from conftest import EXAMPLE, FAST, launch
+from conftest import EXAMPLE, FAST, STATS_KEY, launch
 
 pytestmark = pytest.mark.slow
 LIMITS = dict(ECOFLAP_BEHIND_PROXY="1", ECOFLAP_MAX_SESSIONS="8", ECOFLAP_MAX_SESSIONS_PER_CLIENT="3",
@@ -41,7 +41,8 @@ def call(url: str, api: str, data: list, address: str, session_hash: str | None 
     base = url.rstrip("/") + "/gradio_api"
     headers = {"X-Forwarded-For": address}
     body = {"data": data, "session_hash": session_hash or uuid.uuid4().hex}
-    posted = httpx.post(f"{base}/call/{api}", json=body, headers=headers, timeout=60)
+    posted = httpx.post(f"{base}/call/{api}", content=json.dumps(body), timeout=60,  # ASCII: "\\ud800" can travel
+                        headers={**headers, "content-type": "application/json"})
     if posted.status_code != 200:
         return "refused", posted.text
     kind, payload = None, None
@@ -57,7 +58,7 @@ def call(url: str, api: str, data: list, address: str, session_hash: str | None 
 
 
 def stats(url: str) -> dict:
-    return visitor(url, "127.0.0.1").predict(api_name="/stats")
+    return visitor(url, "127.0.0.1").predict(STATS_KEY, api_name="/stats")
 
 
 def run_ids(c: Client) -> list[str]:
@@ -113,3 +114,87 @@ def test_one_client_cannot_take_the_long_slots(guarded):
     assert len(refused) == 10, refused  # the client's bound is 2 jobs, whatever its sessions
     assert sum("(at most 1 per session)" in r for r in refused) >= 4
     assert all("already have" in r and "wait for one to finish" in r for r in refused)
+
+
+PRUNE = ["magnitude", 0.5, "block", 0, 32, 8, 0.001, "off", ["vision", "language"], 8, 5, 0.08, ""]
+
+
+def prune_with(**changes) -> list:
+    names = ["method", "sparsity", "granularity", "max_sparsity", "samples", "stage1_samples", "eps", "nm", "modules",
+             "batch_size", "owl_m", "owl_lambda", "vision_sparsity"]
+    return [changes.get(name, value) for name, value in zip(names, PRUNE)]
+
+
+def refused_with(url: str, api: str, data: list, address: str = "10.7.7.7") -> str:
+    kind, result = call(url, api, data, address)
+    assert kind == "error" and isinstance(result, dict) and result.get("error"), (api, kind, str(result)[:300])
+    return result["error"]
+
+
+def test_what_a_stranger_typed_comes_back_cut_and_inert(guarded):
+    url, log, _ = guarded
+    for data in (prune_with(nm="2:" + "4" * 1_000_000), prune_with(vision_sparsity="9" * 1_000_000, method="per_modality"),
+                 prune_with(method="w" * 1_000_000), prune_with(granularity="g" * 1_000_000)):
+        message = refused_with(url, "prune", data)
+        assert len(message) < 400 and "4" * 100 not in message and "9" * 100 not in message, message[:200]
+    assert len(refused_with(url, "sweep", [["wanda"], "0." + "5" * 1_000_000])) < 400
+    markup = "<img src=x onerror=alert(1)>"
+    for data in (prune_with(vision_sparsity=markup, method="per_modality"), prune_with(nm=markup),
+                 prune_with(method=markup), prune_with(granularity=markup, method="ecoflap_zeroth")):
+        message = refused_with(url, "prune", data)
+        assert "<img" not in message and "<" not in message, message
+    assert "<" not in refused_with(url, "sweep", [[markup], "0.5"])
+    assert len(log.read_text().splitlines()[-1]) < 600  # the log line is cut too
+
+
+def test_lone_surrogates_get_a_message(guarded):
+    url, log, _ = guarded
+    image = {"path": str(EXAMPLE)}
+    assert "not text" in refused_with(url, "ask", [image, "\ud800"])
+    assert "not text" in refused_with(url, "compare", [["wanda", "magnitude"], 0.5, image, "what \udfff"])
+    for data in (prune_with(nm="\ud800"), prune_with(vision_sparsity="\ud800", method="per_modality"),
+                 prune_with(method="\ud800")):
+        assert "\\ud800" in refused_with(url, "prune", data)
+    refused_with(url, "load_model", ["a\ud800/b"])
+    assert "Traceback" not in log.read_text()
+
+
+@pytest.mark.parametrize("payload", [{"path": "/etc/passwd", "meta": {"_type": "gradio.FileData"}}, "/etc/passwd",
+                                     ["/etc/passwd"], [{"path": "/etc/passwd"}], 7])
+def test_payloads_gradio_cannot_read_get_one_calm_line(guarded, payload):
+    url, log, _ = guarded
+    message = refused_with(url, "ask", [payload, ""])
+    assert "/etc" not in message and ("form this endpoint takes" in message or "upload" in message), message
+    assert "form this endpoint takes" in refused_with(url, "prune", ["magnitude"])  # too few values
+    assert "Traceback" not in log.read_text()
+
+
+def test_a_folder_on_the_server_answers_like_a_missing_hub_id(guarded):
+    from conftest import ROOT
+
+    url, _, _ = guarded
+    owner = f"oracle-{uuid.uuid4().hex[:8]}"
+    (ROOT / owner / "model").mkdir(parents=True)
+    try:
+        there = refused_with(url, "load_model", [f"{owner}/model"])
+        missing = refused_with(url, "load_model", [f"{owner}/absent"])
+    finally:
+        (ROOT / owner / "model").rmdir()
+        (ROOT / owner).rmdir()
+    assert there.replace("/model", "/X") == missing.replace("/absent", "/X")
+
+
+def test_minus_zero_sparsity_is_zero(guarded):
+    url, _, _ = guarded
+    kind, result = call(url, "prune", prune_with(sparsity=-0.0), "10.7.7.8")
+    assert kind == "complete" and "Magnitude @ 0.00" in result[0] and "-0.00" not in json.dumps(result)
+
+
+def test_stats_answer_only_the_owner(guarded):
+    url, _, _ = guarded
+    for key in ([""], ["guess"], [None], [STATS_KEY[:-1]], [STATS_KEY + "x"]):
+        kind, result = call(url, "stats", key, "10.7.7.9")
+        assert kind == "error" and "for the deployment's owner" in json.dumps(result), (key, result)
+    with pytest.raises(Exception, match="for the deployment's owner"):
+        visitor(url, "10.7.7.9").predict(api_name="/stats")
+    assert set(stats(url)) >= {"sessions", "resident_mib", "jobs_running"}
