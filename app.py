@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import functools
 import html
+import json
 import logging
 import os
 import secrets
@@ -20,6 +21,7 @@ import time
 from pathlib import Path
 
 import gradio as gr
+from starlette.middleware import Middleware
 from gradio.utils import get_upload_folder
 
 import ecoflap
@@ -431,6 +433,59 @@ def bind(server: ecoflap.Server, handler) -> Handler:
     return bound
 
 
+class UploadGuard:
+    """ASGI middleware before gradio's upload route: an upload is admitted only within the
+    deployment's bounds (per client, count and bytes, and in all), judged on its declared
+    length before its body is read; the files it became are handed to `server.uploads`,
+    which deletes them when they expire."""
+
+    def __init__(self, app, server: ecoflap.Server):
+        self.app, self.server = app, server
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "POST" or not scope["path"].endswith("/upload"):
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        peer = (scope.get("client") or (None,))[0]
+        client = ecoflap.client_address(peer, headers.get("x-forwarded-for"), self.server.limits.behind_proxy)
+        length = headers.get("content-length", "")
+        if not length.isdigit():
+            return await _plain(send, 411, "Send the upload with its length (a Content-Length header).")
+        try:
+            ticket = self.server.uploads.reserve(client, int(length))
+        except ecoflap.Busy as err:
+            return await _plain(send, 413, refusal(err).message)
+        held, body = [], []
+
+        async def hold(message):
+            (held if message["type"] == "http.response.start" else body).append(message)
+
+        try:
+            await self.app(scope, receive, hold)
+        except BaseException:
+            self.server.uploads.cancel(ticket)
+            raise
+        status = held[0]["status"] if held else 500
+        if status != 200:
+            self.server.uploads.cancel(ticket)
+        else:
+            try:
+                paths = json.loads(b"".join(m.get("body", b"") for m in body))
+                self.server.uploads.keep(ticket, [p for p in paths if isinstance(p, str)])
+            except ecoflap.Busy as err:
+                return await _plain(send, 413, refusal(err).message)
+            except ValueError:
+                self.server.uploads.cancel(ticket)
+        for message in held + body:
+            await send(message)
+
+
+async def _plain(send, status: int, text: str):
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"text/plain; charset=utf-8")]})
+    await send({"type": "http.response.body", "body": text.encode("utf-8")})
+
+
 class Page(gr.Blocks):
     """The page's Blocks. A request gradio itself cannot read (a hand-made FileData, a
     string or a list where a file goes, too few values) gets one calm line, not an empty
@@ -648,13 +703,17 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     ecoflap.return_freed_memory_to_the_system()
     try:
-        server = ecoflap.Server.from_environment(args.model, device=args.device, dtype=args.dtype)
+        # exports live in gradio's own cache folder, so gradio serves them where they are
+        # instead of keeping a copy that the export bounds would not reach
+        server = ecoflap.Server.from_environment(args.model, device=args.device, dtype=args.dtype,
+                                                 export_root=Path(get_upload_folder()) / "ecoflap-exports")
     except (ecoflap.ConfigError, ecoflap.ModelLoadError) as err:
         raise SystemExit(f"error: {err}") from None
     demo = build_app(server, os.environ.get("ECOFLAP_STATS_TOKEN") or None)
     demo.queue(max_size=server.limits.queue_size, default_concurrency_limit=4)
-    demo.launch(server_name=args.host, server_port=args.port, allowed_paths=[str(server.export_root)],
-                max_file_size=f"{int(server.limits.upload_mb)}mb", i18n=SCREEN_READER_WORDS)
+    demo.launch(server_name=args.host, server_port=args.port,
+                max_file_size=f"{int(server.limits.upload_mb)}mb", i18n=SCREEN_READER_WORDS,
+                app_kwargs={"middleware": [Middleware(UploadGuard, server=server)]})
 
 
 if __name__ == "__main__":

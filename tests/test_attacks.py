@@ -19,8 +19,9 @@ from gradio_client import Client, handle_file
 from conftest import EXAMPLE, FAST, STATS_KEY, launch
 
 pytestmark = pytest.mark.slow
-LIMITS = dict(ECOFLAP_BEHIND_PROXY="1", ECOFLAP_MAX_SESSIONS="8", ECOFLAP_MAX_SESSIONS_PER_CLIENT="3",
-              ECOFLAP_MAX_JOBS_PER_SESSION="1", ECOFLAP_MAX_JOBS_PER_CLIENT="2")
+LIMITS = dict(ECOFLAP_BEHIND_PROXY="1", ECOFLAP_MAX_SESSIONS="16", ECOFLAP_MAX_SESSIONS_PER_CLIENT="3",
+              ECOFLAP_MAX_JOBS_PER_SESSION="1", ECOFLAP_MAX_JOBS_PER_CLIENT="2", ECOFLAP_MAX_UPLOADS_PER_CLIENT="3",
+              ECOFLAP_MAX_UPLOAD_CLIENT_MB="1", ECOFLAP_MAX_UPLOAD_TOTAL_MB="3")
 
 
 @pytest.fixture(scope="module")
@@ -75,10 +76,10 @@ def test_a_flood_of_new_sessions_wipes_nobody(guarded):
     assert stats(url)["sessions"] == before
 
     def flood(address):
-        for _ in range(15):
+        for _ in range(10):
             call(url, "describe", [], address)
 
-    threads = [threading.Thread(target=flood, args=(f"10.6.6.{i}",)) for i in range(3)]
+    threads = [threading.Thread(target=flood, args=(f"10.6.6.{i}",)) for i in range(6)]  # 18 + 2 > 16 sessions
     for t in threads:
         t.start()
     for t in threads:
@@ -198,3 +199,90 @@ def test_stats_answer_only_the_owner(guarded):
     with pytest.raises(Exception, match="for the deployment's owner"):
         visitor(url, "10.7.7.9").predict(api_name="/stats")
     assert set(stats(url)) >= {"sessions", "resident_mib", "jobs_running"}
+
+
+def files_under(folder) -> dict:
+    return {p: p.stat().st_size for p in folder.rglob("*") if p.is_file()}
+
+
+def test_exports_have_one_copy_which_the_bounds_reach(guarded):
+    url, _, uploads = guarded
+    session = uuid.uuid4().hex
+    kind, result = call(url, "prune", PRUNE, "10.8.8.8", session)
+    run_id = result[-2]
+    before = files_under(uploads)
+    served = []
+    for _ in range(3):
+        kind, result = call(url, "export", [run_id, True], "10.8.8.8", session)
+        assert kind == "complete", result
+        served.append(result[0])
+    added = {p: size for p, size in files_under(uploads).items() if p not in before}
+    newest = {f["path"] for f in served[-1]}
+    assert {str(p) for p in added} == newest  # no second copy, nothing left of the replaced exports
+    assert abs(sum(added.values()) / 2**20 - stats(url)["export_mib"]) < 0.001
+    assert ".zip" in "".join(newest) and session not in "".join(newest)
+
+    def fetch(file):
+        return httpx.get(file["url"] if file["url"].startswith("http") else url.rstrip("/") + file["url"], timeout=30)
+
+    assert fetch(served[0][0]).status_code in (403, 404) and fetch(served[-1][0]).status_code == 200
+
+
+def upload(url: str, address: str, content: bytes, name: str = "image.png") -> httpx.Response:
+    return httpx.post(url.rstrip("/") + "/gradio_api/upload", files=[("files", (name, content, "image/png"))],
+                      headers={"X-Forwarded-For": address}, timeout=60)
+
+
+def test_uploads_are_bounded_per_client_and_in_all(guarded):
+    url, log, uploads = guarded
+    before = files_under(uploads)
+    small = [upload(url, "10.9.9.1", EXAMPLE.read_bytes() + bytes([i])) for i in range(5)]
+    assert [r.status_code for r in small] == [200, 200, 200, 413, 413]
+    assert "uploaded 3 files in the last 30 minutes (at most 3)" in small[3].text
+    results = {}
+
+    def bomb(k):  # four clients at once, each just under its own 1 MiB
+        results[k] = [upload(url, f"10.9.9.{k}", bytes([k * 10 + i]) * int(0.8 * 2**20)) for i in range(2)]
+
+    threads = [threading.Thread(target=bomb, args=(k,)) for k in range(2, 6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    codes = [[r.status_code for r in rs] for rs in results.values()]
+    assert all(c[1] == 413 for c in codes) and sum(c[0] == 200 for c in codes) == 3, codes
+    texts = " ".join(r.text for rs in results.values() for r in rs)
+    assert "at most 1 MiB per person" in texts and "space for uploads is full right now (3 MiB" in texts
+    added = {p: size for p, size in files_under(uploads).items() if p not in before}
+    assert len(added) == 3 + 3 and sum(added.values()) < 3 * 2**20
+    assert "Traceback" not in log.read_text()
+
+
+@pytest.fixture(scope="module")
+def class_app(tmp_path_factory):
+    """The app with its default bounds, behind a (pretended) proxy: a class and a stranger."""
+    process, url, log, _ = launch(tmp_path_factory, ECOFLAP_BEHIND_PROXY="1")
+    yield url, log
+    process.terminate()
+    process.wait(timeout=30)
+
+
+def test_the_soak_replays_the_attacks_next_to_students(class_app, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    url, log = class_app
+    out = tmp_path / "soak.json"
+    done = subprocess.run([sys.executable, "-m", "ecoflap", "soak", "--url", url, "--users", "2", "--minutes", "0.5",
+                           "--attacker", "--stats-key", STATS_KEY, "--json", str(out)], capture_output=True, text=True,
+                          cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=900)
+    assert done.returncode == 0, done.stdout + done.stderr
+    result = json.loads(out.read_text())
+    assert result["leaks"] == result["silent_losses"] == result["changed_full_answers"] == 0
+    assert result["attacker"]["refused"] > 0 and result["attacker"]["uncalm"] == 0, result["attacker"]
+    assert result["students_refused"] == 0 and result["prune_seconds"]["n"] > 0
+    assert "attacker:" in done.stdout and "students' prunes served" in done.stdout
+    assert "Traceback" not in log.read_text()
