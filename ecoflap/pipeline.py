@@ -17,7 +17,7 @@ from .allocation import (LayerBudget, ecoflap_budget, global_magnitude_budget, g
 from .anatomy import PrunableLayer, group_key, prunable_layers
 from .data import Example, batches, default_calibration, take
 from .losses import examples_for
-from .importance import first_order_scores, zeroth_order_scores
+from .importance import first_order_scores, resolvable_step, zeroth_order_scores
 from .memory import PeakMemory
 from .methods import Method, get_method
 from .models import LoadedModel
@@ -103,7 +103,11 @@ def allocate(loaded, method: Method, layers, sparsity, options, calibration, pro
         scores = first_order_scores(loaded.model, layers, data, progress)
         joint = False
     groups = group_scores(layers, scores, options.granularity, options.aggregate, by_group=joint)
-    return ecoflap_budget(groups, sparsity, options.cap(sparsity))
+    budget = ecoflap_budget(groups, sparsity, options.cap(sparsity))
+    if method.estimator == "zeroth":
+        # In half precision the step is larger than eps; the report says which was taken.
+        budget.resolved["zeroth_step"] = resolvable_step(options.eps, layers[0].module.weight.dtype)
+    return budget
 
 
 def _labelled(progress: Progress | None, stage: str) -> Progress | None:

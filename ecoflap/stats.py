@@ -7,7 +7,7 @@ import torch
 
 from .anatomy import MODALITIES, PrunableLayer
 from .data import calibration_loss
-from .gradients import consumed_gradients
+from .gradients import LossScale, consumed_gradients
 
 
 def layer_table(layers: list[PrunableLayer]) -> list[dict]:
@@ -94,9 +94,16 @@ def weight_histograms(layers: list[PrunableLayer], bins: int = 60) -> dict[str, 
 def gradient_histograms(model, layers: list[PrunableLayer], batch: dict, bins: int = 60) -> dict[str, dict]:
     """|dL/dW| distribution per modality for one calibration batch (sampled per layer).
 
-    Each gradient is sampled and freed as soon as it exists.
+    Each gradient is sampled and freed as soon as it exists (in float16, unscaled from
+    a `LossScale`).
     """
     grouped: dict[str, list[np.ndarray]] = {}
-    with consumed_gradients(model, layers, lambda l, g: grouped.setdefault(l.modality, []).append(_sample(g))):
-        calibration_loss(model, batch).backward()
+    scale = LossScale(layers[0].module.weight.dtype)
+    with consumed_gradients(model, layers, lambda l, g: grouped.setdefault(l.modality, []).append(
+            _sample(scale.unscaled(g)))):
+        while True:
+            grouped.clear()
+            scale.backward(calibration_loss(model, batch))
+            if scale.passed():
+                break
     return magnitude_histograms(grouped, bins)
