@@ -44,6 +44,10 @@ LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 DROPPED = re.compile(r"Your run (.+?) was dropped")
 REFUSED = ("already have", "serving as many people", "uploaded", "space for uploads", "per person")
 ATTACKER = "10.66.0.1"
+# /prune's values after the method, in the page's order, as a script sends them raw: sparsity,
+# granularity, cap, samples, stage-1 samples, eps, N:M, modules, batch size, OWL's M and
+# lambda, vision sparsity, calibration source, calibration images and question, loss
+PRUNE_SETTINGS = [0.5, "block", 0, 32, 8, 0.001, "off", ["vision", "language"], 8, 5, 0.08, "", "", [], "", "answer"]
 FAST = {"samples": 32, "stage1_samples": 8}
 
 
@@ -255,8 +259,7 @@ class Attacker:
 
     def flood_exports(self):
         session = uuid.uuid4().hex
-        kind, result = self._call("prune", ["magnitude", 0.5, "block", 0, 32, 8, 0.001, "off",
-                                            ["vision", "language"], 8, 5, 0.08, ""], session)
+        kind, result = self._call("prune", ["magnitude", *PRUNE_SETTINGS], session)
         if kind == "complete":
             for _ in range(4):
                 self._call("export", [result[-2], True], session)
@@ -271,7 +274,7 @@ class Attacker:
                 self._refused(posted.text, "upload")
 
     def junk(self):
-        prune = ["wanda", 0.5, "block", 0, 32, 8, 0.001, "off", ["vision", "language"], 8, 5, 0.08, ""]
+        prune = ["wanda", *PRUNE_SETTINGS]
         for index, value in [(7, "2:" + "4" * 1_000_000), (12, "<img src=x onerror=alert(1)>"), (7, "\ud800"),
                              (0, "x" * 100_000), (1, "abc")]:
             self._call("prune", prune[:index] + [value] + prune[index + 1:])

@@ -90,8 +90,7 @@ def test_a_flood_of_new_sessions_wipes_nobody(guarded):
     attacker = "10.6.6.9"
     hashes = [uuid.uuid4().hex for _ in range(3)]
     for h in hashes:
-        assert call(url, "prune", ["magnitude", 0.5, "block", 0, 32, 8, 0.001, "off", ["vision", "language"], 8, 5,
-                                   0.08, ""], attacker, h)[0] == "complete"
+        assert call(url, "prune", PRUNE, attacker, h)[0] == "complete"
     kind, result = call(url, "describe", [], attacker)
     assert kind == "error" and "already have 3 sessions with work in them" in json.dumps(result)
     assert "Traceback" not in log.read_text()
@@ -117,12 +116,14 @@ def test_one_client_cannot_take_the_long_slots(guarded):
     assert all("already have" in r and "wait for one to finish" in r for r in refused)
 
 
-PRUNE = ["magnitude", 0.5, "block", 0, 32, 8, 0.001, "off", ["vision", "language"], 8, 5, 0.08, ""]
+PRUNE = ["magnitude", 0.5, "block", 0, 32, 8, 0.001, "off", ["vision", "language"], 8, 5, 0.08, "", "", [], "",
+         "answer"]
 
 
 def prune_with(**changes) -> list:
     names = ["method", "sparsity", "granularity", "max_sparsity", "samples", "stage1_samples", "eps", "nm", "modules",
-             "batch_size", "owl_m", "owl_lambda", "vision_sparsity"]
+             "batch_size", "owl_m", "owl_lambda", "vision_sparsity", "calibration", "calibration_images",
+             "calibration_question", "loss"]
     return [changes.get(name, value) for name, value in zip(names, PRUNE)]
 
 

@@ -126,7 +126,8 @@ def test_a_closed_event_stream_stops_the_job(app):
     fn = next(d["id"] for d in config["dependencies"] if d.get("api_name") == "prune")
     before = client(app).predict(STATS_KEY, api_name="/stats")
     session_hash = uuid.uuid4().hex
-    data = ["ecoflap_first", 0.5, "block", 0, 128, 0, 0.001, "off", ["vision", "language"], 8, 5, 0.08, None, None]
+    data = ["ecoflap_first", 0.5, "block", 0, 128, 0, 0.001, "off", ["vision", "language"], 8, 5, 0.08, None, "", [],
+            "", "answer", None]
     assert httpx.post(f"{base}/queue/join", json={"data": data, "fn_index": fn, "session_hash": session_hash}).is_success
     with httpx.stream("GET", f"{base}/queue/data", params={"session_hash": session_hash}, timeout=60) as stream:
         for line in stream.iter_lines():
