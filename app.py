@@ -297,7 +297,9 @@ def status_of(run: ecoflap.Run) -> str:
     warnings = "".join(f"\n\n> ⚠ {w[:1].upper() + w[1:]}" for w in r.warnings)
     return (f"**{run.label}** done: achieved sparsity **{r.achieved_sparsity:.4f}** (target "
             f"{r.target_sparsity:.2f}); {parts}. Time: {stages}. Peak during the run: "
-            f"{r.peak_memory_bytes / 2**20:,.1f} MiB ({memory}).{data}{warnings}")
+            f"{r.peak_memory_bytes / 2**20:,.1f} MiB ({memory}).{data}"
+            + (f"<br>**Against the full model** {ecoflap.quality.summary(r.quality)}." if r.quality else "")
+            + warnings)
 
 
 def uploaded_images(payload) -> list[str]:
@@ -859,18 +861,24 @@ def answers_page(answers: ecoflap.Answers, notices: list[str]) -> str:
 def comparison_text(result: ecoflap.Comparison) -> str:
     better = "higher is better" if result.higher_is_better else "lower is better"
     answer_column = result.question is not None
-    header = f"| model | {result.metric} ({better}) | vision | language |" + (" answer |" if answer_column else "")
-    lines = [header, "|---" * (5 if answer_column else 4) + "|"]
+    flips = "accuracy" in result.rows[0]["quality"]
+    header = (f"| model | {result.metric} ({better}) | same top | same answer |"
+              + (" flips right→wrong / wrong→right |" if flips else " KL p99 |")
+              + " vision | language |" + (" answer |" if answer_column else ""))
+    lines = [header, "|---" * (8 if answer_column else 7) + "|"]
     for row in result.rows:
-        by = row["sparsity_by_modality"]
-        cells = [html.escape(row["label"]), f"{row['score']:.3f}", f"{by.get('vision', 0):.2f}",
-                 f"{by.get('language', 0):.2f}"]
+        by, q = row["sparsity_by_modality"], row["quality"]
+        cells = [html.escape(row["label"]), f"{row['score']:.3f}", f"{q['same_top']:.1%}", f"{q['same_answer']:.1%}",
+                 f"{q['flips']['right_to_wrong']} / {q['flips']['wrong_to_right']}" if flips
+                 else f"{q.get('kl_p99', 0):.3f}", f"{by.get('vision', 0):.2f}", f"{by.get('language', 0):.2f}"]
         if answer_column:
             cells.append(html.escape(row["answer"] or "") or "(empty)")
         lines.append("| " + " | ".join(cells) + " |")
     asked = (f"Question: {html.escape(result.question) or '(caption)'}. " if answer_column else "")
     return "\n".join(lines) + f"\n\n{result.metric.capitalize()}: {result.measured_on}. {asked}" \
-        "Vision and language columns: the sparsity each part received."
+        "Same top: the share of answer tokens whose most likely next token is the full model's; same answer: " \
+        "the share of greedy answers identical to the full model's. Vision and language columns: the sparsity " \
+        "each part received."
 
 
 def main(argv=None):

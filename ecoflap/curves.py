@@ -86,6 +86,7 @@ def shipped_recovery(source: str | None) -> list[dict] | None:
                               []).append(row)
         return [{"method": method, "label": members[0].get("label", method), "sparsity": sparsity, "steps": steps,
                  "lr": lr, "before": mean(r["before"] for r in members), "after": mean(r["after"] for r in members),
+                 "before_min": min(r["before"] for r in members), "before_max": max(r["before"] for r in members),
                  "after_min": min(r["after"] for r in members), "after_max": max(r["after"] for r in members),
                  "seeds": len(members), "cpu_s": mean(r["recover_cpu_s"] for r in members)}
                 for (method, sparsity, steps, lr), members in groups.items()]

@@ -22,7 +22,7 @@ import torch
 from .allocation import Group, LayerBudget, group_budget, grouped, keep_budget
 from .anatomy import PrunableLayer
 from .pruners.wanda import wanda_scores
-from .replay import sequential_statistics
+from .replay import BlockReplay
 
 DEFAULT_M = 5.0  # the reference README's recipes (its argparse default is 3)
 DEFAULT_LAMBDA = 0.08
@@ -48,16 +48,14 @@ def outlier_ratio(scores: Sequence[torch.Tensor], m: float) -> float:
 def dense_outlier_ratios(model, layers: list[PrunableLayer], batches: list[dict], m: float,
                          progress: Progress | None = None) -> dict[str, float]:
     """Each block's outlier ratio, from the dense model's inputs (nothing is pruned while
-    they are gathered, as in the reference's first pass)."""
-    sq_norms: dict[str, torch.Tensor] = {}
-
-    def keep_statistics(block_layers: list[PrunableLayer], stats):
-        for layer in block_layers:
-            sq_norms[layer.name] = stats[layer.name].sq_norm
-
-    sequential_statistics(model, batches, layers, keep_statistics, progress=progress)
-    return {g.name: outlier_ratio([wanda_scores(l.module.weight, sq_norms[l.name]) for l in g.layers], m)
-            for g in grouped(layers, "block")}
+    they are gathered, as in the reference's first pass). Computed while the block is
+    visited, so its scores never outlive it (and an offloaded block is still onloaded)."""
+    ratios: dict[str, float] = {}
+    for block in BlockReplay(model, batches).blocks(layers, progress):
+        stats = block.input_statistics()
+        scores = [wanda_scores(layer.module.weight, stats[layer.name].sq_norm) for layer in block.layers]
+        ratios[block.layers[0].block_name] = outlier_ratio(scores, m)
+    return {g.name: ratios[g.name] for g in grouped(layers, "block")}
 
 
 def band(sparsity: float, lam: float) -> tuple[float, float]:

@@ -27,7 +27,8 @@ from .pruners.magnitude import prune_magnitude
 from .pruners.sparsegpt import prune_sparsegpt
 from .pruners.wanda import prune_wanda
 from .quality import Reference
-from .replay import sequential_statistics
+from .offload import is_offloaded, onloaded
+from .replay import BlockReplay
 from .report import PruneResult
 from .scoring import quality_against_full, reference_for
 from .sources import Calibration, calibration_warnings, given, parse
@@ -56,6 +57,7 @@ def prune(
     method, options = get_method(method), options or PruneOptions()
     layers = prunable_layers(loaded.model, options.include)
     nm = check(method, sparsity, options)
+    check_offload(loaded.model, method, options)
     check_nm_widths(layers, nm)
     drawn = None
     if method.calibrated:
@@ -119,23 +121,34 @@ def prune_layers(loaded, stage2: str, layers: list[PrunableLayer], budget: Layer
     """Stage 2: zero each layer's weights at its budget, block by block in forward order."""
     if stage2 == "magnitude":
         for i, l in enumerate(layers):
-            prune_magnitude(l.module.weight.data, budget.sparsity[l.name], nm, budget.zeros[l.name])
+            with onloaded(l.module):
+                prune_magnitude(l.module.weight.data, budget.sparsity[l.name], nm, budget.zeros[l.name])
             if progress:
                 progress(f"magnitude: {l.name}", i + 1, len(layers))
         return
 
-    def prune_block(block_layers: list[PrunableLayer], stats):
-        for l in block_layers:
-            s, weight = stats.pop(l.name), l.module.weight.data  # each layer's statistics freed once it is pruned
-            if stage2 == "wanda":
-                prune_wanda(weight, s.sq_norm, budget.sparsity[l.name], nm, budget.zeros[l.name])
-            else:
-                prune_sparsegpt(weight, s.hessian, s.tokens, budget.sparsity[l.name], nm, options.blocksize,
-                                options.percdamp, budget.zeros[l.name])
-
     data = batches(loaded, take(calibration, options.samples, "stage 2"), options.batch_size)
-    sequential_statistics(loaded.model, data, layers, prune_block, want_hessian=stage2 == "sparsegpt",
-                          progress=(lambda what, i, n: progress(f"stage 2 ({stage2}): {what}", i, n)) if progress else None)
+    for block in BlockReplay(loaded.model, data).blocks(layers, _labelled(progress, f"stage 2 ({stage2})")):
+        stats = block.input_statistics(hessian=stage2 == "sparsegpt")
+        for layer in block.layers:
+            s, weight = stats.pop(layer.name), layer.module.weight.data  # each layer's statistics freed once it is pruned
+            if stage2 == "wanda":
+                prune_wanda(weight, s.sq_norm, budget.sparsity[layer.name], nm, budget.zeros[layer.name])
+            else:
+                prune_sparsegpt(weight, s.hessian, s.tokens, budget.sparsity[layer.name], nm, options.blocksize,
+                                options.percdamp, budget.zeros[layer.name])
+
+
+def check_offload(model, method: Method, options):
+    """What sequential onloading cannot do, refused in one line before anything changes."""
+    if not is_offloaded(model):
+        return
+    if method.estimator == "first":
+        raise ValueError("first-order scores need every weight on the device at once for the backward pass; "
+                         "with offloading use ecoflap_zeroth (forward passes only, one block at a time)")
+    if method.perturb == "group" and options.granularity == "model":
+        raise ValueError("a joint perturbation of a whole modality needs all its blocks on the device at once; "
+                         "with offloading use --granularity block or layer, or ecoflap_zeroth (one matrix at a time)")
 
 
 def check_nm_widths(layers: list[PrunableLayer], nm: tuple[int, int] | None):

@@ -8,13 +8,14 @@ import torch
 from .anatomy import MODALITIES, PrunableLayer
 from .data import calibration_loss
 from .gradients import LossScale, consumed_gradients
+from .offload import is_offloaded, read_weight
 
 
 def layer_table(layers: list[PrunableLayer]) -> list[dict]:
     """Per layer, in forward order: name, modality, stack, block, numel, zeros, sparsity."""
     rows = []
     for l in layers:
-        zeros = int((l.module.weight == 0).sum().item())
+        zeros = int((read_weight(l.module) == 0).sum().item())
         rows.append(
             {
                 "name": l.name,
@@ -87,7 +88,7 @@ def weight_histograms(layers: list[PrunableLayer], bins: int = 60) -> dict[str, 
     """|W| distribution per modality (sampled per layer), zeros counted apart."""
     grouped: dict[str, list[np.ndarray]] = {}
     for l in layers:
-        grouped.setdefault(l.modality, []).append(_sample(l.module.weight))
+        grouped.setdefault(l.modality, []).append(_sample(read_weight(l.module)))
     return magnitude_histograms(grouped, bins)
 
 
@@ -97,6 +98,9 @@ def gradient_histograms(model, layers: list[PrunableLayer], batch: dict, bins: i
     Each gradient is sampled and freed as soon as it exists (in float16, unscaled from
     a `LossScale`).
     """
+    if is_offloaded(model):
+        raise ValueError("gradient distributions need every weight on the device at once for the backward pass, "
+                         "which offloading avoids; weight distributions are available")
     grouped: dict[str, list[np.ndarray]] = {}
     scale = LossScale(layers[0].module.weight.dtype)
     with consumed_gradients(model, layers, lambda l, g: grouped.setdefault(l.modality, []).append(

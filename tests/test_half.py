@@ -207,3 +207,41 @@ def test_float16_first_order_loses_no_more_gradients_than_float32():
     assert shares["float16_unscaled"]["subnormal"] > 0.3
     assert shares["float16_scaled"]["zero"] <= shares["float32"]["zero"] + 1e-4
     assert shares["float16_scaled"]["subnormal"] < 1e-3
+
+
+def test_the_float32_head_runs_inside_accelerates_offload_hooks():
+    """With the weights offloaded (accelerate's hooks bring them in for each forward),
+    the head's inner forward is the one swapped: same float32 loss as the model held whole."""
+    import dataclasses
+
+    from accelerate import cpu_offload
+
+    loaded = tiny("llava")
+    loaded.model.to(torch.bfloat16)
+    loaded = dataclasses.replace(loaded, dtype=torch.bfloat16)
+    batch = batches(loaded, varied_examples(4), 4)[0]
+    with torch.no_grad():
+        whole = calibration_loss(loaded.model, batch)
+        cpu_offload(loaded.model, execution_device=torch.device("cpu"))
+        assert loaded.model.get_output_embeddings().weight.device.type == "meta"
+        offloaded = calibration_loss(loaded.model, batch)
+    assert whole.dtype == offloaded.dtype == torch.float32 and torch.equal(whole, offloaded)
+
+
+def test_float16_gradient_histograms_see_the_gradients_float32_sees():
+    """The app's gradient histograms of the shipped model in float16: under the loss scale
+    each modality counts float32's zeros (not a few thousand underflowed ones more) and
+    its smallest sampled magnitude is near float32's, far below float16's subnormal range."""
+    from ecoflap.anatomy import prunable_layers
+    from ecoflap.data import default_calibration
+    from ecoflap.stats import gradient_histograms
+
+    loaded = load_model(dtype="float32")
+    examples = list(default_calibration())[:8]
+    full = gradient_histograms(loaded.model, prunable_layers(loaded.model), batches(loaded, examples, 8)[0])
+    with cast(loaded, torch.float16) as half:
+        halved = gradient_histograms(half.model, prunable_layers(half.model), batches(half, examples, 8)[0])
+    for modality, h in full.items():
+        assert halved[modality]["zeros"] == h["zeros"], modality
+        assert halved[modality]["log10_edges"][0] == pytest.approx(h["log10_edges"][0], abs=0.5)
+    assert full["language"]["log10_edges"][0] < -9  # where float16 alone has no numbers

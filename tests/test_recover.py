@@ -274,5 +274,12 @@ def test_shipped_recovery_is_summarised_over_seeds_and_said_in_one_sentence(tmp_
         "Recovery measured on this model (fine-tuning with every zero held, lr 2e-05): at 0.7 after 100 steps: "
         "ECoFLaP 55.0% → 80.0%, Wanda 40.0% → 60.0%.")
     assert shipped_recovery(str(tmp_path / "elsewhere")) is None
+    from ecoflap.toy.card import recovery_gaps, recovery_table
+
+    assert recovery_gaps(list(summary.values())) == (
+        "Wanda minus ECoFLaP, accuracy (means over seeds): at 0.7: -15.0 points before, -20.0 after 100 steps.")
+    table = recovery_table(list(summary.values()), 0.9).splitlines()
+    assert table[2] == "| full model | 0 | 90.0% |  | |"
+    assert table[3] == "| ECoFLaP, 2 seeds | 0.7 | 55.0% (50.0% to 60.0%) | 80.0% (70.0% to 90.0%) | 15 |"
     figure = loss_figure([1.0] * 5 + [0.0] * 10, steps=40)
     assert list(figure.data[1].y)[-1] == 0.0 and figure.data[1].y[9] == 0.5 and figure.layout.xaxis.range == (1, 40)

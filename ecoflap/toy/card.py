@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ..curves import FILE, leaders, summarise
+from ..curves import FILE, RECOVERY_FILE, leaders, shipped_recovery, summarise
 from ..models import load_model
 from ..workbench import Workbench
 from ..shapes.evaluate import evaluate, make_eval_set
@@ -113,6 +113,82 @@ ground truth). Accuracy ({data['measured_on']}; the full model {data['full_accur
 
 Measured in about {max(1, round(data['seconds'] / 60))} minutes of wall time on 2 shared CPU cores; rows in
 `{SELF_LABELLED}`. Reproduce: `{data['command']}`.
+"""
+
+
+def recovery_table(summary: list[dict], full_score: float | None = None) -> str:
+    """Before and after each number of steps, per method and sparsity: the mean over seeds
+    with its range where there are several, and the CPU time of one recovery."""
+    steps = sorted({r["steps"] for r in summary})
+    lines = ["| method | sparsity | before | " + " | ".join(f"after {n} steps" for n in steps)
+             + " | CPU s per recovery |", "|---" * (len(steps) + 4) + "|"]
+    if full_score is not None:
+        lines.append(f"| full model | 0 | {full_score:.1%} | " + " | ".join("" for _ in steps) + " | |")
+    for method, sparsity in dict.fromkeys((r["method"], r["sparsity"]) for r in summary):
+        rows = {r["steps"]: r for r in summary if (r["method"], r["sparsity"]) == (method, sparsity)}
+        first = next(iter(rows.values()))
+        seeds = max(r["seeds"] for r in rows.values())
+        cells = []
+        for n in steps:
+            r = rows.get(n)
+            cell = "" if r is None else f"{r['after']:.1%}"
+            if r is not None and r["seeds"] > 1:
+                cell += f" ({r['after_min']:.1%} to {r['after_max']:.1%})"
+            cells.append(cell)
+        cpu = " / ".join(f"{rows[n]['cpu_s']:.0f}" for n in steps if n in rows)
+        label = first["label"] + (f", {seeds} seeds" if seeds > 1 else "")
+        before = f"{first['before']:.1%}" + (f" ({first['before_min']:.1%} to {first['before_max']:.1%})"
+                                             if first["seeds"] > 1 else "")
+        lines.append(f"| {label} | {sparsity:g} | {before} | " + " | ".join(cells) + f" | {cpu} |")
+    return "\n".join(lines)
+
+
+def recovery_gaps(summary: list[dict]) -> str:
+    """The gap between the first two methods (mean over seeds) before and after each number
+    of steps, per sparsity: does recovery close it?"""
+    methods = list(dict.fromkeys(r["method"] for r in summary))[:2]
+    if len(methods) < 2:
+        return ""
+    label = {r["method"]: r["label"] for r in summary}
+    parts = []
+    for sparsity in sorted({r["sparsity"] for r in summary}):
+        by = {(r["method"], r["steps"]): r for r in summary if r["sparsity"] == sparsity}
+        steps = sorted(n for (m, n) in by if m == methods[0] and (methods[1], n) in by)
+        if not steps:
+            continue
+        a, b = by[(methods[0], steps[0])], by[(methods[1], steps[0])]
+        gaps = [f"{100 * (b['before'] - a['before']):+.1f} points before"]
+        gaps += [f"{100 * (by[(methods[1], n)]['after'] - by[(methods[0], n)]['after']):+.1f} after {n} steps"
+                 for n in steps]
+        parts.append(f"at {sparsity:g}: " + ", ".join(gaps))
+    return (f"{label[methods[1]]} minus {label[methods[0]]}, accuracy (means over seeds): "
+            + "; ".join(parts) + ".")
+
+
+def _recovery(folder: Path, full_score: float) -> str:
+    """The card's section on fine-tuning after pruning, where it has been measured."""
+    summary = shipped_recovery(str(folder))
+    if not summary:
+        return ""
+    data = json.loads((folder / RECOVERY_FILE).read_text())
+    return f"""
+## Recovery: fine-tuning after pruning, every zero held
+
+How much a little fine-tuning brings back (`recover`: the pruned matrices trained with
+AdamW, lr {summary[0]['lr']:g}, weight decay 0.05, cosine schedule, batch 8, gradient and
+update masked so every zero stays zero; each number of steps is its own run with its own
+schedule, on freshly generated scenes, never the evaluation questions). Accuracy on the
+pruning table's {data['eval_n']} questions (seed {SCORE_SEED}), so "before" is the pruning table's number
+for the same seeds:
+
+{recovery_table(summary, full_score)}
+
+{recovery_gaps(summary)}
+
+CPU time: process CPU seconds of one recovery with one thread (training and the two scorings),
+on 2 CPU cores shared with other work. Rows in `{RECOVERY_FILE}`. Reproduce: `{data['command']}`.
+Not measured here: the LoRA way, other learning rates, more steps, and the paper's
+10-epoch fine-tuning.
 """
 
 
@@ -226,7 +302,7 @@ bold, ties going to the split nearer equal):
 
 Measured in about {max(1, round(curves['seconds'] / 60))} minutes on 2 CPU cores; the same rows are in
 `{FILE}`, which the workbench's Teach tab draws. Reproduce: `{curves['command']}`.
-{_self_labelled(folder)}
+{_recovery(folder, curves["full_score"])}{_self_labelled(folder)}
 ## Limitations
 
 - Only the shapes world: real photos, other objects, colours, shape kinds or more than
