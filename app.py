@@ -298,7 +298,7 @@ def status_of(run: ecoflap.Run) -> str:
     return (f"**{run.label}** done: achieved sparsity **{r.achieved_sparsity:.4f}** (target "
             f"{r.target_sparsity:.2f}); {parts}. Time: {stages}. Peak during the run: "
             f"{r.peak_memory_bytes / 2**20:,.1f} MiB ({memory}).{data}"
-            + (f"<br>**Against the full model** {ecoflap.quality.summary(r.quality)}." if r.quality else "")
+            + (f"\n\n**Against the full model** {ecoflap.quality.summary(r.quality)}." if r.quality else "")
             + warnings)
 
 
@@ -863,7 +863,7 @@ def comparison_text(result: ecoflap.Comparison) -> str:
     answer_column = result.question is not None
     flips = "accuracy" in result.rows[0]["quality"]
     header = (f"| model | {result.metric} ({better}) | same top | same answer |"
-              + (" flips right→wrong / wrong→right |" if flips else " KL p99 |")
+              + (" flips r→w / w→r |" if flips else " KL p99 |")
               + " vision | language |" + (" answer |" if answer_column else ""))
     lines = [header, "|---" * (8 if answer_column else 7) + "|"]
     for row in result.rows:
@@ -877,8 +877,9 @@ def comparison_text(result: ecoflap.Comparison) -> str:
     asked = (f"Question: {html.escape(result.question) or '(caption)'}. " if answer_column else "")
     return "\n".join(lines) + f"\n\n{result.metric.capitalize()}: {result.measured_on}. {asked}" \
         "Same top: the share of answer tokens whose most likely next token is the full model's; same answer: " \
-        "the share of greedy answers identical to the full model's. Vision and language columns: the sparsity " \
-        "each part received."
+        "the share of greedy answers identical to the full model's" + \
+        ("; flips: answers that went right→wrong / wrong→right against the full model's" if flips else "") + \
+        ". Vision and language columns: the sparsity each part received."
 
 
 def main(argv=None):

@@ -432,7 +432,7 @@ def _eval_against_full(args) -> int:
             quality = result.quality
     finally:
         progress.close()
-    print(f"{loaded.name} {summary(quality)}")
+    print(f"{loaded.name} against the full model {summary(quality)}")
     print(f"  KL(full || pruned) over {quality['tokens']} answer tokens: mean {quality['kl_mean']:.5f}, median "
           f"{quality['kl_median']:.5f}, p99 {quality['kl_p99']:.4f}, p99.9 {quality['kl_p999']:.4f}; teacher-forced "
           f"on {quality['teacher_forced_on']}")
@@ -529,7 +529,7 @@ def cmd_bench(args) -> int:
               f"{m['forward_equivalents']:7.2f} {m['peak_bytes'] / 2**20:9.1f} {ratio:>8s}")
     for name, m in result["methods"].items():
         if "quality" in m:
-            print(f"{name:20s} {summary(m['quality'])}")
+            print(f"{name:20s} against the full model {summary(m['quality'])}")
     if "zeroth_stage1_speedup" in result:
         print(f"zeroth-order stage 1: {result['zeroth_stage1_replayed_s']:.3f} s replayed from the perturbed block "
               f"on batches encoded once, vs {result['zeroth_stage1_full_forward_s']:.3f} s running the whole model "

@@ -64,7 +64,7 @@ def test_compare_three_methods(app):
     for label in ("Full model", "Wanda @ 0.60", "ECoFLaP (zeroth-order) @ 0.60", "Magnitude @ 0.60"):
         assert label in text
     assert "accuracy" in text and "200 generated shapes questions (seed 1234" in text
-    assert "same top" in text and "flips right→wrong / wrong→right" in text
+    assert "same top" in text and "flips r→w / w→r" in text and "went right→wrong / wrong→right" in text
     assert len(overlay["value"]) == 3 and len(overlay["choices"]) == 3
 
 
