@@ -26,6 +26,8 @@ from ..shapes.evaluate import CARD_SEED, evaluate, make_eval_set
 from ..shapes.independent import independent_examples
 from ..scoring import SCORE_SEED
 from .pruning_curves import EVAL_N, SELECTION_N, SELECTION_SEED, measure_curves, write_curves
+from .label_free import FILE as LABEL_FREE, table as label_free_table
+from .pruning_curves import METHODS as CURVE_METHODS, SEEDS as CURVE_SEEDS, SPARSITIES as CURVE_SPARSITIES
 from .self_labels import FILE as SELF_LABELLED, table as self_labelled_table
 
 
@@ -114,6 +116,34 @@ Measured in about {max(1, round(data['seconds'] / 60))} minutes of wall time on 
 """
 
 
+def _label_free(folder: Path) -> str:
+    """The card's section on measuring without labels, where it has been measured."""
+    if not (folder / LABEL_FREE).is_file():
+        return ""
+    data = json.loads((folder / LABEL_FREE).read_text())
+    total = len(CURVE_SPARSITIES) * (len(CURVE_METHODS) + 1 + len(CURVE_SEEDS) - 1)
+    done = len(data["rows"])
+    partial = "" if done >= total else (
+        f" {done} of the table's {total} rows are measured so far, the sparsities 0.7 and 0.8 first (the "
+        f"command resumes where its file stops).")
+    return f"""
+## Does the label-free measure rank pruned models as accuracy does?
+
+A real model has no exact-match questions, so the workbench judges a pruned model against
+the full one: KL(full || pruned) of the next-token distributions over the answer tokens,
+"same top" (the share of answer tokens whose most likely next token is unchanged) and
+"same answer" (greedy answers identical to the full model's). Here, on this model, the
+same figures beside accuracy and flips (answers right→wrong and wrong→right against the
+full model's) for the methods and sparsities of the pruning table: {data['measured_on']};
+the full model {data['full_accuracy']:.1%}.{partial}
+
+{label_free_table(data)}
+
+Measured in about {max(1, round(data['seconds'] / 60))} minutes of wall time on 2 shared CPU cores; rows in
+`{LABEL_FREE}`. Reproduce: `{data['command']}`.
+"""
+
+
 def recovery_table(summary: list[dict], full_score: float | None = None) -> str:
     """Before and after each number of steps, per method and sparsity: the mean over seeds
     with its range where there are several, and the CPU time of one recovery."""
@@ -163,7 +193,21 @@ def recovery_gaps(summary: list[dict]) -> str:
             + "; ".join(parts) + ".")
 
 
-def _recovery(folder: Path, full_score: float) -> str:
+def _before_note(data: dict, curves: dict) -> str:
+    """How far the re-measured "before" is from the pruning table for the same method,
+    sparsity and seed (the table may come from an earlier version of the code)."""
+    table = {(r["method"], r["sparsity"], r["seed"]): r["score"] for r in curves["rows"]}
+    gaps = [abs(r["before"] - table[key]) for r in data["rows"]
+            if (key := (r["method"], r["sparsity"], r["seed"])) in table]
+    if not gaps:
+        return ""
+    if max(gaps) == 0:
+        return ", equal to the pruning table's for the same seeds"
+    return (f", within {100 * max(gaps):.1f} points of the pruning table's for the same seeds (that table "
+            f"was measured with an earlier version of the code)")
+
+
+def _recovery(folder: Path, curves: dict) -> str:
     """The card's section on fine-tuning after pruning, where it has been measured."""
     summary = shipped_recovery(str(folder))
     if not summary:
@@ -176,10 +220,10 @@ How much a little fine-tuning brings back (`recover`: the pruned matrices traine
 AdamW, lr {summary[0]['lr']:g}, weight decay 0.05, cosine schedule, batch 8, gradient and
 update masked so every zero stays zero; each number of steps is its own run with its own
 schedule, on freshly generated scenes, never the evaluation questions). Accuracy on the
-pruning table's {data['eval_n']} questions (seed {SCORE_SEED}), so "before" is the pruning table's number
-for the same seeds:
+pruning table's {data['eval_n']} questions (seed {SCORE_SEED}); "before" is measured again before each
+recovery{_before_note(data, curves)}:
 
-{recovery_table(summary, full_score)}
+{recovery_table(summary, curves["full_score"])}
 
 {recovery_gaps(summary)}
 
@@ -300,7 +344,7 @@ bold, ties going to the split nearer equal):
 
 Measured in about {max(1, round(curves['seconds'] / 60))} minutes on 2 CPU cores; the same rows are in
 `{FILE}`, which the workbench's Teach tab draws. Reproduce: `{curves['command']}`.
-{_recovery(folder, curves["full_score"])}{_self_labelled(folder)}
+{_recovery(folder, curves)}{_self_labelled(folder)}{_label_free(folder)}
 ## Limitations
 
 - Only the shapes world: real photos, other objects, colours, shape kinds or more than
