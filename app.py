@@ -12,13 +12,16 @@ import argparse
 import asyncio
 import functools
 import html
+import json
 import logging
 import os
+import secrets
 import threading
 import time
 from pathlib import Path
 
 import gradio as gr
+from starlette.middleware import Middleware
 from gradio.utils import get_upload_folder
 
 import ecoflap
@@ -29,6 +32,7 @@ MODULE_LABELS = {"vision": "Vision encoder", "qformer": "Q-Former", "projection"
                  "language": "Language model"}
 PRUNE_METHODS = [(m.label, m.name) for m in ecoflap.METHODS.values()]
 TEACH_DEFAULT = ["wanda", "ecoflap_zeroth"]
+DEFAULTS = ecoflap.PruneOptions()  # the advanced settings start at the library's defaults
 # Stopping is a normal action: one calm line, whichever route stopped the work first.
 STOPPED = "Stopped. Nothing from the stopped job was stored, and the shared model keeps its full weights."
 STOPPED_COMPARISON = ("Stopped. The runs that finished before the stop are kept; nothing else was stored, and the "
@@ -86,6 +90,11 @@ whose loss gradients are large matter more to the output, which is what ECoFLaP'
 """
 
 
+MAX_MESSAGE = 400  # a refusal's length, whatever it quotes
+MALFORMED = ("The request does not have the form this endpoint takes: one value per input, and images as "
+             "files uploaded to this page (see Use via API).")
+
+
 class Refused(Exception):
     """An expected refusal: shown to the person, logged as one line."""
 
@@ -128,7 +137,7 @@ def _event_alive():
 
 
 async def in_worker(work, *args, **kwargs):
-    """Run work(*args, should_stop=..., **kwargs) in a thread; it stops within one block if
+    """Run work(*args, should_stop=..., **kwargs) in a thread; it stops within one layer if
     the event is cancelled (Stop, job.cancel()) or its client goes away. A cancelled event
     still waits for its thread to stop, so the concurrency limit counts real work."""
     cancelled = threading.Event()
@@ -159,9 +168,12 @@ def refusal(err: Exception) -> gr.Error:
     else:
         log.exception("unexpected error")
         message = "something went wrong on the server; your model and runs are as they were"
+    message = message if len(message) <= MAX_MESSAGE else message[:MAX_MESSAGE - 3] + "..."
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")
     log.info("refused: %s", message)
     text = message[:1].upper() + message[1:]
-    return gr.Error(text if text.endswith(".") else text + ".", print_exception=False)
+    # the page renders a message as HTML: whatever a person typed is shown, never run
+    return gr.Error(html.escape(text if text.endswith(".") else text + ".", quote=False), print_exception=False)
 
 
 EXPECTED = (Refused, ValueError, KeyError, PermissionError, MemoryError, ecoflap.ModelLoadError)
@@ -529,9 +541,21 @@ def page_closed(server: ecoflap.Server, token):
     server.close_session(token, "the page was closed")
 
 
-def stats(server: ecoflap.Server) -> dict:
-    """Sessions, stored runs, memory and export disk of this deployment right now."""
-    return server.stats()
+class OwnerStats:
+    """/stats: sessions, jobs, stored runs, memory and export disk of this deployment right
+    now. They tell how busy the server is, so they are for its owner, who sets
+    ECOFLAP_STATS_TOKEN and sends it as `key`; without one set, /stats answers nobody."""
+
+    def __init__(self, server: ecoflap.Server, owner_key: str | None):
+        self.server, self.owner_key = server, owner_key
+        self.__name__ = "stats"
+
+    def __call__(self, key: str = "") -> dict:
+        if not self.owner_key or not isinstance(key, str) or not secrets.compare_digest(
+                key.encode("utf-8", "replace"), self.owner_key.encode()):
+            raise refusal(Refused("these statistics are for the deployment's owner (the key set in "
+                                  "ECOFLAP_STATS_TOKEN)"))
+        return self.server.stats()
 
 
 class Handler(functools.partial):
@@ -549,9 +573,78 @@ def bind(server: ecoflap.Server, handler) -> Handler:
     return bound
 
 
-def build_app(server: ecoflap.Server) -> gr.Blocks:
-    """The page: layout, then its events, each bound to a handler above."""
-    with gr.Blocks(title="ecoflap: prune a vision-language model", delete_cache=(600, 3600)) as demo:
+class UploadGuard:
+    """ASGI middleware before gradio's upload route: an upload is admitted only within the
+    deployment's bounds (per client, count and bytes, and in all), judged on its declared
+    length before its body is read; the files it became are handed to `server.uploads`,
+    which deletes them when they expire."""
+
+    def __init__(self, app, server: ecoflap.Server):
+        self.app, self.server = app, server
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "POST" or not scope["path"].endswith("/upload"):
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        peer = (scope.get("client") or (None,))[0]
+        client = ecoflap.client_address(peer, headers.get("x-forwarded-for"), self.server.limits.behind_proxy)
+        length = headers.get("content-length", "")
+        if not length.isdigit():
+            return await _plain(send, 411, "Send the upload with its length (a Content-Length header).")
+        try:
+            ticket = self.server.uploads.reserve(client, int(length))
+        except ecoflap.Busy as err:
+            return await _plain(send, 413, refusal(err).message)
+        held, body = [], []
+
+        async def hold(message):
+            (held if message["type"] == "http.response.start" else body).append(message)
+
+        try:
+            await self.app(scope, receive, hold)
+        except BaseException:
+            self.server.uploads.cancel(ticket)
+            raise
+        status = held[0]["status"] if held else 500
+        if status != 200:
+            self.server.uploads.cancel(ticket)
+        else:
+            try:
+                paths = json.loads(b"".join(m.get("body", b"") for m in body))
+                self.server.uploads.keep(ticket, [p for p in paths if isinstance(p, str)])
+            except ecoflap.Busy as err:
+                return await _plain(send, 413, refusal(err).message)
+            except ValueError:
+                self.server.uploads.cancel(ticket)
+        for message in held + body:
+            await send(message)
+
+
+async def _plain(send, status: int, text: str):
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"text/plain; charset=utf-8")]})
+    await send({"type": "http.response.body", "body": text.encode("utf-8")})
+
+
+class Page(gr.Blocks):
+    """The page's Blocks. A request gradio itself cannot read (a hand-made FileData, a
+    string or a list where a file goes, too few values) gets one calm line, not an empty
+    error and a traceback in the log."""
+
+    async def preprocess_data(self, block_fn, inputs, state, explicit_call=False):
+        try:
+            return await super().preprocess_data(block_fn, inputs, state, explicit_call)
+        except gr.Error:
+            raise
+        except Exception as err:
+            log.info("refused: a request of a form this endpoint does not take (%s)", type(err).__name__)
+            raise gr.Error(MALFORMED, print_exception=False) from None
+
+
+def build_app(server: ecoflap.Server, stats_key: str | None = None) -> gr.Blocks:
+    """The page: layout, then its events, each bound to a handler above (`stats_key`: the
+    owner's key for /stats; without one, /stats answers nobody)."""
+    with Page(title="ecoflap: prune a vision-language model", delete_cache=(600, 3600)) as demo:
         token = gr.State(bind(server, new_session), delete_callback=bind(server, page_closed))
         gr.Markdown("# ecoflap — prune a vision-language model and see where the sparsity went")
         model_info = gr.Markdown()
@@ -569,24 +662,26 @@ def build_app(server: ecoflap.Server) -> gr.Blocks:
                         method = gr.Radio(PRUNE_METHODS, value="ecoflap_zeroth", label="Method",
                                           elem_id="prune-method")
                         with gr.Accordion("Advanced", open=False):
-                            granularity = gr.Radio(list(ecoflap.GRANULARITIES), value="block",
+                            granularity = gr.Radio(list(ecoflap.GRANULARITIES), value=DEFAULTS.granularity,
                                                    label="ECoFLaP granularity")
                             max_sparsity = gr.Number(value=0, label="Max per-layer sparsity (0: sparsity + 0.1)")
-                            samples = gr.Number(value=128, precision=0, label="Calibration samples (layer-wise stage)")
+                            samples = gr.Number(value=DEFAULTS.samples, precision=0,
+                                                label="Calibration samples (layer-wise stage)")
                             stage1_samples = gr.Number(value=0, precision=0,
                                                        label="Stage-1 samples (0: 32 zeroth / 128 first)")
-                            eps = gr.Number(value=1e-3, label="Zeroth-order eps")
+                            eps = gr.Number(value=DEFAULTS.eps, label="Zeroth-order eps")
                             nm = gr.Dropdown(["off", "2:4", "4:8", "1:4"], value="off", allow_custom_value=True,
                                              label="N:M (uniform methods; sets the sparsity to N/M)")
-                            batch_size = gr.Number(value=8, precision=0, label="Batch size")
+                            batch_size = gr.Number(value=DEFAULTS.batch_size, precision=0, label="Batch size")
                             modules = gr.CheckboxGroup([(label, key) for key, label in MODULE_LABELS.items()],
-                                                       value=list(ecoflap.DEFAULT_INCLUDE), label="Modules to prune")
+                                                       value=list(DEFAULTS.include), label="Modules to prune")
                             vision_sparsity = gr.Textbox(value="", max_lines=1, elem_id="prune-vision-sparsity",
                                                          label="Per-modality: vision sparsity (empty: the target; "
                                                                "the language model takes the rest of the budget)")
                             with gr.Row():
-                                owl_m = gr.Number(value=5, label="OWL: M (outlier = score above M x mean)")
-                                owl_lambda = gr.Number(value=0.08, label="OWL: lambda (band around the target)")
+                                owl_m = gr.Number(value=DEFAULTS.owl_m, label="OWL: M (outlier = score above M x mean)")
+                                owl_lambda = gr.Number(value=DEFAULTS.owl_lambda,
+                                                       label="OWL: lambda (band around the target)")
                         with gr.Accordion("Calibration data", open=False, elem_id="calibration-data"):
                             gr.Markdown(calibration_note(server))
                             calibration = gr.Textbox(value="", max_lines=1, max_length=200, elem_id="calibration-source",
@@ -598,7 +693,7 @@ def build_app(server: ecoflap.Server) -> gr.Blocks:
                             calibration_question = gr.Textbox(value="", max_lines=1, max_length=500,
                                                               label="Question the full model answers for your images "
                                                                     "(empty: it captions them)")
-                            loss = gr.Radio(LOSS_CHOICES, value="answer", label="Calibration loss")
+                            loss = gr.Radio(LOSS_CHOICES, value=DEFAULTS.loss, label="Calibration loss")
                         with gr.Row():
                             prune_button = gr.Button("Prune", variant="primary")
                             stop_button = gr.Button("Stop", elem_id="prune-stop")
@@ -744,7 +839,7 @@ def build_app(server: ecoflap.Server) -> gr.Blocks:
         recover_stop.click(bind(server, stop), token, recover_status, api_visibility="private", queue=False)
         export_button.click(bind(server, export), [export_run, export_model, token], export_files,
                             api_name="export", preprocess=False)
-        gr.api(bind(server, stats), api_name="stats")
+        gr.api(OwnerStats(server, stats_key), api_name="stats")
     for fn in demo.fns.values():
         if getattr(fn.fn, "func", None) is new_session:
             fn.api_visibility = "private"  # the page's own start, not an API
@@ -802,13 +897,17 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     ecoflap.return_freed_memory_to_the_system()
     try:
-        server = ecoflap.Server.from_environment(args.model, device=args.device, dtype=args.dtype)
+        # exports live in gradio's own cache folder, so gradio serves them where they are
+        # instead of keeping a copy that the export bounds would not reach
+        server = ecoflap.Server.from_environment(args.model, device=args.device, dtype=args.dtype,
+                                                 export_root=Path(get_upload_folder()) / "ecoflap-exports")
     except (ecoflap.ConfigError, ecoflap.ModelLoadError) as err:
         raise SystemExit(f"error: {err}") from None
-    demo = build_app(server)
+    demo = build_app(server, os.environ.get("ECOFLAP_STATS_TOKEN") or None)
     demo.queue(max_size=server.limits.queue_size, default_concurrency_limit=4)
-    demo.launch(server_name=args.host, server_port=args.port, allowed_paths=[str(server.export_root)],
-                max_file_size=f"{int(server.limits.upload_mb)}mb", i18n=SCREEN_READER_WORDS)
+    demo.launch(server_name=args.host, server_port=args.port,
+                max_file_size=f"{int(server.limits.upload_mb)}mb", i18n=SCREEN_READER_WORDS,
+                app_kwargs={"middleware": [Middleware(UploadGuard, server=server)]})
 
 
 if __name__ == "__main__":

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-ALLOCATIONS = ("uniform", "modality", "global", "owl", "ecoflap")
-STAGE2 = ("magnitude", "wanda", "sparsegpt")
+from .echo import shown
+
 # Allocations decided from the weights alone, without calibration data.
 DATA_FREE_ALLOCATIONS = ("uniform", "modality", "global")
 
@@ -26,7 +26,9 @@ class Method:
     label: str
     allocation: str
     stage2: str
-    estimator: str | None = None
+    estimator: str | None = None  # ECoFLaP's stage 1: "zeroth" or "first"
+    # Zeroth-order perturbations: one per matrix (the paper's estimator), or "group": one joint
+    # perturbation of all matrices of a group (fewer forward passes, a different estimate).
     perturb: str = "matrix"
 
     @property
@@ -73,8 +75,7 @@ def get_method(name: str | Method) -> Method:
         return name
     key = ALIASES.get(name, name) if isinstance(name, str) else None
     if key not in METHODS:
-        shown = name if isinstance(name, str) and len(name) <= 40 else type(name).__name__
-        raise ValueError(f"unknown method {shown!r}: use one of {', '.join(METHODS)} (or ecoflap)")
+        raise ValueError(f"unknown method {shown(name)}: use one of {', '.join(METHODS)} (or ecoflap)")
     return METHODS[key]
 
 

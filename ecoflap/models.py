@@ -29,10 +29,12 @@ from transformers import (
 )
 
 from . import families
+from .echo import shown
 from .families import Family
 from .families.architectures import llava_1_5_7b, qwen2_5_vl_7b
 from .families.blip2 import IMAGE_TOKEN
 from .offload import offload_model, resolve_offload
+from .shapes.tokenizer import build_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -112,10 +114,7 @@ def _read_config(name: str) -> tuple[PretrainedConfig, Family, str]:
         log.info("config of %s: %s", name, err)
         if looks_local:
             raise ModelLoadError(f"cannot read the config.json of {shown}") from err
-        raise ModelLoadError(
-            f"cannot load {name!r} from the Hugging Face hub: no such model, a gated one, "
-            f"or the hub is unreachable from here"
-        ) from err
+        raise ModelLoadError(not_on_hub(name)) from err
     except ValueError as err:
         raise ModelLoadError(f"{shown} has an unreadable config.json (not valid JSON)") from err
     try:
@@ -218,6 +217,12 @@ def _weights_problem(source: str, shown: str, err: Exception) -> str:
     return f"the weights of {shown} cannot be loaded"
 
 
+def not_on_hub(name: str) -> str:
+    """What a hub id that cannot be loaded gets (the same words whatever the reason)."""
+    return (f"cannot load {shown(name, 100)} from the Hugging Face hub: no such model, a gated one, "
+            f"or the hub is unreachable from here")
+
+
 def display_name(name: str) -> str:
     """A hub id as it is; a local folder by its own name, never its path on this machine."""
     local = Path(name).expanduser()
@@ -289,8 +294,6 @@ _QFORMER = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, i
 def blip2_architecture(family: str, text: dict):
     """A published BLIP-2 (ViT-g, 32 queries) with an OPT or a T5 language model, and its
     processor over the shapes world's tokenizer."""
-    from .shapes.tokenizer import build_tokenizer
-
     tokenizer = build_tokenizer(family)
     config = blip2_config(tokenizer, family, _VIT_G, _QFORMER, text, num_query_tokens=32)
     return config, build_processor(tokenizer, config)

@@ -2,7 +2,7 @@
 
 Everything a public deployment must bound is bounded here: models in memory, stored runs
 per session and in all, sweep points, sessions in all and per client, idle sessions,
-jobs per session and per client, export files on disk. The bounds
+jobs per session and per client, export files on disk, uploads per client and in all. The bounds
 come from `Limits` (`Limits.from_environment()` reads the ECOFLAP_* variables, refusing
 a bad value with a message that names it). Loading a model never blocks the users of
 other models: the registry's lock only guards its table, never a load.
@@ -10,6 +10,7 @@ other models: the registry's lock only guards its table, never a load.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -21,14 +22,12 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from .models import DEFAULT_MODEL, ModelLoadError, load_model
-from .sources import Source
+from .memory import resident_bytes
+from .models import DEFAULT_MODEL, ModelLoadError, display_name, load_model, not_on_hub
+from .session import Session
+from .sources import Source, SourceError, parse
 from .workbench import Workbench
-
-if TYPE_CHECKING:
-    from .session import Session
 
 log = logging.getLogger(__name__)
 HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
@@ -64,6 +63,10 @@ class Limits:
     allowed_models: tuple[str, ...] | None = None
     upload_mb: float = 20
     queue_size: int = 64
+    uploads_per_client: int = 20
+    upload_client_mb: float = 100
+    upload_total_mb: float = 1024
+    upload_minutes: float = 30
     behind_proxy: bool = False
     allowed_datasets: tuple[str, ...] = ()
     calibration: str | None = None
@@ -88,6 +91,10 @@ class Limits:
         "allowed_models": "ECOFLAP_ALLOWED_MODELS",
         "upload_mb": "ECOFLAP_MAX_UPLOAD_MB",
         "queue_size": "ECOFLAP_QUEUE_SIZE",
+        "uploads_per_client": "ECOFLAP_MAX_UPLOADS_PER_CLIENT",
+        "upload_client_mb": "ECOFLAP_MAX_UPLOAD_CLIENT_MB",
+        "upload_total_mb": "ECOFLAP_MAX_UPLOAD_TOTAL_MB",
+        "upload_minutes": "ECOFLAP_UPLOAD_MINUTES",
         "behind_proxy": "ECOFLAP_BEHIND_PROXY",
         "allowed_datasets": "ECOFLAP_DATASETS",
         "calibration": "ECOFLAP_CALIBRATION",
@@ -124,8 +131,6 @@ class Limits:
 
     def check_data(self):
         """The deployment's own data settings must name something usable (checked at start)."""
-        from .sources import SourceError, parse
-
         if self.calibration:
             try:
                 parse(self.calibration)
@@ -154,7 +159,8 @@ class ModelRegistry:
 
     Loads happen outside the table's lock (two requests for one model share one load;
     different models load side by side, one at a time, without stopping anyone's work).
-    The least recently used model beyond `max_models` is unloaded, never the default;
+    The least recently used model beyond `max_models` is unloaded, never the default nor
+    the one just loaded (with `max_models` 1, only the default is served);
     `on_unload` hears of it, so the runs made on it can be dropped and their owners told.
     """
 
@@ -178,15 +184,21 @@ class ModelRegistry:
             raise ValueError(f"a model name is at most {MAX_NAME} characters (got {len(name):,})")
         if name == self.default_name:
             return name
+        if self.limits.max_models <= 1:
+            raise PermissionError(f"this deployment keeps one model in memory: {display_name(self.default_name)} only")
         allowed = self.limits.allowed_models
         if allowed is not None:
             if name not in allowed:
-                shown = ", ".join(_shown(m) for m in (self.default_name, *allowed))
+                shown = ", ".join(display_name(m) for m in (self.default_name, *allowed))
                 raise PermissionError(f"this deployment serves these models: {shown}")
             return name
-        if HUB_ID.fullmatch(name) and not Path(name).expanduser().exists():
-            return name
         if self.limits.allow_local_models:
+            return name
+        if HUB_ID.fullmatch(name):
+            if Path(name).expanduser().exists():
+                # a hub id that is also a folder here gets the words of a hub id that does not
+                # exist, so nobody learns from the answer what is on this server
+                raise ModelLoadError(not_on_hub(name))
             return name
         raise PermissionError("this deployment loads models from the Hugging Face hub by id (owner/name), "
                               "not from folders on the server")
@@ -223,20 +235,14 @@ class ModelRegistry:
             with self._lock:
                 self._benches[name] = bench
                 unloaded = []
-                while len(self._benches) > max(1, self.limits.max_models):
-                    oldest = next(n for n in self._benches if n != self.default_name)
+                while len(self._benches) > max(2, self.limits.max_models):  # the default and the newcomer stay
+                    oldest = next(n for n in self._benches if n not in (self.default_name, name))
                     unloaded.append(self._benches.pop(oldest))
             for old in unloaded:
                 log.info("unloaded %s to make room", old.loaded.name)
                 if self.on_unload is not None:
                     self.on_unload(old)
             return bench
-
-
-def _shown(name: str) -> str:
-    from .models import display_name
-
-    return display_name(name)
 
 
 @dataclass
@@ -261,6 +267,9 @@ class Server:
         self._issued: set[str] = set()
         self._lock = threading.RLock()
         self._tidied = 0.0
+        from .uploads import Uploads
+
+        self.uploads = Uploads.from_limits(self.limits)
 
     @classmethod
     def from_environment(cls, model: str | None = None, device: str = "auto", dtype: str = "auto",
@@ -295,8 +304,6 @@ class Server:
     def session(self, session_id: str, client: str | None = None) -> "Session":
         """The live session of an id, or a new one for `client` if the bounds admit it (a
         session that ended is reopened empty, and told why); Busy if they do not."""
-        from .session import Session
-
         self.tidy()
         with self._lock:
             session = self._sessions.get(session_id)
@@ -362,6 +369,7 @@ class Server:
             stale = [s.id for s in self._sessions.values() if now - s.last_used > idle and not s.busy]
         for session_id in stale:
             self.close_session(session_id, f"idle for more than {self.limits.session_idle_minutes:g} minutes")
+        self.uploads.tidy()
         cutoff = time.time() - self.limits.export_minutes * 60
         for folder in self.export_root.iterdir():
             try:
@@ -377,8 +385,6 @@ class Server:
 
     def stats(self) -> dict:
         """What the deployment holds now: for its owner's monitoring and the soak command."""
-        from .memory import resident_bytes
-
         with self._lock:
             sessions = list(self._sessions.values())
             runs = list(self._runs.values())
@@ -390,6 +396,7 @@ class Server:
             "models": [b.loaded.name for b in self.models.loaded()],
             "resident_mib": round(resident_bytes() / 2**20, 1),
             "export_mib": round(self.export_disk_bytes() / 2**20, 3),
+            **self.uploads.held(),
         }
 
     # jobs (prunes, comparisons, sweeps, model exports), bounded per session and per client
@@ -454,8 +461,6 @@ class Server:
         """A source a person names (checked against what this deployment allows): `shapes`,
         `hf:OWNER/NAME[:SPLIT]` from ECOFLAP_DATASETS, or `local:NAME[:SPLIT]`, a set in
         ECOFLAP_LOCAL_DATA. Paths on the server are never taken from a person."""
-        from .sources import SourceError, parse
-
         if not isinstance(spec, str) or len(spec) > MAX_NAME:
             raise ValueError("a calibration source is text: hf:OWNER/NAME[:SPLIT], local:NAME or shapes")
         spec = spec.strip()
@@ -487,19 +492,25 @@ class Server:
     # exports
 
     def export_folder(self, session_id: str) -> Path:
-        """A fresh folder for a session's export; its previous export is deleted."""
-        for old in self.export_root.glob(f"{session_id}.*"):
-            shutil.rmtree(old, ignore_errors=True)
-        folder = self.export_root / f"{session_id}.{secrets.token_hex(4)}"
+        """A fresh, unguessable folder for a session's export; its previous export is deleted.
+        Its files are the only copies (a web app serves them from where they are), so the
+        cap, the lifetime and the deletions here cover every byte of every export."""
+        self.delete_exports(session_id)
+        folder = self.export_root / f"{_export_prefix(session_id)}.{secrets.token_hex(8)}"
         folder.mkdir()
         return folder
 
     def delete_exports(self, session_id: str):
-        for old in self.export_root.glob(f"{session_id}.*"):
+        for old in self.export_root.glob(f"{_export_prefix(session_id)}.*"):
             shutil.rmtree(old, ignore_errors=True)
 
     def export_disk_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.export_root.rglob("*") if p.is_file())
+
+
+def _export_prefix(session_id: str) -> str:
+    """A session's exports by name, without the session's id in any URL."""
+    return hashlib.sha256(session_id.encode("utf-8", "replace")).hexdigest()[:16]
 
 
 def client_address(peer: str | None, forwarded_for: str | None, behind_proxy: bool) -> str:
@@ -512,9 +523,3 @@ def client_address(peer: str | None, forwarded_for: str | None, behind_proxy: bo
             return last[:64]
     return peer or "unknown"
 
-
-def load_error_message(err: Exception) -> str:
-    """A model-loading failure as one line for a stranger (no server paths, no OS errors)."""
-    if isinstance(err, (ModelLoadError, PermissionError, ValueError)):
-        return str(err)
-    return "the model could not be loaded"

@@ -96,6 +96,9 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.slow)
 
 
+STATS_KEY = "owner-key-for-tests"  # the apps the tests start read /stats with it
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -108,6 +111,7 @@ def launch(tmp_path_factory, **env_extra):
     env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT), **env_extra)
     env.pop("ECOFLAP_MODEL", None)
     env.setdefault("GRADIO_TEMP_DIR", str(tmp_path_factory.mktemp("gradio-uploads")))
+    env.setdefault("ECOFLAP_STATS_TOKEN", STATS_KEY)
     uploads = Path(env["GRADIO_TEMP_DIR"])
     log = tmp_path_factory.mktemp("app") / "app.log"
     model = ["--model", os.environ["ECOFLAP_TEST_MODEL"]] if os.environ.get("ECOFLAP_TEST_MODEL") else []
@@ -164,9 +168,9 @@ def prune(c, method, sparsity, **extra):
 
 def inputs_alone(loaded, layers, examples):
     """Sum of squares, X^T X and row count of each layer's inputs, one example at a time."""
-    sums = {l.name: [torch.zeros(l.module.in_features, dtype=torch.float64),
-                     torch.zeros(l.module.in_features, l.module.in_features, dtype=torch.float64), 0]
-            for l in layers}
+    sums = {layer.name: [torch.zeros(layer.module.in_features, dtype=torch.float64),
+                     torch.zeros(layer.module.in_features, layer.module.in_features, dtype=torch.float64), 0]
+            for layer in layers}
 
     def hook_for(name):
         def hook(_module, args):
@@ -176,7 +180,7 @@ def inputs_alone(loaded, layers, examples):
             sums[name][2] += x.shape[0]
         return hook
 
-    handles = [l.module.register_forward_pre_hook(hook_for(l.name)) for l in layers]
+    handles = [layer.module.register_forward_pre_hook(hook_for(layer.name)) for layer in layers]
     try:
         with torch.no_grad():
             for example in examples:
