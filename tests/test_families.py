@@ -203,9 +203,17 @@ def test_tokenizers_that_pad_on_the_left_give_the_same_batches(family, examples)
 
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
 def test_masks_do_not_depend_on_the_batch_size(family, examples, method):
+    """Wanda's norms are sums of squares: equal masks. SparseGPT's Hessian sums in another
+    order per batch size (relative differences near 1e-7), which can swap a near-tie at the
+    threshold: the same count, and at most 0.5% of a layer's entries in other places."""
     masks = masks_at_batch_sizes(tiny(family), method, (1, 4), examples, samples=8)
     for name, mask in masks[0].items():
-        assert torch.equal(mask, masks[1][name]), name
+        other = masks[1][name]
+        if method == "wanda":
+            assert torch.equal(mask, other), name
+        else:
+            assert int(mask.sum()) == int(other.sum()), name
+            assert int((mask != other).sum()) <= 0.005 * mask.numel(), name
 
 
 def test_a_saved_folder_loads_prunes_restores_and_answers(family, tmp_path):
