@@ -15,10 +15,10 @@ import html
 import logging
 import os
 import threading
-import time
 from pathlib import Path
 
 import gradio as gr
+import pandas as pd
 from gradio.utils import get_upload_folder
 
 import ecoflap
@@ -29,6 +29,7 @@ MODULE_LABELS = {"vision": "Vision encoder", "qformer": "Q-Former", "projection"
                  "language": "Language model"}
 PRUNE_METHODS = [(m.label, m.name) for m in ecoflap.METHODS.values()]
 TEACH_DEFAULT = ["wanda", "ecoflap_zeroth"]
+SWEEP_COLUMNS = ["method", "sparsity", "score", "achieved", "seconds"]
 # Stopping is a normal action: one calm line, whichever route stopped the work first.
 STOPPED = "Stopped. Nothing from the stopped job was stored, and the shared model keeps its full weights."
 STOPPED_COMPARISON = ("Stopped. The runs that finished before the stop are kept; nothing else was stored, and the "
@@ -72,6 +73,14 @@ draws a curve whose area is 40% of the full model's, and the legend says "(60% z
 Pruning removes the left (small) end of the weight curve; where ECoFLaP gave a part less sparsity,
 more of its curve survives. The gradients are those of the calibration loss for one batch: parts
 whose loss gradients are large matter more to the output, which is what ECoFLaP's scores measure.
+"""
+
+
+# A status line is where a job's progress shows: it keeps room for the tracker even when empty,
+# and the old text gives way to the progress instead of showing faded under it.
+CSS = """
+.status-box { min-height: 4.5em; }
+.status-box .pending { visibility: hidden; }
 """
 
 
@@ -156,11 +165,32 @@ def refusal(err: Exception) -> gr.Error:
 EXPECTED = (Refused, ValueError, KeyError, PermissionError, MemoryError, ecoflap.ModelLoadError)
 
 
-def progress_reporter(progress: gr.Progress):
-    started = time.perf_counter()
+def clicked_on_the_page() -> bool:
+    """Whether a person on the page started this event (a button or a component sent it),
+    rather than an API client, which names no trigger."""
+    try:
+        from gradio.context import LocalContext
 
+        event = LocalContext.blocks.get(None)._queue.event_ids_to_events.get(LocalContext.event_id.get(None))
+        return event is not None and event.data is not None and event.data.trigger_id is not None
+    except (ImportError, AttributeError, LookupError):
+        return False
+
+
+def refuse(err: Exception, outputs: int):
+    """A refusal, as calm as Stop: on the page one toast, and every output left as it was
+    (gradio would badge each output "Error" after gr.Error); an API client gets the error."""
+    error = refusal(err)
+    if not clicked_on_the_page():
+        raise error
+    gr.Warning(error.message, title="Not done")
+    return gr.skip() if outputs == 1 else (gr.skip(),) * outputs
+
+
+def progress_reporter(progress: gr.Progress):
+    """Progress for the page; gradio's own tracker shows the elapsed time beside it."""
     def report(what: str, done: int, total: int):
-        progress((done, total), desc=f"{what} · {time.perf_counter() - started:.0f} s")
+        progress((done, total), desc=what)
 
     return report
 
@@ -224,7 +254,7 @@ def load_model(server: ecoflap.Server, name, token):
     try:
         message = me.load_model(name)
     except EXPECTED as err:
-        raise refusal(err) from None
+        return refuse(err, 7)
     return (describe(server, token), message, *run_lists(me), None, gr.update(value=None, visible=False))
 
 
@@ -254,7 +284,7 @@ async def prune(server: ecoflap.Server, method, sparsity, granularity, max_spars
         log.info("stopped: a prune of session %s", me.id[:12])
         return (gr.skip(),) * 8  # the Stop button has said so
     except EXPECTED as err:
-        raise refusal(err) from None
+        return refuse(err, 8)
     sparsity_chart, groups_chart = charts(me, [run.id])
     return (with_notices(me, status_of(run)), sparsity_chart, groups_chart, *run_lists(me, latest=run.id),
             run.id, run.result.to_dict())
@@ -303,7 +333,7 @@ def ask(server: ecoflap.Server, image, question, token):
             raise Refused("upload an image (or pick an example) first")
         answers = me.ask(path, question)
     except EXPECTED as err:
-        raise refusal(err) from None
+        return refuse(err, 2)
     return answers_page(answers, me.notices()), answers.to_dict()
 
 
@@ -313,43 +343,68 @@ def distributions(server: ecoflap.Server, run_id, token):
     try:
         data = me.distributions(run_id or None)
     except EXPECTED as err:
-        raise refusal(err) from None
+        return refuse(err, 2)
     return ecoflap.plots.distribution_figures(data)
 
 
 async def compare(server: ecoflap.Server, methods, sparsity, image, question, token, progress=gr.Progress()):
     """Prune with two to four methods at one sparsity; allocations, scores and answers side by side."""
     me = server.session(token)
+    before = {r.id for r in me.runs()}
     try:
         path = uploaded_file(image)
         result = await in_worker(me.compare, methods, sparsity, path, question,
                                  progress=progress_reporter(progress))
     except ecoflap.Cancelled:
         log.info("stopped: a comparison of session %s", me.id[:12])
-        return gr.skip(), gr.skip(), *run_lists(me)  # the Stop button has said so
+        return stopped_comparison(me, [r for r in me.runs() if r.id not in before])
     except EXPECTED as err:
-        raise refusal(err) from None
-    chart = ecoflap.plots.sparsity_figure(
-        [{"label": r.label, "layers": r.result.layers, "target_sparsity": r.result.target_sparsity}
-         for r in result.runs])
-    return (with_notices(me, comparison_text(result)), chart, *run_lists(me, [r.id for r in result.runs],
-                                                                         result.runs[-1].id))
+        return refuse(err, 5)
+    return (with_notices(me, comparison_text(result)), runs_figure(result.runs),
+            *run_lists(me, [r.id for r in result.runs], result.runs[-1].id))
+
+
+def runs_figure(runs):
+    return ecoflap.plots.sparsity_figure(
+        [{"label": r.label, "layers": r.result.layers, "target_sparsity": r.result.target_sparsity} for r in runs])
+
+
+def stopped_comparison(me: ecoflap.Session, finished):
+    """What a stopped comparison leaves: the runs it finished, their chart, and no table (the
+    scores need every run); the old table and chart go, since they belong to another set."""
+    if not finished:
+        return (with_notices(me, STOPPED_COMPARISON + " No run had finished."), None, *run_lists(me))
+    names = ", ".join(r.label for r in finished)
+    return (with_notices(me, f"{STOPPED_COMPARISON} Finished before the stop: {names} (their chart is below; "
+                             "compare again for the scores)."), runs_figure(finished),
+            *run_lists(me, [r.id for r in finished], finished[-1].id))
 
 
 async def sweep(server: ecoflap.Server, methods, sparsities, token, progress=gr.Progress()):
-    """Score against sparsity for the chosen methods (the shared model is never left pruned)."""
+    """Score against sparsity for the chosen methods (the shared model is never left pruned).
+    A stopped sweep keeps the points it finished."""
     me = server.session(token)
+    finished: list[dict] = []
     try:
-        rows = await in_worker(me.sweep, methods, sparsities, progress=progress_reporter(progress))
+        rows = await in_worker(me.sweep, methods, sparsities, progress=progress_reporter(progress),
+                               on_row=finished.append)
     except ecoflap.Cancelled:
         log.info("stopped: a sweep of session %s", me.id[:12])
-        return gr.skip(), gr.skip(), gr.skip()  # the Stop button has said so
+        kept = (f"the {len(finished)} point(s) finished before the stop are below." if finished
+                else "no point had finished.")
+        return sweep_outputs(me, finished, f"Stopped: {kept} Nothing else was stored, and the shared model "
+                                           "keeps its full weights.")
     except EXPECTED as err:
-        raise refusal(err) from None
-    metric = rows[0]["metric"]
+        return refuse(err, 3)
+    return sweep_outputs(me, rows, f"{len(rows)} points measured.")
+
+
+def sweep_outputs(me: ecoflap.Session, rows: list[dict], status: str):
+    """Chart, table and status of one sweep's rows: always the same rows in all three."""
     table = [[r["label"], r["sparsity"], round(r["score"], 4), round(r["achieved_sparsity"], 4),
               round(r["seconds"], 2)] for r in rows]
-    return ecoflap.plots.sweep_figure(rows, metric), table, with_notices(me, f"{len(rows)} points measured.")
+    chart = ecoflap.plots.sweep_figure(rows, rows[0]["metric"]) if rows else None
+    return chart, pd.DataFrame(table, columns=SWEEP_COLUMNS), with_notices(me, status)
 
 
 def export(server: ecoflap.Server, run_id, with_model, token):
@@ -358,7 +413,7 @@ def export(server: ecoflap.Server, run_id, with_model, token):
     try:
         return [str(p) for p in me.export(run_id, with_model)]
     except EXPECTED as err:
-        raise refusal(err) from None
+        return refuse(err, 1)
 
 
 def new_session(server: ecoflap.Server) -> str:
@@ -394,7 +449,7 @@ def build_app(server: ecoflap.Server) -> gr.Blocks:
     with gr.Blocks(title="ecoflap: prune a vision-language model", delete_cache=(600, 3600)) as demo:
         token = gr.State(bind(server, new_session), delete_callback=bind(server, page_closed))
         gr.Markdown("# ecoflap — prune a vision-language model and see where the sparsity went")
-        model_info = gr.Markdown()
+        model_info = gr.Markdown(elem_id="model-info")
         with gr.Accordion("Load another model", open=False):
             with gr.Row():
                 model_name = gr.Textbox(label="Hub id", placeholder="Salesforce/blip2-opt-2.7b", scale=4, max_length=200)
@@ -434,7 +489,8 @@ def build_app(server: ecoflap.Server) -> gr.Blocks:
                             verify_button = gr.Button("Check full weights", size="sm")
                             clear_button = gr.Button("Clear my runs", size="sm")
                     with gr.Column(scale=2):
-                        status = gr.Markdown("Pick a method and a sparsity, then Prune.")
+                        status = gr.Markdown("Pick a method and a sparsity, then Prune.", elem_id="prune-status",
+                                             elem_classes=["status-box"])
                         sparsity_plot = gr.Plot(label="Per-layer sparsity", show_label=False, elem_id="prune-chart")
                         runs_selected = gr.CheckboxGroup([], label="Overlay runs of this session",
                                                          elem_id="overlay-runs")
@@ -482,19 +538,22 @@ def build_app(server: ecoflap.Server) -> gr.Blocks:
                 with gr.Row():
                     teach_button = gr.Button("Compare", variant="primary")
                     teach_stop = gr.Button("Stop", elem_id="teach-stop")
-                teach_text = gr.Markdown()
-                teach_plot = gr.Plot(show_label=False)
+                teach_text = gr.Markdown("Choose methods and a sparsity, then Compare.", elem_id="teach-status",
+                                         elem_classes=["status-box"])
+                teach_plot = gr.Plot(show_label=False, elem_id="teach-chart")
             with gr.Tab("Sweep"):
                 with gr.Row():
-                    sweep_methods = gr.CheckboxGroup(PRUNE_METHODS, value=TEACH_DEFAULT, label="Methods")
+                    sweep_methods = gr.CheckboxGroup(PRUNE_METHODS, value=TEACH_DEFAULT, label="Methods",
+                                                    elem_id="sweep-methods")
                     sweep_sparsities = gr.Textbox(value="0.3,0.5,0.6,0.7", label="Sparsities",
                                                   info=f"at most {server.limits.sweep_points} points in all")
                 with gr.Row():
                     sweep_button = gr.Button("Run sweep", variant="primary")
                     sweep_stop = gr.Button("Stop", elem_id="sweep-stop")
-                sweep_status = gr.Markdown()
-                sweep_plot = gr.Plot(show_label=False)
-                sweep_table = gr.Dataframe(headers=["method", "sparsity", "score", "achieved", "seconds"])
+                sweep_status = gr.Markdown("Choose methods and sparsities, then Run sweep.", elem_id="sweep-status",
+                                           elem_classes=["status-box"])
+                sweep_plot = gr.Plot(show_label=False, elem_id="sweep-chart")
+                sweep_table = gr.Dataframe(headers=SWEEP_COLUMNS, elem_id="sweep-table")
             with gr.Tab("Export"):
                 export_run = gr.Dropdown([], label="Run")
                 export_model = gr.Checkbox(value=False, label="Also save the pruned model (safetensors, zipped)",
@@ -593,7 +652,7 @@ def main(argv=None):
     demo = build_app(server)
     demo.queue(max_size=server.limits.queue_size, default_concurrency_limit=4)
     demo.launch(server_name=args.host, server_port=args.port, allowed_paths=[str(server.export_root)],
-                max_file_size=f"{int(server.limits.upload_mb)}mb", i18n=SCREEN_READER_WORDS)
+                max_file_size=f"{int(server.limits.upload_mb)}mb", i18n=SCREEN_READER_WORDS, css=CSS)
 
 
 if __name__ == "__main__":
