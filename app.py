@@ -15,7 +15,6 @@ import html
 import logging
 import os
 import threading
-from pathlib import Path
 
 import gradio as gr
 import pandas as pd
@@ -35,6 +34,8 @@ STOPPED = "Stopped. Nothing from the stopped job was stored, and the shared mode
 STOPPED_COMPARISON = ("Stopped. The runs that finished before the stop are kept; nothing else was stored, and the "
                       "shared model keeps its full weights.")
 NOTHING_RUNNING = "Nothing of yours was running."
+NO_IMAGE_FOR_QUESTION = ("> Your question was not asked: it needs an image. Pick or upload one above to see each "
+                         "model's answer.\n\n")
 # gradio 6.31's screen-reader status line announces these keys untranslated
 SCREEN_READER_WORDS = gr.I18n(en={"common.complete": "Complete", "common.error": "Error"})
 SHAPES_NOTE = (
@@ -239,13 +240,17 @@ def describe(server: ecoflap.Server, token):
 
 
 def curves(server: ecoflap.Server, token):
-    """The shipped accuracy-against-sparsity curves of this session's model, if any."""
+    """The shipped accuracy-against-sparsity curves of this session's model, if any: the
+    lesson in plain words and one takeaway from the numbers; how they were measured apart."""
     data = server.session(token).shipped_curves()
     if data is None:
-        return gr.update(value=None, visible=False), ""
-    return (gr.update(value=ecoflap.plots.curves_figure(data), visible=True),
-            f"{ecoflap.curves.leaders(data['rows'])} Measured ahead of time on this model: "
-            f"{data['measured_on']}. Regenerate with `{data['command']}`.")
+        return gr.update(value=None, visible=False), "", ""
+    full = data.get("full_score")
+    lesson = (f"{ecoflap.lessons.opening(data['metric'], full)}\n\n"
+              f"**Takeaway:** {ecoflap.lessons.takeaway(data['rows'], data['metric'], True, full)}")
+    return (gr.update(value=ecoflap.plots.curves_figure(data), visible=True), lesson,
+            f"{ecoflap.curves.leaders(data['rows'])} Measured ahead of time on this model: {data['measured_on']}. "
+            f"The model's owner regenerates them with `{data['command']}`.")
 
 
 def load_model(server: ecoflap.Server, name, token):
@@ -360,7 +365,8 @@ async def compare(server: ecoflap.Server, methods, sparsity, image, question, to
         return stopped_comparison(me, [r for r in me.runs() if r.id not in before])
     except EXPECTED as err:
         return refuse(err, 5)
-    return (with_notices(me, comparison_text(result)), runs_figure(result.runs),
+    unasked = (NO_IMAGE_FOR_QUESTION if path is None and isinstance(question, str) and question.strip() else "")
+    return (with_notices(me, unasked + comparison_text(result)), runs_figure(result.runs),
             *run_lists(me, [r.id for r in result.runs], result.runs[-1].id))
 
 
@@ -446,6 +452,9 @@ def bind(server: ecoflap.Server, handler) -> Handler:
 
 def build_app(server: ecoflap.Server) -> gr.Blocks:
     """The page: layout, then its events, each bound to a handler above."""
+    examples = ecoflap.example_prompts()
+    # Teach opens with an example and its question, so each model's answer shows by default
+    lesson_image, lesson_question = next(((p, q) for p, q in examples if q), (None, ""))
     with gr.Blocks(title="ecoflap: prune a vision-language model", delete_cache=(600, 3600)) as demo:
         token = gr.State(bind(server, new_session), delete_callback=bind(server, page_closed))
         gr.Markdown("# ecoflap — prune a vision-language model and see where the sparsity went")
@@ -507,10 +516,9 @@ def build_app(server: ecoflap.Server) -> gr.Blocks:
                         question = gr.Textbox(label="Question (empty: a caption)", placeholder="what color is the circle?",
                                               max_length=2000)
                         ask_button = gr.Button("Ask the full and the pruned models", variant="primary")
-                        examples = ecoflap.example_prompts()
                         if examples:
                             gr.Examples([list(pair) for pair in examples], inputs=[image, question],
-                                        example_labels=[f"{Path(p).stem}: {q or '(caption)'}" for p, q in examples])
+                                        examples_per_page=8)
                     with gr.Column():
                         answers_html = gr.HTML()
                         answers_json = gr.JSON(label="Answers (raw)", visible=False)
@@ -523,7 +531,9 @@ def build_app(server: ecoflap.Server) -> gr.Blocks:
                 grads_plot = gr.Plot(show_label=False)
             with gr.Tab("Teach"):
                 teach_curve = gr.Plot(show_label=False, elem_id="teach-curve")
-                teach_curve_note = gr.Markdown()
+                teach_curve_note = gr.Markdown(elem_id="teach-lesson")
+                with gr.Accordion("How these curves were measured", open=False):
+                    teach_curve_details = gr.Markdown()
                 gr.Markdown("**Try it:** prune with each chosen method at the same sparsity, see where each put the "
                             "zeros, score every model on the same questions, and answer your question with each.")
                 with gr.Row():
@@ -531,10 +541,12 @@ def build_app(server: ecoflap.Server) -> gr.Blocks:
                                                      elem_id="teach-methods")
                     teach_sparsity = gr.Slider(0.0, ecoflap.MAX_SPARSITY, value=0.6, step=0.05, label="Sparsity")
                 with gr.Row():
-                    teach_image = gr.Image(type="filepath", label="Image (optional)", sources=["upload", "clipboard"])
+                    teach_image = gr.Image(lesson_image, type="filepath", label="Image (optional)",
+                                           sources=["upload", "clipboard"], elem_id="teach-image")
                     with gr.Column():
                         gr.Markdown(SHAPES_NOTE, elem_classes=["note"])
-                        teach_question = gr.Textbox(label="Question (empty: a caption)", max_length=2000)
+                        teach_question = gr.Textbox(lesson_question, label="Question (empty: a caption)", max_length=2000,
+                                                    elem_id="teach-question")
                 with gr.Row():
                     teach_button = gr.Button("Compare", variant="primary")
                     teach_stop = gr.Button("Stop", elem_id="teach-stop")
@@ -563,11 +575,11 @@ def build_app(server: ecoflap.Server) -> gr.Blocks:
 
         run_outputs = [runs_selected, export_run, dist_run]
         demo.load(bind(server, describe), token, model_info, api_name="describe")
-        demo.load(bind(server, curves), token, [teach_curve, teach_curve_note], api_visibility="private")
+        demo.load(bind(server, curves), token, [teach_curve, teach_curve_note, teach_curve_details], api_visibility="private")
         load_button.click(
             bind(server, load_model), [model_name, token],
             [model_info, load_status, *run_outputs, sparsity_plot, groups_plot], api_name="load_model",
-            preprocess=False).then(bind(server, curves), token, [teach_curve, teach_curve_note],
+            preprocess=False).then(bind(server, curves), token, [teach_curve, teach_curve_note, teach_curve_details],
                                    api_visibility="private")
         prune_button.click(
             bind(server, prune),
@@ -603,25 +615,36 @@ def build_app(server: ecoflap.Server) -> gr.Blocks:
 
 
 def answers_page(answers: ecoflap.Answers, notices: list[str]) -> str:
+    """The full model's answer, then each run's; a run that answers differently is marked."""
     q = html.escape(answers.question) if answers.question else "<i>(caption)</i>"
-    cards = [("Full model", answers.full)] + [(r["label"], r["answer"]) for r in answers.runs]
+    cards = [("Full model", answers.full, False)] + [(r["label"], r["answer"], r["answer"] != answers.full)
+                                                     for r in answers.runs]
     body = "".join(
-        f"<div style='flex:1;min-width:160px;border:1px solid #ddd;border-radius:8px;padding:10px'>"
+        f"<div class='answer{' differs' if differs else ''}' style='flex:1;min-width:160px;border:1px solid "
+        f"{'#d97706' if differs else '#ddd'};border-radius:8px;padding:10px'>"
         f"<div style='font-weight:600;margin-bottom:6px'>{html.escape(label)}</div>"
-        f"<div style='font-size:1.1em'>{html.escape(text) or '<i>(empty)</i>'}</div></div>"
-        for label, text in cards
+        f"<div style='font-size:1.1em'>{html.escape(text) or '<i>(empty)</i>'}</div>"
+        + ("<div style='color:#b45309;font-size:0.85em;margin-top:6px'>differs from the full model</div>"
+           if differs else "") + "</div>"
+        for label, text, differs in cards
     )
     told = [answers.notice] if answers.notice else []
     extra = "".join(f"<p style='color:#a60'>{html.escape(n)}</p>" for n in told + notices)
-    hint = "" if answers.runs else "<p style='color:#666'>Prune on the Prune tab to see pruned answers here.</p>"
-    return f"{extra}<p>Question: {q}</p><div style='display:flex;gap:10px;flex-wrap:wrap'>{body}</div>{hint}"
+    changed = sum(differs for *_, differs in cards)
+    hint = ("<p style='color:#666'>Prune on the Prune tab to see pruned answers here.</p>" if not answers.runs else
+            f"<p style='color:#666'>{changed} of {len(answers.runs)} pruned model(s) answer differently from the "
+            "full model.</p>")
+    return (f"{extra}<p>Question: {q}</p><div style='display:flex;gap:10px;flex-wrap:wrap'>{body}</div>{hint}")
 
 
 def comparison_text(result: ecoflap.Comparison) -> str:
+    """The comparison's one-sentence takeaway, its table, and what was measured."""
     better = "higher is better" if result.higher_is_better else "lower is better"
+    takeaway = ecoflap.lessons.comparison_takeaway(result.rows, result.metric, result.higher_is_better,
+                                                   result.sparsity)
     answer_column = result.question is not None
     header = f"| model | {result.metric} ({better}) | vision | language |" + (" answer |" if answer_column else "")
-    lines = [header, "|---" * (5 if answer_column else 4) + "|"]
+    lines = [f"**Takeaway:** {takeaway}", "", header, "|---" * (5 if answer_column else 4) + "|"]
     for row in result.rows:
         by = row["sparsity_by_modality"]
         cells = [html.escape(row["label"]), f"{row['score']:.3f}", f"{by.get('vision', 0):.2f}",
@@ -629,7 +652,8 @@ def comparison_text(result: ecoflap.Comparison) -> str:
         if answer_column:
             cells.append(html.escape(row["answer"] or "") or "(empty)")
         lines.append("| " + " | ".join(cells) + " |")
-    asked = (f"Question: {html.escape(result.question) or '(caption)'}. " if answer_column else "")
+    question = html.escape(result.question) or "(caption)"
+    asked = (f"Question: {question}{'' if question[-1] in '.?!)' else '.'} " if answer_column else "")
     return "\n".join(lines) + f"\n\n{result.metric.capitalize()}: {result.measured_on}. {asked}" \
         "Vision and language columns: the sparsity each part received."
 

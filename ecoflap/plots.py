@@ -131,10 +131,16 @@ def histogram_figure(series: dict[str, dict[str, dict]], title: str, xlabel: str
     return fig
 
 
-def sweep_figure(rows: list[dict], score_name: str, title: str | None = None) -> go.Figure:
+def sweep_figure(rows: list[dict], score_name: str, title: str | None = None,
+                 full_score: float | None = None) -> go.Figure:
     """Score against sparsity, one line per method; rows are {method, label?, sparsity,
-    score, score_min?, score_max?, seeds?} (the range over seeds as error bars)."""
+    score, score_min?, score_max?, seeds?} (the range over seeds as error bars). The full
+    model's score, where given, is a grey line: the baseline every curve falls from."""
     fig = go.Figure()
+    if full_score is not None:
+        shown = f"{full_score:.1%}" if score_name == "accuracy" else f"{full_score:.3f}"
+        fig.add_hline(y=full_score, line={"color": "#888", "dash": "dot", "width": 2},
+                      annotation_text=f"full model {shown}", annotation_position="top left")
     for i, method in enumerate(dict.fromkeys(r["method"] for r in rows)):
         points = sorted((r for r in rows if r["method"] == method), key=lambda r: r["sparsity"])
         label = points[0].get("label", method)
@@ -175,4 +181,4 @@ def curves_figure(curves: dict) -> go.Figure:
     seeds = max((r["seeds"] for r in curves["rows"]), default=1)
     spread = f"; mean and range over {seeds} seeds where a method is random" if seeds > 1 else ""
     return sweep_figure(curves["rows"], curves["metric"],
-                        f"Measured ahead: {curves['metric']} against sparsity{spread}")
+                        f"Measured ahead: {curves['metric']} against sparsity{spread}", curves.get("full_score"))
