@@ -196,6 +196,26 @@ def progress_reporter(progress: gr.Progress):
     return report
 
 
+def requester(server: ecoflap.Server) -> str | None:
+    """Who sent the event being handled: the socket's address, or behind a trusted proxy
+    (ECOFLAP_BEHIND_PROXY=1) the address the proxy saw."""
+    from gradio.context import LocalContext
+
+    request = LocalContext.request.get(None)
+    if request is None:
+        return None
+    peer = request.client.host if request.client else None
+    return ecoflap.client_address(peer, request.headers.get("x-forwarded-for"), server.limits.behind_proxy)
+
+
+def session_of(server: ecoflap.Server, token) -> ecoflap.Session:
+    """The session of this page, opened for its client within the deployment's bounds."""
+    try:
+        return server.session(token, requester(server))
+    except ecoflap.Busy as err:
+        raise refusal(err) from None
+
+
 def with_notices(me: ecoflap.Session, text: str) -> str:
     told = me.notices()
     return text + "".join(f"\n\n> {note}" for note in told)
@@ -227,7 +247,7 @@ def charts(me: ecoflap.Session, ids):
 
 def describe(server: ecoflap.Server, token):
     """The model this session works on."""
-    me = server.session(token)
+    me = session_of(server, token)
     info = me.describe()
     per = info["prunable_by_modality"]
     unused = (f" · never pruned, since their output is never used: {len(info['unused'])} module(s)"
@@ -242,7 +262,7 @@ def describe(server: ecoflap.Server, token):
 def curves(server: ecoflap.Server, token):
     """The shipped accuracy-against-sparsity curves of this session's model, if any: the
     lesson in plain words and one takeaway from the numbers; how they were measured apart."""
-    data = server.session(token).shipped_curves()
+    data = session_of(server, token).shipped_curves()
     if data is None:
         return gr.update(value=None, visible=False), "", ""
     full = data.get("full_score")
@@ -255,7 +275,7 @@ def curves(server: ecoflap.Server, token):
 
 def load_model(server: ecoflap.Server, name, token):
     """Switch this session to another model (a hub id; local folders where the deployment allows)."""
-    me = server.session(token)
+    me = session_of(server, token)
     try:
         message = me.load_model(name)
     except EXPECTED as err:
@@ -278,7 +298,7 @@ def status_of(run: ecoflap.Run) -> str:
 async def prune(server: ecoflap.Server, method, sparsity, granularity, max_sparsity, samples, stage1_samples, eps,
                 nm, modules, batch_size, owl_m, owl_lambda, vision_sparsity, token, progress=gr.Progress()):
     """Prune with a method at a sparsity; the run is stored for this session."""
-    me = server.session(token)
+    me = session_of(server, token)
     try:
         run = await in_worker(me.prune, method, sparsity, progress=progress_reporter(progress),
                               granularity=granularity, max_sparsity=max_sparsity, samples=samples,
@@ -300,21 +320,21 @@ async def prune(server: ecoflap.Server, method, sparsity, granularity, max_spars
 # click sends nothing) or badged "Error". The stopped handler ends normally instead.
 def stop(server: ecoflap.Server, token):
     """Stop this session's running jobs: a stopped job stores nothing."""
-    return STOPPED if server.session(token).stop() else NOTHING_RUNNING
+    return STOPPED if session_of(server, token).stop() else NOTHING_RUNNING
 
 
 def stop_comparison(server: ecoflap.Server, token):
     """Stop this session's running jobs; the runs a comparison finished stay."""
-    return STOPPED_COMPARISON if server.session(token).stop() else NOTHING_RUNNING
+    return STOPPED_COMPARISON if session_of(server, token).stop() else NOTHING_RUNNING
 
 
 def overlay(server: ecoflap.Server, selected, token):
-    return charts(server.session(token), selected)
+    return charts(session_of(server, token), selected)
 
 
 def clear_runs(server: ecoflap.Server, token):
     """Drop every run of this session."""
-    me = server.session(token)
+    me = session_of(server, token)
     cleared = me.clear_runs()
     return (with_notices(me, f"{cleared} run(s) cleared."), *run_lists(me), None,
             gr.update(value=None, visible=False))
@@ -322,7 +342,7 @@ def clear_runs(server: ecoflap.Server, token):
 
 def verify(server: ecoflap.Server, token):
     """Check the shared model holds its full weights, bit for bit (it always returns to them)."""
-    me = server.session(token)
+    me = session_of(server, token)
     identical = me.restore()
     return with_notices(me, "The shared model holds its full weights, bit-identical to the loaded ones; "
                             "your runs are kept (Clear my runs drops them)." if identical else
@@ -331,7 +351,7 @@ def verify(server: ecoflap.Server, token):
 
 def ask(server: ecoflap.Server, image, question, token):
     """Answer a question about an image with the full model and every run of this session."""
-    me = server.session(token)
+    me = session_of(server, token)
     try:
         path = uploaded_file(image)
         if path is None:
@@ -344,7 +364,7 @@ def ask(server: ecoflap.Server, image, question, token):
 
 def distributions(server: ecoflap.Server, run_id, token):
     """Weight and gradient magnitude histograms: the full model against one of this session's runs."""
-    me = server.session(token)
+    me = session_of(server, token)
     try:
         data = me.distributions(run_id or None)
     except EXPECTED as err:
@@ -354,7 +374,7 @@ def distributions(server: ecoflap.Server, run_id, token):
 
 async def compare(server: ecoflap.Server, methods, sparsity, image, question, token, progress=gr.Progress()):
     """Prune with two to four methods at one sparsity; allocations, scores and answers side by side."""
-    me = server.session(token)
+    me = session_of(server, token)
     before = {r.id for r in me.runs()}
     try:
         path = uploaded_file(image)
@@ -389,7 +409,7 @@ def stopped_comparison(me: ecoflap.Session, finished):
 async def sweep(server: ecoflap.Server, methods, sparsities, token, progress=gr.Progress()):
     """Score against sparsity for the chosen methods (the shared model is never left pruned).
     A stopped sweep keeps the points it finished."""
-    me = server.session(token)
+    me = session_of(server, token)
     finished: list[dict] = []
     try:
         rows = await in_worker(me.sweep, methods, sparsities, progress=progress_reporter(progress),
@@ -415,7 +435,7 @@ def sweep_outputs(me: ecoflap.Session, rows: list[dict], status: str):
 
 def export(server: ecoflap.Server, run_id, with_model, token):
     """The run's JSON report and per-layer CSV (and the pruned model, zipped, where allowed)."""
-    me = server.session(token)
+    me = session_of(server, token)
     try:
         return [str(p) for p in me.export(run_id, with_model)]
     except EXPECTED as err:
@@ -423,7 +443,8 @@ def export(server: ecoflap.Server, run_id, with_model, token):
 
 
 def new_session(server: ecoflap.Server) -> str:
-    return server.open_session().id
+    """A token for a new page; the server holds nothing for it until the page first acts."""
+    return server.session_token()
 
 
 def page_closed(server: ecoflap.Server, token):
@@ -611,6 +632,9 @@ def build_app(server: ecoflap.Server) -> gr.Blocks:
         export_button.click(bind(server, export), [export_run, export_model, token], export_files,
                             api_name="export", preprocess=False)
         gr.api(bind(server, stats), api_name="stats")
+    for fn in demo.fns.values():
+        if getattr(fn.fn, "func", None) is new_session:
+            fn.api_visibility = "private"  # the page's own start, not an API
     return demo
 
 

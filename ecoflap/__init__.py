@@ -21,8 +21,9 @@ from .methods import METHODS, Method, get_method
 from .models import DEFAULT_MODEL, LoadedModel, ModelLoadError, load_model
 from .options import MAX_SPARSITY, PruneOptions
 from .pipeline import prune
+from .recover import RecoverOptions, Recovery, recover, recover_options
 from .report import PruneResult, save_pruned, write_json
-from .server import ConfigError, Limits, Server
+from .server import Busy, ConfigError, Limits, Server, client_address
 from .session import Answers, Comparison, Run, Session
 from .weights import WeightStore
 from .workbench import Cancelled, Workbench
@@ -39,6 +40,7 @@ __all__ = [
     "METHODS",
     "MODALITIES",
     "Answers",
+    "Busy",
     "Cancelled",
     "Comparison",
     "ConfigError",
@@ -49,6 +51,8 @@ __all__ = [
     "ModelLoadError",
     "PruneOptions",
     "PruneResult",
+    "RecoverOptions",
+    "Recovery",
     "Run",
     "Server",
     "Session",
@@ -58,6 +62,7 @@ __all__ = [
     "curves",
     "lessons",
     "ask",
+    "client_address",
     "example_prompts",
     "get_method",
     "load_examples",
@@ -68,6 +73,8 @@ __all__ = [
     "prepare_image",
     "prunable_layers",
     "prune",
+    "recover",
+    "recover_options",
     "return_freed_memory_to_the_system",
     "save_pruned",
     "write_json",

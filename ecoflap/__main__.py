@@ -1,4 +1,4 @@
-"""Command line: python -m ecoflap {prune, ask, eval, sweep, bench, soak} ..."""
+"""Command line: python -m ecoflap {prune, recover, ask, eval, sweep, bench, soak} ..."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import sys
 from tqdm import tqdm
 
 from .anatomy import DEFAULT_INCLUDE, INCLUDE_CHOICES
+from .losses import LOSSES
 from .methods import METHODS, method_names
 from .models import ModelLoadError
 from .owl import DEFAULT_LAMBDA, DEFAULT_M
@@ -47,13 +48,38 @@ def _model_args(p: argparse.ArgumentParser):
 
 
 def _calibration_arg(p: argparse.ArgumentParser):
-    p.add_argument("--calibration", default=None, help="folder with examples.jsonl (default: shipped set)")
+    p.add_argument("--calibration", default=None,
+                   help="calibration data: a folder with examples.jsonl, a folder of images (the full model labels "
+                        "them), a datasets save_to_disk or parquet folder (FOLDER:SPLIT picks a split), or "
+                        "hf:OWNER/NAME[:SPLIT] (default: $ECOFLAP_CALIBRATION for a model that is not the shapes "
+                        "model, else the shipped shapes set)")
+    p.add_argument("--image-column", default=None, help="a dataset's image column (default: found by type)")
+    p.add_argument("--text-column", default=None, help="a dataset's text column (default: found by name and type)")
+    p.add_argument("--question", default="", help="images without captions: the question the full model answers "
+                   "to make their targets (default: none, a caption)")
+    p.add_argument("--loss", default="answer", choices=LOSSES,
+                   help="answer: the target's loss given image and prompt; prefix_lm: the ECoFLaP reference's "
+                        "recipe (lowercased captions cut at a random point in their first half)")
 
 
-def _calibration(args):
-    from .data import load_examples
+def _calibration(args, loaded, methods: list[str], options):
+    """The calibration drawn from --calibration (or the deployment's default) for these
+    methods' sample counts; None for the shipped set, which the pipeline takes itself."""
+    from .answers import ask
+    from .methods import get_method
+    from .sources import deployment_default, labeller, parse
 
-    return load_examples(args.calibration) if args.calibration else None
+    spec = args.calibration or deployment_default(loaded)
+    if spec is None:
+        return None
+    source = parse(spec, image_column=args.image_column, text_column=args.text_column, question=args.question)
+    n = max(options.samples_used(get_method(m)) for m in methods) or options.samples
+    return source.draw(n, labeller=labeller(lambda images, questions: ask(loaded, images, questions)))
+
+
+def _warn(warnings: list[str]):
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -87,6 +113,24 @@ def _parser() -> argparse.ArgumentParser:
                         "model takes the rest of the budget")
     p.add_argument("--report", default=None, help="write the JSON report here")
     p.add_argument("--save", default=None, help="write the pruned model (safetensors) and report here")
+
+    r = sub.add_parser("recover", help="fine-tune a pruned model (a folder prune --save wrote), every zero held")
+    _model_args(r)
+    r.add_argument("--steps", type=int, default=None, help="fine-tuning steps (required)")
+    r.add_argument("--lr", type=float, default=2e-5, help="AdamW learning rate (the paper's reference: 2e-5)")
+    r.add_argument("--weight-decay", type=float, default=0.05)
+    r.add_argument("--schedule", default="cosine", choices=["cosine", "constant"])
+    r.add_argument("--way", default="full", choices=["full", "lora"],
+                   help="full: the pruned matrices, gradient and update masked; lora: a LoRA merged as W + dW * mask")
+    r.add_argument("--rank", type=int, default=8, help="LoRA rank")
+    r.add_argument("--batch-size", type=int, default=8)
+    r.add_argument("--seed", type=int, default=0, help="which fresh scenes (shapes model) or shuffles")
+    r.add_argument("--eval-n", type=int, default=200, help="questions scored before and after (0: none)")
+    r.add_argument("--calibration", default=None,
+                   help="folder with examples.jsonl to fine-tune on (default: fresh shapes scenes for the "
+                        "shapes model, else the shipped calibration set)")
+    r.add_argument("--report", default=None, help="write the JSON report here")
+    r.add_argument("--save", default=None, help="write the recovered model (safetensors) and report here")
 
     a = sub.add_parser("ask", help="answer a question about an image (no question: a caption)")
     _model_args(a)
@@ -126,6 +170,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--batch-size", type=int, default=8)
     b.add_argument("--no-naive", action="store_true", help="skip timing the reference-style zeroth-order loop")
     b.add_argument("--json", default=None)
+    b.add_argument("--sparsegpt-layer", action="append", default=None, metavar="ROWSxCOLUMNS",
+                   help="instead: SparseGPT's peak memory on one float32 CPU layer of this shape "
+                        "(repeatable; a LLaMA-7B MLP: 4096x11008 and 11008x4096)")
 
     k = sub.add_parser("soak", help="simulated students against a running app: isolation, answers, latency, memory")
     k.add_argument("--url", default="http://127.0.0.1:7860/")
@@ -164,22 +211,28 @@ def cmd_prune(args) -> int:
         owl_m=args.owl_m,
         owl_lambda=args.owl_lambda,
         vision_sparsity=args.vision_sparsity,
+        loss=args.loss,
     )
     check(get_method(args.method), args.sparsity, options)
     loaded = _load(args)
-    calibration = _calibration(args)
+    calibration = _calibration(args, loaded, [args.method], options)
     progress = TqdmProgress()
     try:
         result = prune(loaded, args.method, args.sparsity, options, calibration, progress)
     finally:
         progress.close()
     report = result.to_dict()
+    _warn(result.warnings)
     print(
         f"{result.method} on {result.model}: target sparsity {result.target_sparsity:.3f}, "
         f"achieved {result.achieved_sparsity:.4f} "
         + ", ".join(f"{m} {s:.3f}" for m, s in result.sparsity_by_modality.items())
         + f"; {result.timings['total_s']:.1f} s; peak memory {result.peak_memory_bytes / 2**20:.0f} MiB"
     )
+    if result.calibration:
+        c = result.calibration
+        split = f" ({c['split']})" if c["split"] else ""
+        print(f"calibration: {c['count']} samples of {c['id']}{split}, targets {c['targets']}, loss {c['loss']}")
     if result.groups:
         low = min(result.groups, key=lambda g: g["sparsity"])
         high = max(result.groups, key=lambda g: g["sparsity"])
@@ -191,6 +244,55 @@ def cmd_prune(args) -> int:
     if args.save:
         save_pruned(loaded, report, args.save)
         print(f"pruned model: {args.save}")
+    return 0
+
+
+def cmd_recover(args) -> int:
+    from pathlib import Path
+
+    from .anatomy import INCLUDE_CHOICES, prunable_layers
+    from .recover import recover, recover_options
+    from .report import save_pruned, write_json
+    from .stats import achieved_sparsity, layer_table
+
+    options = recover_options(args.steps, args.lr, args.weight_decay, args.schedule, args.batch_size, args.way,
+                              args.rank, args.seed, args.eval_n)
+    pruned_report = Path(args.model or "") / "ecoflap_report.json"
+    if not args.model or not pruned_report.is_file():
+        raise ValueError("--model must be a folder that `python -m ecoflap prune --save` wrote "
+                         "(it holds ecoflap_report.json, which names the pruned layers)")
+    report = json.loads(pruned_report.read_text())
+    loaded = _load(args)
+    names = {row["name"] for row in report["layers"]}
+    layers = [l for l in prunable_layers(loaded.model, INCLUDE_CHOICES) if l.name in names]
+    if len(layers) != len(names):
+        raise ValueError("the folder's ecoflap_report.json names layers this model does not have")
+    progress = TqdmProgress()
+    try:
+        recovery = recover(loaded, layers, options, _calibration(args), progress)
+    finally:
+        progress.close()
+    targets = {row["name"]: row.get("target_sparsity") for row in report["layers"]}
+    table = [{**row, "target_sparsity": targets[row["name"]]} for row in layer_table(layers)]
+    report.update(layers=table, achieved_sparsity=achieved_sparsity(table), quality=None,
+                  recovery={"from": str(args.model), **recovery.to_dict()})
+    held = "identical" if recovery.zeros_before == recovery.zeros_after else "CHANGED"
+    scores = ""
+    if recovery.before is not None:
+        scores = (f"; {recovery.before['metric']} {recovery.before['value']:.4f} -> "
+                  f"{recovery.after['value']:.4f} on {recovery.after['n']} examples")
+    print(f"{options.steps} steps ({options.way}, lr {options.lr:g}, {options.schedule}): loss "
+          f"{recovery.losses[0]:.4f} -> {recovery.losses[-1]:.4f}{scores}; zeros per layer {held}; "
+          f"{recovery.timings['train_s']:.1f} s training; peak memory {recovery.peak_memory_bytes / 2**20:.0f} MiB")
+    if recovery.merge_densification is not None:
+        print(f"LoRA merge densification: {recovery.merge_densification} (a plain merge would have filled "
+              f"{recovery.plain_merge_would_fill:,} zeros)")
+    if args.report:
+        write_json(report, args.report)
+        print(f"report: {args.report}")
+    if args.save:
+        save_pruned(loaded, report, args.save)
+        print(f"recovered model: {args.save}")
     return 0
 
 
@@ -254,9 +356,11 @@ def cmd_sweep(args) -> int:
     sparsities = sparsity_list(args.sparsities, limit=10_000)
     seeds = seed_list(args.seeds)
     loaded = _load(args)
+    options = PruneOptions(samples=args.samples, loss=args.loss)
+    calibration = _calibration(args, loaded, names, options)
     progress = TqdmProgress()
     try:
-        rows = sweep(Workbench(loaded), names, sparsities, PruneOptions(samples=args.samples), _calibration(args),
+        rows = sweep(Workbench(loaded), names, sparsities, options, calibration,
                      eval_n=args.eval_n, seeds=seeds,
                      on_row=lambda r: print(f"{r['method']:22s} {r['sparsity']:.2f} seed {r['seed']}  "
                                             f"{r['metric']} {r['score']:.4f}"),
@@ -278,6 +382,8 @@ def cmd_bench(args) -> int:
     from .options import PruneOptions
     from .report import write_json
 
+    if args.sparsegpt_layer:
+        return _bench_sparsegpt_layers(args)
     names = method_names(args.methods)
     if args.arch:
         if not args.random_init:
@@ -285,11 +391,13 @@ def cmd_bench(args) -> int:
         loaded = random_model(args.arch, args.device, args.dtype)
     else:
         loaded = _load(args)
+    options = PruneOptions(samples=args.samples, stage1_samples=args.stage1_samples, batch_size=args.batch_size,
+                           loss=args.loss)
+    calibration = _calibration(args, loaded, names, options)
     progress = TqdmProgress()
     try:
-        result = bench(loaded, names, args.sparsity, _calibration(args), PruneOptions(
-            samples=args.samples, stage1_samples=args.stage1_samples, batch_size=args.batch_size),
-            naive_zeroth=not args.no_naive, progress=progress)
+        result = bench(loaded, names, args.sparsity, calibration.examples if calibration else None, options,
+                       naive_zeroth=not args.no_naive, progress=progress)
     finally:
         progress.close()
     print(f"{result['model']} on {result['device']} ({result['dtype']}), sparsity {result['sparsity']}, "
@@ -309,6 +417,26 @@ def cmd_bench(args) -> int:
               f"as the reference loop does ({result['zeroth_stage1_speedup_vs_reference_loop']:.2f}x)")
     if args.json:
         write_json(result, args.json)
+    return 0
+
+
+def _bench_sparsegpt_layers(args) -> int:
+    from .benchmark import sparsegpt_layer_peak
+    from .report import write_json
+
+    rows = []
+    for shape in args.sparsegpt_layer:
+        try:
+            r, c = (int(n) for n in shape.lower().split("x"))
+        except ValueError:
+            raise ValueError(f"--sparsegpt-layer takes ROWSxCOLUMNS, e.g. 4096x11008 (got {shape!r})") from None
+        rows.append(sparsegpt_layer_peak(r, c, sparsity=args.sparsity))
+        m = rows[-1]
+        print(f"SparseGPT {m['shape']} float32 CPU: peak growth {m['peak_growth_mib']:.1f} MiB over the layer "
+              f"({m['weight_mib']:.1f} MiB) and its Hessian ({m['hessian_mib']:.1f} MiB), "
+              f"{m['peak_over_hessian']:.2f}x the Hessian; {m['seconds']:.1f} s")
+    if args.json:
+        write_json({"sparsegpt_layers": rows}, args.json)
     return 0
 
 
@@ -337,7 +465,7 @@ def cmd_soak(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
-    commands = {"prune": cmd_prune, "ask": cmd_ask, "eval": cmd_eval, "sweep": cmd_sweep, "bench": cmd_bench,
+    commands = {"prune": cmd_prune, "recover": cmd_recover, "ask": cmd_ask, "eval": cmd_eval, "sweep": cmd_sweep, "bench": cmd_bench,
                 "soak": cmd_soak}
     try:
         return commands[args.command](args)

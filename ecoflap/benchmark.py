@@ -155,3 +155,37 @@ def bench(
         "methods": results,
         **extra,
     }
+
+
+def sparsegpt_layer_peak(rows: int, columns: int, tokens: int = 2048, sparsity: float = 0.5,
+                         seed: int = 0) -> dict:
+    """Peak memory of SparseGPT on one float32 CPU layer of a given shape, over what the
+    layer and its summed Hessian already take (both exist before any pruner runs).
+
+    The Hessian comes from `tokens` random inputs (dampening makes it positive definite
+    even when tokens < columns). The peak is the growth of resident memory (PeakMemory),
+    so the ratio to the Hessian's own size is the pruner's working memory in units of its
+    largest input.
+    """
+    from .pruners.sparsegpt import prune_sparsegpt
+
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(rows, columns, generator=generator)
+    inputs = torch.randn(tokens, columns, generator=generator)
+    hessian = inputs.t() @ inputs
+    del inputs
+    return_freed_memory_to_the_system()
+    with PeakMemory(torch.device("cpu"), collect=True) as meter:
+        start = time.perf_counter()
+        prune_sparsegpt(weight, hessian, tokens, sparsity)
+        seconds = time.perf_counter() - start
+    mib = 2**20
+    return {
+        "shape": f"{rows}x{columns}",
+        "weight_mib": round(weight.numel() * 4 / mib, 1),
+        "hessian_mib": round(columns * columns * 4 / mib, 1),
+        "peak_growth_mib": round(meter.peak / mib, 1),
+        "peak_over_hessian": round(meter.peak / (columns * columns * 4), 3),
+        "seconds": round(seconds, 2),
+        "achieved_sparsity": round(float((weight == 0).float().mean()), 6),
+    }

@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from . import families
+from .families.base import IGNORE
 from .models import ASSETS
 
 DEFAULT_CALIBRATION = ASSETS / "calibration"
@@ -30,11 +31,13 @@ _encoded_lock = threading.Lock()
 
 @dataclass
 class Example:
-    """An image with a question (empty for a caption) and its target answer."""
+    """An image with a question (empty for a caption) and its target answer; the answer's
+    characters before `target_from` are given to the model, not scored (a prefix-LM loss)."""
 
     image: Image.Image
     question: str
     answer: str
+    target_from: int = 0
 
 
 def load_examples(folder: str | Path = DEFAULT_CALIBRATION, limit: int | None = None) -> list[Example]:
@@ -80,7 +83,27 @@ def encode_examples(loaded, examples: list[Example], with_target: bool = True) -
     """CPU tensors for a batch of examples, as the loaded model's family encodes them:
     the processor's inputs, and labels on the target answer's tokens only."""
     model = loaded.model
-    return families.of(model).encode(loaded.processor, model.config, examples, with_target)
+    encoded = families.of(model).encode(loaded.processor, model.config, examples, with_target)
+    if with_target and any(ex.target_from for ex in examples):
+        if not loaded.decoder_only:  # the decoder still reads the whole target; only the rest is scored
+            encoded["decoder_input_ids"] = model.language_model._shift_right(encoded["labels"])
+        given_prefixes(loaded.processor.tokenizer, encoded["labels"], examples)
+    return encoded
+
+
+def given_prefixes(tokenizer, labels: torch.Tensor, examples: list[Example]):
+    """Unlabel (in place) each row's target tokens that spell the answer's first
+    `target_from` characters: the longest run of whole tokens that fits in them."""
+    for row, example in zip(labels, examples):
+        if not example.target_from:
+            continue
+        where = (row != IGNORE).nonzero().flatten()
+        ids = row[where].tolist()
+        given = 0
+        while given < len(ids) - 1 and len(
+                tokenizer.decode(ids[: given + 1], skip_special_tokens=True).lstrip()) <= example.target_from:
+            given += 1
+        row[where[:given]] = IGNORE
 
 
 def batches(loaded, examples: list[Example], batch_size: int) -> list[dict]:

@@ -20,17 +20,18 @@ WORKING_SIDE = 2048
 _decoding = threading.BoundedSemaphore(2)
 
 
-def open_image(path) -> Image.Image:
-    """Open a file as an RGB image, or raise ValueError with a message for the person."""
+def open_image(path, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """Open a file (or a binary file object) as an RGB image, or raise ValueError with a
+    message for the person; images over `max_pixels` are refused before decoding."""
     with _decoding:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
                 with Image.open(path) as img:
                     width, height = img.size
-                    if width * height > MAX_IMAGE_PIXELS:
+                    if width * height > max_pixels:
                         raise ValueError(
-                            f"the image is {width} x {height} pixels; the limit is {MAX_IMAGE_PIXELS:,} pixels"
+                            f"the image is {width} x {height} pixels; the limit is {max_pixels:,} pixels"
                         )
                     img.draft("RGB", (WORKING_SIDE, WORKING_SIDE))
                     img.load()

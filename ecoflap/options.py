@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 
 from .allocation import AGGREGATES
 from .anatomy import DEFAULT_INCLUDE, GRANULARITIES, INCLUDE_CHOICES
+from .losses import LOSSES
 from .methods import Method
 from .owl import DEFAULT_LAMBDA, DEFAULT_M
 from .pruners.masks import parse_nm
@@ -39,6 +40,14 @@ class PruneOptions:
     owl_m: float = DEFAULT_M
     owl_lambda: float = DEFAULT_LAMBDA
     vision_sparsity: float | None = None
+    loss: str = "answer"
+
+    def samples_used(self, method: Method) -> int:
+        """How many calibration examples the run reads: stage 2's, or stage 1's if more."""
+        if not method.calibrated:
+            return 0
+        first = self.stage1_sample_count(method) if method.allocation == "ecoflap" else 0
+        return max(self.samples, first)
 
     def stage1_sample_count(self, method: Method) -> int:
         """32 for zeroth-order, 128 for first-order, as in the reference scripts."""
@@ -61,6 +70,8 @@ def check(method: Method, sparsity: float, options: PruneOptions) -> tuple[int, 
     bad = set(options.include) - set(INCLUDE_CHOICES)
     if bad or not options.include:
         raise ValueError(f"modules to prune must be chosen from {', '.join(INCLUDE_CHOICES)}")
+    if options.loss not in LOSSES:
+        raise ValueError(f"unknown calibration loss {options.loss!r}: use one of {', '.join(LOSSES)}")
     if options.batch_size < 1:
         raise ValueError(f"batch size must be at least 1 (got {options.batch_size})")
     if not 0 <= options.seed < 2**31:
@@ -172,7 +183,8 @@ def choice(value, what: str, choices) -> str:
 
 def from_settings(sparsity: float, nm=None, modules=None, samples=128, stage1_samples=None, batch_size=8,
                   granularity="block", aggregate="sum", max_sparsity=None, eps=1e-3, noise_samples=1,
-                  seed=0, owl_m=DEFAULT_M, owl_lambda=DEFAULT_LAMBDA, vision_sparsity=None) -> PruneOptions:
+                  seed=0, owl_m=DEFAULT_M, owl_lambda=DEFAULT_LAMBDA, vision_sparsity=None,
+                  loss="answer") -> PruneOptions:
     """PruneOptions from settings as a form or an API sends them (text, None, 0 for "default";
     the vision sparsity: None or empty for "the target", since 0 means a dense encoder)."""
     if nm in (None, "", "off", "none"):
@@ -211,4 +223,5 @@ def from_settings(sparsity: float, nm=None, modules=None, samples=128, stage1_sa
         owl_m=number(owl_m, "OWL's M", *OWL_M_RANGE),
         owl_lambda=number(owl_lambda, "OWL's lambda", 0, OWL_LAMBDA_MAX),
         vision_sparsity=vision,
+        loss=choice(loss, "the calibration loss", LOSSES),
     )

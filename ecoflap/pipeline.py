@@ -16,6 +16,7 @@ from .allocation import (LayerBudget, ecoflap_budget, global_magnitude_budget, g
                          uniform_budget)
 from .anatomy import PrunableLayer, group_key, prunable_layers
 from .data import Example, batches, default_calibration, take
+from .losses import examples_for
 from .importance import first_order_scores, zeroth_order_scores
 from .memory import PeakMemory
 from .methods import Method, get_method
@@ -25,8 +26,11 @@ from .owl import dense_outlier_ratios, owl_budget
 from .pruners.magnitude import prune_magnitude
 from .pruners.sparsegpt import prune_sparsegpt
 from .pruners.wanda import prune_wanda
+from .quality import Reference
 from .replay import sequential_statistics
 from .report import PruneResult
+from .scoring import quality_against_full, reference_for
+from .sources import Calibration, calibration_warnings, given, parse
 from .stats import achieved_sparsity, layer_table, sparsity_by_modality
 
 Progress = Callable[[str, int, int], None]
@@ -37,20 +41,30 @@ def prune(
     method: str | Method = "wanda",
     sparsity: float = 0.5,
     options: PruneOptions | None = None,
-    calibration: list[Example] | None = None,
+    calibration: Calibration | list[Example] | None = None,
     progress: Progress | None = None,
+    held_out: list[Example] | Reference | None = None,
 ) -> PruneResult:
     """Prune the loaded model in place and return what happened.
 
-    The caller keeps the full weights (see `WeightStore`); this function only prunes.
+    `calibration`: drawn from a source (see `sources`), a plain list of examples, or None
+    for the shipped shapes set. The caller keeps the full weights (see `WeightStore`);
+    this function only prunes. With `held_out` examples (or the full model's `Reference`
+    on them, computed once for many runs), the result's `quality` compares the pruned
+    model with the full one.
     """
     method, options = get_method(method), options or PruneOptions()
     layers = prunable_layers(loaded.model, options.include)
     nm = check(method, sparsity, options)
     check_nm_widths(layers, nm)
-    if method.calibrated and calibration is None:
-        calibration = default_calibration()
+    drawn = None
+    if method.calibrated:
+        drawn = calibration if isinstance(calibration, Calibration) else \
+            given(calibration) if calibration is not None else parse(None).draw(len(default_calibration()))
+        calibration = examples_for(options.loss, drawn.examples, options.seed)
     loaded.model.eval()
+    if held_out is not None and not isinstance(held_out, Reference):
+        held_out = reference_for(loaded, held_out, _labelled(progress, "full model"))
     with PeakMemory(loaded.device, interval=0.01) as memory:
         start = time.perf_counter()
         budget = allocate(loaded, method, layers, sparsity, options, calibration, progress)
@@ -59,7 +73,13 @@ def prune(
         end = time.perf_counter()
     timings = {"stage1_s": stage1_end - start} if method.allocation != "uniform" else {}
     timings.update(stage2_s=end - stage1_end, total_s=end - start)
-    return summarise(loaded, method, sparsity, options, layers, budget, timings, memory)
+    result = summarise(loaded, method, sparsity, options, layers, budget, timings, memory)
+    if drawn is not None:
+        result.calibration = {**drawn.report(options.samples_used(method)), "loss": options.loss}
+        result.warnings = drawn.warnings + calibration_warnings(loaded, drawn)
+    if held_out is not None:
+        result.quality = quality_against_full(loaded, held_out, _labelled(progress, "pruned model"))
+    return result
 
 
 def allocate(loaded, method: Method, layers, sparsity, options, calibration, progress) -> LayerBudget:
@@ -102,7 +122,7 @@ def prune_layers(loaded, stage2: str, layers: list[PrunableLayer], budget: Layer
 
     def prune_block(block_layers: list[PrunableLayer], stats):
         for l in block_layers:
-            s, weight = stats[l.name], l.module.weight.data
+            s, weight = stats.pop(l.name), l.module.weight.data  # each layer's statistics freed once it is pruned
             if stage2 == "wanda":
                 prune_wanda(weight, s.sq_norm, budget.sparsity[l.name], nm, budget.zeros[l.name])
             else:

@@ -192,7 +192,7 @@ class InputStatistics:
         rows = self.layer.real_rows(x, batch).float()
         self.sq_norm += (rows * rows).sum(dim=0)
         if self.hessian is not None:
-            self.hessian += rows.t() @ rows
+            self.hessian.addmm_(rows.t(), rows)  # in place: no second columns x columns matrix
         self.tokens += rows.shape[0]
 
 

@@ -33,6 +33,10 @@ class PruneResult:
     timings: dict = field(default_factory=dict)
     peak_memory_bytes: int = 0
     peak_memory_kind: str = ""
+    recovery: dict = field(default_factory=dict)
+    quality: dict | None = None  # the pruned model against the full one (see `quality`), when measured
+    calibration: dict | None = None
+    warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -1,20 +1,31 @@
-"""A quick quality score for a (pruned) model.
+"""Scores for a (pruned) model.
 
-Accuracy on the generated shapes evaluation set for a model that speaks the shapes
-world (same closed vocabulary as the shipped model); otherwise the calibration loss
-(language-model loss of the shipped image-text pairs), where lower is better.
+`quick_score`: accuracy on the generated shapes evaluation set for a model that speaks
+the shapes world (same closed vocabulary as the shipped model); otherwise the calibration
+loss (language-model loss of the shipped image-text pairs), where lower is better.
+
+`quality_against_full`: the pruned model against the full one on held-out examples that
+no calibration sample overlaps (see `quality`), with accuracy and flips where the model
+speaks the shapes world.
 """
 
 from __future__ import annotations
 
+import hashlib
+import random
 from typing import Callable
 
 import torch
 
 from . import families
-from .data import batches, calibration_loss, default_calibration
+from .data import Example, batches, calibration_loss, default_calibration
 from .models import LoadedModel
+from .quality import Reference, against_full, exact_match, full_reference
 from .shapes.tokenizer import build_tokenizer
+
+__all__ = ["exact_match", "held_out_examples", "quality_against_full", "quick_score", "speaks_shapes"]
+HELD_OUT_N = 200
+HELD_OUT_SEED = 1234  # the sweep's questions: for the shapes model, accuracy is the sweep's score
 
 
 def speaks_shapes(loaded: LoadedModel) -> bool:
@@ -49,3 +60,44 @@ def quick_score(
             "n": len(examples),
             "measured_on": f"language-model loss on the first {len(examples)} shipped calibration pairs "
                            f"(lower is better)"}
+
+
+def fingerprint(image) -> str:
+    """The pixels of an image, as a digest: the same picture read twice has the same one."""
+    image = image.convert("RGB")
+    return hashlib.sha1(f"{image.size}".encode() + image.tobytes()).hexdigest()
+
+
+def held_out_examples(calibration: list[Example] | None = None, n: int = HELD_OUT_N, seed: int = HELD_OUT_SEED,
+                      pool: list[Example] | None = None) -> list[Example]:
+    """n examples whose images no calibration sample shows.
+
+    From `pool` (a source's examples) where given: a seeded draw among those the
+    calibration did not use. Otherwise from the shapes world the shipped set is drawn
+    from: its generated questions of every type (captions included) with their reference
+    answers, with a seed of their own (the shipped calibration set is 128 captions, all of
+    them used by a default run, so none of it is left over).
+    """
+    if n <= 0:
+        raise ValueError(f"the number of held-out examples must be at least 1 (got {n})")
+    used = {fingerprint(e.image) for e in (default_calibration() if calibration is None else calibration)}
+    if pool is not None:
+        free = [e for e in pool if fingerprint(e.image) not in used]
+        if not free:
+            raise ValueError("every example of the source was used for calibration: none is left to hold out")
+        return random.Random(seed).sample(free, min(n, len(free)))
+    from .shapes.evaluate import make_eval_set
+
+    generated = [Example(e.image, e.question, e.answer) for e in make_eval_set(n, seed)]
+    return [e for e in generated if fingerprint(e.image) not in used]
+
+
+def quality_against_full(loaded: LoadedModel, reference: Reference, progress=None) -> dict:
+    """The report's `quality` entry for the loaded (pruned) model; accuracy and flips where
+    the model speaks the shapes world, so that exact match can score its answers."""
+    return against_full(loaded, reference, labelled=speaks_shapes(loaded), progress=progress)
+
+
+def reference_for(loaded: LoadedModel, examples: list[Example], progress=None) -> Reference:
+    """The full model's side of the comparison; call it on the unpruned model."""
+    return full_reference(loaded, examples, progress=progress)

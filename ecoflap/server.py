@@ -1,7 +1,8 @@
 """A deployment: the models it serves, the sessions of the people using it, and its bounds.
 
 Everything a public deployment must bound is bounded here: models in memory, stored runs
-per session and in all, sweep points, idle sessions, export files on disk. The bounds
+per session and in all, sweep points, sessions in all and per client, idle sessions,
+jobs per session and per client, export files on disk. The bounds
 come from `Limits` (`Limits.from_environment()` reads the ECOFLAP_* variables, refusing
 a bad value with a message that names it). Loading a model never blocks the users of
 other models: the registry's lock only guards its table, never a load.
@@ -20,9 +21,13 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .models import DEFAULT_MODEL, ModelLoadError, load_model
 from .workbench import Workbench
+
+if TYPE_CHECKING:
+    from .session import Session
 
 log = logging.getLogger(__name__)
 HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
@@ -33,6 +38,10 @@ class ConfigError(ValueError):
     """A deployment setting (an environment variable) has a value that cannot be used."""
 
 
+class Busy(PermissionError):
+    """A bound of the deployment is reached for now: the request is refused, nothing is lost."""
+
+
 @dataclass
 class Limits:
     """What one deployment allows; the defaults suit a small public Space."""
@@ -41,7 +50,11 @@ class Limits:
     runs_per_session: int = 8
     run_memory_mb: float = 1024
     sweep_points: int = 24
+    recover_steps: int = 300
     sessions: int = 200
+    sessions_per_client: int = 30
+    jobs_per_session: int = 2
+    jobs_per_client: int = 4
     session_idle_minutes: float = 60
     export_minutes: float = 30
     export_disk_mb: float = 2048
@@ -50,13 +63,18 @@ class Limits:
     allowed_models: tuple[str, ...] | None = None
     upload_mb: float = 20
     queue_size: int = 64
+    behind_proxy: bool = False
 
     ENVIRONMENT = {
         "max_models": "ECOFLAP_MAX_MODELS",
         "runs_per_session": "ECOFLAP_MAX_RUNS",
         "run_memory_mb": "ECOFLAP_MAX_RUN_MB",
         "sweep_points": "ECOFLAP_MAX_SWEEP_POINTS",
+        "recover_steps": "ECOFLAP_MAX_RECOVER_STEPS",
         "sessions": "ECOFLAP_MAX_SESSIONS",
+        "sessions_per_client": "ECOFLAP_MAX_SESSIONS_PER_CLIENT",
+        "jobs_per_session": "ECOFLAP_MAX_JOBS_PER_SESSION",
+        "jobs_per_client": "ECOFLAP_MAX_JOBS_PER_CLIENT",
         "session_idle_minutes": "ECOFLAP_SESSION_IDLE_MINUTES",
         "export_minutes": "ECOFLAP_EXPORT_MINUTES",
         "export_disk_mb": "ECOFLAP_MAX_EXPORT_MB",
@@ -65,6 +83,7 @@ class Limits:
         "allowed_models": "ECOFLAP_ALLOWED_MODELS",
         "upload_mb": "ECOFLAP_MAX_UPLOAD_MB",
         "queue_size": "ECOFLAP_QUEUE_SIZE",
+        "behind_proxy": "ECOFLAP_BEHIND_PROXY",
     }
 
     @classmethod
@@ -234,18 +253,17 @@ class Server:
 
     # sessions
 
-    def open_session(self) -> "Session":
-        from .session import Session
+    def session_token(self) -> str:
+        """An unguessable id for a page's session; nothing is held until it is first used
+        (so asking for tokens in a loop costs the server nothing)."""
+        return f"session-{secrets.token_urlsafe(16)}"
 
-        self.tidy()
-        session = Session(self, self.new_id("session"))
-        with self._lock:
-            self._sessions[session.id] = session
-            self._make_room_for_sessions()
-        return session
+    def open_session(self, client: str | None = None) -> "Session":
+        return self.session(self.session_token(), client)
 
-    def session(self, session_id: str) -> "Session":
-        """The live session of an id; a session that ended is reopened empty, and told why."""
+    def session(self, session_id: str, client: str | None = None) -> "Session":
+        """The live session of an id, or a new one for `client` if the bounds admit it (a
+        session that ended is reopened empty, and told why); Busy if they do not."""
         from .session import Session
 
         self.tidy()
@@ -255,28 +273,52 @@ class Server:
                 self._sessions.move_to_end(session_id)
                 session.touch()
                 return session
+            evicted = self._room_for(client)
             ended = self._ended.pop(session_id, None)
-            session = Session(self, session_id)
+            session = Session(self, session_id, client)
             if ended is not None:
                 session.tell(f"Your earlier session ended ({ended.reason}); its runs and exports are gone.")
             self._sessions[session_id] = session
-            self._make_room_for_sessions()
-            return session
+        for old in evicted:
+            old.end()
+        return session
+
+    def _room_for(self, client: str | None) -> list["Session"]:
+        """Which sessions to close so a new one of `client` fits: only sessions without runs
+        or jobs, least recently used first; Busy when every candidate holds someone's work."""
+        limits = self.limits
+        evicted = []
+        mine = [s for s in self._sessions.values() if client is not None and s.client == client]
+        if len(mine) >= limits.sessions_per_client:
+            victim = next((s for s in mine if s.empty), None)
+            if victim is None:
+                raise Busy(f"you already have {len(mine)} sessions with work in them open here (at most "
+                           f"{limits.sessions_per_client} per person): go on in one of them, or clear the runs of "
+                           f"one you no longer need")
+            evicted.append((victim, f"you opened more than {limits.sessions_per_client} sessions"))
+        elif len(self._sessions) >= limits.sessions:
+            victim = next((s for s in self._sessions.values() if s.empty), None)
+            if victim is None:
+                raise Busy(f"this deployment is serving as many people as it can ({limits.sessions} sessions, "
+                           f"each with work in it); try again in a few minutes")
+            evicted.append((victim, f"this deployment keeps at most {limits.sessions} sessions, and yours "
+                                       f"had no runs"))
+        return [self._retire(victim.id, reason) for victim, reason in evicted]
 
     def close_session(self, session_id: str, reason: str = "closed"):
         with self._lock:
-            session = self._sessions.pop(session_id, None)
-            if session is None:
-                return
+            session = self._retire(session_id, reason)
+        if session is not None:
+            session.end()
+
+    def _retire(self, session_id: str, reason: str) -> "Session | None":
+        """Take a session off the table (under the lock), remembering why for its owner."""
+        session = self._sessions.pop(session_id, None)
+        if session is not None:
             self._ended[session_id] = _Ended(reason)
             while len(self._ended) > 10 * self.limits.sessions:
                 self._ended.popitem(last=False)
-        session.end()
-
-    def _make_room_for_sessions(self):
-        while len(self._sessions) > self.limits.sessions:
-            oldest = next(iter(self._sessions))
-            self.close_session(oldest, f"this deployment keeps at most {self.limits.sessions} sessions")
+        return session
 
     def tidy(self, force: bool = False):
         """Close idle sessions and delete expired exports (at most every 30 s unless forced)."""
@@ -318,6 +360,23 @@ class Server:
             "resident_mib": round(resident_bytes() / 2**20, 1),
             "export_mib": round(self.export_disk_bytes() / 2**20, 3),
         }
+
+    # jobs (prunes, comparisons, sweeps, model exports), bounded per session and per client
+
+    def start_job(self, session: "Session", flag: threading.Event):
+        """Count a new job of `session`, or Busy if it or its client already has its share."""
+        limits = self.limits
+        with self._lock:
+            if len(session._jobs) >= limits.jobs_per_session:
+                raise Busy(f"you already have {len(session._jobs)} job(s) running or waiting here (at most "
+                           f"{limits.jobs_per_session} per session): wait for one to finish, or Stop it")
+            if session.client is not None:
+                theirs = sum(len(s._jobs) for s in self._sessions.values() if s.client == session.client)
+                if theirs >= limits.jobs_per_client:
+                    raise Busy(f"you already have {theirs} jobs running or waiting (at most "
+                               f"{limits.jobs_per_client} per person, across your sessions): wait for one to finish")
+            with session._lock:
+                session._jobs.add(flag)
 
     # runs of all sessions, bounded in memory together
 
@@ -374,6 +433,17 @@ class Server:
 
     def export_disk_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.export_root.rglob("*") if p.is_file())
+
+
+def client_address(peer: str | None, forwarded_for: str | None, behind_proxy: bool) -> str:
+    """Who is asking, for the per-client bounds: the socket's address; behind a trusted
+    proxy, the last X-Forwarded-For entry (the one that proxy wrote; the entries before
+    it are whatever the client claimed)."""
+    if behind_proxy and forwarded_for:
+        last = forwarded_for.split(",")[-1].strip()
+        if last:
+            return last[:64]
+    return peer or "unknown"
 
 
 def load_error_message(err: Exception) -> str:

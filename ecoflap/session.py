@@ -8,6 +8,7 @@ The same calls serve a notebook, the CLI and the app:
     me.ask("cat.png", "what is this?").full, me.ask("cat.png").runs
     me.compare(["wanda", "ecoflap_zeroth"], 0.6), me.sweep(["wanda"], [0.5, 0.7])
     me.distributions(run.id), me.export(run.id)
+    better = me.recover(run.id, steps=200)     # a new run: fine-tuned, every zero held
 
 A session owns its runs: their ids are unguessable and never reused, another session's
 id (or a stale one) reaches nothing, and a quota of its own bounds them. When the
@@ -26,7 +27,7 @@ import shutil
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -39,6 +40,7 @@ from .data import batches, default_calibration
 from .images import open_image
 from .methods import Method, get_method
 from .options import PruneOptions, from_settings, number, sparsity_list, sparsity_value
+from .recover import OnStep, recover_options
 from .report import PruneResult, layers_csv, save_pruned, write_json, write_text
 from .scoring import quick_score
 from .stats import gradient_histograms, weight_histograms
@@ -103,9 +105,10 @@ class Comparison:
 class Session:
     """One person's runs on one model, and everything they can do with them."""
 
-    def __init__(self, server, session_id: str):
+    def __init__(self, server, session_id: str, client: str | None = None):
         self.server = server
         self.id = session_id
+        self.client = client  # who opened it (an address), for the per-client bounds
         self.model_name = server.default_model
         self._runs: OrderedDict[str, Run] = OrderedDict()
         self._notices: list[str] = []
@@ -122,6 +125,11 @@ class Session:
     @property
     def busy(self) -> bool:
         return bool(self._jobs)
+
+    @property
+    def empty(self) -> bool:
+        """No runs and no jobs: closing it costs its owner nothing."""
+        return not self._runs and not self._jobs
 
     def tell(self, message: str):
         with self._lock:
@@ -167,10 +175,10 @@ class Session:
 
     @contextlib.contextmanager
     def _job(self, should_stop: StopCheck | None):
-        """A long job of this session: yields its stop check (stop(), end() or the caller's)."""
+        """A long job of this session: yields its stop check (stop(), end() or the caller's).
+        Busy if the session or its client already has as many jobs as the deployment allows."""
         flag = threading.Event()
-        with self._lock:
-            self._jobs.add(flag)
+        self.server.start_job(self, flag)
         self.touch()
         try:
             yield lambda: flag.is_set() or self.ended or (should_stop is not None and bool(should_stop()))
@@ -250,15 +258,43 @@ class Session:
             options = from_settings(sparsity, **settings)
         bench = self.workbench
         with self._job(should_stop) as stopped:
-            result, weights, _ = bench.prune(method.name, sparsity, options, calibration, progress, stopped)
+            result, weights, _ = bench.prune(method.name, sparsity, options, calibration, progress, stopped,
+                                             owner=self.id)
             if stopped():
                 raise Cancelled("stopped by the user")
         return self._keep(method, result, weights, bench)
 
-    def _keep(self, method: Method, result: PruneResult, weights: RunWeights, bench: Workbench) -> Run:
+    def recover(self, run_id, steps=100, lr=2e-5, weight_decay=0.05, schedule="cosine", way="full", rank=8,
+                batch_size=8, seed=0, eval_n=200, calibration=None, progress: Progress | None = None,
+                should_stop: StopCheck | None = None, on_step: OnStep | None = None) -> Run:
+        """Fine-tune one of this session's runs with its zeros held; the result is a new run
+        ("Wanda @ 0.70 + 200 steps") whose report says how it went (`result.recovery`):
+        steps, settings, loss curve, time, peak memory and the score before and after. At
+        most `Limits.recover_steps` steps; a stopped recovery stores nothing."""
+        source = self.run(run_id)
+        options = recover_options(steps, lr, weight_decay, schedule, batch_size, way, rank, seed, eval_n,
+                                  max_steps=self.server.limits.recover_steps)
+        bench = self.workbench
+        if source.workbench is not bench:
+            raise KeyError("that run belongs to a model that is no longer loaded")
+        with self._job(should_stop) as stopped:
+            recovery, table, weights = bench.recover(source.weights, options, calibration, progress, stopped, on_step,
+                                                     owner=self.id)
+            if stopped():
+                raise Cancelled("stopped by the user")
+        targets = {row["name"]: row.get("target_sparsity") for row in source.result.layers}
+        layers = [{**row, "target_sparsity": targets.get(row["name"])} for row in table]
+        result = replace(source.result, layers=layers, quality=None,  # measured on the pruned weights, not these
+                         recovery={"from": source.label, **recovery.to_dict()})
+        way_note = " (LoRA)" if options.way == "lora" else ""
+        return self._keep(get_method(result.method), result, weights, bench,
+                          label=f"{source.label} + {options.steps} steps{way_note}")
+
+    def _keep(self, method: Method, result: PruneResult, weights: RunWeights, bench: Workbench,
+              label: str | None = None) -> Run:
         if self.ended:
             raise Cancelled("the session ended")
-        label = f"{method.label} @ {result.target_sparsity:.2f}"
+        label = label or f"{method.label} @ {result.target_sparsity:.2f}"
         with self._lock:
             same = sum(1 for r in self._runs.values() if r.label.split(" #")[0] == label)
             run = Run(self.server.new_id("run"), f"{label} #{same + 1}" if same else label, result, weights,
@@ -324,7 +360,8 @@ class Session:
             for i, method in enumerate(names):
                 step = f"{method.label} @ {sparsity:.2f} ({i + 1} of {len(names)})"
                 result, weights, _ = bench.prune(method.name, sparsity, PruneOptions(),
-                                                 progress=_prefixed(progress, step), should_stop=stopped)
+                                                 progress=_prefixed(progress, step), should_stop=stopped,
+                                                 owner=self.id)
                 runs.append(self._keep(method, result, weights, bench))
             rows = []
             for i, (label, weights) in enumerate([("Full model", None)] + [(r.label, r.weights) for r in runs]):
@@ -333,7 +370,7 @@ class Session:
                 if progress:
                     progress(f"scoring {label} on {eval_n} questions", i, len(runs) + 1)
                 score = bench.using(weights, lambda loaded: quick_score(loaded, eval_n), long=True,
-                                    should_stop=stopped)
+                                    should_stop=stopped, owner=self.id)
                 answer = bench.ask([picture], [fitted], weights)[0] if picture is not None else None
                 rows.append({"label": label, "score": score["value"], "answer": answer,
                              "sparsity_by_modality": next((r.result.sparsity_by_modality for r in runs
@@ -359,7 +396,8 @@ class Session:
         eval_n = number(eval_n, "questions to score", 10, 1000, whole=True)
         bench = self.workbench
         with self._job(should_stop) as stopped:
-            return sweep(bench, names, values, eval_n=eval_n, progress=progress, should_stop=stopped, on_row=on_row)
+            return sweep(bench, names, values, eval_n=eval_n, progress=progress, should_stop=stopped, on_row=on_row,
+                         owner=self.id)
 
     def distributions(self, run_id=None) -> dict:
         """Weight and gradient magnitude histograms per modality: the full model's, and a run's."""
@@ -402,7 +440,9 @@ class Session:
         write_text(layers_csv(report), files[1])
         if with_model:
             model_folder = folder / f"{stem}.model"
-            run.workbench.using(run.weights, lambda loaded: save_pruned(loaded, report, model_folder), long=True)
+            with self._job(None) as stopped:
+                run.workbench.using(run.weights, lambda loaded: save_pruned(loaded, report, model_folder), long=True,
+                                    should_stop=stopped, owner=self.id)
             files.append(Path(shutil.make_archive(str(model_folder), "zip", model_folder)))
             shutil.rmtree(model_folder, ignore_errors=True)
         return files

@@ -31,6 +31,7 @@ def sweep(
     should_stop: StopCheck | None = None,
     on_row: Callable[[dict], None] | None = None,
     seeds: Sequence[int] | None = None,
+    owner: object = None,
 ) -> list[dict]:
     """Rows {method, label, sparsity, seed, metric, score, achieved_sparsity, seconds, split?};
     `seeds` default to the options' one seed."""
@@ -45,7 +46,7 @@ def sweep(
             progress(step, i, len(points))
         row = measure_point(workbench, method.name, sparsity, replace(options, seed=seed), calibration, eval_n,
                             progress=(lambda what, done, total: progress(f"{step} · {what}", done, total))
-                            if progress else None, should_stop=should_stop)
+                            if progress else None, should_stop=should_stop, owner=owner)
         rows.append(row)
         if on_row:
             on_row(row)
@@ -54,12 +55,12 @@ def sweep(
 
 def measure_point(workbench: Workbench, method: str, sparsity: float, options: PruneOptions, calibration=None,
                   eval_n: int = 200, eval_seed: int = EVAL_SEED, progress: Progress | None = None,
-                  should_stop: StopCheck | None = None) -> dict:
+                  should_stop: StopCheck | None = None, owner: object = None) -> dict:
     """One prune and its quick score on `eval_n` questions drawn with `eval_seed`, as a row
     (with the vision/language split where the allocation has one)."""
     method = get_method(method)
     result, _, score = workbench.prune(method.name, sparsity, options, calibration, progress=progress,
-                                       should_stop=should_stop,
+                                       should_stop=should_stop, owner=owner,
                                        then=lambda loaded, _result: quick_score(loaded, eval_n, eval_seed))
     row = {"method": method.name, "label": method.label, "sparsity": sparsity, "seed": options.seed,
            "metric": score["metric"], "score": score["value"], "achieved_sparsity": result.achieved_sparsity,

@@ -3,9 +3,9 @@
 The model holds its full weights between units of work. A unit (one prune, one sweep
 point, one answer) takes the model, swaps in whatever variant it needs, works, and puts
 the full weights back before it lets go: nobody ever sees another user's zeros, and the
-full model's answers never change. Long units (pruning) wait in a first-come queue of
-their own, so a short one (an answer) never waits behind more than the one long unit in
-progress.
+full model's answers never change. Long units (pruning) wait in a queue of their own,
+sessions served in turn, so a short one (an answer) never waits behind more than the one
+long unit in progress, and one session's many units never starve another's.
 """
 
 from __future__ import annotations
@@ -14,51 +14,72 @@ import contextlib
 import logging
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from typing import Callable
 
 import torch
 
-from .anatomy import parameter_counts
+from .anatomy import INCLUDE_CHOICES, parameter_counts, prunable_layers
 from .answers import ask as ask_model
 from .data import Example
 from .models import LoadedModel
 from .options import PruneOptions
 from .pipeline import prune
+from .quality import Reference
+from .recover import OnStep, Recovery, RecoverOptions, recover
 from .report import PruneResult
+from .scoring import reference_for
+from .stats import layer_table
 from .weights import RunWeights, WeightStore
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str, int, int], None]
 StopCheck = Callable[[], bool]
+REFERENCES_KEPT = 4
 
 
 class Cancelled(Exception):
     """The user stopped a job; nothing was stored and the model has its full weights."""
 
 
-class FirstComeLock:
-    """A lock granted in arrival order; a waiter can give up when asked to stop."""
+class FairQueue:
+    """The turn of long units: one at a time, owners (sessions) served in rotation, each
+    owner's own units in arrival order, so one session's queue never starves the others.
+    A waiter can give up when asked to stop."""
 
     def __init__(self):
         self._condition = threading.Condition()
-        self._queue: deque[object] = deque()
+        self._waiting: OrderedDict[object, deque[object]] = OrderedDict()  # owners in turn order
         self._held = False
 
-    def acquire(self, should_stop: StopCheck | None = None, poll: float = 0.1):
+    def acquire(self, owner: object = None, should_stop: StopCheck | None = None, poll: float = 0.1):
         ticket = object()
         with self._condition:
-            self._queue.append(ticket)
+            self._waiting.setdefault(owner, deque()).append(ticket)
             try:
-                while self._held or self._queue[0] is not ticket:
+                while self._held or not self._first(ticket):
                     _check(should_stop)
                     self._condition.wait(poll)
             except BaseException:
-                self._queue.remove(ticket)
+                self._leave(owner, ticket)
                 self._condition.notify_all()
                 raise
-            self._queue.popleft()
+            queue = self._waiting.pop(owner)
+            queue.popleft()
+            if queue:
+                self._waiting[owner] = queue  # its next unit goes after every other owner's
             self._held = True
+
+    def _first(self, ticket: object) -> bool:
+        queue = next(iter(self._waiting.values()), None)
+        return queue is not None and queue[0] is ticket
+
+    def _leave(self, owner: object, ticket: object):
+        queue = self._waiting.get(owner)
+        if queue is not None:
+            queue.remove(ticket)
+            if not queue:
+                del self._waiting[owner]
 
     def release(self):
         with self._condition:
@@ -67,7 +88,8 @@ class FirstComeLock:
 
     @property
     def waiting(self) -> int:
-        return len(self._queue)
+        with self._condition:
+            return sum(len(q) for q in self._waiting.values())
 
 
 class ModelLock:
@@ -120,14 +142,17 @@ class Workbench:
     def __init__(self, loaded: LoadedModel):
         self.loaded = loaded
         self.store = WeightStore.of(loaded)
-        self.long_queue = FirstComeLock()
+        self.long_queue = FairQueue()
         self.model_lock = ModelLock()
+        self._references: dict[tuple, tuple[list[Example], Reference]] = {}
+        self._references_lock = threading.Lock()
 
     @contextlib.contextmanager
-    def unit(self, long: bool = False, should_stop: StopCheck | None = None):
-        """Hold the model for one unit of work; the full weights are back when it ends."""
+    def unit(self, long: bool = False, should_stop: StopCheck | None = None, owner: object = None):
+        """Hold the model for one unit of work; the full weights are back when it ends.
+        Long units take turns by `owner` (a session id; None: one shared line)."""
         if long:
-            self.long_queue.acquire(should_stop)
+            self.long_queue.acquire(owner, should_stop)
         try:
             self.model_lock.acquire(long, should_stop)
             try:
@@ -154,9 +179,12 @@ class Workbench:
     def prune(self, method: str, sparsity: float, options: PruneOptions | None = None,
               calibration: list[Example] | None = None, progress: Progress | None = None,
               should_stop: StopCheck | None = None,
-              then: Callable[[LoadedModel, PruneResult], object] | None = None) -> tuple[PruneResult, RunWeights, object]:
+              then: Callable[[LoadedModel, PruneResult], object] | None = None,
+              held_out: list[Example] | None = None, owner: object = None) -> tuple[PruneResult, RunWeights, object]:
         """One prune as one unit: returns its report, its compact weights and then(loaded,
-        result) computed on the pruned model (a sweep's score), the full weights restored."""
+        result) computed on the pruned model (a sweep's score), the full weights restored.
+        With `held_out` examples, the report's `quality` compares the run with the full model."""
+        reference = self.reference(held_out, should_stop, owner) if held_out is not None else None
 
         def report(what, done, total):
             if should_stop is not None and should_stop():
@@ -164,9 +192,9 @@ class Workbench:
             if progress is not None:
                 progress(what, done, total)
 
-        with self.unit(long=True, should_stop=should_stop) as loaded:
+        with self.unit(long=True, should_stop=should_stop, owner=owner) as loaded:
             try:
-                result = prune(loaded, method, sparsity, options, calibration, report)
+                result = prune(loaded, method, sparsity, options, calibration, report, reference)
                 weights = RunWeights.capture(self.store, [r["name"] for r in result.layers])
                 extra = then(loaded, result) if then is not None else None
             except torch.OutOfMemoryError as err:
@@ -180,10 +208,56 @@ class Workbench:
                     torch.cuda.empty_cache()
         return result, weights, extra
 
+    def recover(self, weights: RunWeights, options: RecoverOptions, calibration: list[Example] | None = None,
+                progress: Progress | None = None, should_stop: StopCheck | None = None,
+                on_step: OnStep | None = None, owner: object = None) -> tuple[Recovery, list[dict], RunWeights]:
+        """Fine-tune a variant with its zeros held, as one long unit: returns what happened,
+        the per-layer table and the recovered weights; the full weights are back afterwards."""
+
+        def report(what, done, total):
+            if should_stop is not None and should_stop():
+                raise Cancelled("stopped by the user")
+            if progress is not None:
+                progress(what, done, total)
+
+        with self.unit(long=True, should_stop=should_stop, owner=owner) as loaded:
+            names = set(weights.names)
+            layers = [l for l in prunable_layers(loaded.model, INCLUDE_CHOICES) if l.name in names]
+            try:
+                with weights.applied(self.store):
+                    recovery = recover(loaded, layers, options, calibration, report, on_step)
+                    table = layer_table(layers)
+                    recovered = RunWeights.capture(self.store, weights.names)
+            except torch.OutOfMemoryError as err:
+                raise MemoryError("out of memory while fine-tuning: the recovery was abandoned and the full "
+                                  "model restored; try a smaller batch size or the LoRA way") from err
+            finally:
+                self.store.restore()
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+        return recovery, table, recovered
+
+    def reference(self, examples: list[Example], should_stop: StopCheck | None = None,
+                  owner: object = None) -> Reference:
+        """The full model on held-out examples (its answers and next-token distributions),
+        measured once per set of examples and kept: the full model never changes."""
+        key = tuple(map(id, examples))
+        with self._references_lock:
+            kept = self._references.get(key)
+        if kept is not None:
+            return kept[1]
+        reference = self.using(None, lambda loaded: reference_for(loaded, examples), long=True,
+                               should_stop=should_stop, owner=owner)
+        with self._references_lock:
+            self._references[key] = (list(examples), reference)  # the examples pin their ids
+            while len(self._references) > REFERENCES_KEPT:
+                self._references.pop(next(iter(self._references)))
+        return reference
+
     def using(self, weights: RunWeights | None, fn: Callable[[LoadedModel], object], long: bool = False,
-              should_stop: StopCheck | None = None):
+              should_stop: StopCheck | None = None, owner: object = None):
         """fn(loaded) with a variant's weights in place (None: the full model), as one unit."""
-        with self.unit(long, should_stop) as loaded:
+        with self.unit(long, should_stop, owner) as loaded:
             if weights is None:
                 return fn(loaded)
             with weights.applied(self.store):

@@ -84,6 +84,18 @@ def saved_model(tmp_path, family):
     return folder
 
 
+SLOW_FIXTURES = {"app", "strict_app", "browser"}  # each starts the app in its own process, or a browser
+SLOW_FILES = {"test_browser.py"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark slow what starts a server, a browser, a subprocess CLI or the soak, so that
+    `pytest -m "not slow"` is the everyday lane (CI still runs everything)."""
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or item.path.name in SLOW_FILES:
+            item.add_marker(pytest.mark.slow)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

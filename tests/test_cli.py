@@ -198,3 +198,18 @@ def test_bench_arch_needs_random_init():
     assert done.returncode == 2 and done.stderr.strip().startswith("error:") and "--random-init" in done.stderr
     done = run("bench", "--arch", "blip2-huge", "--random-init")
     assert done.returncode == 2 and "unknown architecture" in done.stderr
+
+
+def test_bench_sparsegpt_layer_reports_the_peak_against_the_hessian(tmp_path):
+    out = tmp_path / "layer.json"
+    done = run("bench", "--sparsegpt-layer", "64x96", "--sparsegpt-layer", "96x64", "--json", str(out))
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(out.read_text())["sparsegpt_layers"]
+    assert [r["shape"] for r in rows] == ["64x96", "96x64"]
+    for r, (rows_, columns) in zip(rows, [(64, 96), (96, 64)]):
+        assert r["hessian_mib"] == round(columns * columns * 4 / 2**20, 1)
+        assert r["weight_mib"] == round(rows_ * columns * 4 / 2**20, 1)
+        assert r["achieved_sparsity"] == math.floor(rows_ * columns * 0.5) / (rows_ * columns)
+    assert "64x96" in done.stdout
+    done = run("bench", "--sparsegpt-layer", "64by96")
+    assert done.returncode == 2 and "ROWSxCOLUMNS" in done.stderr

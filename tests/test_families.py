@@ -320,6 +320,7 @@ def _cli(*args):
                           timeout=300)
 
 
+@pytest.mark.slow
 def test_cli_prunes_a_qwen2_vl_folder_and_the_pruned_model_answers(tmp_path, capsys):
     """Qwen2-VL's processor needs torchvision for videos: loaded without, said in one line."""
     from ecoflap.__main__ import main
@@ -337,6 +338,7 @@ def test_cli_prunes_a_qwen2_vl_folder_and_the_pruned_model_answers(tmp_path, cap
     assert capsys.readouterr().out.strip()
 
 
+@pytest.mark.slow
 def test_cli_answers_with_a_smolvlm_folder(tmp_path):
     """SmolVLM's processor also wants num2words, for video timestamps only."""
     folder = saved(tiny("smolvlm"), tmp_path / "smolvlm")

@@ -127,6 +127,7 @@ def test_exports_stay_in_the_temp_area(app):
         assert Path(path).resolve().is_relative_to(Path(tempfile.gettempdir()).resolve())
 
 
+@pytest.mark.slow
 def test_killed_during_a_prune_the_app_starts_again(tmp_path_factory):
     process, url, log, _ = launch(tmp_path_factory)
     c = client(url)

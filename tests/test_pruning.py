@@ -131,6 +131,50 @@ def test_ecoflap_with_sparsegpt_and_all_modules(loaded, examples):
     assert set(result.sparsity_by_modality) == {"vision", "qformer", "projection", "language"}
 
 
+def _with_dead_neurons(dead: int = 32):
+    """The tiny OPT with `dead` feed-forward neurons per language block that never fire
+    (ReLU behind a bias of -1e4): the first `dead` inputs of every fc2 are always zero."""
+    loaded = tiny_model("opt")
+    fc2s = []
+    with torch.no_grad():
+        for layer in loaded.model.language_model.model.decoder.layers:
+            layer.fc1.bias[:dead] = -1e4
+            fc2s.append(layer.fc2)
+    return loaded, fc2s
+
+
+@pytest.mark.parametrize("sparsity", [0.5, 0.7])
+def test_sparsegpt_with_dead_neurons_keeps_exact_counts(examples, sparsity):
+    loaded, fc2s = _with_dead_neurons()
+    result = prune(loaded, "sparsegpt", sparsity, PruneOptions(samples=16, blocksize=32), examples)
+    for row in result.layers:
+        assert row["zeros"] == math.floor(row["numel"] * sparsity + 1e-9), row["name"]
+    total = sum(r["numel"] for r in result.layers)
+    assert sum(r["zeros"] for r in result.layers) == sum(math.floor(r["numel"] * sparsity + 1e-9)
+                                                         for r in result.layers)
+    assert abs(result.achieved_sparsity - sparsity) * total < len(result.layers)
+    for fc2 in fc2s:  # the dead inputs were the first zeros
+        assert (fc2.weight[:, :32] == 0).all()
+
+
+def test_sparsegpt_with_dead_neurons_keeps_exact_nm_groups(examples):
+    loaded, fc2s = _with_dead_neurons(dead=48)
+    result = prune(loaded, "sparsegpt", 0.5, PruneOptions(samples=16, nm="2:4"), examples)
+    for row in result.layers:
+        w = loaded.model.get_submodule(row["name"]).weight
+        assert ((w == 0).reshape(w.shape[0], -1, 4).sum(-1) == 2).all(), row["name"]
+
+
+def test_ecoflap_sparsegpt_with_dead_neurons_keeps_its_budget(examples):
+    loaded, _ = _with_dead_neurons(dead=64)
+    options = PruneOptions(samples=16, stage1_samples=8, granularity="layer", blocksize=32)
+    result = prune(loaded, "ecoflap_sparsegpt", 0.5, options, examples)
+    total = sum(r["numel"] for r in result.layers)
+    zeros = sum(r["zeros"] for r in result.layers)
+    assert total - zeros == math.floor(total * 0.5)
+    assert {g["name"]: g["numel"] - g["keep"] for g in result.groups} == {r["name"]: r["zeros"] for r in result.layers}
+
+
 @pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt", "ecoflap"])
 def test_restore_is_bit_identical_after_any_method(loaded, examples, method):
     layers = prunable_layers(loaded.model, ALL)
@@ -205,3 +249,27 @@ def test_calibration_encoding_is_reused_for_the_same_examples(loaded, examples):
     for start in range(2, 2 + ENCODED_SETS_KEPT):
         encoded(examples[start : start + 4])
     assert encoded(examples[:8])[0]["pixel_values"] is not first[0]["pixel_values"]
+
+
+def test_sparsegpt_frees_each_layers_hessian_once_it_is_pruned(examples, monkeypatch):
+    """A block's Hessians do not all live until the block ends: when a layer is pruned,
+    the Hessians of the layers pruned before it are gone (and the Hessian is consumed)."""
+    import gc
+    import weakref
+
+    import ecoflap.pipeline as pipeline
+
+    real, seen, alive_when_pruning = pipeline.prune_sparsegpt, [], []
+
+    def watched(weight, hessian, *args, **kwargs):
+        gc.collect()
+        alive_when_pruning.append(sum(ref() is not None for ref in seen))
+        seen.append(weakref.ref(hessian))
+        before = hessian.clone()
+        mask = real(weight, hessian, *args, **kwargs)
+        assert not torch.equal(hessian, before)  # factored in its own storage
+        return mask
+
+    monkeypatch.setattr(pipeline, "prune_sparsegpt", watched)
+    prune(tiny_model("opt"), "sparsegpt", 0.5, PruneOptions(samples=8), examples)
+    assert len(seen) > 8 and alive_when_pruning == [0] * len(seen)

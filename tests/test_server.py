@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ecoflap.models import ModelLoadError
-from ecoflap.server import ConfigError, Limits, Server
+from ecoflap.server import Busy, ConfigError, Limits, Server, client_address
 from ecoflap.session import Session
 from ecoflap.workbench import Cancelled
 
@@ -319,13 +319,47 @@ def test_idle_sessions_and_old_exports_are_tidied(model_folder, tmp_path):
     assert any("idle for more than 1 minutes" in n for n in again.notices()) and again.runs() == []
 
 
-def test_sessions_are_bounded(model_folder, tmp_path):
-    server = make_server(model_folder, tmp_path, sessions=3)
-    first = server.open_session()
+def test_a_flood_of_empty_sessions_never_costs_anyone_their_runs(model_folder, tmp_path):
+    server = make_server(model_folder, tmp_path, sessions=4, sessions_per_client=2)
+    student = server.open_session("10.0.0.1")
+    kept = student.prune("magnitude", 0.5)
+    for _ in range(50):
+        server.open_session("10.0.0.9")
+    assert server.sessions == 3  # the student's, and the attacker's newest two
+    assert [r.id for r in server.session(student.id, "10.0.0.1").runs()] == [kept.id]
+    for address in ("10.0.0.2", "10.0.0.3"):
+        server.open_session(address).prune("magnitude", 0.5)
+    assert server.sessions == 4
+    attacker = [s for s in list(server._sessions.values()) if s.client == "10.0.0.9"]
+    assert len(attacker) == 1  # the room for the last student came from an empty session
+    attacker[0].prune("magnitude", 0.5)
+    with pytest.raises(Busy, match="serving as many people as it can \\(4 sessions"):
+        server.open_session("10.0.0.4")
+    with pytest.raises(Busy, match="serving as many people"):
+        server.open_session("10.0.0.9")
+    assert server.sessions == 4
+    assert all(len(s.runs()) == 1 for s in server._sessions.values())
+
+
+def test_one_client_keeps_at_most_its_own_bound_of_sessions(model_folder, tmp_path):
+    server = make_server(model_folder, tmp_path, sessions=10, sessions_per_client=2)
+    first, second = server.open_session("10.0.0.9"), server.open_session("10.0.0.9")
     first.prune("magnitude", 0.5)
-    for _ in range(3):
-        server.open_session()
-    assert server.sessions == 3 and server.stored_run_bytes == 0
+    third = server.open_session("10.0.0.9")  # closes `second`, the one without runs
+    assert server.sessions == 2 and second.ended and not first.ended
+    third.prune("magnitude", 0.5)
+    with pytest.raises(Busy, match="already have 2 sessions with work in them"):
+        server.open_session("10.0.0.9")
+    assert server.open_session("10.0.0.1") and server.sessions == 3
+    again = server.session(second.id, "10.0.0.1")
+    assert any("more than 2 sessions" in n for n in again.notices())
+
+
+def test_the_client_address_trusts_forwarding_only_behind_a_proxy():
+    assert client_address("10.1.1.1", "6.6.6.6", behind_proxy=False) == "10.1.1.1"
+    assert client_address("10.1.1.1", "6.6.6.6, 7.7.7.7", behind_proxy=True) == "7.7.7.7"
+    assert client_address("10.1.1.1", "", behind_proxy=True) == "10.1.1.1"
+    assert client_address(None, None, behind_proxy=False) == "unknown"
 
 
 @pytest.mark.parametrize("env,message", [
@@ -368,3 +402,31 @@ def test_clearing_runs_frees_their_memory(model_folder, tmp_path):
     me.prune("magnitude", 0.5)
     assert server.stored_run_bytes > 0
     assert me.clear_runs() == 2 and me.runs() == [] and server.stored_run_bytes == 0
+
+
+def test_jobs_are_bounded_per_session_and_per_client(model_folder, tmp_path):
+    server = make_server(model_folder, tmp_path, jobs_per_session=1, jobs_per_client=2)
+    a, b, c = (server.open_session("10.0.0.9") for _ in range(3))
+    other = server.open_session("10.0.0.1")
+    holding, release = threading.Event(), threading.Event()
+
+    def hold(what, done, total):
+        holding.set()
+        release.wait(30)
+
+    first = threading.Thread(target=lambda: a.prune("magnitude", 0.5, progress=hold, **FAST))
+    first.start()
+    holding.wait(30)
+    with pytest.raises(Busy, match="already have 1 job\\(s\\) running or waiting here \\(at most 1 per session"):
+        a.prune("magnitude", 0.6, **FAST)
+    second = threading.Thread(target=lambda: b.sweep(["magnitude"], "0.3", eval_n=10))
+    second.start()
+    while len(b._jobs) < 1:
+        time.sleep(0.01)
+    with pytest.raises(Busy, match="already have 2 jobs running or waiting \\(at most 2 per person"):
+        c.compare(["magnitude", "wanda"], 0.5, eval_n=10)
+    release.set()
+    assert other.prune("magnitude", 0.5, **FAST).label == "Magnitude @ 0.50"
+    first.join(60)
+    second.join(60)
+    assert len(a.runs()) == 1 and c.prune("magnitude", 0.5, **FAST)

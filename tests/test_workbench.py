@@ -240,3 +240,56 @@ def test_a_runs_peak_memory_is_its_own(examples):
     assert result.peak_memory_kind == "cpu_rss_growth"
     assert result.peak_memory_bytes < 32 * 2**20
     del ballast
+
+
+def test_long_units_take_turns_by_session():
+    """Session x queued three units before y queued one: y goes second, not fourth."""
+    from ecoflap.workbench import FairQueue
+
+    queue, order = FairQueue(), []
+    queue.acquire("holder")
+
+    def unit(owner, name):
+        queue.acquire(owner)
+        order.append(name)
+        queue.release()
+
+    threads = []
+    for owner, name in [("x", "x1"), ("x", "x2"), ("x", "x3"), ("y", "y1"), ("z", "z1"), ("x", "x4")]:
+        threads.append(threading.Thread(target=unit, args=(owner, name)))
+        threads[-1].start()
+        while queue.waiting < len(threads):
+            threading.Event().wait(0.01)
+    queue.release()
+    for t in threads:
+        t.join(30)
+    assert order == ["x1", "y1", "z1", "x2", "x3", "x4"]
+
+
+def test_a_waiter_that_stops_leaves_the_turns_of_others_intact():
+    from ecoflap.workbench import FairQueue
+
+    queue, order, stop = FairQueue(), [], threading.Event()
+    queue.acquire("holder")
+
+    def unit(owner, name, should_stop=None):
+        try:
+            queue.acquire(owner, should_stop)
+        except Cancelled:
+            order.append(f"{name} stopped")
+            return
+        order.append(name)
+        queue.release()
+
+    threads = [threading.Thread(target=unit, args=("x", "x1", stop.is_set)),
+               threading.Thread(target=unit, args=("x", "x2")), threading.Thread(target=unit, args=("y", "y1"))]
+    for i, t in enumerate(threads):
+        t.start()
+        while queue.waiting < i + 1:
+            threading.Event().wait(0.01)
+    stop.set()
+    threads[0].join(30)
+    queue.release()
+    for t in threads:
+        t.join(30)
+    assert order == ["x1 stopped", "x2", "y1"]

@@ -8,6 +8,7 @@ from typing import Callable
 from PIL import Image
 
 from ..answers import ask
+from ..quality import exact_match
 from .world import QUESTION_TYPES, Sample, draw_sample, samples
 
 
@@ -25,10 +26,6 @@ def make_eval_set(n: int = 1000, seed: int = 10_000) -> list[EvalExample]:
     return [EvalExample(draw_sample(s, i, seed), s.kind, s.question, s.answer) for i, s in enumerate(chosen)]
 
 
-def normalise(text: str) -> str:
-    return " ".join(text.lower().replace(" ,", ",").split()).strip(" .")
-
-
 def evaluate(loaded, examples: list[EvalExample], batch_size: int = 64,
              progress: Callable[[int, int], None] | None = None) -> dict:
     """{"overall", "by_type": {type: accuracy}, "n", "mistakes": first few wrong answers}."""
@@ -40,7 +37,7 @@ def evaluate(loaded, examples: list[EvalExample], batch_size: int = 64,
         answers = ask(loaded, [e.image for e in chunk], [e.question for e in chunk])
         for e, got in zip(chunk, answers):
             total[e.kind] += 1
-            if normalise(got) == normalise(e.answer):
+            if exact_match(got, e.answer):
                 correct[e.kind] += 1
             elif len(mistakes) < 20:
                 mistakes.append({"kind": e.kind, "question": e.question, "expected": e.answer, "got": got})

@@ -1,0 +1,141 @@
+"""Does the label-free measure rank pruned models as accuracy does? Measured on the shipped model.
+
+    python -m ecoflap.toy.label_free [--out assets/shapes-blip2/label-free.json]
+
+For every method, sparsity and seed of the model card's pruning table (the per-modality
+rows at the split the card chose), one prune with the shipped calibration set and default
+options, then the pruned model against the full one on the sweep's 200 generated
+questions (seed 1234; no image of the calibration set among them): KL(full || pruned)
+over the answer tokens teacher-forced on the reference answers, same top, same answer,
+accuracy and flips. Then the Spearman rank correlation, over all rows, of each
+label-free figure with accuracy. Rows are written as they finish, and a rerun keeps the
+rows its file already has, so a long measurement can be stopped and resumed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..curves import FILE as CURVES_FILE
+from ..models import load_model
+from ..options import PruneOptions
+from ..report import write_json
+from ..scoring import HELD_OUT_N, HELD_OUT_SEED, held_out_examples, quality_against_full, reference_for
+from ..workbench import Workbench
+from .pruning_curves import METHODS, SEEDS, SPARSITIES
+
+FILE = "label-free.json"
+COMMAND = "python -m ecoflap.toy.label_free"
+ORDER = (0.7, 0.8, 0.6, 0.5, 0.75)  # the informative sparsities first, so a partial file already ranks
+FIGURES = ("kl_mean", "kl_median", "kl_p99", "same_top", "same_answer")
+
+
+def ranks(values) -> np.ndarray:
+    """1-based ranks, tied values sharing the mean of the ranks they span."""
+    values = np.asarray(values, dtype=float)
+    order = np.argsort(values, kind="stable")
+    out = np.empty(len(values))
+    i = 0
+    while i < len(values):
+        j = i
+        while j + 1 < len(values) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        out[order[i : j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    return out
+
+
+def spearman(x, y) -> float | None:
+    """Spearman's rank correlation: Pearson's correlation of the ranks (ties averaged);
+    None where either side is constant."""
+    rx, ry = ranks(x), ranks(y)
+    if rx.std() == 0 or ry.std() == 0:
+        return None
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def points(folder: Path) -> list[dict]:
+    """The card's table as (method, sparsity, seed, vision sparsity) points, informative ones first."""
+    splits = {}
+    curves = folder / CURVES_FILE
+    if curves.is_file():
+        for row in json.loads(curves.read_text())["rows"]:
+            if row["method"] == "per_modality":
+                splits[float(row["sparsity"])] = row["split"]["vision"]
+    out = []
+    for seed_pass in (0, 1):
+        for s in ORDER:
+            for method in (*METHODS, "per_modality"):
+                seeds = SEEDS if method == "ecoflap_zeroth" else SEEDS[:1]
+                for seed in (seeds[:1] if seed_pass == 0 else seeds[1:]):
+                    if method == "per_modality" and s not in splits:
+                        continue
+                    out.append({"method": method, "sparsity": s, "seed": seed,
+                                "vision_sparsity": splits.get(s) if method == "per_modality" else None})
+    return [p for p in out if p["sparsity"] in SPARSITIES]
+
+
+def correlations(rows: list[dict]) -> dict:
+    accuracy = [r["quality"]["accuracy"] for r in rows]
+    return {f: spearman([r["quality"][f] for r in rows], accuracy) for f in FIGURES}
+
+
+def measure(folder: Path, out: Path, log=print) -> dict:
+    torch.set_num_threads(2)
+    workbench = Workbench(load_model(str(folder), device="cpu"))
+    done = json.loads(out.read_text()) if out.is_file() else {}
+    rows = done.get("rows", [])
+    started = time.perf_counter() - done.get("seconds", 0)
+    examples = held_out_examples(n=HELD_OUT_N, seed=HELD_OUT_SEED)
+    reference = workbench.using(None, lambda loaded: reference_for(loaded, examples))
+    have = {(r["method"], r["sparsity"], r["seed"]) for r in rows}
+    for p in points(folder):
+        if (p["method"], p["sparsity"], p["seed"]) in have:
+            continue
+        options = PruneOptions(seed=p["seed"], vision_sparsity=p["vision_sparsity"])
+        result, _, quality = workbench.prune(p["method"], p["sparsity"], options,
+                                             then=lambda loaded, _r: quality_against_full(loaded, reference))
+        rows.append({**{k: v for k, v in p.items() if v is not None}, "quality": quality,
+                     "achieved_sparsity": result.achieved_sparsity})
+        q = quality
+        log(f"{p['method']:18s} {p['sparsity']:.2f} seed {p['seed']}  acc {q['accuracy']:.3f}  "
+            f"KL {q['kl_mean']:.4f}  same top {q['same_top']:.3f}  flips {q['flips']}")
+        write_json(summary(rows, reference_accuracy(rows), time.perf_counter() - started), out)
+    return summary(rows, reference_accuracy(rows), time.perf_counter() - started)
+
+
+def reference_accuracy(rows: list[dict]) -> float | None:
+    return rows[0]["quality"]["full_accuracy"] if rows else None
+
+
+def summary(rows: list[dict], full_accuracy, seconds: float) -> dict:
+    return {
+        "model": "shapes-blip2",
+        "measured_on": f"{HELD_OUT_N} generated shapes questions of every type (seed {HELD_OUT_SEED}), "
+                       f"teacher-forced on their reference answers; calibration: the shipped set, default options",
+        "command": COMMAND,
+        "full_accuracy": full_accuracy,
+        "spearman_with_accuracy": correlations(rows) if len(rows) > 2 else {},
+        "rows": rows,
+        "seconds": round(seconds),
+    }
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("folder", nargs="?", default="assets/shapes-blip2")
+    parser.add_argument("--out", default=None, help=f"default: the model folder's {FILE}")
+    args = parser.parse_args(argv)
+    folder = Path(args.folder)
+    result = measure(folder, Path(args.out) if args.out else folder / FILE)
+    print(json.dumps(result["spearman_with_accuracy"], indent=1))
+
+
+if __name__ == "__main__":
+    main()

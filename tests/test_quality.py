@@ -1,0 +1,146 @@
+"""Quality against the full model: every figure checked against a computation of its own."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import FAST, random_examples, tiny_model
+
+from ecoflap.answers import ask
+from ecoflap.data import Example, encode_examples
+from ecoflap.options import PruneOptions
+from ecoflap.pipeline import prune
+from ecoflap.quality import against_full, full_reference, labelled_counts
+from ecoflap.scoring import fingerprint, held_out_examples
+from ecoflap.toy.label_free import ranks, spearman
+from ecoflap.workbench import Workbench
+
+
+def _held_out() -> list[Example]:
+    examples = random_examples(7, seed=11)
+    examples[0].answer = examples[3].answer = ""  # no reference: forced on the full model's own answer
+    return examples
+
+
+def _answer_distributions(loaded, example: Example) -> np.ndarray:
+    """Next-token probabilities at the answer tokens of one example, found by position
+    arithmetic on an unpadded sequence and checked against the model's own loss."""
+    batch = encode_examples(loaded, [example])
+    with torch.no_grad():
+        out = loaded.model(**batch, use_cache=False)
+    logits, labels = out.logits[0].double(), batch["labels"][0]
+    if loaded.decoder_only:
+        first = batch["input_ids"].shape[1] - labels.shape[0]  # positions before the text (none here)
+        where = [first + t - 1 for t in range(labels.shape[0]) if labels[t] != -100]
+    else:
+        where = [t for t in range(labels.shape[0]) if labels[t] != -100]
+    targets = labels[labels != -100]
+    log_p = torch.log_softmax(logits[where], -1)
+    assert -log_p[torch.arange(len(targets)), targets].mean().item() == pytest.approx(out.loss.item(), rel=1e-5)
+    return log_p.exp().numpy()
+
+
+def test_kl_percentiles_and_same_top_equal_an_independent_computation(family):
+    full, pruned = tiny_model(family), tiny_model(family)
+    held_out = _held_out()
+    result = prune(pruned, "wanda", 0.6, PruneOptions(**{"samples": FAST["samples"]}), random_examples(32),
+                   held_out=held_out)
+    q = result.quality
+    full_answers = ask(full, [e.image for e in held_out], [e.question for e in held_out])
+    forced = [Example(e.image, e.question, e.answer or a) for e, a in zip(held_out, full_answers)]
+    kl, same_top = [], []
+    for example in forced:
+        p, r = _answer_distributions(full, example), _answer_distributions(pruned, example)
+        kl += list((p * (np.log(p) - np.log(r))).sum(-1))
+        same_top += list(p.argmax(-1) == r.argmax(-1))
+    kl = np.array(kl)
+    assert q["tokens"] == len(kl) > len(held_out)
+    assert q["kl_mean"] == pytest.approx(kl.mean(), rel=1e-4, abs=1e-7)
+    assert q["kl_median"] == pytest.approx(np.percentile(kl, 50), rel=1e-4, abs=1e-7)
+    assert q["kl_p99"] == pytest.approx(np.percentile(kl, 99), rel=1e-4, abs=1e-7)
+    assert q["kl_p999"] == pytest.approx(np.percentile(kl, 99.9), rel=1e-4, abs=1e-7)
+    assert q["same_top"] == pytest.approx(np.mean(same_top))
+    assert kl.mean() > 0 and 0 < np.mean(same_top) < 1  # the pruning changed something, not everything
+    pruned_answers = ask(pruned, [e.image for e in held_out], [e.question for e in held_out])
+    assert q["same_answer"] == pytest.approx(np.mean([a == b for a, b in zip(full_answers, pruned_answers)]))
+    assert q["teacher_forced_on"].startswith("5 reference answers, 2 of the full model's")
+    assert q["flips"]["right_to_wrong"] + q["flips"]["wrong_to_right"] == sum(
+        (a == e.answer) != (b == e.answer) for a, b, e in zip(full_answers, pruned_answers, held_out) if e.answer)
+
+
+def test_the_full_model_against_itself_is_identical():
+    loaded = tiny_model("opt")
+    q = against_full(loaded, full_reference(loaded, _held_out()), labelled=True)
+    assert q["kl_mean"] == q["kl_p999"] == 0 and q["same_top"] == q["same_answer"] == 1
+    assert q["flips"] == {"right_to_wrong": 0, "wrong_to_right": 0} and q["accuracy"] == q["full_accuracy"]
+
+
+def test_flips_equal_a_count_over_the_answers():
+    full, pruned = tiny_model("opt"), tiny_model("opt")
+    prune(pruned, "magnitude", 0.7)
+    examples = random_examples(16, seed=5)
+    images, questions = [e.image for e in examples], [e.question for e in examples]
+    full_answers, pruned_answers = ask(full, images, questions), ask(pruned, images, questions)
+    # half the references are the full model's answers, half the pruned model's: both kinds of flip occur
+    for i, e in enumerate(examples):
+        e.answer = full_answers[i] if i % 2 == 0 else pruned_answers[i]
+    q = against_full(pruned, full_reference(full, examples), labelled=True)
+    scored = [i for i, e in enumerate(examples) if e.answer]  # an empty answer is no reference
+    full_right = {i: full_answers[i] == examples[i].answer for i in scored}
+    right = {i: pruned_answers[i] == examples[i].answer for i in scored}
+    r2w = sum(full_right[i] and not right[i] for i in scored)
+    w2r = sum(right[i] and not full_right[i] for i in scored)
+    assert r2w > 0 and w2r > 0
+    assert q["flips"] == {"right_to_wrong": r2w, "wrong_to_right": w2r}
+    assert q["full_accuracy"] == pytest.approx(sum(full_right.values()) / len(scored))
+    assert q["accuracy"] == pytest.approx(sum(right.values()) / len(scored))
+
+
+def test_labelled_counts_by_hand():
+    counts = labelled_counts(["red", "two", "yes", "no"], ["Red.", "three", "no", "no"], ["red", "two", "no", "no"])
+    assert counts == {"accuracy": 0.75, "full_accuracy": 0.75, "flips": {"right_to_wrong": 1, "wrong_to_right": 1}}
+
+
+def test_held_out_examples_never_show_a_calibration_image():
+    generated = held_out_examples([], n=20, seed=3)
+    assert len(generated) == 20
+    calibration = random_examples(8) + generated[:5]
+    held = held_out_examples(calibration, n=20, seed=3)
+    used = {fingerprint(e.image) for e in calibration}
+    assert len(held) == 15 and not used & {fingerprint(e.image) for e in held}
+    assert [e.question for e in held] == [e.question for e in generated[5:]]
+    # the shipped set (the default calibration) and the sweep's questions do not overlap
+    from ecoflap.data import default_calibration
+    shipped = {fingerprint(e.image) for e in default_calibration()}
+    assert len(held_out_examples(n=200)) == 200 and not shipped & {fingerprint(e.image) for e in held_out_examples(n=200)}
+
+
+def test_held_out_from_a_pool_leaves_out_what_calibration_used():
+    pool = random_examples(12, seed=2)
+    calibration = pool[:8]
+    held = held_out_examples(calibration, n=3, seed=1, pool=pool)
+    assert len(held) == 3 and all(any(e is p for p in pool[8:]) for e in held)
+    assert held == held_out_examples(calibration, n=3, seed=1, pool=pool)  # fixed seed, same draw
+    with pytest.raises(ValueError, match="none is left to hold out"):
+        held_out_examples(pool, pool=pool)
+
+
+def test_workbench_measures_the_full_model_once_and_restores_it():
+    bench = Workbench(tiny_model("opt"))
+    held_out = _held_out()
+    first, _, _ = bench.prune("wanda", 0.5, PruneOptions(samples=8), random_examples(8), held_out=held_out)
+    assert bench.reference(held_out) is bench.reference(held_out)
+    again, _, _ = bench.prune("wanda", 0.5, PruneOptions(samples=8), random_examples(8), held_out=held_out)
+    assert first.quality == again.quality and first.quality["kl_mean"] > 0
+    assert bench.store.is_original()
+    assert first.to_dict()["quality"] == first.quality
+
+
+def test_spearman_by_hand():
+    assert list(ranks([3, 1, 2, 2])) == [4, 1, 2.5, 2.5]
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1)
+    # ranks x = 1, 2.5, 2.5, 4 and y = 1, 3, 2, 4: covariance 4.5, variances 4.5 and 5
+    assert spearman([1, 2, 2, 3], [1, 3, 2, 4]) == pytest.approx(4.5 / np.sqrt(4.5 * 5))
+    assert spearman([1, 1, 1], [1, 2, 3]) is None

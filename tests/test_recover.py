@@ -1,0 +1,258 @@
+"""Recovery: fine-tuning a pruned model never revives a zero (full and LoRA-merged), it
+learns, it is one hand-worked AdamW step, the shared model is untouched, the new run is
+usable everywhere a run is, a stop stores nothing, and bad settings are refused calmly."""
+
+import json
+import zipfile
+
+import pytest
+import torch
+from transformers import Blip2ForConditionalGeneration
+
+from ecoflap.anatomy import prunable_layers
+from ecoflap.models import load_model
+from ecoflap.options import PruneOptions
+from ecoflap.data import calibration_loss, encode_examples
+from ecoflap.pipeline import prune
+from ecoflap.recover import RecoverOptions, recover, recover_options, training_batches
+from ecoflap.server import Limits, Server
+from ecoflap.shapes.evaluate import make_eval_set
+from ecoflap.shapes.training import RECOVERY_SEED, fresh_batches
+from ecoflap.shapes.world import samples
+from ecoflap.sweep import EVAL_SEED
+from ecoflap.workbench import Cancelled
+
+from conftest import EXAMPLE, tiny_model
+
+FAST = dict(samples=8, stage1_samples=8)
+
+
+def pruned_tiny(family, examples, sparsity=0.6):
+    loaded = tiny_model(family)
+    result = prune(loaded, "wanda", sparsity, PruneOptions(**FAST), examples)
+    names = {r["name"] for r in result.layers}
+    return loaded, [l for l in prunable_layers(loaded.model) if l.name in names]
+
+
+@pytest.mark.parametrize("way", ["full", "lora"])
+def test_every_zero_stays_zero_and_the_kept_weights_learn(family, examples, way):
+    loaded, layers = pruned_tiny(family, examples)
+    before = {l.name: l.module.weight.detach().clone() for l in layers}
+    options = RecoverOptions(steps=4, lr=1e-3, way=way, eval_n=0, batch_size=4)
+    done = recover(loaded, layers, options, calibration=examples)
+    for l in layers:
+        weight, old = l.module.weight.detach(), before[l.name]
+        assert torch.equal(weight == 0, old == 0), l.name
+        assert int((weight == 0).sum()) == done.zeros_before[l.name] == done.zeros_after[l.name] > 0
+    moved = sum(int((l.module.weight.detach() != before[l.name]).sum()) for l in layers)
+    assert moved > 0.5 * sum(int((before[l.name] != 0).sum()) for l in layers)
+    if way == "lora":
+        assert done.merge_densification == 0
+        assert done.plain_merge_would_fill > 0  # the masked merge is what kept them
+        assert done.trained_parameters == sum(options.rank * (l.module.in_features + l.module.out_features)
+                                              for l in layers)
+    else:
+        assert done.merge_densification is None
+        assert done.trained_parameters == sum(int((before[l.name] != 0).sum()) for l in layers)
+
+
+def test_the_training_loss_falls_and_is_the_real_loss(examples):
+    loaded, layers = pruned_tiny("opt", examples, sparsity=0.7)
+    batch = examples[:8]  # one batch, seen again at every step
+    first = calibration_loss(loaded.model, encode_examples(loaded, batch)).item()
+    done = recover(loaded, layers, RecoverOptions(steps=30, lr=1e-2, schedule="constant", batch_size=8, eval_n=0),
+                   calibration=batch)
+    assert done.losses[0] == pytest.approx(first, rel=1e-5)
+    assert sum(done.losses[-5:]) / 5 < 0.9 * first
+    with torch.no_grad():
+        assert calibration_loss(loaded.model, encode_examples(loaded, batch)).item() < 0.9 * first
+
+
+def test_one_full_step_is_adamw_on_the_masked_gradient_by_hand(examples):
+    loaded, layers = pruned_tiny("opt", examples)
+    lr, decay = 1e-3, 0.05
+    options = RecoverOptions(steps=1, lr=lr, weight_decay=decay, schedule="constant", batch_size=8, eval_n=0)
+    batch = next(training_batches(loaded, options, examples[:8])[0])
+    weights = [l.module.weight for l in layers]
+    for p in loaded.model.parameters():
+        p.requires_grad_(False)
+    for w in weights:
+        w.requires_grad_(True)
+    calibration_loss(loaded.model, encode_examples(loaded, batch)).backward()
+    expected = {}
+    for l, w in zip(layers, weights):
+        g = w.grad * (w != 0)
+        expected[l.name] = (w.detach() * (1 - lr * decay) - lr * g / (g.abs() + 1e-8)) * (w != 0)
+        w.grad = None
+    for p in loaded.model.parameters():
+        p.requires_grad_(True)
+    recover(loaded, layers, options, calibration=examples[:8])
+    for l in layers:
+        torch.testing.assert_close(l.module.weight.detach(), expected[l.name], rtol=0, atol=1e-6)
+        assert torch.equal(l.module.weight == 0, expected[l.name] == 0)
+
+
+def test_fresh_scenes_are_never_the_evaluation_questions():
+    fresh = [e for batch in fresh_batches(8, 50, seed=0) for e in batch]
+    assert len(fresh) == 400 and {e.question for e in fresh} > {""}
+    taken = {(s.scene, s.question) for s in samples(400, RECOVERY_SEED)}
+    for seed in (EVAL_SEED, 10_000, 4321):
+        assert not taken & {(s.scene, s.question) for s in samples(1000, seed)}
+    held_out = make_eval_set(20, EVAL_SEED)
+    assert all(a.image.tobytes() != b.image.tobytes() for a in fresh[:20] for b in held_out)
+
+
+@pytest.fixture
+def model_folder(tmp_path):
+    loaded = tiny_model("opt")
+    folder = tmp_path / "tiny-opt"
+    loaded.model.save_pretrained(folder)
+    loaded.processor.save_pretrained(folder)
+    return folder
+
+
+def make_server(folder, tmp_path, **limits) -> Server:
+    return Server(str(folder), device="cpu", limits=Limits(**limits), export_root=tmp_path / "exports")
+
+
+def test_a_recovered_run_is_a_run_and_the_shared_model_is_untouched(model_folder, tmp_path):
+    server = make_server(model_folder, tmp_path)
+    me = server.open_session()
+    bench = me.workbench
+    state = {n: p.detach().clone() for n, p in bench.loaded.model.named_parameters()}
+    flags = {n: p.requires_grad for n, p in bench.loaded.model.named_parameters()}
+    full_answer = me.ask(EXAMPLE, "what color is the circle?").full
+    run = me.prune("wanda", 0.5, **FAST)
+    steps = []
+    better = me.recover(run.id, steps=5, lr=1e-3, eval_n=10, on_step=lambda i, loss: steps.append(i))
+    model = bench.loaded.model
+    assert all(torch.equal(p, state[n]) for n, p in model.named_parameters())
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert all(p.grad is None for p in model.parameters())
+    assert bench.store.is_original()
+    assert better.label == "Wanda @ 0.50 + 5 steps" and [r.id for r in me.runs()] == [run.id, better.id]
+    report = better.result.to_dict()["recovery"]
+    assert steps == [1, 2, 3, 4, 5] and len(report["losses"]) == 5 and report["from"] == run.label
+    assert report["options"]["steps"] == 5 and report["options"]["lr"] == 1e-3
+    assert report["before"]["n"] == report["after"]["n"] == 10 and report["seconds"] > 0
+    assert report["zeros_before"] == report["zeros_after"]
+    assert better.result.achieved_sparsity == run.result.achieved_sparsity
+    assert [r["zeros"] for r in better.result.layers] == [r["zeros"] for r in run.result.layers]
+    with better.weights.applied(bench.store):
+        for name in run.weights.names:
+            weight = bench.store.layers[name].weight
+            assert torch.equal(weight == 0, run.weights.mask(name).to(weight.device)), name
+    answers = me.ask(EXAMPLE, "what color is the circle?")
+    assert answers.full == full_answer and [a["label"] for a in answers.runs] == [run.label, better.label]
+    assert set(me.distributions(better.id)["series"]) == {"full", better.label}
+    again = me.recover(better.id, steps=2, way="lora", eval_n=0)
+    assert again.label == "Wanda @ 0.50 + 5 steps + 2 steps (LoRA)"
+    assert again.result.recovery["merge_densification"] == 0
+    assert all(torch.equal(p, state[n]) for n, p in model.named_parameters())
+
+
+def test_an_exported_recovered_model_loads_with_plain_transformers_with_the_same_zeros(model_folder, tmp_path):
+    me = make_server(model_folder, tmp_path).open_session()
+    run = me.prune("magnitude", 0.6)
+    better = me.recover(run.id, steps=3, lr=1e-3, eval_n=0)
+    archive = next(p for p in me.export(better.id, with_model=True) if p.suffix == ".zip")
+    unpacked = tmp_path / "unpacked"
+    zipfile.ZipFile(archive).extractall(unpacked)
+    model = Blip2ForConditionalGeneration.from_pretrained(unpacked)
+    for name in run.weights.names:
+        weight = model.get_submodule(name).weight.detach()
+        assert torch.equal(weight == 0, run.weights.mask(name)), name
+        assert torch.equal(weight, better.weights.dense[name]), name
+    assert (unpacked / "ecoflap_report.json").read_text().count('"recovery"') == 1
+
+
+def test_a_stop_mid_way_stores_nothing(model_folder, tmp_path):
+    me = make_server(model_folder, tmp_path).open_session()
+    run = me.prune("wanda", 0.5, **FAST)
+    seen = []
+    with pytest.raises(Cancelled):
+        me.recover(run.id, steps=50, eval_n=0, on_step=lambda i, loss: seen.append(i),
+                   should_stop=lambda: len(seen) >= 3)
+    assert len(seen) == 3
+    assert [r.id for r in me.runs()] == [run.id]
+    assert me.workbench.store.is_original()
+
+
+@pytest.mark.parametrize("settings,error,message", [
+    (dict(steps=None), ValueError, "give the number of fine-tuning steps"),
+    (dict(steps=""), ValueError, "give the number of fine-tuning steps"),
+    (dict(steps=0), ValueError, "steps must be a whole number from 1 to 20"),
+    (dict(steps=2.5), ValueError, "steps must be a whole number from 1 to 20"),
+    (dict(steps=21), ValueError, "steps must be a whole number from 1 to 20"),
+    (dict(steps=5, lr=-1e-3), ValueError, "the learning rate must be positive"),
+    (dict(steps=5, lr="fast"), ValueError, "the learning rate must be a number"),
+    (dict(steps=5, way="dense"), ValueError, "the way to recover is 'full'"),
+    (dict(steps=5, schedule="linear"), ValueError, "the schedule is 'cosine' or 'constant'"),
+    (dict(steps=5, batch_size=0), ValueError, "batch size must be a whole number"),
+    (dict(steps=5, weight_decay=-1), ValueError, "weight decay must be a number"),
+])
+def test_bad_settings_get_one_clear_message_and_change_nothing(model_folder, tmp_path, settings, error, message):
+    me = make_server(model_folder, tmp_path, recover_steps=20).open_session()
+    run = me.prune("magnitude", 0.5)
+    with pytest.raises(error, match=message):
+        me.recover(run.id, **settings)
+    assert [r.id for r in me.runs()] == [run.id] and me.workbench.store.is_original()
+
+
+def test_a_run_that_does_not_exist_is_refused(model_folder, tmp_path):
+    server = make_server(model_folder, tmp_path)
+    me, other = server.open_session(), server.open_session()
+    theirs = other.prune("magnitude", 0.5)
+    for run_id in ("run-nope", theirs.id, None, 3):
+        with pytest.raises(KeyError, match="no run with that id in this session"):
+            me.recover(run_id, steps=5)
+
+
+def test_the_step_cap_comes_from_the_environment():
+    assert Limits.from_environment({"ECOFLAP_MAX_RECOVER_STEPS": "40"}).recover_steps == 40
+    assert Limits().recover_steps == 300
+    with pytest.raises(ValueError, match="ECOFLAP_MAX_RECOVER_STEPS must be a whole number"):
+        Limits.from_environment({"ECOFLAP_MAX_RECOVER_STEPS": "lots"})
+
+
+def test_options_from_raw_values_keep_the_reference_defaults():
+    assert recover_options("200") == RecoverOptions(steps=200, lr=2e-5, weight_decay=0.05, schedule="cosine")
+
+
+def test_the_command_line_recovers_a_saved_folder_and_keeps_its_zeros(saved_model, calibration_folder, tmp_path):
+    from test_cli import run
+
+    pruned, out, report = tmp_path / "pruned", tmp_path / "recovered", tmp_path / "recovered.json"
+    assert run("prune", "--model", str(saved_model), "--method", "wanda", "--sparsity", "0.6", "--calibration",
+               str(calibration_folder), "--samples", "16", "--save", str(pruned)).returncode == 0
+    done = run("recover", "--model", str(pruned), "--steps", "3", "--lr", "1e-3", "--eval-n", "0", "--way", "lora",
+               "--calibration", str(calibration_folder), "--save", str(out), "--report", str(report))
+    assert done.returncode == 0, done.stderr
+    assert "zeros per layer identical" in done.stdout and "LoRA merge densification: 0" in done.stdout
+    data = json.loads(report.read_text())
+    assert data["recovery"]["options"]["steps"] == 3 and len(data["recovery"]["losses"]) == 3
+    before, after = load_model(str(pruned), device="cpu").model, load_model(str(out), device="cpu").model
+    for row in data["layers"]:
+        old, new = before.get_submodule(row["name"]).weight, after.get_submodule(row["name"]).weight
+        assert torch.equal(old == 0, new == 0) and not torch.equal(old, new), row["name"]
+        assert row["zeros"] == int((new == 0).sum())
+
+
+@pytest.mark.parametrize("args,message", [
+    ([], "give the number of fine-tuning steps"),
+    (["--steps", "0"], "steps must be a whole number"),
+    (["--steps", "5", "--lr", "-0.1"], "the learning rate must be positive"),
+])
+def test_the_command_line_refuses_bad_settings_in_one_line(saved_model, args, message):
+    from test_cli import run
+
+    done = run("recover", "--model", str(saved_model), *args)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("error:") and message in done.stderr
+
+
+def test_the_command_line_wants_a_folder_prune_wrote(saved_model):
+    from test_cli import run
+
+    done = run("recover", "--model", str(saved_model), "--steps", "5")
+    assert done.returncode == 2 and "a folder that `python -m ecoflap prune --save` wrote" in done.stderr

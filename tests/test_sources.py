@@ -1,0 +1,309 @@
+"""Calibration sources: datasets built here (parquet, save_to_disk) read through the code a hub id
+takes, self-labelled images, the prefix-LM loss, what the report records, and every bad source."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ecoflap import sources
+from ecoflap.answers import ask
+from ecoflap.data import Example, encode_examples
+from ecoflap.families.base import IGNORE
+from ecoflap.losses import caption_text, examples_for, prefix_lm
+from ecoflap.options import PruneOptions
+from ecoflap.pipeline import prune
+from ecoflap.sources import SourceError, parse
+
+from conftest import WORDS, tiny_model
+from test_cli import run
+
+datasets = pytest.importorskip("datasets")
+
+
+def rows(n: int, seed: int = 0, size: int = 32) -> tuple[list[Image.Image], list[str]]:
+    rng, state = random.Random(seed), np.random.RandomState(seed)
+    images = [Image.fromarray((state.rand(size, size + i % 3, 3) * 255).astype("uint8")) for i in range(n)]
+    captions = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 5))) for _ in range(n)]
+    return images, captions
+
+
+def table(images, captions, image_feature=None, **extra):
+    features = datasets.Features({"image": image_feature or datasets.Image(), "caption": datasets.Value("string"),
+                                  **{k: datasets.Value("int64") for k in extra}})
+    return datasets.Dataset.from_dict({"image": images, "caption": captions, **extra}, features=features)
+
+
+@pytest.fixture
+def parquet_folder(tmp_path):
+    images, captions = rows(12)
+    folder = tmp_path / "tiny-captions"
+    (folder / "data").mkdir(parents=True)
+    table(images[:8], captions[:8], id=list(range(8))).to_parquet(str(folder / "data" / "train-00000-of-00001.parquet"))
+    table(images[8:], captions[8:], id=list(range(8, 12))).to_parquet(
+        str(folder / "data" / "test-00000-of-00001.parquet"))
+    return folder, images, captions
+
+
+@pytest.fixture
+def saved_folder(tmp_path):
+    images, captions = rows(10, seed=1)
+    folder = tmp_path / "saved"
+    datasets.DatasetDict({"train": table(images[:6], captions[:6]), "validation": table(images[6:], captions[6:])}
+                         ).save_to_disk(str(folder))
+    return folder, images, captions
+
+
+def pixels(image: Image.Image) -> bytes:
+    return image.convert("RGB").tobytes()
+
+
+def independent_digest(images, questions, answers) -> str:
+    """SHA-256 over (mode, size, pixels, question, answer) of each example, written out here."""
+    total = hashlib.sha256()
+    for image, question, answer in zip(images, questions, answers):
+        one = hashlib.sha256()
+        one.update(f"RGB {image.size}".encode())
+        one.update(image.convert("RGB").tobytes())
+        one.update(b"\0" + question.encode() + b"\0" + answer.encode())
+        total.update(one.digest())
+    return total.hexdigest()
+
+
+def test_parquet_folder_gives_rows_in_order_and_a_disjoint_held_out_set(parquet_folder):
+    folder, images, captions = parquet_folder
+    source = parse(str(folder))
+    assert source.kind == "dataset"
+    drawn = source.draw(5, held_out=3)
+    assert [e.answer for e in drawn.examples] == captions[:5]
+    assert [pixels(e.image) for e in drawn.examples] == [pixels(i) for i in images[:5]]
+    assert [e.answer for e in drawn.held_out] == captions[5:8]
+    assert drawn.record | {"count": 5} == {"kind": "dataset", "id": "tiny-captions", "split": "train",
+                                           "columns": {"image": "image", "text": "caption"}, "count": 5,
+                                           "targets": "the source's own text"}
+    assert drawn.report()["sha256"] == independent_digest(images[:5], [""] * 5, captions[:5])
+    assert drawn.report(2)["sha256"] == independent_digest(images[:2], [""] * 2, captions[:2])
+    test = parse(f"{folder}:test").draw(4)
+    assert test.record["split"] == "test" and [e.answer for e in test.examples] == captions[8:]
+
+
+def test_held_out_never_repeats_a_calibration_example(tmp_path):
+    images, captions = rows(6)
+    images[4], captions[4] = images[1], captions[1]  # a duplicate row after the calibration part
+    folder = tmp_path / "dup"
+    folder.mkdir()
+    table(images, captions).to_parquet(str(folder / "train.parquet"))
+    drawn = parse(str(folder)).draw(3, held_out=3)
+    assert [e.answer for e in drawn.held_out] == [captions[3], captions[5]]
+
+
+def test_save_to_disk_folder_and_split(saved_folder):
+    folder, images, captions = saved_folder
+    drawn = parse(str(folder)).draw(6)
+    assert drawn.record["split"] == "train" and [e.answer for e in drawn.examples] == captions[:6]
+    validation = parse(str(folder), split="validation").draw(4)
+    assert [pixels(e.image) for e in validation.examples] == [pixels(i) for i in images[6:]]
+
+
+def test_hub_id_takes_the_same_streaming_code_as_a_folder(parquet_folder, monkeypatch):
+    """Past listing the repository's files, a hub id is read exactly as a local folder:
+    load_dataset(<builder>, data_files=..., streaming=True)."""
+    folder, images, captions = parquet_folder
+    calls = []
+    real = datasets.load_dataset
+
+    def spy(builder, **kwargs):
+        calls.append((builder, kwargs["streaming"], sorted(kwargs["data_files"])))
+        return real(builder, **kwargs)
+
+    monkeypatch.setattr(datasets, "load_dataset", spy)
+    monkeypatch.setattr(sources, "_hub_files", lambda source: {
+        "train": [str(folder / "data" / "train-00000-of-00001.parquet")],
+        "test": [str(folder / "data" / "test-00000-of-00001.parquet")]})
+    drawn = parse("hf:someone/tiny-captions:test", allowed_datasets=("someone/tiny-captions",)).draw(3)
+    assert drawn.record["kind"] == "hub" and drawn.record["id"] == "hf:someone/tiny-captions"
+    assert [e.answer for e in drawn.examples] == captions[8:11]
+    local = parse(f"{folder}:test").draw(3)
+    assert local.report()["sha256"] == drawn.report()["sha256"]
+    assert calls == [("parquet", True, ["test"])] * 2
+
+
+def bad(message: str, make):
+    with pytest.raises(SourceError) as caught:
+        make()
+    assert message in str(caught.value), str(caught.value)
+    assert "/tmp" not in str(caught.value) and "Traceback" not in str(caught.value)
+    return str(caught.value)
+
+
+def test_each_bad_source_gets_its_own_message(tmp_path, monkeypatch):
+    images, captions = rows(3)
+    no_image = tmp_path / "no-image"
+    no_image.mkdir()
+    datasets.Dataset.from_dict({"caption": captions}).to_parquet(str(no_image / "train.parquet"))
+    bad("has no image column (its columns: caption)", lambda: parse(str(no_image)).draw(1))
+
+    good = tmp_path / "good"
+    good.mkdir()
+    table(images, captions, id=[1, 2, 3]).to_parquet(str(good / "train.parquet"))
+    bad("column 'caption' of good holds string, not images", lambda: parse(str(good), image_column="caption").draw(1))
+    bad("column 'id' of good holds int64, not text", lambda: parse(str(good), text_column="id").draw(1))
+    bad("good has no split 'test' (it has: train)", lambda: parse(f"{good}:test").draw(1))
+    bad("good has 3 usable examples; 5 calibration samples", lambda: parse(str(good)).draw(5))
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    table([], []).to_parquet(str(empty / "train.parquet"))
+    bad("split 'train' of empty has no rows", lambda: parse(str(empty)).draw(1))
+
+    bad("row 1 of good: the image is 32 x 32 pixels; the limit is 1,000 pixels",
+        lambda: parse(str(good), max_pixels=1000).draw(1))
+
+    script = tmp_path / "scripted"
+    script.mkdir()
+    (script / "scripted.py").write_text("raise SystemExit('dataset code ran')\n")
+    table(images, captions).to_parquet(str(script / "train.parquet"))
+    bad("comes with a loading script (scripted.py): dataset code is never run", lambda: parse(str(script)))
+
+    bad("this deployment takes calibration data from these hub datasets only: hf:lmms-lab/flickr30k",
+        lambda: parse("hf:someone/else", allowed_datasets=("lmms-lab/flickr30k",)))
+    bad("this deployment takes no calibration data from the hub", lambda: parse("hf:a/b", allowed_datasets=()))
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    bad("the Hugging Face hub cannot be reached from here, so hf:lmms-lab/flickr30k cannot be read",
+        lambda: parse("hf:lmms-lab/flickr30k:test").draw(4))
+    bad("a hub dataset is written hf:OWNER/NAME", lambda: parse("hf:../../etc"))
+    bad("no calibration folder or file named 'missing'", lambda: parse(str(tmp_path / "missing")))
+    bad("at most 1024 examples", lambda: parse(None).draw(1000, held_out=100))
+
+
+def test_a_hub_dataset_with_a_loading_script_is_refused_before_any_data(monkeypatch):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", lambda repo, repo_type: ["flickr.py", "README.md"])
+    bad("hf:old/flickr comes with a loading script (flickr.py): dataset code is never run",
+        lambda: parse("hf:old/flickr").draw(2))
+
+
+def test_images_folder_is_labelled_by_the_full_model(tmp_path):
+    loaded = tiny_model("opt")
+    images, _ = rows(5)
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    for i, image in enumerate(images):
+        image.save(folder / f"{i}.png")
+    (folder / "notes.txt").write_text("not an image")
+    source = parse(str(folder), question="what color is the circle?")
+    assert source.kind == "images"
+    drawn = source.draw(3, held_out=2, labeller=sources.labeller(lambda im, q: ask(loaded, im, q), batch_size=2))
+    expected = ask(loaded, images, ["what color is the circle?"] * 5, 20)
+    assert [e.answer for e in drawn.examples + drawn.held_out] == expected
+    assert drawn.record["targets"] == "generated by the full model"
+    assert drawn.record["question"] == "what color is the circle?"
+    assert any("full model's own answers" in w for w in drawn.warnings)
+    bad("need the full model to label them", lambda: source.draw(2))
+
+
+def test_caption_recipe_matches_blip_processing_and_is_seeded():
+    assert caption_text("A Dog, (running) on the Beach!  ") == "a dog, running on the beach"
+    assert caption_text(" ".join(["w"] * 60)) == " ".join(["w"] * 50)
+    images, _ = rows(20)
+    examples = [Example(image, "", "Red circle; and BLUE square: two.") for image in images]
+    one, two = prefix_lm(examples, seed=3), prefix_lm(examples, seed=3)
+    assert [e.target_from for e in one] == [e.target_from for e in two]
+    text = "red circle and blue square two"
+    assert all(e.answer == text and 1 <= e.target_from <= len(text) // 2 for e in one)
+    assert len({e.target_from for e in one}) > 3
+    assert examples_for("prefix_lm", examples, 3) is examples_for("prefix_lm", examples, 3)
+
+
+def test_prefix_tokens_are_given_not_scored(family):
+    """Word-level shapes tokenizer: a cut after 'red green' (9 characters) gives exactly those two tokens."""
+    loaded = tiny_model(family)
+    image = rows(1)[0][0]
+    full = encode_examples(loaded, [Example(image, "", "red green circle")])
+    cut = encode_examples(loaded, [Example(image, "", "red green circle", target_from=10)])
+    scored_full, scored_cut = full["labels"][0] != IGNORE, cut["labels"][0] != IGNORE
+    assert int(scored_full.sum()) - int(scored_cut.sum()) == 2
+    first = scored_full.nonzero().flatten()[:2]
+    assert not scored_cut[first].any()
+    assert torch.equal(full["labels"][0][scored_cut], cut["labels"][0][scored_cut])
+    assert torch.equal(full["input_ids"], cut["input_ids"])
+    if family == "t5":  # the decoder reads the whole caption, prefix included
+        shifted = loaded.model.language_model._shift_right(full["labels"])
+        assert torch.equal(cut["decoder_input_ids"], shifted)
+
+
+def test_report_records_source_count_hash_loss_and_warnings(parquet_folder, family):
+    folder, images, captions = parquet_folder
+    loaded = tiny_model(family)
+    drawn = parse(str(folder)).draw(8)
+    result = prune(loaded, "ecoflap_zeroth", 0.5, PruneOptions(samples=6, stage1_samples=4, loss="prefix_lm"), drawn)
+    assert result.calibration == {"kind": "dataset", "id": "tiny-captions", "split": "train",
+                                  "columns": {"image": "image", "text": "caption"}, "count": 6, "loss": "prefix_lm",
+                                  "targets": "the source's own text",
+                                  "sha256": independent_digest(images[:6], [""] * 6, captions[:6])}
+    assert result.options["loss"] == "prefix_lm" and result.warnings == []
+    assert prune(loaded, "magnitude", 0.5).calibration is None
+
+
+def test_shapes_set_for_a_real_model_is_said_out_loud():
+    from tiny_families import tiny_llava
+
+    result = prune(tiny_llava(), "wanda", 0.5, PruneOptions(samples=4))
+    assert result.calibration["kind"] == "shapes"
+    assert result.warnings == [sources.SYNTHETIC]
+    assert prune(tiny_model("opt"), "wanda", 0.5, PruneOptions(samples=4)).warnings == []
+
+
+def test_deployment_default_is_for_real_models_only():
+    from tiny_families import tiny_llava
+
+    environ = {"ECOFLAP_CALIBRATION": "hf:lmms-lab/flickr30k:test"}
+    assert sources.deployment_default(tiny_llava(), environ) == "hf:lmms-lab/flickr30k:test"
+    assert sources.deployment_default(tiny_model("opt"), environ) is None
+    assert sources.deployment_default(tiny_llava(), {}) is None
+
+
+def test_cli_prunes_on_each_source_kind(saved_model, parquet_folder, saved_folder, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    folder = parquet_folder[0]
+    images = tmp_path / "pictures"
+    images.mkdir()
+    for i, image in enumerate(rows(8)[0]):
+        image.save(images / f"{i}.png")
+    for spec, kind, extra in [(str(folder), "dataset", ["--loss", "prefix_lm"]),
+                              (f"{saved_folder[0]}:validation", "dataset", []),
+                              (str(images), "images", ["--question", "how many shapes are there?"])]:
+        report = tmp_path / f"{kind}.json"
+        done = run("prune", "--model", str(saved_model), "--method", "wanda", "--calibration", spec,
+                   "--samples", "4", "--report", str(report), *extra)
+        assert done.returncode == 0, done.stderr
+        entry = json.loads(report.read_text())["calibration"]
+        assert entry["kind"] == kind and entry["count"] == 4
+        assert entry["loss"] == ("prefix_lm" if extra[:1] == ["--loss"] else "answer")
+        if kind == "images":
+            assert "full model's own answers" in done.stderr and entry["targets"] == "generated by the full model"
+    done = run("prune", "--model", str(saved_model), "--calibration", "hf:a/b", "--samples", "4")
+    assert done.returncode == 2 and "cannot be reached" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_open_image_bound_reads_only_the_header():
+    buffer = io.BytesIO()
+    Image.new("RGB", (300, 200)).save(buffer, "PNG")
+    buffer.seek(0)
+    with pytest.raises(ValueError, match="300 x 200 pixels; the limit is 10,000"):
+        from ecoflap.images import open_image
+
+        open_image(buffer, 10_000)
