@@ -28,7 +28,7 @@ MODULE_LABELS = {"vision": "Vision encoder", "qformer": "Q-Former", "projection"
                  "language": "Language model"}
 PRUNE_METHODS = [(m.label, m.name) for m in ecoflap.METHODS.values()]
 TEACH_DEFAULT = ["wanda", "ecoflap_zeroth"]
-SWEEP_COLUMNS = ["method", "sparsity", "score", "achieved", "seconds"]
+SWEEP_COLUMNS = ["method", "sparsity", "accuracy or loss", "achieved sparsity", "prune s", "scoring s"]
 # Stopping is a normal action: one calm line, whichever route stopped the work first.
 STOPPED = "Stopped. Nothing from the stopped job was stored, and the shared model keeps its full weights."
 STOPPED_COMPARISON = ("Stopped. The runs that finished before the stop are kept; nothing else was stored, and the "
@@ -384,10 +384,11 @@ async def compare(server: ecoflap.Server, methods, sparsity, image, question, to
         log.info("stopped: a comparison of session %s", me.id[:12])
         return stopped_comparison(me, [r for r in me.runs() if r.id not in before])
     except EXPECTED as err:
-        return refuse(err, 5)
+        return refuse(err, 6)
     unasked = (NO_IMAGE_FOR_QUESTION if path is None and isinstance(question, str) and question.strip() else "")
     return (with_notices(me, unasked + comparison_text(result)), runs_figure(result.runs),
-            *run_lists(me, [r.id for r in result.runs], result.runs[-1].id))
+            *run_lists(me, [r.id for r in result.runs], result.runs[-1].id),
+            [str(p) for p in me.export_table("comparison", result.table())])
 
 
 def runs_figure(runs):
@@ -399,38 +400,45 @@ def stopped_comparison(me: ecoflap.Session, finished):
     """What a stopped comparison leaves: the runs it finished, their chart, and no table (the
     scores need every run); the old table and chart go, since they belong to another set."""
     if not finished:
-        return (with_notices(me, STOPPED_COMPARISON + " No run had finished."), None, *run_lists(me))
+        return (with_notices(me, STOPPED_COMPARISON + " No run had finished."), None, *run_lists(me), None)
     names = ", ".join(r.label for r in finished)
     return (with_notices(me, f"{STOPPED_COMPARISON} Finished before the stop: {names} (their chart is below; "
                              "compare again for the scores)."), runs_figure(finished),
-            *run_lists(me, [r.id for r in finished], finished[-1].id))
+            *run_lists(me, [r.id for r in finished], finished[-1].id), None)
 
 
 async def sweep(server: ecoflap.Server, methods, sparsities, token, progress=gr.Progress()):
-    """Score against sparsity for the chosen methods (the shared model is never left pruned).
-    A stopped sweep keeps the points it finished."""
+    """Score against sparsity for the chosen methods (the shared model is never left pruned),
+    beside the full model's score. A stopped sweep keeps the points it finished."""
     me = session_of(server, token)
     finished: list[dict] = []
     try:
         rows = await in_worker(me.sweep, methods, sparsities, progress=progress_reporter(progress),
                                on_row=finished.append)
+        full = await in_worker(me.full_score)
     except ecoflap.Cancelled:
         log.info("stopped: a sweep of session %s", me.id[:12])
         kept = (f"the {len(finished)} point(s) finished before the stop are below." if finished
                 else "no point had finished.")
-        return sweep_outputs(me, finished, f"Stopped: {kept} Nothing else was stored, and the shared model "
-                                           "keeps its full weights.")
+        return sweep_outputs(me, finished, None, f"Stopped: {kept} Nothing else was stored, and the shared model "
+                                                 "keeps its full weights.")
     except EXPECTED as err:
-        return refuse(err, 3)
-    return sweep_outputs(me, rows, f"{len(rows)} points measured.")
+        return refuse(err, 4)
+    prune_s, score_s = sum(r["seconds"] for r in rows), sum(r["scoring_seconds"] for r in rows)
+    return sweep_outputs(me, rows, full, f"{len(rows)} points measured: {prune_s:.1f} s pruning and {score_s:.1f} s "
+                                         f"scoring. The grey line is the full model ({full['metric']} "
+                                         f"{full['value']:.4f}).")
 
 
-def sweep_outputs(me: ecoflap.Session, rows: list[dict], status: str):
-    """Chart, table and status of one sweep's rows: always the same rows in all three."""
+def sweep_outputs(me: ecoflap.Session, rows: list[dict], full: dict | None, status: str):
+    """Chart, table, files and status of one sweep's rows: always the same rows in all of them."""
+    metric = rows[0]["metric"] if rows else "score"
     table = [[r["label"], r["sparsity"], round(r["score"], 4), round(r["achieved_sparsity"], 4),
-              round(r["seconds"], 2)] for r in rows]
-    chart = ecoflap.plots.sweep_figure(rows, rows[0]["metric"]) if rows else None
-    return chart, pd.DataFrame(table, columns=SWEEP_COLUMNS), with_notices(me, status)
+              round(r["seconds"], 2), round(r["scoring_seconds"], 2)] for r in rows]
+    chart = ecoflap.plots.sweep_figure(rows, metric, full_score=full["value"] if full else None) if rows else None
+    files = [str(p) for p in me.export_table("sweep", rows)] if rows else None
+    columns = ["method", "sparsity", metric, "achieved sparsity", "prune s", "scoring s"]
+    return chart, pd.DataFrame(table, columns=columns), with_notices(me, status), files
 
 
 def export(server: ecoflap.Server, run_id, with_model, token):
@@ -574,6 +582,8 @@ def build_app(server: ecoflap.Server) -> gr.Blocks:
                 teach_text = gr.Markdown("Choose methods and a sparsity, then Compare.", elem_id="teach-status",
                                          elem_classes=["status-box"])
                 teach_plot = gr.Plot(show_label=False, elem_id="teach-chart")
+                teach_files = gr.File(label="This comparison (CSV, JSON)", file_count="multiple",
+                                      elem_id="teach-files")
             with gr.Tab("Sweep"):
                 with gr.Row():
                     sweep_methods = gr.CheckboxGroup(PRUNE_METHODS, value=TEACH_DEFAULT, label="Methods",
@@ -587,6 +597,7 @@ def build_app(server: ecoflap.Server) -> gr.Blocks:
                                            elem_classes=["status-box"])
                 sweep_plot = gr.Plot(show_label=False, elem_id="sweep-chart")
                 sweep_table = gr.Dataframe(headers=SWEEP_COLUMNS, elem_id="sweep-table")
+                sweep_files = gr.File(label="This sweep (CSV, JSON)", file_count="multiple", elem_id="sweep-files")
             with gr.Tab("Export"):
                 export_run = gr.Dropdown([], label="Run")
                 export_model = gr.Checkbox(value=False, label="Also save the pruned model (safetensors, zipped)",
@@ -621,12 +632,12 @@ def build_app(server: ecoflap.Server) -> gr.Blocks:
                           api_name="distributions", preprocess=False)
         teach_button.click(
             bind(server, compare), [teach_methods, teach_sparsity, teach_image, teach_question, token],
-            [teach_text, teach_plot, *run_outputs], api_name="compare", preprocess=False,
+            [teach_text, teach_plot, *run_outputs, teach_files], api_name="compare", preprocess=False,
             show_progress_on=[teach_text], concurrency_limit=8, concurrency_id="long")
         teach_stop.click(bind(server, stop_comparison), token, teach_text, api_visibility="private", queue=False)
         sweep_button.click(
-            bind(server, sweep), [sweep_methods, sweep_sparsities, token], [sweep_plot, sweep_table, sweep_status],
-            api_name="sweep", preprocess=False, show_progress_on=[sweep_status], concurrency_limit=8,
+            bind(server, sweep), [sweep_methods, sweep_sparsities, token],
+            [sweep_plot, sweep_table, sweep_status, sweep_files], api_name="sweep", preprocess=False, show_progress_on=[sweep_status], concurrency_limit=8,
             concurrency_id="long")
         sweep_stop.click(bind(server, stop), token, sweep_status, api_visibility="private", queue=False)
         export_button.click(bind(server, export), [export_run, export_model, token], export_files,
@@ -676,8 +687,8 @@ def comparison_text(result: ecoflap.Comparison) -> str:
         if answer_column:
             cells.append(html.escape(row["answer"] or "") or "(empty)")
         lines.append("| " + " | ".join(cells) + " |")
-    question = html.escape(result.question) or "(caption)"
-    asked = (f"Question: {question}{'' if question[-1] in '.?!)' else '.'} " if answer_column else "")
+    question = (html.escape(result.question) or "(caption)") if answer_column else ""
+    asked = f"Question: {question}{'' if question[-1] in '.?!)' else '.'} " if answer_column else ""
     return "\n".join(lines) + f"\n\n{result.metric.capitalize()}: {result.measured_on}. {asked}" \
         "Vision and language columns: the sparsity each part received."
 

@@ -369,7 +369,7 @@ def cmd_sweep(args) -> int:
         progress.close()
     if args.json:
         write_json({"model": loaded.name, "rows": rows}, args.json)
-    write_text(table_csv(rows, (*SWEEP_COLUMNS, "seed")), args.csv)
+    write_text(table_csv(rows, SWEEP_COLUMNS), args.csv)
     figure = sweep_figure(summarise(rows), rows[0]["metric"] if rows else "score")
     write_text(figure.to_html(include_plotlyjs=True), args.html)
     print(f"wrote {args.csv} and {args.html}")

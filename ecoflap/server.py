@@ -419,11 +419,12 @@ class Server:
 
     # exports
 
-    def export_folder(self, session_id: str) -> Path:
-        """A fresh folder for a session's export; its previous export is deleted."""
-        for old in self.export_root.glob(f"{session_id}.*"):
+    def export_folder(self, session_id: str, kind: str = "run") -> Path:
+        """A fresh folder for a session's export of one kind (a run, a sweep, a comparison);
+        its previous export of that kind is deleted."""
+        for old in self.export_root.glob(f"{session_id}.{kind}.*"):
             shutil.rmtree(old, ignore_errors=True)
-        folder = self.export_root / f"{session_id}.{secrets.token_hex(4)}"
+        folder = self.export_root / f"{session_id}.{kind}.{secrets.token_hex(4)}"
         folder.mkdir()
         return folder
 

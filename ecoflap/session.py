@@ -26,6 +26,7 @@ import re
 import shutil
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -41,7 +42,7 @@ from .images import open_image
 from .methods import Method, get_method
 from .options import PruneOptions, from_settings, number, sparsity_list, sparsity_value
 from .recover import OnStep, recover_options
-from .report import PruneResult, layers_csv, save_pruned, write_json, write_text
+from .report import SWEEP_COLUMNS, PruneResult, layers_csv, save_pruned, table_csv, write_json, write_text
 from .scoring import quick_score
 from .stats import gradient_histograms, weight_histograms
 from .sweep import sweep
@@ -52,6 +53,9 @@ log = logging.getLogger(__name__)
 Progress = Callable[[str, int, int], None]
 StopCheck = Callable[[], bool]
 MAX_NEW_TOKENS = 64
+_FULL_SCORES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # workbench -> {questions: score}
+TABLE_COLUMNS = {"sweep": SWEEP_COLUMNS,
+                 "comparison": ("label", "metric", "score", "vision_sparsity", "language_sparsity", "answer")}
 
 
 @dataclass
@@ -100,6 +104,13 @@ class Comparison:
         return {"sparsity": self.sparsity, "runs": [r.summary() for r in self.runs], "rows": self.rows,
                 "metric": self.metric, "higher_is_better": self.higher_is_better, "measured_on": self.measured_on,
                 "question": self.question}
+
+    def table(self) -> list[dict]:
+        """One flat row per model (the full model first), as the table shows and the CSV holds."""
+        return [{"label": r["label"], "metric": self.metric, "score": r["score"],
+                 "vision_sparsity": r["sparsity_by_modality"].get("vision"),
+                 "language_sparsity": r["sparsity_by_modality"].get("language"), "answer": r["answer"]}
+                for r in self.rows]
 
 
 class Session:
@@ -369,14 +380,25 @@ class Session:
                     raise Cancelled("stopped by the user")
                 if progress:
                     progress(f"scoring {label} on {eval_n} questions", i, len(runs) + 1)
-                score = bench.using(weights, lambda loaded: quick_score(loaded, eval_n), long=True,
-                                    should_stop=stopped, owner=self.id)
+                score = (self.full_score(eval_n, stopped) if weights is None else
+                         bench.using(weights, lambda loaded: quick_score(loaded, eval_n), long=True,
+                                     should_stop=stopped, owner=self.id))
                 answer = bench.ask([picture], [fitted], weights)[0] if picture is not None else None
                 rows.append({"label": label, "score": score["value"], "answer": answer,
                              "sparsity_by_modality": next((r.result.sparsity_by_modality for r in runs
                                                            if r.label == label), {})})
         return Comparison(sparsity, runs, rows, score["metric"], score["higher_is_better"], score["measured_on"],
                           fitted)
+
+    def full_score(self, eval_n: int = 200, should_stop: StopCheck | None = None) -> dict:
+        """The full model's quick score, the baseline of every comparison and sweep: computed
+        once per loaded model and question count, then shared (it is the same for everyone)."""
+        bench = self.workbench
+        scores = _FULL_SCORES.setdefault(bench, {})
+        if eval_n not in scores:
+            scores[eval_n] = bench.using(None, lambda loaded: quick_score(loaded, eval_n), long=True,
+                                         should_stop=should_stop, owner=self.id)
+        return scores[eval_n]
 
     def sweep(self, methods, sparsities, eval_n: int = 200, progress: Progress | None = None,
               should_stop: StopCheck | None = None, on_row: Callable[[dict], None] | None = None) -> list[dict]:
@@ -445,6 +467,18 @@ class Session:
                                     should_stop=stopped, owner=self.id)
             files.append(Path(shutil.make_archive(str(model_folder), "zip", model_folder)))
             shutil.rmtree(model_folder, ignore_errors=True)
+        return files
+
+    def export_table(self, kind: str, rows: list[dict]) -> list[Path]:
+        """A sweep's or a comparison's rows as CSV and JSON, in this session's export folder
+        for that kind (replacing its previous one); small, so no disk check beyond the TTL."""
+        if kind not in TABLE_COLUMNS:
+            raise ValueError(f"tables are exported for {', '.join(TABLE_COLUMNS)}")
+        self.touch()
+        folder = self.server.export_folder(self.id, kind)
+        files = [folder / f"{kind}.csv", folder / f"{kind}.json"]
+        write_text(table_csv(rows, TABLE_COLUMNS[kind]), files[0])
+        write_json({"kind": kind, "model": self.describe()["name"], "rows": rows}, files[1])
         return files
 
     def restore(self) -> bool:

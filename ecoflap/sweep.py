@@ -8,6 +8,7 @@ others once.
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 from typing import Callable, Sequence
 
@@ -33,7 +34,8 @@ def sweep(
     seeds: Sequence[int] | None = None,
     owner: object = None,
 ) -> list[dict]:
-    """Rows {method, label, sparsity, seed, metric, score, achieved_sparsity, seconds, split?};
+    """Rows {method, label, sparsity, seed, metric, score, achieved_sparsity, seconds,
+    scoring_seconds, split?};
     `seeds` default to the options' one seed."""
     options = options or PruneOptions()
     seeds = list(seeds) if seeds else [options.seed]
@@ -57,14 +59,20 @@ def measure_point(workbench: Workbench, method: str, sparsity: float, options: P
                   eval_n: int = 200, eval_seed: int = EVAL_SEED, progress: Progress | None = None,
                   should_stop: StopCheck | None = None, owner: object = None) -> dict:
     """One prune and its quick score on `eval_n` questions drawn with `eval_seed`, as a row
-    (with the vision/language split where the allocation has one)."""
+    (with the vision/language split where the allocation has one): `seconds` is the prune's
+    own time, `scoring_seconds` the score's, so the two add up to the point's wall time."""
     method = get_method(method)
-    result, _, score = workbench.prune(method.name, sparsity, options, calibration, progress=progress,
-                                       should_stop=should_stop, owner=owner,
-                                       then=lambda loaded, _result: quick_score(loaded, eval_n, eval_seed))
+
+    def scored(loaded, _result):
+        started = time.perf_counter()
+        return quick_score(loaded, eval_n, eval_seed), time.perf_counter() - started
+
+    result, _, (score, scoring_seconds) = workbench.prune(method.name, sparsity, options, calibration,
+                                                          progress=progress, should_stop=should_stop, owner=owner,
+                                                          then=scored)
     row = {"method": method.name, "label": method.label, "sparsity": sparsity, "seed": options.seed,
            "metric": score["metric"], "score": score["value"], "achieved_sparsity": result.achieved_sparsity,
-           "seconds": result.timings["total_s"]}
+           "seconds": result.timings["total_s"], "scoring_seconds": scoring_seconds}
     if "split" in result.options:
         row["split"] = result.options["split"]
     return row

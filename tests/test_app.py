@@ -57,12 +57,25 @@ def test_ask_full_and_pruned_side_by_side_then_verify_and_export(app, tmp_path):
 
 def test_compare_three_methods(app):
     c = client(app)
-    text, _plot, overlay, *_ = c.predict(["wanda", "ecoflap_zeroth", "magnitude"], 0.6, handle_file(str(EXAMPLE)),
-                                         "what shape is the blue object?", api_name="/compare")
+    outputs = c.predict(["wanda", "ecoflap_zeroth", "magnitude"], 0.6, handle_file(str(EXAMPLE)),
+                        "what shape is the blue object?", api_name="/compare")
+    text, _plot, overlay, *_ = outputs
     for label in ("Full model", "Wanda @ 0.60", "ECoFLaP (zeroth-order) @ 0.60", "Magnitude @ 0.60"):
         assert label in text
     assert "accuracy" in text and "200 generated shapes questions (seed 1234" in text
     assert len(overlay["value"]) == 3 and len(overlay["choices"]) == 3
+    assert "Takeaway:" in text and "comes closest to the full model" in text and "?." not in text
+    files = {Path(f).name: Path(f) for f in outputs[-1]}
+    table = json.loads(files["comparison.json"].read_text())["rows"]
+    assert [r["label"] for r in table] == ["Full model", "Wanda @ 0.60", "ECoFLaP (zeroth-order) @ 0.60",
+                                           "Magnitude @ 0.60"]
+    for row in table:  # the CSV and the page show the same scores
+        assert f"| {row['label']} | {row['score']:.3f} |" in text
+    assert files["comparison.csv"].read_text().splitlines()[0] == \
+        "label,metric,score,vision_sparsity,language_sparsity,answer"
+    # a question without an image is not dropped silently
+    text = c.predict(["wanda", "magnitude"], 0.6, None, "what shape is it?", api_name="/compare")[0]
+    assert "Your question was not asked: it needs an image" in text
 
 
 def test_sessions_are_isolated(app):
@@ -135,8 +148,23 @@ def test_bad_uploads_and_questions_give_a_clear_message(app, tmp_path):
 
 def test_sweep_uses_method_labels_and_checks_its_list(app):
     c = client(app)
-    _plot, table, status = c.predict(["wanda"], "0.3,0.6", api_name="/sweep")
+    plot, table, status, files = c.predict(["wanda"], "0.3,0.6", api_name="/sweep")
     assert [row[0] for row in table["data"]] == ["Wanda", "Wanda"] and "2 points" in status
+    # the table names its measure as the chart does, with the prune's and the scoring's seconds apart
+    assert table["headers"] == ["method", "sparsity", "accuracy", "achieved sparsity", "prune s", "scoring s"]
+    figure = json.loads(plot["plot"])
+    assert figure["layout"]["yaxis"]["title"]["text"] == "accuracy"
+    full = [s for s in figure["layout"]["shapes"] if s["type"] == "line"]
+    assert len(full) == 1 and f"({full[0]['y0']:.4f})" in status.replace("accuracy ", "")
+    named = {Path(f).name: Path(f) for f in files}
+    assert set(named) == {"sweep.csv", "sweep.json"}
+    saved = json.loads(named["sweep.json"].read_text())["rows"]
+    csv_rows = named["sweep.csv"].read_text().splitlines()
+    assert len(saved) == 2 and len(csv_rows) == 3 and csv_rows[0].startswith("method,sparsity,metric,score")
+    for row, shown in zip(saved, table["data"]):
+        assert [row["label"], row["sparsity"], round(row["score"], 4), round(row["seconds"], 2),
+                round(row["scoring_seconds"], 2)] == [shown[0], shown[1], shown[2], shown[4], shown[5]]
+        assert row["scoring_seconds"] > 0
     for bad, message in [("0.5,,0.6", "empty"), ("-0", "plain decimal"), ("1e-400", "plain decimal"),
                          ("0.5,0.5", "only once")]:
         with pytest.raises(Exception, match=message):
