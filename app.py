@@ -384,11 +384,12 @@ async def compare(server: ecoflap.Server, methods, sparsity, image, question, to
         log.info("stopped: a comparison of session %s", me.id[:12])
         return stopped_comparison(me, [r for r in me.runs() if r.id not in before])
     except EXPECTED as err:
-        return refuse(err, 6)
+        return refuse(err, 7)
     unasked = (NO_IMAGE_FOR_QUESTION if path is None and isinstance(question, str) and question.strip() else "")
     return (with_notices(me, unasked + comparison_text(result)), runs_figure(result.runs),
             *run_lists(me, [r.id for r in result.runs], result.runs[-1].id),
-            [str(p) for p in me.export_table("comparison", result.table())])
+            [str(p) for p in me.export_table("comparison", result.table())],
+            f"Compared {len(result.runs)} methods at {result.sparsity:.2f}: the table and the chart are below.")
 
 
 def runs_figure(runs):
@@ -400,11 +401,11 @@ def stopped_comparison(me: ecoflap.Session, finished):
     """What a stopped comparison leaves: the runs it finished, their chart, and no table (the
     scores need every run); the old table and chart go, since they belong to another set."""
     if not finished:
-        return (with_notices(me, STOPPED_COMPARISON + " No run had finished."), None, *run_lists(me), None)
+        return ("", None, *run_lists(me), None, with_notices(me, STOPPED_COMPARISON + " No run had finished."))
     names = ", ".join(r.label for r in finished)
-    return (with_notices(me, f"{STOPPED_COMPARISON} Finished before the stop: {names} (their chart is below; "
-                             "compare again for the scores)."), runs_figure(finished),
-            *run_lists(me, [r.id for r in finished], finished[-1].id), None)
+    return ("", runs_figure(finished), *run_lists(me, [r.id for r in finished], finished[-1].id), None,
+            with_notices(me, f"{STOPPED_COMPARISON} Finished before the stop: {names} (their chart is below; "
+                             "compare again for the scores)."))
 
 
 async def sweep(server: ecoflap.Server, methods, sparsities, token, progress=gr.Progress()):
@@ -576,13 +577,15 @@ def build_app(server: ecoflap.Server) -> gr.Blocks:
                         gr.Markdown(SHAPES_NOTE, elem_classes=["note"])
                         teach_question = gr.Textbox(lesson_question, label="Question (empty: a caption)", max_length=2000,
                                                     elem_id="teach-question")
-                with gr.Row():
-                    teach_button = gr.Button("Compare", variant="primary")
-                    teach_stop = gr.Button("Stop", elem_id="teach-stop")
-                teach_text = gr.Markdown("Choose methods and a sparsity, then Compare.", elem_id="teach-status",
-                                         elem_classes=["status-box"])
+                # the status sits beside its buttons: where a person looks after a click
+                with gr.Row(equal_height=True):
+                    teach_button = gr.Button("Compare", variant="primary", scale=1)
+                    teach_stop = gr.Button("Stop", elem_id="teach-stop", scale=1)
+                    teach_status = gr.Markdown("Choose methods and a sparsity, then Compare.", elem_id="teach-status",
+                                               elem_classes=["status-box"], scale=2, min_width=240)
+                teach_text = gr.Markdown(elem_id="teach-result")
                 teach_plot = gr.Plot(show_label=False, elem_id="teach-chart")
-                teach_files = gr.File(label="This comparison (CSV, JSON)", file_count="multiple",
+                teach_files = gr.File(label="This comparison (CSV, JSON)", file_count="multiple", height=110,
                                       elem_id="teach-files")
             with gr.Tab("Sweep"):
                 with gr.Row():
@@ -590,14 +593,16 @@ def build_app(server: ecoflap.Server) -> gr.Blocks:
                                                     elem_id="sweep-methods")
                     sweep_sparsities = gr.Textbox(value="0.3,0.5,0.6,0.7", label="Sparsities",
                                                   info=f"at most {server.limits.sweep_points} points in all")
-                with gr.Row():
-                    sweep_button = gr.Button("Run sweep", variant="primary")
-                    sweep_stop = gr.Button("Stop", elem_id="sweep-stop")
-                sweep_status = gr.Markdown("Choose methods and sparsities, then Run sweep.", elem_id="sweep-status",
-                                           elem_classes=["status-box"])
+                with gr.Row(equal_height=True):
+                    sweep_button = gr.Button("Run sweep", variant="primary", scale=1)
+                    sweep_stop = gr.Button("Stop", elem_id="sweep-stop", scale=1)
+                    sweep_status = gr.Markdown("Choose methods and sparsities, then Run sweep.",
+                                               elem_id="sweep-status", elem_classes=["status-box"], scale=2,
+                                               min_width=240)
                 sweep_plot = gr.Plot(show_label=False, elem_id="sweep-chart")
                 sweep_table = gr.Dataframe(headers=SWEEP_COLUMNS, elem_id="sweep-table")
-                sweep_files = gr.File(label="This sweep (CSV, JSON)", file_count="multiple", elem_id="sweep-files")
+                sweep_files = gr.File(label="This sweep (CSV, JSON)", file_count="multiple", height=110,
+                                      elem_id="sweep-files")
             with gr.Tab("Export"):
                 export_run = gr.Dropdown([], label="Run")
                 export_model = gr.Checkbox(value=False, label="Also save the pruned model (safetensors, zipped)",
@@ -632,9 +637,9 @@ def build_app(server: ecoflap.Server) -> gr.Blocks:
                           api_name="distributions", preprocess=False)
         teach_button.click(
             bind(server, compare), [teach_methods, teach_sparsity, teach_image, teach_question, token],
-            [teach_text, teach_plot, *run_outputs, teach_files], api_name="compare", preprocess=False,
-            show_progress_on=[teach_text], concurrency_limit=8, concurrency_id="long")
-        teach_stop.click(bind(server, stop_comparison), token, teach_text, api_visibility="private", queue=False)
+            [teach_text, teach_plot, *run_outputs, teach_files, teach_status], api_name="compare", preprocess=False,
+            show_progress_on=[teach_status], concurrency_limit=8, concurrency_id="long")
+        teach_stop.click(bind(server, stop_comparison), token, teach_status, api_visibility="private", queue=False)
         sweep_button.click(
             bind(server, sweep), [sweep_methods, sweep_sparsities, token],
             [sweep_plot, sweep_table, sweep_status, sweep_files], api_name="sweep", preprocess=False, show_progress_on=[sweep_status], concurrency_limit=8,

@@ -140,7 +140,7 @@ def sweep_figure(rows: list[dict], score_name: str, title: str | None = None,
     if full_score is not None:
         shown = f"{full_score:.1%}" if score_name == "accuracy" else f"{full_score:.3f}"
         fig.add_hline(y=full_score, line={"color": "#888", "dash": "dot", "width": 2},
-                      annotation_text=f"full model {shown}", annotation_position="top left")
+                      annotation_text=f"full model {shown}", annotation_position="top right")
     for i, method in enumerate(dict.fromkeys(r["method"] for r in rows)):
         points = sorted((r for r in rows if r["method"] == method), key=lambda r: r["sparsity"])
         label = points[0].get("label", method)

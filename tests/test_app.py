@@ -65,7 +65,8 @@ def test_compare_three_methods(app):
     assert "accuracy" in text and "200 generated shapes questions (seed 1234" in text
     assert len(overlay["value"]) == 3 and len(overlay["choices"]) == 3
     assert "Takeaway:" in text and "comes closest to the full model" in text and "?." not in text
-    files = {Path(f).name: Path(f) for f in outputs[-1]}
+    files = {Path(f).name: Path(f) for f in outputs[-2]}
+    assert outputs[-1].startswith("Compared 3 methods at 0.60")
     table = json.loads(files["comparison.json"].read_text())["rows"]
     assert [r["label"] for r in table] == ["Full model", "Wanda @ 0.60", "ECoFLaP (zeroth-order) @ 0.60",
                                            "Magnitude @ 0.60"]

@@ -127,7 +127,7 @@ def test_a_class_session_in_the_browser(browser, app):
 
     page.get_by_role("tab", name="Teach").click()
     page.locator("#teach-curve .js-plotly-plot").wait_for(timeout=30_000)
-    page.get_by_text("Measured ahead of time on this model").wait_for(timeout=30_000)
+    page.locator("#teach-lesson", has_text="Takeaway:").wait_for(timeout=30_000)
     page.locator("#teach-methods").get_by_label("Magnitude", exact=True).check()
     page.get_by_role("button", name="Compare", exact=True).click()
     page.get_by_text("Vision and language columns").wait_for(timeout=300_000)
