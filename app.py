@@ -36,6 +36,8 @@ STOPPED_COMPARISON = ("Stopped. The runs that finished before the stop are kept;
 NOTHING_RUNNING = "Nothing of yours was running."
 NO_IMAGE_FOR_QUESTION = ("> Your question was not asked: it needs an image. Pick or upload one above to see each "
                          "model's answer.\n\n")
+MAX_CALIBRATION_UPLOADS = 256
+LOSS_CHOICES = [("Target given image and prompt", "answer"), ("Prefix-LM captions (the ECoFLaP paper's)", "prefix_lm")]
 # gradio 6.31's screen-reader status line announces these keys untranslated
 SCREEN_READER_WORDS = gr.I18n(en={"common.complete": "Complete", "common.error": "Error"})
 SHAPES_NOTE = (
@@ -65,6 +67,15 @@ model take the rest of the budget. **Global magnitude** uses one |W| threshold a
 Zeros alone do not make a model faster or smaller on disk: dense kernels multiply zeros like any other
 number. The **2:4** pattern (N:M in the advanced panel) is what sparse tensor cores can accelerate.
 """
+RECOVER_TEXT = """
+**Recover** fine-tunes one of your runs so that every zero stays zero: the gradient and the
+update of each pruned matrix are masked (or a LoRA is merged as W + ΔW ⊙ M), so the result
+has exactly the same sparsity. It is a new run, usable on every tab. The defaults are the
+paper's fine-tuning settings (AdamW, lr 2e-5, weight decay 0.05, cosine), but for tens to
+hundreds of steps on fresh examples, not the paper's 10 epochs: it shows how much comes back
+quickly, and which pruning recovers best. Stop stores nothing.
+"""
+
 WHY_TEXT = """
 Each curve is one part of the model (colour: blue vision, purple Q-Former, brown projection, red
 language) for the full model (solid) or the chosen run (dashed). The x-axis is the magnitude on a log
@@ -235,8 +246,8 @@ def charts(me: ecoflap.Session, ids):
     if not runs:
         return None, gr.update(value=None, visible=False)
     sparsity = ecoflap.plots.sparsity_figure(
-        [{"label": r.label, "layers": r.result.layers, "target_sparsity": r.result.target_sparsity}
-         for r in runs])
+        [{"label": r.label, "layers": r.result.layers, "target_sparsity": r.result.target_sparsity,
+          "warnings": r.result.warnings} for r in runs])
     grouped = [{"label": r.label, "groups": r.result.groups} for r in runs if r.result.groups]
     # one chart compares runs with the same groups: those of the latest such run
     names = [g["name"] for g in grouped[-1]["groups"]] if grouped else []
@@ -262,15 +273,30 @@ def describe(server: ecoflap.Server, token):
 def curves(server: ecoflap.Server, token):
     """The shipped accuracy-against-sparsity curves of this session's model, if any: the
     lesson in plain words and one takeaway from the numbers; how they were measured apart."""
-    data = session_of(server, token).shipped_curves()
+    me = session_of(server, token)
+    data = me.shipped_curves()
     if data is None:
         return gr.update(value=None, visible=False), "", ""
-    full = data.get("full_score")
+    full, higher = data.get("full_score"), data.get("higher_is_better", True)
+    recovered = me.shipped_recovery()
+    recovery = f"\n\n{ecoflap.curves.recovery_sentence(recovered)} (Recover tab)" if recovered else ""
     lesson = (f"{ecoflap.lessons.opening(data['metric'], full)}\n\n"
-              f"**Takeaway:** {ecoflap.lessons.takeaway(data['rows'], data['metric'], True, full)}")
+              f"**Takeaway:** {ecoflap.lessons.takeaway(data['rows'], data['metric'], higher, full)}{recovery}")
+    leaders = ecoflap.curves.leaders(data["rows"], data["metric"], higher)
     return (gr.update(value=ecoflap.plots.curves_figure(data), visible=True), lesson,
-            f"{ecoflap.curves.leaders(data['rows'])} Measured ahead of time on this model: {data['measured_on']}. "
-            f"The model's owner regenerates them with `{data['command']}`.")
+            f"{leaders} Measured ahead of time on this model: {data.get('measured_on', 'see its file')}. "
+            f"The model's owner regenerates them with "
+            f"`{data.get('command', 'python -m ecoflap sweep --json FILE')}`.")
+
+
+def calibration_note(server: ecoflap.Server) -> str:
+    """What this deployment calibrates on by default and which data a person may name."""
+    limits = server.limits
+    default = (f"`{limits.calibration}` for models other than the shapes model" if limits.calibration else
+               "the shipped shapes set (a model that was not trained on it is pruned with a warning)")
+    named = [f"`hf:{d}`" for d in limits.allowed_datasets] + [f"`local:{n}`" for n in server.local_sets()]
+    return (f"Default: {default}. You may name: `shapes`{''.join(', ' + n for n in named)}. Your own images need "
+            f"no captions: the full model's own answers become the targets, and the report says so.")
 
 
 def load_model(server: ecoflap.Server, name, token):
@@ -290,21 +316,40 @@ def status_of(run: ecoflap.Run) -> str:
                       for m, s in r.sparsity_by_modality.items())
     memory = ("GPU memory allocated" if r.peak_memory_kind == "cuda_max_allocated"
               else "growth of the process's memory")
+    c = r.calibration
+    split = f" ({c['split']})" if c and c["split"] else ""
+    data = f" Calibrated on {c['count']} samples of {c['id']}{split}, loss {c['loss']}." if c else ""
+    warnings = "".join(f"\n\n> ⚠ {w[:1].upper() + w[1:]}" for w in r.warnings)
     return (f"**{run.label}** done: achieved sparsity **{r.achieved_sparsity:.4f}** (target "
             f"{r.target_sparsity:.2f}); {parts}. Time: {stages}. Peak during the run: "
-            f"{r.peak_memory_bytes / 2**20:,.1f} MiB ({memory}).")
+            f"{r.peak_memory_bytes / 2**20:,.1f} MiB ({memory}).{data}{warnings}")
+
+
+def uploaded_images(payload) -> list[str]:
+    """The paths of several uploaded images (none: an empty list), each checked as an upload."""
+    if payload in (None, "", [], {}):
+        return []
+    if not isinstance(payload, list):
+        payload = [payload]
+    if len(payload) > MAX_CALIBRATION_UPLOADS:
+        raise Refused(f"calibrate on at most {MAX_CALIBRATION_UPLOADS} of your own images")
+    return [uploaded_file(item) for item in payload]
 
 
 async def prune(server: ecoflap.Server, method, sparsity, granularity, max_sparsity, samples, stage1_samples, eps,
-                nm, modules, batch_size, owl_m, owl_lambda, vision_sparsity, token, progress=gr.Progress()):
-    """Prune with a method at a sparsity; the run is stored for this session."""
+                nm, modules, batch_size, owl_m, owl_lambda, vision_sparsity, calibration, calibration_images,
+                calibration_question, loss, token, progress=gr.Progress()):
+    """Prune with a method at a sparsity; the run is stored for this session. Calibration: your
+    own images (the full model labels them), else a dataset this deployment allows, else its default."""
     me = session_of(server, token)
     try:
         run = await in_worker(me.prune, method, sparsity, progress=progress_reporter(progress),
+                              calibration=calibration or None, calibration_images=uploaded_images(calibration_images),
+                              calibration_question=calibration_question or "",
                               granularity=granularity, max_sparsity=max_sparsity, samples=samples,
                               stage1_samples=stage1_samples, eps=eps, nm=nm, modules=modules,
                               batch_size=batch_size, owl_m=owl_m, owl_lambda=owl_lambda,
-                              vision_sparsity=vision_sparsity)
+                              vision_sparsity=vision_sparsity, loss=loss)
     except ecoflap.Cancelled:
         log.info("stopped: a prune of session %s", me.id[:12])
         return (gr.skip(),) * 8  # the Stop button has said so
@@ -318,6 +363,100 @@ async def prune(server: ecoflap.Server, method, sparsity, granularity, max_spars
 # The Stop buttons stop the session's jobs through the library, not with gradio's
 # `cancels`: in gradio 6.31 a cancelled event leaves the page's button dead (the next
 # click sends nothing) or badged "Error". The stopped handler ends normally instead.
+def recover_choices(server: ecoflap.Server, selected, token):
+    """This session's runs to recover (kept: the one chosen, else the latest)."""
+    choices = [(r.label, r.id) for r in session_of(server, token).runs()]
+    ids = [c[1] for c in choices]
+    return gr.update(choices=choices, value=selected if selected in ids else (ids[-1] if ids else None))
+
+
+async def recover(server: ecoflap.Server, run_id, steps, way, lr, weight_decay, schedule, rank, eval_n, token,
+                  progress=gr.Progress()):
+    """Fine-tune one of this session's runs with every zero held; the loss is drawn as it
+    goes, and the result is a new run, shown beside the run it came from."""
+    me = session_of(server, token)
+    losses: list[float] = []
+    try:
+        if not run_id:  # nothing picked yet: the latest run, as the Prune tab just made it
+            latest = me.runs()[-1:]
+            if not latest:
+                raise Refused("prune first, then pick one of your runs to recover")
+            run_id = latest[0].id
+        total = steps if isinstance(steps, int) and not isinstance(steps, bool) and steps > 0 else None
+        task = asyncio.ensure_future(in_worker(
+            me.recover, run_id, steps=steps, way=way, lr=lr, weight_decay=weight_decay, schedule=schedule,
+            rank=rank, eval_n=eval_n, progress=progress_reporter(progress),
+            on_step=lambda step, loss: losses.append(loss)))
+        try:
+            shown = 0
+            while not task.done():
+                await asyncio.wait({task}, timeout=1.0)
+                if len(losses) > shown:
+                    shown = len(losses)
+                    yield (gr.skip(), ecoflap.plots.loss_figure(losses[:shown], total), *(gr.skip(),) * 5)
+        except asyncio.CancelledError:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            raise
+        better = task.result()
+    except ecoflap.Cancelled:
+        log.info("stopped: a recovery of session %s", me.id[:12])
+        yield (gr.skip(),) * 7  # the Stop button has said so
+        return
+    except EXPECTED as err:
+        yield refuse(err, 7)
+        return
+    source = next((r for r in me.runs() if r.label == better.result.recovery["from"]), None)
+    yield (with_notices(me, recovery_text(better)),
+           ecoflap.plots.loss_figure(better.result.recovery["losses"]),
+           recovered_answers(me, source, better), *run_lists(me, latest=better.id), recover_choices(
+               server, better.id, token))
+
+
+def recovery_text(run: ecoflap.Run) -> str:
+    r = run.result.recovery
+    o = r["options"]
+    scores = ""
+    if r["before"] is not None:
+        better = "higher is better" if r["before"]["higher_is_better"] else "lower is better"
+        scores = (f" {r['before']['metric'].capitalize()} ({better}) **{r['before']['value']:.3f} → "
+                  f"{r['after']['value']:.3f}** on {r['after']['measured_on']}.")
+    held = "identical in every layer" if r["zeros_before"] == r["zeros_after"] else "CHANGED (please report this)"
+    merge = ""
+    if r["merge_densification"] is not None:
+        merge = (f" LoRA merged as W + ΔW ⊙ M: {r['merge_densification']} new nonzeros (a plain merge would have "
+                 f"filled {r['plain_merge_would_fill']:,} zeros).")
+    memory = ("GPU memory allocated" if r["peak_memory_kind"] == "cuda_max_allocated"
+              else "growth of the process's memory")
+    return (f"**{run.label}** done: {o['steps']} steps ({o['way']}, AdamW lr {o['lr']:g}, weight decay "
+            f"{o['weight_decay']:g}, {o['schedule']}, batch {o['batch_size']}) on {r['data']}.{scores} Loss "
+            f"{sum(r['losses'][:10]) / len(r['losses'][:10]):.3f} → {sum(r['losses'][-10:]) / len(r['losses'][-10:]):.3f} "
+            f"(mean of the first and last 10 steps). Zeros: {sum(r['zeros_after'].values()):,}, {held}.{merge} "
+            f"Time: {r['timings']['train_s']:.1f} s training, {r['seconds']:.1f} s with scoring. Peak during "
+            f"the recovery: {r['peak_memory_bytes'] / 2**20:,.1f} MiB ({memory}).")
+
+
+def recovered_answers(me: ecoflap.Session, source, better) -> str:
+    """The score before and after, and the shipped example questions answered by the full
+    model, the run and its recovery, side by side."""
+    wanted = [r.label for r in (source, better) if r is not None]
+    rows = []
+    before, after = better.result.recovery["before"], better.result.recovery["after"]
+    if before is not None:
+        scores = [f"{before['value']:.3f}", f"{after['value']:.3f}"][-len(wanted):]
+        cells = [f"<b>{html.escape(before['metric'])}</b> on {before['n']} questions", "", *scores]
+        rows.append("<tr>" + "".join(f"<td style='padding:4px 8px'>{c}</td>" for c in cells) + "</tr>")
+    for path, question in ecoflap.example_prompts():
+        answers = me.ask(path, question)
+        by = {a["label"]: a["answer"] for a in answers.runs}
+        cells = [html.escape(question) or "<i>(caption)</i>", html.escape(answers.full)]
+        cells += [html.escape(by.get(label, "")) or "<i>(empty)</i>" for label in wanted]
+        rows.append("<tr>" + "".join(f"<td style='padding:4px 8px'>{c}</td>" for c in cells) + "</tr>")
+    header = "".join(f"<th style='text-align:left;padding:4px 8px'>{html.escape(h)}</th>"
+                     for h in ["Question (shipped example)", "Full model", *wanted])
+    return f"<div style='overflow-x:auto'><table><tr>{header}</tr>{''.join(rows)}</table></div>"
+
+
 def stop(server: ecoflap.Server, token):
     """Stop this session's running jobs: a stopped job stores nothing."""
     return STOPPED if session_of(server, token).stop() else NOTHING_RUNNING
@@ -394,7 +533,8 @@ async def compare(server: ecoflap.Server, methods, sparsity, image, question, to
 
 def runs_figure(runs):
     return ecoflap.plots.sparsity_figure(
-        [{"label": r.label, "layers": r.result.layers, "target_sparsity": r.result.target_sparsity} for r in runs])
+        [{"label": r.label, "layers": r.result.layers, "target_sparsity": r.result.target_sparsity,
+          "warnings": r.result.warnings} for r in runs])
 
 
 def stopped_comparison(me: ecoflap.Session, finished):
@@ -521,6 +661,18 @@ def build_app(server: ecoflap.Server) -> gr.Blocks:
                             with gr.Row():
                                 owl_m = gr.Number(value=5, label="OWL: M (outlier = score above M x mean)")
                                 owl_lambda = gr.Number(value=0.08, label="OWL: lambda (band around the target)")
+                        with gr.Accordion("Calibration data", open=False, elem_id="calibration-data"):
+                            gr.Markdown(calibration_note(server))
+                            calibration = gr.Textbox(value="", max_lines=1, max_length=200, elem_id="calibration-source",
+                                                     label="Dataset (empty: this deployment's default)",
+                                                     placeholder="hf:OWNER/NAME:SPLIT, local:NAME or shapes")
+                            calibration_images = gr.File(value=[], file_count="multiple", file_types=["image"],
+                                                         label="Or your own images (the full model labels them)",
+                                                         elem_id="calibration-images", height=140)
+                            calibration_question = gr.Textbox(value="", max_lines=1, max_length=500,
+                                                              label="Question the full model answers for your images "
+                                                                    "(empty: it captions them)")
+                            loss = gr.Radio(LOSS_CHOICES, value="answer", label="Calibration loss")
                         with gr.Row():
                             prune_button = gr.Button("Prune", variant="primary")
                             stop_button = gr.Button("Stop", elem_id="prune-stop")
@@ -538,6 +690,30 @@ def build_app(server: ecoflap.Server) -> gr.Blocks:
                 last_report = gr.JSON(visible=False)
                 with gr.Accordion("What the methods do", open=False):
                     gr.Markdown(EXPLANATION)
+            with gr.Tab("Recover") as recover_tab:
+                gr.Markdown(RECOVER_TEXT)
+                with gr.Row():
+                    with gr.Column(scale=1):
+                        recover_run = gr.Dropdown([], label="Run to recover", value=None, elem_id="recover-run")
+                        recover_steps = gr.Number(value=100, precision=0, label="Steps", elem_id="recover-steps",
+                                                  info=f"at most {server.limits.recover_steps} on this deployment")
+                        recover_way = gr.Radio([("Full (the pruned matrices)", "full"), ("Masked LoRA", "lora")],
+                                               value="full", label="Way")
+                        with gr.Accordion("Advanced", open=False):
+                            recover_lr = gr.Number(value=2e-5, label="Learning rate (AdamW)")
+                            recover_decay = gr.Number(value=0.05, label="Weight decay")
+                            recover_schedule = gr.Radio(["cosine", "constant"], value="cosine", label="Schedule")
+                            recover_rank = gr.Number(value=8, precision=0, label="LoRA rank")
+                            recover_eval = gr.Number(value=200, precision=0,
+                                                     label="Questions scored before and after (0: none)")
+                        with gr.Row():
+                            recover_button = gr.Button("Recover", variant="primary", elem_id="recover-button")
+                            recover_stop = gr.Button("Stop", elem_id="recover-stop")
+                    with gr.Column(scale=2):
+                        recover_status = gr.Markdown("Prune on the Prune tab, pick the run here, then Recover.",
+                                                     elem_id="recover-status")
+                        loss_plot = gr.Plot(show_label=False, elem_id="recover-loss")
+                        recover_answers = gr.HTML(elem_id="recover-answers")
             with gr.Tab("Ask"):
                 with gr.Row():
                     with gr.Column():
@@ -621,7 +797,7 @@ def build_app(server: ecoflap.Server) -> gr.Blocks:
         prune_button.click(
             bind(server, prune),
             [method, sparsity, granularity, max_sparsity, samples, stage1_samples, eps, nm, modules, batch_size,
-             owl_m, owl_lambda, vision_sparsity, token],
+             owl_m, owl_lambda, vision_sparsity, calibration, calibration_images, calibration_question, loss, token],
             [status, sparsity_plot, groups_plot, *run_outputs, last_run, last_report],
             api_name="prune", preprocess=False, show_progress_on=[status], concurrency_limit=8,
             concurrency_id="long")
@@ -645,6 +821,15 @@ def build_app(server: ecoflap.Server) -> gr.Blocks:
             [sweep_plot, sweep_table, sweep_status, sweep_files], api_name="sweep", preprocess=False, show_progress_on=[sweep_status], concurrency_limit=8,
             concurrency_id="long")
         sweep_stop.click(bind(server, stop), token, sweep_status, api_visibility="private", queue=False)
+        recover_tab.select(bind(server, recover_choices), [recover_run, token], recover_run,
+                           api_visibility="private")
+        recover_button.click(
+            bind(server, recover),
+            [recover_run, recover_steps, recover_way, recover_lr, recover_decay, recover_schedule, recover_rank,
+             recover_eval, token],
+            [recover_status, loss_plot, recover_answers, *run_outputs, recover_run], api_name="recover",
+            preprocess=False, show_progress_on=[recover_status], concurrency_limit=8, concurrency_id="long")
+        recover_stop.click(bind(server, stop), token, recover_status, api_visibility="private", queue=False)
         export_button.click(bind(server, export), [export_run, export_model, token], export_files,
                             api_name="export", preprocess=False)
         gr.api(bind(server, stats), api_name="stats")

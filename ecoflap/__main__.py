@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
 import sys
 
 from tqdm import tqdm
@@ -45,6 +46,11 @@ def _model_args(p: argparse.ArgumentParser):
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     p.add_argument("--device-map", default=None, help="'auto' to spread a large model over devices (accelerate)")
+    p.add_argument("--offload", default=None, choices=["cpu", "disk"],
+                   help="a model larger than the device: weights stay in CPU memory (or on disk) and each block "
+                        "comes to the device for its turn (default: $ECOFLAP_OFFLOAD)")
+    p.add_argument("--offload-folder", default=None,
+                   help="where --offload disk writes the weights (default: $ECOFLAP_OFFLOAD_FOLDER)")
 
 
 def _calibration_arg(p: argparse.ArgumentParser):
@@ -127,8 +133,13 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, default=0, help="which fresh scenes (shapes model) or shuffles")
     r.add_argument("--eval-n", type=int, default=200, help="questions scored before and after (0: none)")
     r.add_argument("--calibration", default=None,
-                   help="folder with examples.jsonl to fine-tune on (default: fresh shapes scenes for the "
-                        "shapes model, else the shipped calibration set)")
+                   help="captioned examples to fine-tune on, any labelled calibration source: a folder with "
+                        "examples.jsonl, a datasets save_to_disk or parquet folder (FOLDER:SPLIT), or "
+                        "hf:OWNER/NAME[:SPLIT] (default: fresh shapes scenes for the shapes model, else "
+                        "$ECOFLAP_CALIBRATION or the shipped calibration set)")
+    r.add_argument("--samples", type=int, default=128, help="examples drawn from --calibration (cycled)")
+    r.add_argument("--image-column", default=None, help="a dataset's image column (default: found by type)")
+    r.add_argument("--text-column", default=None, help="a dataset's text column (default: found by name and type)")
     r.add_argument("--report", default=None, help="write the JSON report here")
     r.add_argument("--save", default=None, help="write the recovered model (safetensors) and report here")
 
@@ -169,6 +180,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--stage1-samples", type=int, default=None, help="default 32 (zeroth) or 128 (first)")
     b.add_argument("--batch-size", type=int, default=8)
     b.add_argument("--no-naive", action="store_true", help="skip timing the reference-style zeroth-order loop")
+    b.add_argument("--no-half", action="store_true", help="skip the half-precision comparison with float32")
     b.add_argument("--json", default=None)
     b.add_argument("--sparsegpt-layer", action="append", default=None, metavar="ROWSxCOLUMNS",
                    help="instead: SparseGPT's peak memory on one float32 CPU layer of this shape "
@@ -187,7 +199,8 @@ def _parser() -> argparse.ArgumentParser:
 def _load(args):
     from .models import load_model
 
-    return load_model(args.model, device=args.device, dtype=args.dtype, device_map=args.device_map)
+    return load_model(args.model, device=args.device, dtype=args.dtype, device_map=args.device_map,
+                      offload=args.offload, offload_folder=args.offload_folder)
 
 
 def cmd_prune(args) -> int:
@@ -247,6 +260,20 @@ def cmd_prune(args) -> int:
     return 0
 
 
+def _recovery_examples(args, loaded):
+    """Examples to fine-tune on from --calibration (or the deployment's default); None:
+    fresh scenes (shapes model) or the shipped set. Sources that need the full model to
+    label them are refused: a pruned folder has no full model to ask."""
+    from .sources import deployment_default, parse
+
+    spec = args.calibration or deployment_default(loaded)
+    if spec is None:
+        return None
+    drawn = parse(spec, image_column=args.image_column, text_column=args.text_column).draw(args.samples)
+    _warn(drawn.warnings)
+    return drawn.examples
+
+
 def cmd_recover(args) -> int:
     from pathlib import Path
 
@@ -269,7 +296,7 @@ def cmd_recover(args) -> int:
         raise ValueError("the folder's ecoflap_report.json names layers this model does not have")
     progress = TqdmProgress()
     try:
-        recovery = recover(loaded, layers, options, _calibration(args), progress)
+        recovery = recover(loaded, layers, options, _recovery_examples(args, loaded), progress)
     finally:
         progress.close()
     targets = {row["name"]: row.get("target_sparsity") for row in report["layers"]}
@@ -367,8 +394,15 @@ def cmd_sweep(args) -> int:
                      progress=progress)
     finally:
         progress.close()
-    if args.json:
-        write_json({"model": loaded.name, "rows": rows}, args.json)
+    if args.json:  # also a deployment's precomputed curves (ECOFLAP_CURVES), shown in the Teach tab
+        source = calibration.record["id"] if calibration else "the shipped shapes set"
+        higher = rows[0]["metric"] == "accuracy" if rows else True
+        write_json({"model": loaded.name, "metric": rows[0]["metric"] if rows else "score",
+                    "higher_is_better": higher,
+                    "measured_on": f"{args.eval_n} evaluation examples per point; calibration: {source}, "
+                                   f"{args.samples} samples, loss {args.loss}",
+                    "command": "python -m ecoflap " + " ".join(shlex.quote(a) for a in args.argv),
+                    "calibration": calibration.report() if calibration else None, "rows": rows}, args.json)
     write_text(table_csv(rows, SWEEP_COLUMNS), args.csv)
     figure = sweep_figure(summarise(rows), rows[0]["metric"] if rows else "score")
     write_text(figure.to_html(include_plotlyjs=True), args.html)
@@ -378,7 +412,8 @@ def cmd_sweep(args) -> int:
 
 def cmd_bench(args) -> int:
     from .benchmark import bench
-    from .models import random_model
+    from .models import offloaded, random_model, resolve_device
+    from .offload import resolve_offload
     from .options import PruneOptions
     from .report import write_json
 
@@ -388,16 +423,23 @@ def cmd_bench(args) -> int:
     if args.arch:
         if not args.random_init:
             raise ValueError("--arch builds an architecture from its config: add --random-init")
-        loaded = random_model(args.arch, args.device, args.dtype)
+        loaded = random_model(args.arch, "cpu" if args.offload else args.device, args.dtype)
+        if args.offload:
+            offload, folder = resolve_offload(args.offload, args.offload_folder)
+            loaded = offloaded(loaded, offload, resolve_device(args.device), folder)
     else:
         loaded = _load(args)
+    if loaded.offload and not (args.no_naive and args.no_half):
+        print("offloaded: the reference-loop timing and the half-precision comparison are not run "
+              "(they perturb or convert every weight at once)")
+        args.no_naive = args.no_half = True
     options = PruneOptions(samples=args.samples, stage1_samples=args.stage1_samples, batch_size=args.batch_size,
                            loss=args.loss)
     calibration = _calibration(args, loaded, names, options)
     progress = TqdmProgress()
     try:
         result = bench(loaded, names, args.sparsity, calibration.examples if calibration else None, options,
-                       naive_zeroth=not args.no_naive, progress=progress)
+                       naive_zeroth=not args.no_naive, progress=progress, half=not args.no_half)
     finally:
         progress.close()
     print(f"{result['model']} on {result['device']} ({result['dtype']}), sparsity {result['sparsity']}, "
@@ -415,6 +457,19 @@ def cmd_bench(args) -> int:
               f"per perturbation on the same batches ({result['zeroth_stage1_speedup']:.2f}x), vs "
               f"{result['zeroth_stage1_reference_loop_s']:.3f} s also encoding each batch at every perturbation "
               f"as the reference loop does ({result['zeroth_stage1_speedup_vs_reference_loop']:.2f}x)")
+    if "half_precision" in result:
+        drift, lost = result["half_precision"]["allocation"], result["half_precision"]["gradients"]
+        seeds = drift["float32_seeds"]
+        print("half precision vs float32, ECoFLaP zeroth-order allocation (largest group-sparsity difference, "
+              f"score rank correlation): float32 seed 0 vs 1 {seeds['max_sparsity_difference']:.4f} "
+              f"({seeds['score_rank_correlation']:.3f}); " + "; ".join(
+                  f"{name} {d['max_sparsity_difference']:.4f} ({d['score_rank_correlation']:.3f})"
+                  for name, d in drift.items() if name != "float32_seeds"))
+        print("gradient entries lost (zero / subnormal): float32 "
+              f"{lost['float32']['zero']:.2%} / {lost['float32']['subnormal']:.2%}; float16 unscaled "
+              f"{lost['float16_unscaled']['zero']:.2%} / {lost['float16_unscaled']['subnormal']:.2%}; float16 with "
+              f"loss scale {lost['float16_scaled']['scale']:g} {lost['float16_scaled']['zero']:.2%} / "
+              f"{lost['float16_scaled']['subnormal']:.2%}")
     if args.json:
         write_json(result, args.json)
     return 0
@@ -464,6 +519,7 @@ def cmd_soak(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     commands = {"prune": cmd_prune, "recover": cmd_recover, "ask": cmd_ask, "eval": cmd_eval, "sweep": cmd_sweep, "bench": cmd_bench,
                 "soak": cmd_soak}

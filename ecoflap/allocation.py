@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .anatomy import PrunableLayer, group_key
+from .offload import read_weight
 
 AGGREGATES = ("sum", "avg")
 
@@ -176,7 +177,7 @@ def _float32(bits: int) -> float:
 
 @torch.no_grad()
 def _count(layer: PrunableLayer, test) -> int:
-    return int(torch.count_nonzero(test(layer.module.weight.detach().abs().float())))
+    return int(torch.count_nonzero(test(read_weight(layer.module).detach().abs().float())))
 
 
 def group_scores(

@@ -20,6 +20,7 @@ from .methods import get_method
 from .models import LoadedModel
 from .options import PruneOptions
 from .pipeline import prune
+from .precision import allocation_drift, gradient_underflow
 from .anatomy import prunable_layers
 from .weights import WeightStore
 
@@ -60,8 +61,14 @@ def bench(
     options: PruneOptions | None = None,
     naive_zeroth: bool = True,
     progress: Callable[[str, int, int], None] | None = None,
+    half: bool = True,
 ) -> dict:
-    """{"methods": {name: {stage1_s, stage2_s, total_s, forward_equivalents, peak_bytes, peak_vs_inference}}, ...}."""
+    """{"methods": {name: {stage1_s, stage2_s, total_s, forward_equivalents, peak_bytes, peak_vs_inference}}, ...}.
+
+    With `half`, also "half_precision": ECoFLaP's zeroth-order allocation in bfloat16 and
+    float16 against float32's and float32's own seed-to-seed distance (`allocation_drift`),
+    and the float16 gradient entries lost with and without loss scaling (`gradient_underflow`).
+    """
 
     options = options or PruneOptions()
     methods = [get_method(name).name for name in methods]
@@ -141,6 +148,13 @@ def bench(
         }
     if not cpu:
         extra = naive_comparison()
+    if half:
+        extra["half_precision"] = {
+            "allocation": allocation_drift(loaded, ("bfloat16", "float16"), "ecoflap_zeroth", sparsity, options,
+                                           calibration),
+            "gradients": gradient_underflow(loaded, calibration, options.stage1_sample_count(get_method("ecoflap_first")),
+                                            options.batch_size, options.include),
+        }
     first = next(iter(model.parameters()))
     return {
         "model": loaded.name,

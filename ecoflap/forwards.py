@@ -14,14 +14,15 @@ from torch import nn
 
 
 @contextlib.contextmanager
-def replaced_forward(module: nn.Module, forward: Callable):
-    """Within the block, `module(...)` calls `forward` instead of its own forward."""
-    previous = module.__dict__.get("forward")
-    module.forward = forward
+def replaced_forward(module: nn.Module, forward: Callable, attribute: str = "forward"):
+    """Within the block, `module(...)` calls `forward` instead of its own forward
+    (`attribute`: the instance attribute to swap, such as accelerate's `_old_forward`)."""
+    previous = module.__dict__.get(attribute)
+    setattr(module, attribute, forward)
     try:
         yield
     finally:
         if previous is None:
-            del module.forward
+            delattr(module, attribute)
         else:
-            module.forward = previous
+            setattr(module, attribute, previous)

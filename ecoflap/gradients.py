@@ -5,6 +5,10 @@ of gradients: only the prunable weights require grad, and a post-accumulate hook
 each gradient over and frees it, so memory stays near inference plus activations.
 Activation checkpointing per transformer block then keeps only each block's input for
 the backward pass, recomputing the block's inside when its gradients are needed.
+
+In float16 the gradients of a model with a small loss fall below float16's smallest
+normal number (6.1e-5), where digits are lost, or to zero; a `LossScale` multiplies the
+loss before the backward pass and divides each gradient in float32.
 """
 
 from __future__ import annotations
@@ -17,6 +21,54 @@ from torch.utils.checkpoint import checkpoint
 
 from .anatomy import PrunableLayer, transformer_blocks
 from .forwards import replaced_forward
+
+
+class LossScale:
+    """Dynamic loss scaling for float16 gradients, as torch.amp's GradScaler, one backward
+    pass at a time: the loss is multiplied by `scale`, each gradient is divided by it in
+    float32 (`unscaled`), and a gradient with an inf or NaN means the scale was too large:
+    `passed()` halves it and says the pass must run again. After `growth_interval` passes
+    in a row without overflow the scale doubles. In any other dtype (float32, or bfloat16
+    with float32's exponent range), or with `enabled=False`, the scale stays 1.
+    """
+
+    SMALLEST = 2.0**-16
+
+    def __init__(self, dtype: torch.dtype, initial: float = 2.0**16, growth_interval: int = 8,
+                 enabled: bool | None = None):
+        self.enabled = dtype == torch.float16 if enabled is None else enabled
+        self.scale = initial if self.enabled else 1.0
+        self.growth_interval = growth_interval
+        self.overflowed = False
+        self.clean_passes = 0
+
+    def backward(self, loss: torch.Tensor):
+        if not torch.isfinite(loss):
+            raise ValueError(f"the calibration loss is {loss.item()}: the model overflows in its dtype")
+        self.overflowed = False
+        (loss * self.scale).backward()
+
+    def unscaled(self, grad: torch.Tensor) -> torch.Tensor:
+        """The gradient in float32, divided by the scale (an inf or NaN marks an overflow)."""
+        g = grad.float()
+        if self.scale != 1.0:
+            g = g / self.scale
+        if not torch.isfinite(g).all():
+            self.overflowed = True
+        return g
+
+    def passed(self) -> bool:
+        """Whether the last backward pass was free of overflow; if not, the scale is halved."""
+        if self.overflowed:
+            if not self.enabled or self.scale <= self.SMALLEST:
+                raise ValueError(f"the gradients overflow {self.scale:g} times the loss")
+            self.scale /= 2
+            self.clean_passes = 0
+            return False
+        self.clean_passes += 1
+        if self.enabled and self.clean_passes % self.growth_interval == 0:
+            self.scale *= 2
+        return True
 
 
 @contextlib.contextmanager

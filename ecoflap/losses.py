@@ -6,8 +6,10 @@
   CC3M: the caption is lowercased, stripped of punctuation and cut to 50 words (BLIP's
   caption processor), then cut at a random character position in its first half; the
   prefix is input to the language model and only the rest is scored. The cuts are drawn
-  from the run's seed, so a run is reproducible. (For an encoder-decoder language model
-  the reference puts the prefix in the encoder; here it is the decoder's given start.)
+  from the run's seed, so a run is reproducible. The cut is applied to whole tokens: the
+  prefix's tokens are those that fit in its characters (none where the cut falls inside
+  the first token). For an encoder-decoder language model the reference puts the prefix
+  in the encoder; here it is the decoder's given start.
 
 The loss itself is always `data.calibration_loss`; what changes is which tokens are labelled.
 """

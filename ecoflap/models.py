@@ -32,6 +32,7 @@ from . import families
 from .families import Family
 from .families.architectures import llava_1_5_7b, qwen2_5_vl_7b
 from .families.blip2 import IMAGE_TOKEN
+from .offload import offload_model, resolve_offload
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,7 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     source: str | None = None
+    offload: str | None = None
 
     @property
     def family(self) -> str:
@@ -132,14 +134,25 @@ def load_model(
     device: str | None = "auto",
     dtype: str | torch.dtype | None = "auto",
     device_map: str | None = None,
+    offload: str | None = None,
+    offload_folder: str | None = None,
 ) -> LoadedModel:
     """Load a model of a supported family and its processor from a hub id or a local
     `save_pretrained` folder.
 
     Only safetensors weights are opened (never pickles). `device_map="auto"` spreads a
-    model that does not fit one GPU through accelerate.
+    model that does not fit one GPU through accelerate. `offload="cpu"` or `"disk"`
+    (default: ECOFLAP_OFFLOAD, ECOFLAP_OFFLOAD_FOLDER) is for a model larger than the
+    device: its weights stay in CPU memory (or in files under `offload_folder`) and come
+    to the device one block at a time (see `offload`).
     """
     name = name or os.environ.get("ECOFLAP_MODEL") or DEFAULT_MODEL
+    try:
+        offload, offload_folder = resolve_offload(offload, offload_folder)
+    except ValueError as err:
+        raise ModelLoadError(str(err)) from None
+    if offload and device_map:
+        raise ModelLoadError("choose either a device_map or an offload, not both")
     config, family, source = _read_config(name)
     shown = display_name(name)
     target = resolve_device(device)
@@ -162,6 +175,9 @@ def load_model(
     except (OSError, ValueError, RuntimeError) as err:
         log.info("weights of %s: %s", name, err)
         raise ModelLoadError(_weights_problem(source, shown, err)) from err
+    if offload:
+        return offloaded(LoadedModel(model.eval(), processor, shown, target, torch_dtype, source), offload, target,
+                         offload_folder)
     if not device_map:
         try:
             model.to(target)
@@ -172,6 +188,19 @@ def load_model(
     first_param = next(model.parameters())
     log.info("loaded %s (%s) on %s (%s)", name, family.name, first_param.device, first_param.dtype)
     return LoadedModel(model, processor, shown, first_param.device, torch_dtype, source)
+
+
+def offloaded(loaded: LoadedModel, offload: str, device: torch.device, folder: str | None = None) -> LoadedModel:
+    """A model loaded on the CPU, offloaded (see `offload`) to run one block at a time on `device`."""
+    try:
+        offload_model(loaded.model, offload, device, folder)
+    except OSError as err:
+        log.info("offload of %s: %s", loaded.name, err)
+        raise ModelLoadError(f"cannot write the offloaded weights of {loaded.name} to the offload folder") from err
+    log.warning("%s: weights offloaded to %s, one block at a time on %s; not available with offload: "
+                "first-order ECoFLaP, gradient distributions, recovery", loaded.name, offload, device)
+    loaded.device, loaded.offload = device, offload
+    return loaded
 
 
 def _weights_problem(source: str, shown: str, err: Exception) -> str:

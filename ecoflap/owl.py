@@ -48,16 +48,16 @@ def outlier_ratio(scores: Sequence[torch.Tensor], m: float) -> float:
 def dense_outlier_ratios(model, layers: list[PrunableLayer], batches: list[dict], m: float,
                          progress: Progress | None = None) -> dict[str, float]:
     """Each block's outlier ratio, from the dense model's inputs (nothing is pruned while
-    they are gathered, as in the reference's first pass)."""
-    sq_norms: dict[str, torch.Tensor] = {}
+    they are gathered, as in the reference's first pass). Computed while the block is
+    visited, so its scores never outlive it (and an offloaded block is still onloaded)."""
+    ratios: dict[str, float] = {}
 
-    def keep_statistics(block_layers: list[PrunableLayer], stats):
-        for layer in block_layers:
-            sq_norms[layer.name] = stats[layer.name].sq_norm
+    def block_ratio(block_layers: list[PrunableLayer], stats):
+        scores = [wanda_scores(l.module.weight, stats[l.name].sq_norm) for l in block_layers]
+        ratios[block_layers[0].block_name] = outlier_ratio(scores, m)
 
-    sequential_statistics(model, batches, layers, keep_statistics, progress=progress)
-    return {g.name: outlier_ratio([wanda_scores(l.module.weight, sq_norms[l.name]) for l in g.layers], m)
-            for g in grouped(layers, "block")}
+    sequential_statistics(model, batches, layers, block_ratio, progress=progress)
+    return {g.name: ratios[g.name] for g in grouped(layers, "block")}
 
 
 def band(sparsity: float, lam: float) -> tuple[float, float]:

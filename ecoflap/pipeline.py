@@ -17,7 +17,7 @@ from .allocation import (LayerBudget, ecoflap_budget, global_magnitude_budget, g
 from .anatomy import PrunableLayer, group_key, prunable_layers
 from .data import Example, batches, default_calibration, take
 from .losses import examples_for
-from .importance import first_order_scores, zeroth_order_scores
+from .importance import first_order_scores, resolvable_step, zeroth_order_scores
 from .memory import PeakMemory
 from .methods import Method, get_method
 from .models import LoadedModel
@@ -27,6 +27,7 @@ from .pruners.magnitude import prune_magnitude
 from .pruners.sparsegpt import prune_sparsegpt
 from .pruners.wanda import prune_wanda
 from .quality import Reference
+from .offload import is_offloaded, onloaded
 from .replay import sequential_statistics
 from .report import PruneResult
 from .scoring import quality_against_full, reference_for
@@ -56,6 +57,7 @@ def prune(
     method, options = get_method(method), options or PruneOptions()
     layers = prunable_layers(loaded.model, options.include)
     nm = check(method, sparsity, options)
+    check_offload(loaded.model, method, options)
     check_nm_widths(layers, nm)
     drawn = None
     if method.calibrated:
@@ -103,7 +105,11 @@ def allocate(loaded, method: Method, layers, sparsity, options, calibration, pro
         scores = first_order_scores(loaded.model, layers, data, progress)
         joint = False
     groups = group_scores(layers, scores, options.granularity, options.aggregate, by_group=joint)
-    return ecoflap_budget(groups, sparsity, options.cap(sparsity))
+    budget = ecoflap_budget(groups, sparsity, options.cap(sparsity))
+    if method.estimator == "zeroth":
+        # In half precision the step is larger than eps; the report says which was taken.
+        budget.resolved["zeroth_step"] = resolvable_step(options.eps, layers[0].module.weight.dtype)
+    return budget
 
 
 def _labelled(progress: Progress | None, stage: str) -> Progress | None:
@@ -115,7 +121,8 @@ def prune_layers(loaded, stage2: str, layers: list[PrunableLayer], budget: Layer
     """Stage 2: zero each layer's weights at its budget, block by block in forward order."""
     if stage2 == "magnitude":
         for i, l in enumerate(layers):
-            prune_magnitude(l.module.weight.data, budget.sparsity[l.name], nm, budget.zeros[l.name])
+            with onloaded(l.module):
+                prune_magnitude(l.module.weight.data, budget.sparsity[l.name], nm, budget.zeros[l.name])
             if progress:
                 progress(f"magnitude: {l.name}", i + 1, len(layers))
         return
@@ -132,6 +139,18 @@ def prune_layers(loaded, stage2: str, layers: list[PrunableLayer], budget: Layer
     data = batches(loaded, take(calibration, options.samples, "stage 2"), options.batch_size)
     sequential_statistics(loaded.model, data, layers, prune_block, want_hessian=stage2 == "sparsegpt",
                           progress=(lambda what, i, n: progress(f"stage 2 ({stage2}): {what}", i, n)) if progress else None)
+
+
+def check_offload(model, method: Method, options):
+    """What sequential onloading cannot do, refused in one line before anything changes."""
+    if not is_offloaded(model):
+        return
+    if method.estimator == "first":
+        raise ValueError("first-order scores need every weight on the device at once for the backward pass; "
+                         "with offloading use ecoflap_zeroth (forward passes only, one block at a time)")
+    if method.perturb == "group" and options.granularity == "model":
+        raise ValueError("a joint perturbation of a whole modality needs all its blocks on the device at once; "
+                         "with offloading use --granularity block or layer, or ecoflap_zeroth (one matrix at a time)")
 
 
 def check_nm_widths(layers: list[PrunableLayer], nm: tuple[int, int] | None):

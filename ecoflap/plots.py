@@ -38,8 +38,9 @@ def _bands(fig: go.Figure, rows: list[dict], key: str, label_key: str):
 def sparsity_figure(runs: list[dict]) -> go.Figure:
     """Per-layer sparsity in forward order for one or more runs.
 
-    Each run is {"label", "layers": [report rows], "target_sparsity"}; the background
-    shows which part of the model each layer belongs to.
+    Each run is {"label", "layers": [report rows], "target_sparsity", "warnings"?}; the
+    background shows which part of the model each layer belongs to. A run's warnings (a
+    model calibrated on data it was not trained on) are in the title, where nobody misses them.
     """
     fig = go.Figure()
     for r, run in enumerate(runs):
@@ -60,7 +61,9 @@ def sparsity_figure(runs: list[dict]) -> go.Figure:
                       opacity=0.6)
     if runs:
         _bands(fig, runs[0]["layers"], "stack", "stack")
-    fig.update_layout(title={"text": "Sparsity of each prunable layer", "y": 0.97},
+    warned = list(dict.fromkeys(w.split(":")[0] for run in runs for w in run.get("warnings") or []))
+    title = "Sparsity of each prunable layer" + "".join(f"<br><sup>⚠ {w}</sup>" for w in warned)
+    fig.update_layout(title={"text": title, "y": 0.97},
                       xaxis_title="prunable layer (forward order)", yaxis_title="sparsity of the layer",
                       yaxis_range=[0, 1.02], **LAYOUT)
     return fig
@@ -182,3 +185,19 @@ def curves_figure(curves: dict) -> go.Figure:
     spread = f"; mean and range over {seeds} seeds where a method is random" if seeds > 1 else ""
     return sweep_figure(curves["rows"], curves["metric"],
                         f"Measured ahead: {curves['metric']} against sparsity{spread}", curves.get("full_score"))
+
+
+def loss_figure(losses: list[float], steps: int | None = None, title: str = "Fine-tuning loss") -> go.Figure:
+    """The training loss at every recovery step, and its running mean over 10 steps
+    (one batch's loss is noisy: batches mix question types); the axis spans all `steps`,
+    so a curve drawn while training fills it from the left."""
+    x = list(range(1, len(losses) + 1))
+    smooth = [sum(losses[max(0, i - 9): i + 1]) / len(losses[max(0, i - 9): i + 1]) for i in range(len(losses))]
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=x, y=losses, mode="lines", name="loss per step",
+                             line={"color": "#bbbbbb", "width": 1}))
+    fig.add_trace(go.Scatter(x=x, y=smooth, mode="lines", name="mean of the last 10 steps",
+                             line={"color": RUN_COLORS[1], "width": 2}))
+    fig.update_layout(title=title, xaxis_title="step", yaxis_title="loss (target tokens)", **LAYOUT)
+    fig.update_xaxes(range=[1, max(steps or len(losses), 2)], tickformat="d")
+    return fig

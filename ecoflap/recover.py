@@ -29,6 +29,7 @@ from typing import Callable, Iterator
 import torch
 from torch.nn import functional as F
 
+from .offload import is_offloaded
 from .anatomy import PrunableLayer
 from .data import Example, calibration_loss, default_calibration, encode_examples, on_model
 from .forwards import replaced_forward
@@ -118,6 +119,9 @@ def recover(loaded: LoadedModel, layers: list[PrunableLayer], options: RecoverOp
     caller then puts the weights back."""
     options = options or RecoverOptions()
     model = loaded.model
+    if is_offloaded(model):
+        raise ValueError("recovery fine-tunes the pruned matrices on the device, which an offloaded model "
+                         "does not hold; load the model without --offload to recover")
     model.eval()
     masks = {l.name: l.module.weight.detach() != 0 for l in layers}
     zeros_before = {name: int((~kept).sum()) for name, kept in masks.items()}

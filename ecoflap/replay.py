@@ -6,7 +6,9 @@ the cached output of block b-1 (the stack's loop just passes it along), and whol
 that are finished are made to return their cached output. A forward hook stops the run
 as soon as the part of interest has executed. For pruning, each block therefore runs
 about twice (statistics, then its pruned output); ECoFLaP's zeroth-order stage 1 uses
-the same walk to start each perturbed forward pass at the perturbed block.
+the same walk to start each perturbed forward pass at the perturbed block. Under
+accelerate's offload each block's weights come to the execution device for its turn
+(`offload.onloaded`) and go back, pruned, before the next block's.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from torch import nn
 
 from .anatomy import PrunableLayer, Stack, stacks
 from .forwards import replaced_forward
+from .offload import onloaded
 
 Progress = Callable[[str, int, int], None]
 
@@ -153,16 +156,17 @@ class BlockReplay:
                     continue
                 cache: list | None = None
                 for b, block in enumerate(stack.blocks):
-                    if (stack.name, b) in by_block:
-                        visit(BlockVisit(self, stack, b, by_block[(stack.name, b)], cache))
-                        done += 1
-                        if progress:
-                            progress(f"{stack.name} block {b}", done, total)
-                    last_block = b == len(stack.blocks) - 1
-                    if last_block and si < last_stack:
-                        self.finished[stack.name] = self._outputs_of(stack, b, cache, stack.output)
-                    elif not last_block:
-                        cache = self._outputs_of(stack, b, cache, block)
+                    with onloaded(block):
+                        if (stack.name, b) in by_block:
+                            visit(BlockVisit(self, stack, b, by_block[(stack.name, b)], cache))
+                            done += 1
+                            if progress:
+                                progress(f"{stack.name} block {b}", done, total)
+                        last_block = b == len(stack.blocks) - 1
+                        if last_block and si < last_stack:
+                            self.finished[stack.name] = self._outputs_of(stack, b, cache, stack.output)
+                        elif not last_block:
+                            cache = self._outputs_of(stack, b, cache, block)
         finally:
             self.finished.clear()
 

@@ -17,6 +17,8 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .offload import full_state_dict, is_offloaded
+
 
 @dataclass
 class PruneResult:
@@ -52,7 +54,8 @@ def save_pruned(loaded, report: dict, folder: str | Path):
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
-        loaded.model.save_pretrained(staging, safe_serialization=True)
+        offloaded = full_state_dict(loaded.model) if is_offloaded(loaded.model) else None
+        loaded.model.save_pretrained(staging, safe_serialization=True, state_dict=offloaded)
         loaded.processor.save_pretrained(staging)
         write_json(report, staging / "ecoflap_report.json")
         if folder.exists():

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .models import DEFAULT_MODEL, ModelLoadError, load_model
+from .sources import Source
 from .workbench import Workbench
 
 if TYPE_CHECKING:
@@ -64,6 +65,10 @@ class Limits:
     upload_mb: float = 20
     queue_size: int = 64
     behind_proxy: bool = False
+    allowed_datasets: tuple[str, ...] = ()
+    calibration: str | None = None
+    local_data: str | None = None
+    curves: str | None = None
 
     ENVIRONMENT = {
         "max_models": "ECOFLAP_MAX_MODELS",
@@ -84,7 +89,12 @@ class Limits:
         "upload_mb": "ECOFLAP_MAX_UPLOAD_MB",
         "queue_size": "ECOFLAP_QUEUE_SIZE",
         "behind_proxy": "ECOFLAP_BEHIND_PROXY",
+        "allowed_datasets": "ECOFLAP_DATASETS",
+        "calibration": "ECOFLAP_CALIBRATION",
+        "local_data": "ECOFLAP_LOCAL_DATA",
+        "curves": "ECOFLAP_CURVES",
     }
+    TEXT = ("calibration", "local_data", "curves")
 
     @classmethod
     def from_environment(cls, environ=None) -> "Limits":
@@ -98,13 +108,34 @@ class Limits:
             raw = raw.strip()
             if f.name == "allowed_models":
                 values[f.name] = tuple(m.strip() for m in raw.split(",") if m.strip())
+            elif f.name == "allowed_datasets":
+                values[f.name] = tuple(d.strip().removeprefix("hf:") for d in raw.split(",") if d.strip())
+            elif f.name in cls.TEXT:
+                values[f.name] = raw
             elif isinstance(f.default, bool):
                 if raw not in ("0", "1"):
                     raise ConfigError(f"{name} must be 0 or 1 (got {raw[:40]!r})")
                 values[f.name] = raw == "1"
             else:
                 values[f.name] = _positive(name, raw, whole=f.type == "int")
-        return cls(**values)
+        limits = cls(**values)
+        limits.check_data()
+        return limits
+
+    def check_data(self):
+        """The deployment's own data settings must name something usable (checked at start)."""
+        from .sources import SourceError, parse
+
+        if self.calibration:
+            try:
+                parse(self.calibration)
+            except SourceError as err:
+                raise ConfigError(f"ECOFLAP_CALIBRATION: {err}") from None
+        if self.local_data and not Path(self.local_data).is_dir():
+            raise ConfigError("ECOFLAP_LOCAL_DATA must be a folder (of calibration sets, one per sub-folder)")
+        if self.curves and not Path(self.curves).exists():
+            raise ConfigError("ECOFLAP_CURVES must be a sweep's JSON file (python -m ecoflap sweep --json) or a "
+                              "folder of them")
 
 
 def _positive(name: str, raw: str, whole: bool):
@@ -416,6 +447,42 @@ class Server:
                 owner.drop(run.id, f"its model {bench.loaded.name} was unloaded to make room for another "
                                    f"(this deployment keeps {self.limits.max_models} models)")
             self.forget(run)
+
+    # calibration data
+
+    def calibration_source(self, spec) -> "Source":
+        """A source a person names (checked against what this deployment allows): `shapes`,
+        `hf:OWNER/NAME[:SPLIT]` from ECOFLAP_DATASETS, or `local:NAME[:SPLIT]`, a set in
+        ECOFLAP_LOCAL_DATA. Paths on the server are never taken from a person."""
+        from .sources import SourceError, parse
+
+        if not isinstance(spec, str) or len(spec) > MAX_NAME:
+            raise ValueError("a calibration source is text: hf:OWNER/NAME[:SPLIT], local:NAME or shapes")
+        spec = spec.strip()
+        if spec == "shapes":
+            return parse(None)
+        if spec.startswith("hf:"):
+            return parse(spec, allowed_datasets=self.limits.allowed_datasets)
+        if spec.startswith("local:"):
+            name, _, split = spec.removeprefix("local:").partition(":")
+            sets = self.local_sets()
+            if not sets:
+                raise SourceError("this deployment has no calibration sets of its own (its owner can add them in "
+                                  "ECOFLAP_LOCAL_DATA)")
+            if name not in sets:
+                raise SourceError(f"this deployment has no calibration set named {name[:40]!r} (it has: "
+                                  f"{', '.join(sets)})")
+            return parse(str(Path(self.limits.local_data) / name), split=split or None)
+        raise SourceError("calibration data comes from a hub dataset (hf:OWNER/NAME), one of this deployment's "
+                          "sets (local:NAME), the shipped set (shapes) or your own uploaded images, never from a "
+                          "path on the server")
+
+    def local_sets(self) -> list[str]:
+        """The names of this deployment's own calibration sets (sub-folders of ECOFLAP_LOCAL_DATA)."""
+        if not self.limits.local_data:
+            return []
+        return sorted(p.name for p in Path(self.limits.local_data).iterdir()
+                      if p.is_dir() and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", p.name))
 
     # exports
 

@@ -34,16 +34,19 @@ from typing import Callable
 
 from PIL import Image
 
+from . import sources
 from .answers import MAX_QUESTION_CHARS, fit_question
 from .anatomy import prunable_layers
-from .curves import shipped_curves
+from .curves import shipped_curves, shipped_recovery
 from .data import batches, default_calibration
 from .images import open_image
 from .methods import Method, get_method
 from .options import PruneOptions, from_settings, number, sparsity_list, sparsity_value
+from .offload import is_offloaded
 from .recover import OnStep, recover_options
 from .report import SWEEP_COLUMNS, PruneResult, layers_csv, save_pruned, table_csv, write_json, write_text
-from .scoring import quick_score
+from .scoring import quick_score, speaks_shapes
+from .sources import Calibration
 from .stats import gradient_histograms, weight_histograms
 from .sweep import sweep
 from .weights import RunWeights
@@ -225,8 +228,15 @@ class Session:
         return info
 
     def shipped_curves(self) -> dict | None:
-        """Accuracy against sparsity measured ahead of time for this model, if it ships them."""
-        return shipped_curves(self.workbench.loaded.source)
+        """Scores against sparsity measured ahead of time for this model: the deployment's own
+        (ECOFLAP_CURVES) or the model folder's, if any."""
+        loaded = self.workbench.loaded
+        return shipped_curves(loaded.source, self.server.limits.curves, loaded.name)
+
+    def shipped_recovery(self) -> list[dict] | None:
+        """Recovery measured ahead of time for this model (before and after, per method,
+        sparsity and steps), if it ships it."""
+        return shipped_recovery(self.workbench.loaded.source)
 
     def load_model(self, name) -> str:
         """Switch this session to another model (loading it if needed); returns what happened."""
@@ -260,20 +270,56 @@ class Session:
         return run
 
     def prune(self, method, sparsity, options: PruneOptions | None = None, calibration=None,
-              progress: Progress | None = None, should_stop: StopCheck | None = None, **settings) -> Run:
+              progress: Progress | None = None, should_stop: StopCheck | None = None, calibration_images=None,
+              calibration_question="", **settings) -> Run:
         """Prune and store the run for this session. `settings` are raw values from a form or
-        an API (checked one by one); `options` a PruneOptions built in code."""
+        an API (checked one by one); `options` a PruneOptions built in code. Calibration:
+        `calibration_images` (a person's own uploads, labelled by the full model, answering
+        `calibration_question` or captioning), else `calibration` (a source's name, see
+        `Server.calibration_source`, or examples drawn in code), else the deployment's default."""
         method = get_method(method)
         sparsity = sparsity_value(sparsity)
         if options is None:
             options = from_settings(sparsity, **settings)
+        if calibration_images and isinstance(calibration_images, (list, tuple)):
+            # a person's few pictures: calibrate on all of them rather than refuse for too few
+            k = len(calibration_images)
+            options = replace(options, samples=min(options.samples, k),
+                              stage1_samples=min(options.stage1_sample_count(method), k))
         bench = self.workbench
         with self._job(should_stop) as stopped:
-            result, weights, _ = bench.prune(method.name, sparsity, options, calibration, progress, stopped,
+            drawn = self.calibration_for(method, options, calibration, calibration_images, calibration_question)
+            result, weights, _ = bench.prune(method.name, sparsity, options, drawn, progress, stopped,
                                              owner=self.id)
             if stopped():
                 raise Cancelled("stopped by the user")
         return self._keep(method, result, weights, bench)
+
+    def calibration_for(self, method: Method, options: PruneOptions, calibration=None, images=None,
+                        question="") -> Calibration | list | None:
+        """What a prune of this session calibrates on (None: the shipped shapes set). Drawn
+        sets are kept, so pruning again on the same data reads and labels it once."""
+        if not method.calibrated:
+            return None
+        if images:
+            if not isinstance(images, (list, tuple)) or not all(isinstance(p, (str, Path)) for p in images):
+                raise ValueError("your calibration images must be uploaded image files")
+            if not isinstance(question, str) or len(question) > MAX_QUESTION_CHARS:
+                raise ValueError(f"the question for your images is text of at most {MAX_QUESTION_CHARS} characters")
+            source = sources.uploads([str(p) for p in images], question)
+        elif isinstance(calibration, (Calibration, list)):
+            return calibration
+        elif calibration not in (None, ""):
+            source = self.server.calibration_source(calibration)
+        else:
+            default = self.server.limits.calibration
+            if not default or speaks_shapes(self.workbench.loaded):
+                return None
+            source = sources.parse(default)
+        bench = self.workbench
+        n = options.samples_used(method)
+        label = sources.labeller(lambda pictures, questions: bench.ask(pictures, questions))
+        return sources.draw_kept(source, n, labeller=label, labelled_by=bench)
 
     def recover(self, run_id, steps=100, lr=2e-5, weight_decay=0.05, schedule="cosine", way="full", rank=8,
                 batch_size=8, seed=0, eval_n=200, calibration=None, progress: Progress | None = None,
@@ -422,7 +468,8 @@ class Session:
                          owner=self.id)
 
     def distributions(self, run_id=None) -> dict:
-        """Weight and gradient magnitude histograms per modality: the full model's, and a run's."""
+        """Weight and gradient magnitude histograms per modality: the full model's, and a run's
+        (an offloaded model has no gradient distributions; its load says so)."""
         self.touch()
         run = self.run(run_id) if run_id not in (None, "") else None
         bench = self.workbench
@@ -431,7 +478,8 @@ class Session:
         def measure(loaded):
             layers = prunable_layers(loaded.model)
             batch = batches(loaded, calibration, 8)[0]
-            return {"weights": weight_histograms(layers), "gradients": gradient_histograms(loaded.model, layers, batch)}
+            gradients = {} if is_offloaded(loaded.model) else gradient_histograms(loaded.model, layers, batch)
+            return {"weights": weight_histograms(layers), "gradients": gradients}
 
         series = {"full": bench.using(None, measure)}
         if run is not None:

@@ -97,7 +97,7 @@ class Source:
                               f"({n} for calibration and {held_out} held out were asked for)")
         examples, split, columns = self._read(n + held_out, labeller)
         if len(examples) < n:
-            raise SourceError(f"{self.id} has {len(examples)} usable examples; {n} calibration samples were "
+            raise SourceError(f"{self.id}: {len(examples)} usable examples, but {n} calibration samples were "
                               f"asked for (ask for fewer)")
         calibration = examples[:n]
         seen = {_example_digest(e) for e in calibration}

@@ -7,14 +7,15 @@ import torch
 
 from .anatomy import MODALITIES, PrunableLayer
 from .data import calibration_loss
-from .gradients import consumed_gradients
+from .gradients import LossScale, consumed_gradients
+from .offload import is_offloaded, read_weight
 
 
 def layer_table(layers: list[PrunableLayer]) -> list[dict]:
     """Per layer, in forward order: name, modality, stack, block, numel, zeros, sparsity."""
     rows = []
     for l in layers:
-        zeros = int((l.module.weight == 0).sum().item())
+        zeros = int((read_weight(l.module) == 0).sum().item())
         rows.append(
             {
                 "name": l.name,
@@ -87,16 +88,26 @@ def weight_histograms(layers: list[PrunableLayer], bins: int = 60) -> dict[str, 
     """|W| distribution per modality (sampled per layer), zeros counted apart."""
     grouped: dict[str, list[np.ndarray]] = {}
     for l in layers:
-        grouped.setdefault(l.modality, []).append(_sample(l.module.weight))
+        grouped.setdefault(l.modality, []).append(_sample(read_weight(l.module)))
     return magnitude_histograms(grouped, bins)
 
 
 def gradient_histograms(model, layers: list[PrunableLayer], batch: dict, bins: int = 60) -> dict[str, dict]:
     """|dL/dW| distribution per modality for one calibration batch (sampled per layer).
 
-    Each gradient is sampled and freed as soon as it exists.
+    Each gradient is sampled and freed as soon as it exists (in float16, unscaled from
+    a `LossScale`).
     """
+    if is_offloaded(model):
+        raise ValueError("gradient distributions need every weight on the device at once for the backward pass, "
+                         "which offloading avoids; weight distributions are available")
     grouped: dict[str, list[np.ndarray]] = {}
-    with consumed_gradients(model, layers, lambda l, g: grouped.setdefault(l.modality, []).append(_sample(g))):
-        calibration_loss(model, batch).backward()
+    scale = LossScale(layers[0].module.weight.dtype)
+    with consumed_gradients(model, layers, lambda l, g: grouped.setdefault(l.modality, []).append(
+            _sample(scale.unscaled(g)))):
+        while True:
+            grouped.clear()
+            scale.backward(calibration_loss(model, batch))
+            if scale.passed():
+                break
     return magnitude_histograms(grouped, bins)

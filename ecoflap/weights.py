@@ -22,6 +22,7 @@ from safetensors import safe_open
 
 from . import families
 from .anatomy import INCLUDE_CHOICES, PrunableLayer, prunable_layers
+from .offload import read_weight, write_weight
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ class WeightStore:
                  spellings: Callable[[str], list[str]] | None = None):
         self.layers = {l.name: l.module for l in layers}
         self.in_file = _verified_file_keys(self.layers, files or [], spellings or (lambda name: []))
-        self.copies = {name: m.weight.detach().to("cpu", copy=True)
+        self.copies = {name: read_weight(m).detach().to("cpu", copy=True)
                        for name, m in self.layers.items() if name not in self.in_file}
 
     @classmethod
@@ -71,11 +72,11 @@ class WeightStore:
         """Put the original weights back (all layers, or the named ones)."""
         names = list(self.layers) if names is None else list(names)
         for name, tensor in self.originals(names).items():
-            self.layers[name].weight.copy_(tensor)
+            write_weight(self.layers[name], tensor)
 
     def is_original(self) -> bool:
         originals = self.originals(self.layers)
-        return all(torch.equal(m.weight.detach().cpu(), originals[n].to(m.weight.dtype))
+        return all(torch.equal(read_weight(m).detach().cpu(), originals[n].to(m.weight.dtype))
                    for n, m in self.layers.items())
 
 
@@ -106,7 +107,7 @@ def _verified_file_keys(layers: dict[str, torch.nn.Module], files: list[Path],
             with safe_open(str(path), framework="pt", device="cpu") as f:
                 keys = set(f.keys())
                 for name in [n for n in layers if n not in found]:
-                    weight = layers[name].weight
+                    weight = read_weight(layers[name])
                     for key in [f"{spelled}.weight" for spelled in (name, *spellings(name))]:
                         if key not in keys:
                             continue
@@ -136,7 +137,7 @@ class RunWeights:
         originals = store.originals(names)
         masks, dense = {}, {}
         for name in names:
-            weight = store.layers[name].weight.detach()
+            weight = read_weight(store.layers[name]).detach()
             original = originals[name].to(weight.device, weight.dtype)
             zero = weight == 0
             if torch.equal(torch.where(zero, torch.zeros_like(original), original), weight):
@@ -166,16 +167,19 @@ class RunWeights:
         try:
             with torch.no_grad():
                 for name in self.masks:
-                    weight = store.layers[name].weight
+                    weight = read_weight(store.layers[name])
                     zero = self.mask(name).to(weight.device)
                     saved[name] = (zero, weight[zero].clone())
                     weight[zero] = 0
+                    write_weight(store.layers[name], weight)
                 for name, tensor in self.dense.items():
-                    store.layers[name].weight.copy_(tensor)
+                    write_weight(store.layers[name], tensor)
             yield
         finally:
             with torch.no_grad():
                 for name, (zero, values) in saved.items():
-                    store.layers[name].weight[zero] = values
+                    weight = read_weight(store.layers[name])
+                    weight[zero] = values
+                    write_weight(store.layers[name], weight)
                 if self.dense:
                     store.restore(self.dense)

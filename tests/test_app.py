@@ -10,6 +10,7 @@ from gradio_client import handle_file
 
 import ecoflap
 from conftest import EXAMPLE, FAST, client, prune
+from test_security import _call
 
 METHODS = list(ecoflap.METHODS)
 
@@ -191,3 +192,26 @@ def test_handlers_live_at_module_level_and_build_app_is_layout():
     inner = [n.name for n in ast.walk(build) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
              and n is not build]
     assert inner == []
+
+
+def test_calibration_sources_through_the_api(app, tmp_path):
+    """Own images labelled by the full model; a hub id the deployment does not allow and a server
+    path are refused with one line, and the model keeps its full weights."""
+    c = client(app)
+    status, plot, *_rest, report = prune(c, "wanda", 0.5, calibration_images=[handle_file(str(EXAMPLE))] * 2,
+                                         calibration_question="how many shapes are there?")
+    assert report["calibration"]["kind"] == "images" and report["calibration"]["count"] == 2
+    assert "Calibrated on 2 samples of 2 uploaded image(s)" in status and "full model's own answers" in status
+    assert "⚠ The calibration targets are the full model's own answers" in json.loads(plot["plot"])["layout"][
+        "title"]["text"]
+    for extra, message in [({"calibration": "hf:someone/data"}, "takes no calibration data from the hub"),
+                           ({"calibration": "/etc"}, "never from a path on the server")]:
+        with pytest.raises(Exception) as info:
+            prune(c, "wanda", 0.5, **extra)
+        assert message in str(info.value)
+    file_data = {"path": "/etc/passwd", "meta": {"_type": "gradio.FileData"}}
+    for paths in ([file_data], [{"path": "/etc/passwd"}], ["/etc/passwd"]):  # raw HTTP, as a stranger sends it
+        kind, result = _call(app, "prune", ["wanda", 0.5, "block", 0, 8, 8, 1e-3, "off", ["vision", "language"], 8,
+                                            5, 0.08, "", "", paths, "", "answer"])
+        assert kind == "error" and "/etc" not in json.dumps(result)  # gradio or the upload check refuses
+    assert "bit-identical" in c.predict(api_name="/restore")

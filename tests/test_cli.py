@@ -191,6 +191,12 @@ def test_bench_writes_every_method_side_by_side(saved_model, calibration_folder,
     assert result["methods"]["wanda"]["stage1_s"] == 0
     assert result["zeroth_stage1_speedup"] > 0 and result["zeroth_stage1_speedup_vs_reference_loop"] > 0
     assert "ecoflap_zeroth" in done.stdout
+    drift, lost = result["half_precision"]["allocation"], result["half_precision"]["gradients"]
+    assert set(drift) == {"float32_seeds", "bfloat16", "float16"}
+    assert all(0 <= d["max_sparsity_difference"] <= 0.6 and -1 <= d["score_rank_correlation"] <= 1
+               for d in drift.values())
+    assert set(lost) == {"float32", "float16_unscaled", "float16_scaled"} and lost["float32"]["scale"] == 1
+    assert "half precision vs float32" in done.stdout and "gradient entries lost" in done.stdout
 
 
 def test_bench_arch_needs_random_init():

@@ -226,7 +226,7 @@ def test_the_command_line_recovers_a_saved_folder_and_keeps_its_zeros(saved_mode
     assert run("prune", "--model", str(saved_model), "--method", "wanda", "--sparsity", "0.6", "--calibration",
                str(calibration_folder), "--samples", "16", "--save", str(pruned)).returncode == 0
     done = run("recover", "--model", str(pruned), "--steps", "3", "--lr", "1e-3", "--eval-n", "0", "--way", "lora",
-               "--calibration", str(calibration_folder), "--save", str(out), "--report", str(report))
+               "--calibration", str(calibration_folder), "--samples", "32", "--save", str(out), "--report", str(report))
     assert done.returncode == 0, done.stderr
     assert "zeros per layer identical" in done.stdout and "LoRA merge densification: 0" in done.stdout
     data = json.loads(report.read_text())
@@ -256,3 +256,30 @@ def test_the_command_line_wants_a_folder_prune_wrote(saved_model):
 
     done = run("recover", "--model", str(saved_model), "--steps", "5")
     assert done.returncode == 2 and "a folder that `python -m ecoflap prune --save` wrote" in done.stderr
+
+
+def test_shipped_recovery_is_summarised_over_seeds_and_said_in_one_sentence(tmp_path):
+    from ecoflap.curves import recovery_sentence, shipped_recovery
+    from ecoflap.plots import loss_figure
+
+    rows = [{"method": "ecoflap_zeroth", "label": "ECoFLaP", "sparsity": 0.7, "steps": 100, "lr": 2e-5, "seed": s,
+             "before": b, "after": a, "recover_cpu_s": c} for s, b, a, c in [(0, 0.5, 0.7, 10), (1, 0.6, 0.9, 20)]]
+    rows.append({**rows[0], "method": "wanda", "label": "Wanda", "before": 0.4, "after": 0.6})
+    (tmp_path / "recovery.json").write_text(json.dumps({"rows": rows}))
+    summary = {r["method"]: r for r in shipped_recovery(str(tmp_path))}
+    ours = summary["ecoflap_zeroth"]
+    assert (ours["seeds"], ours["after_min"], ours["after_max"], ours["cpu_s"]) == (2, 0.7, 0.9, 15)
+    assert ours["before"] == pytest.approx(0.55) and ours["after"] == pytest.approx(0.8)
+    assert recovery_sentence(list(summary.values())) == (
+        "Recovery measured on this model (fine-tuning with every zero held, lr 2e-05): at 0.7 after 100 steps: "
+        "ECoFLaP 55.0% → 80.0%, Wanda 40.0% → 60.0%.")
+    assert shipped_recovery(str(tmp_path / "elsewhere")) is None
+    from ecoflap.toy.card import recovery_gaps, recovery_table
+
+    assert recovery_gaps(list(summary.values())) == (
+        "Wanda minus ECoFLaP, accuracy (means over seeds): at 0.7: -15.0 points before, -20.0 after 100 steps.")
+    table = recovery_table(list(summary.values()), 0.9).splitlines()
+    assert table[2] == "| full model | 0 | 90.0% |  | |"
+    assert table[3] == "| ECoFLaP, 2 seeds | 0.7 | 55.0% (50.0% to 60.0%) | 80.0% (70.0% to 90.0%) | 15 |"
+    figure = loss_figure([1.0] * 5 + [0.0] * 10, steps=40)
+    assert list(figure.data[1].y)[-1] == 0.0 and figure.data[1].y[9] == 0.5 and figure.layout.xaxis.range == (1, 40)

@@ -19,13 +19,14 @@ from pathlib import Path
 
 import torch
 
-from ..curves import FILE, leaders, summarise
+from ..curves import FILE, RECOVERY_FILE, leaders, shipped_recovery, summarise
 from ..models import load_model
 from ..workbench import Workbench
 from ..shapes.evaluate import evaluate, make_eval_set
 from ..shapes.independent import independent_examples
 from ..sweep import EVAL_SEED as SCORE_SEED
 from .pruning_curves import EVAL_N, SELECTION_N, SELECTION_SEED, measure_curves, write_curves
+from .self_labels import FILE as SELF_LABELLED, table as self_labelled_table
 
 EVAL_SEED = 10_000
 
@@ -93,6 +94,102 @@ def measure(folder: str, n: int = 1000, independent_scenes: int = 300) -> dict:
     params = sum(p.numel() for p in loaded.model.parameters())
     return {"held_out": held_out, "independent": other, "eval_seconds": round(held_seconds, 1),
             "parameters": params}
+
+
+def _self_labelled(folder: Path) -> str:
+    """The card's section on calibrating without captions, where it has been measured."""
+    if not (folder / SELF_LABELLED).is_file():
+        return ""
+    data = json.loads((folder / SELF_LABELLED).read_text())
+    return f"""
+## Calibrating without captions
+
+What a person gets who calibrates on their own pictures without captions: the same
+{data['calibration_images']} shipped calibration images, once with their ground-truth captions and once with
+the full model's own greedy captions as targets ({data['self_labels_differing']} of the {data['calibration_images']} differ from the
+ground truth). Accuracy ({data['measured_on']}; the full model {data['full_accuracy']:.1%}), default options:
+
+{self_labelled_table(data)}
+
+Measured in about {max(1, round(data['seconds'] / 60))} minutes of wall time on 2 shared CPU cores; rows in
+`{SELF_LABELLED}`. Reproduce: `{data['command']}`.
+"""
+
+
+def recovery_table(summary: list[dict], full_score: float | None = None) -> str:
+    """Before and after each number of steps, per method and sparsity: the mean over seeds
+    with its range where there are several, and the CPU time of one recovery."""
+    steps = sorted({r["steps"] for r in summary})
+    lines = ["| method | sparsity | before | " + " | ".join(f"after {n} steps" for n in steps)
+             + " | CPU s per recovery |", "|---" * (len(steps) + 4) + "|"]
+    if full_score is not None:
+        lines.append(f"| full model | 0 | {full_score:.1%} | " + " | ".join("" for _ in steps) + " | |")
+    for method, sparsity in dict.fromkeys((r["method"], r["sparsity"]) for r in summary):
+        rows = {r["steps"]: r for r in summary if (r["method"], r["sparsity"]) == (method, sparsity)}
+        first = next(iter(rows.values()))
+        seeds = max(r["seeds"] for r in rows.values())
+        cells = []
+        for n in steps:
+            r = rows.get(n)
+            cell = "" if r is None else f"{r['after']:.1%}"
+            if r is not None and r["seeds"] > 1:
+                cell += f" ({r['after_min']:.1%} to {r['after_max']:.1%})"
+            cells.append(cell)
+        cpu = " / ".join(f"{rows[n]['cpu_s']:.0f}" for n in steps if n in rows)
+        label = first["label"] + (f", {seeds} seeds" if seeds > 1 else "")
+        before = f"{first['before']:.1%}" + (f" ({first['before_min']:.1%} to {first['before_max']:.1%})"
+                                             if first["seeds"] > 1 else "")
+        lines.append(f"| {label} | {sparsity:g} | {before} | " + " | ".join(cells) + f" | {cpu} |")
+    return "\n".join(lines)
+
+
+def recovery_gaps(summary: list[dict]) -> str:
+    """The gap between the first two methods (mean over seeds) before and after each number
+    of steps, per sparsity: does recovery close it?"""
+    methods = list(dict.fromkeys(r["method"] for r in summary))[:2]
+    if len(methods) < 2:
+        return ""
+    label = {r["method"]: r["label"] for r in summary}
+    parts = []
+    for sparsity in sorted({r["sparsity"] for r in summary}):
+        by = {(r["method"], r["steps"]): r for r in summary if r["sparsity"] == sparsity}
+        steps = sorted(n for (m, n) in by if m == methods[0] and (methods[1], n) in by)
+        if not steps:
+            continue
+        a, b = by[(methods[0], steps[0])], by[(methods[1], steps[0])]
+        gaps = [f"{100 * (b['before'] - a['before']):+.1f} points before"]
+        gaps += [f"{100 * (by[(methods[1], n)]['after'] - by[(methods[0], n)]['after']):+.1f} after {n} steps"
+                 for n in steps]
+        parts.append(f"at {sparsity:g}: " + ", ".join(gaps))
+    return (f"{label[methods[1]]} minus {label[methods[0]]}, accuracy (means over seeds): "
+            + "; ".join(parts) + ".")
+
+
+def _recovery(folder: Path, full_score: float) -> str:
+    """The card's section on fine-tuning after pruning, where it has been measured."""
+    summary = shipped_recovery(str(folder))
+    if not summary:
+        return ""
+    data = json.loads((folder / RECOVERY_FILE).read_text())
+    return f"""
+## Recovery: fine-tuning after pruning, every zero held
+
+How much a little fine-tuning brings back (`recover`: the pruned matrices trained with
+AdamW, lr {summary[0]['lr']:g}, weight decay 0.05, cosine schedule, batch 8, gradient and
+update masked so every zero stays zero; each number of steps is its own run with its own
+schedule, on freshly generated scenes, never the evaluation questions). Accuracy on the
+pruning table's {data['eval_n']} questions (seed {SCORE_SEED}), so "before" is the pruning table's number
+for the same seeds:
+
+{recovery_table(summary, full_score)}
+
+{recovery_gaps(summary)}
+
+CPU time: process CPU seconds of one recovery with one thread (training and the two scorings),
+on 2 CPU cores shared with other work. Rows in `{RECOVERY_FILE}`. Reproduce: `{data['command']}`.
+Not measured here: the LoRA way, other learning rates, more steps, and the paper's
+10-epoch fine-tuning.
+"""
 
 
 def write_card(folder: Path, measured: dict) -> str:
@@ -205,7 +302,7 @@ bold, ties going to the split nearer equal):
 
 Measured in about {max(1, round(curves['seconds'] / 60))} minutes on 2 CPU cores; the same rows are in
 `{FILE}`, which the workbench's Teach tab draws. Reproduce: `{curves['command']}`.
-
+{_recovery(folder, curves["full_score"])}{_self_labelled(folder)}
 ## Limitations
 
 - Only the shapes world: real photos, other objects, colours, shape kinds or more than
@@ -225,7 +322,12 @@ def main(argv=None):
     parser.add_argument("folder", nargs="?", default="assets/shapes-blip2")
     parser.add_argument("-n", type=int, default=1000)
     parser.add_argument("--curves", action="store_true", help="measure the pruning curves again first (10 to 40 minutes on two CPU cores)")
+    parser.add_argument("--card-only", action="store_true",
+                        help="rewrite the card from the folder's measured files (eval.json and the rest), measuring nothing")
     args = parser.parse_args(argv)
+    if args.card_only:
+        write_card(Path(args.folder), json.loads((Path(args.folder) / "eval.json").read_text()))
+        return
     if args.curves:
         torch.set_num_threads(2)
         curves = measure_curves(Workbench(load_model(args.folder, device="cpu")))
