@@ -78,7 +78,7 @@ quickly, and which pruning recovers best. Stop stores nothing.
 
 WHY_TEXT = """
 Each curve is one part of the model (colour: blue vision, purple Q-Former, brown projection, red
-language) for the full model (solid) or the chosen run (dashed). The x-axis is the magnitude on a log
+language) for the full model (solid) or a chosen run (dashed, then dotted for a second). The x-axis is the magnitude on a log
 scale; the y-axis is the fraction of *all* that part's weights in each bin. Zeros have no place on a log
 axis, so they are left out of the curve but counted in the total: a run that zeroed 60% of a part
 draws a curve whose area is 40% of the full model's, and the legend says "(60% zeros)".
@@ -200,9 +200,10 @@ def refuse(err: Exception, outputs: int):
 
 
 def progress_reporter(progress: gr.Progress):
-    """Progress for the page; gradio's own tracker shows the elapsed time beside it."""
+    """Progress for the page in readable module names ("vision block 1 · attention"); gradio's
+    own tracker shows the elapsed time beside it."""
     def report(what: str, done: int, total: int):
-        progress((done, total), desc=what)
+        progress((done, total), desc=ecoflap.naming.friendly_text(what))
 
     return report
 
@@ -501,14 +502,22 @@ def ask(server: ecoflap.Server, image, question, token):
     return answers_page(answers, me.notices()), answers.to_dict()
 
 
-def distributions(server: ecoflap.Server, run_id, token):
-    """Weight and gradient magnitude histograms: the full model against one of this session's runs."""
+def distributions(server: ecoflap.Server, run_id, other_id, token):
+    """Weight and gradient magnitude histograms: the full model against one or two of this
+    session's runs, and one sentence on what the gradients say about this model."""
     me = session_of(server, token)
     try:
-        data = me.distributions(run_id or None)
+        data = me.distributions(run_id or None, other_id or None)
     except EXPECTED as err:
-        return refuse(err, 2)
-    return ecoflap.plots.distribution_figures(data)
+        return refuse(err, 3)
+    reading = ecoflap.lessons.gradient_reading(data["series"]["full"]["gradients"])
+    return (*ecoflap.plots.distribution_figures(data), f"**Reading:** {reading}" if reading else "")
+
+
+def why_choices(server: ecoflap.Server, other, token):
+    """This session's runs for the second comparison, the choice kept where it still exists."""
+    choices = [(r.label, r.id) for r in session_of(server, token).runs()]
+    return gr.update(choices=[("(none)", "")] + choices, value=other if other in [c[1] for c in choices] else "")
 
 
 async def compare(server: ecoflap.Server, methods, sparsity, image, question, token, progress=gr.Progress()):
@@ -728,13 +737,16 @@ def build_app(server: ecoflap.Server) -> gr.Blocks:
                     with gr.Column():
                         answers_html = gr.HTML()
                         answers_json = gr.JSON(label="Answers (raw)", visible=False)
-            with gr.Tab("Why"):
+            with gr.Tab("Why") as why_tab:
                 gr.Markdown(WHY_TEXT)
                 with gr.Row():
                     dist_run = gr.Dropdown([], label="Compare the full model with run", value=None)
+                    dist_other = gr.Dropdown([("(none)", "")], label="and with run (optional)", value="",
+                                             elem_id="why-other")
                     dist_button = gr.Button("Show weight and gradient distributions")
-                weights_plot = gr.Plot(show_label=False)
-                grads_plot = gr.Plot(show_label=False)
+                why_reading = gr.Markdown(elem_id="why-reading")
+                weights_plot = gr.Plot(show_label=False, elem_id="why-weights")
+                grads_plot = gr.Plot(show_label=False, elem_id="why-gradients")
             with gr.Tab("Teach"):
                 teach_curve = gr.Plot(show_label=False, elem_id="teach-curve")
                 teach_curve_note = gr.Markdown(elem_id="teach-lesson")
@@ -809,7 +821,9 @@ def build_app(server: ecoflap.Server) -> gr.Blocks:
                            api_name="clear_runs")
         ask_button.click(bind(server, ask), [image, question, token], [answers_html, answers_json], api_name="ask",
                          preprocess=False)
-        dist_button.click(bind(server, distributions), [dist_run, token], [weights_plot, grads_plot],
+        why_tab.select(bind(server, why_choices), [dist_other, token], dist_other, api_visibility="private")
+        dist_button.click(bind(server, distributions), [dist_run, dist_other, token],
+                          [weights_plot, grads_plot, why_reading],
                           api_name="distributions", preprocess=False)
         teach_button.click(
             bind(server, compare), [teach_methods, teach_sparsity, teach_image, teach_question, token],

@@ -72,3 +72,33 @@ def comparison_takeaway(rows: list[dict], metric: str, higher_is_better: bool, s
     if best["score"] == worst["score"]:
         return closest + ", and every method scores the same."
     return closest + f"; {worst['label']} is furthest ({score_text(worst['score'], metric)})."
+
+
+PART_NAMES = {"vision": "vision encoder", "qformer": "Q-Former", "projection": "projection",
+              "language": "language model"}
+
+
+def typical_magnitude(hist: dict) -> float | None:
+    """The geometric mean of a histogram's nonzero magnitudes (bin centres on the log scale)."""
+    edges, counts = hist["log10_edges"], hist["counts"]
+    total = sum(counts)
+    if not total:
+        return None
+    return 10 ** (sum(c * (a + b) / 2 for c, a, b in zip(counts, edges[:-1], edges[1:])) / total)
+
+
+def gradient_reading(gradients: dict[str, dict]) -> str:
+    """One sentence on the full model's gradient plot: whose gradients are larger, by how much."""
+    typical = {m: t for m, h in gradients.items() if (t := typical_magnitude(h)) is not None}
+    if len(typical) < 2:
+        return ""
+    ranked = sorted(typical, key=typical.get, reverse=True)
+    top, low = ranked[0], ranked[-1]
+    ratio = typical[top] / typical[low]
+    if ratio < 1.5:
+        return (f"In this model the gradients of every part are of about the same size (typical |dL/dW| within "
+                f"{ratio:.1f}x): no part's weights move the loss much more than another's.")
+    return (f"In this model the {PART_NAMES.get(top, top)}'s gradients are the largest and the "
+            f"{PART_NAMES.get(low, low)}'s the smallest (typical |dL/dW| {typical[top]:.1e} against "
+            f"{typical[low]:.1e}, {ratio:.0f}x): a change to one {PART_NAMES.get(top, top)} weight moves the loss "
+            "more, which is what ECoFLaP's scores measure.")

@@ -467,11 +467,12 @@ class Session:
             return sweep(bench, names, values, eval_n=eval_n, progress=progress, should_stop=stopped, on_row=on_row,
                          owner=self.id)
 
-    def distributions(self, run_id=None) -> dict:
-        """Weight and gradient magnitude histograms per modality: the full model's, and a run's
-        (an offloaded model has no gradient distributions; its load says so)."""
+    def distributions(self, run_id=None, other_id=None) -> dict:
+        """Weight and gradient magnitude histograms per modality: the full model's, and one or
+        two runs' (Wanda against ECoFLaP, say); an offloaded model has no gradient
+        distributions (its load says so)."""
         self.touch()
-        run = self.run(run_id) if run_id not in (None, "") else None
+        runs = [self.run(i) for i in dict.fromkeys(i for i in (run_id, other_id) if i not in (None, ""))]
         bench = self.workbench
         calibration = list(default_calibration()[:8])
 
@@ -482,7 +483,7 @@ class Session:
             return {"weights": weight_histograms(layers), "gradients": gradients}
 
         series = {"full": bench.using(None, measure)}
-        if run is not None:
+        for run in runs:
             series[run.label] = bench.using(run.weights, measure)
         return {"series": series, "batch": len(calibration)}
 

@@ -89,7 +89,7 @@ def test_sessions_are_isolated(app):
     assert [r["run"] for r in answers_a["runs"]] == [run_a]
     assert [r["run"] for r in answers_b["runs"]] == [run_b]
     assert answers_a["full"] == answers_b["full"]
-    for endpoint, args in [("/export", (run_a, True)), ("/distributions", (run_a,))]:
+    for endpoint, args in [("/export", (run_a, True)), ("/distributions", (run_a, None))]:
         with pytest.raises(Exception, match="(?i)no run with that id in this session"):
             b.predict(*args, api_name=endpoint)
 
@@ -97,10 +97,20 @@ def test_sessions_are_isolated(app):
 def test_distributions_take_a_run_id_from_the_api(app):
     c = client(app)
     *_, run_id, _ = prune(c, "magnitude", 0.6)
-    weights, grads = c.predict(run_id, api_name="/distributions")
+    weights, grads, reading = c.predict(run_id, None, api_name="/distributions")
     names = [t["name"] for t in json.loads(weights["plot"])["data"]]
     assert any("Magnitude @ 0.60" in n and "(60% zeros)" in n for n in names)
     assert any("full" in n for n in names)
+    assert reading.startswith("**Reading:** In this model the") and "x):" in reading
+    # two runs against the full model, one legend order in both plots, powers of ten on the axis
+    *_, other, _ = prune(c, "wanda", 0.6)
+    weights, grads, _ = c.predict(run_id, other, api_name="/distributions")
+    for figure in (json.loads(weights["plot"]), json.loads(grads["plot"])):
+        assert figure["layout"]["xaxis"]["exponentformat"] == "power"
+        series = [n.split(" · ")[1].split(" (")[0] for n in (t["name"] for t in figure["data"])]
+        assert list(dict.fromkeys(series)) == ["full", "Magnitude @ 0.60", "Wanda @ 0.60"]
+    order = [[t["name"].split(" · ")[0] for t in json.loads(f["plot"])["data"]] for f in (weights, grads)]
+    assert order[0] == order[1]
 
 
 @pytest.mark.parametrize(

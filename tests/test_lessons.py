@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from ecoflap import lessons
 from ecoflap.curves import shipped_curves
 from ecoflap.plots import curves_figure, sweep_figure
@@ -60,3 +62,18 @@ def test_the_shipped_curves_draw_the_full_model_line():
     lines = [s for s in figure.layout.shapes if s.type == "line"]
     assert len(lines) == 1 and lines[0].y0 == lines[0].y1 == curves["full_score"]
     assert not sweep_figure(curves["rows"], "accuracy").layout.shapes
+
+
+def test_gradient_reading_compares_typical_magnitudes():
+    # vision: all mass at bin centre 10^-6; language: half at 10^-4, half at 10^-3 -> 10^-3.5
+    gradients = {"vision": {"log10_edges": [-6.5, -5.5], "counts": [10]},
+                 "language": {"log10_edges": [-4.5, -3.5, -2.5], "counts": [5, 5]}}
+    assert lessons.typical_magnitude(gradients["language"]) == pytest.approx(10 ** -3.5)
+    assert lessons.gradient_reading(gradients) == (
+        "In this model the language model's gradients are the largest and the vision encoder's the smallest "
+        "(typical |dL/dW| 3.2e-04 against 1.0e-06, 316x): a change to one language model weight moves the loss "
+        "more, which is what ECoFLaP's scores measure.")
+    alike = {"vision": {"log10_edges": [-6.5, -5.5], "counts": [3]}, "language": {"log10_edges": [-6.4, -5.4],
+                                                                                  "counts": [4]}}
+    assert "about the same size" in lessons.gradient_reading(alike)
+    assert lessons.gradient_reading({"vision": gradients["vision"]}) == ""
