@@ -11,10 +11,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
+import hashlib
 import html
 import logging
 import os
 import threading
+from pathlib import Path
 
 import gradio as gr
 import pandas as pd
@@ -26,7 +28,11 @@ log = logging.getLogger("ecoflap.app")
 
 MODULE_LABELS = {"vision": "Vision encoder", "qformer": "Q-Former", "projection": "Projection",
                  "language": "Language model"}
-PRUNE_METHODS = [(m.label, m.name) for m in ecoflap.METHODS.values()]
+ALLOCATION_ORDER = ["uniform", "ecoflap", "owl", "modality", "global"]
+# grouped by what they do: the allocation first, then stage 2 within it
+PRUNE_METHODS = [(m.label, m.name) for m in sorted(
+    ecoflap.METHODS.values(), key=lambda m: ALLOCATION_ORDER.index(m.allocation)
+    if m.allocation in ALLOCATION_ORDER else len(ALLOCATION_ORDER))]
 TEACH_DEFAULT = ["wanda", "ecoflap_zeroth"]
 SWEEP_COLUMNS = ["method", "sparsity", "accuracy or loss", "achieved sparsity", "prune s", "scoring s"]
 # Stopping is a normal action: one calm line, whichever route stopped the work first.
@@ -34,6 +40,8 @@ STOPPED = "Stopped. Nothing from the stopped job was stored, and the shared mode
 STOPPED_COMPARISON = ("Stopped. The runs that finished before the stop are kept; nothing else was stored, and the "
                       "shared model keeps its full weights.")
 NOTHING_RUNNING = "Nothing of yours was running."
+OWN_PICTURE = ("This is not one of the shapes pictures: the shipped model knows only coloured circles, squares and "
+               "triangles, so whatever this picture shows, the answers above are about shapes (and likely wrong).")
 NO_IMAGE_FOR_QUESTION = ("> Your question was not asked: it needs an image. Pick or upload one above to see each "
                          "model's answer.\n\n")
 MAX_CALIBRATION_UPLOADS = 256
@@ -321,9 +329,23 @@ def status_of(run: ecoflap.Run) -> str:
     split = f" ({c['split']})" if c and c["split"] else ""
     data = f" Calibrated on {c['count']} samples of {c['id']}{split}, loss {c['loss']}." if c else ""
     warnings = "".join(f"\n\n> ⚠ {w[:1].upper() + w[1:]}" for w in r.warnings)
+    under = (" Under the target because each row of a matrix zeroes a whole number of its weights, rounded down "
+             "(a row of 96 weights at 0.60 zeroes 57, not 57.6)." if r.achieved_sparsity < r.target_sparsity - 5e-4
+             else "")
     return (f"**{run.label}** done: achieved sparsity **{r.achieved_sparsity:.4f}** (target "
-            f"{r.target_sparsity:.2f}); {parts}. Time: {stages}. Peak during the run: "
+            f"{r.target_sparsity:.2f}); {parts}.{under} Time: {stages}. Peak during the run: "
             f"{r.peak_memory_bytes / 2**20:,.1f} MiB ({memory}).{data}{warnings}")
+
+
+def method_options(method):
+    """Only the options the chosen method reads: ECoFLaP's for ECoFLaP, OWL's for OWL, ..."""
+    m = ecoflap.METHODS.get(method)
+    allocation = m.allocation if m else None
+    ecoflap_on, zeroth = allocation == "ecoflap", bool(m and m.estimator == "zeroth")
+    return (gr.update(visible=ecoflap_on), gr.update(visible=ecoflap_on), gr.update(visible=ecoflap_on),
+            gr.update(visible=ecoflap_on and zeroth), gr.update(visible=allocation == "uniform"),
+            gr.update(visible=allocation == "modality"), gr.update(visible=allocation == "owl"),
+            gr.update(visible=allocation == "owl"))
 
 
 def uploaded_images(payload) -> list[str]:
@@ -499,7 +521,19 @@ def ask(server: ecoflap.Server, image, question, token):
         answers = me.ask(path, question)
     except EXPECTED as err:
         return refuse(err, 2)
-    return answers_page(answers, me.notices()), answers.to_dict()
+    own = me.describe()["speaks_shapes"] and not shipped_picture(path)
+    return answers_page(answers, me.notices(), OWN_PICTURE if own else ""), answers.to_dict()
+
+
+@functools.cache
+def _shipped_digests() -> frozenset[str]:
+    return frozenset(hashlib.sha256(Path(p).read_bytes()).hexdigest() for p, _ in ecoflap.example_prompts())
+
+
+def shipped_picture(path: str) -> bool:
+    """Whether an image is one of the shipped example pictures (gradio hands back copies,
+    so by content, not by path)."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest() in _shipped_digests()
 
 
 def distributions(server: ecoflap.Server, run_id, other_id, token):
@@ -650,26 +684,33 @@ def build_app(server: ecoflap.Server) -> gr.Blocks:
                         sparsity = gr.Slider(0.0, ecoflap.MAX_SPARSITY, value=0.5, step=0.05, label="Sparsity",
                                              elem_id="prune-sparsity")
                         method = gr.Radio(PRUNE_METHODS, value="ecoflap_zeroth", label="Method",
+                                          info="Grouped by allocation (how sparse each layer may be): uniform, "
+                                               "ECoFLaP, OWL, per-modality, global; then by stage 2 (which weights).",
                                           elem_id="prune-method")
                         with gr.Accordion("Advanced", open=False):
                             granularity = gr.Radio(list(ecoflap.GRANULARITIES), value="block",
                                                    label="ECoFLaP granularity")
-                            max_sparsity = gr.Number(value=0, label="Max per-layer sparsity (0: sparsity + 0.1)")
+                            max_sparsity = gr.Number(value=None, label="ECoFLaP: max per-layer sparsity (empty: the "
+                                                                       "sparsity + 0.1)")
                             samples = gr.Number(value=128, precision=0, label="Calibration samples (layer-wise stage)")
-                            stage1_samples = gr.Number(value=0, precision=0,
-                                                       label="Stage-1 samples (0: 32 zeroth / 128 first)")
-                            eps = gr.Number(value=1e-3, label="Zeroth-order eps")
+                            stage1_samples = gr.Number(value=None, precision=0,
+                                                       label="ECoFLaP: stage-1 samples (empty: 32 zeroth-order, "
+                                                             "128 first-order)")
+                            eps = gr.Number(value=1e-3, label="ECoFLaP zeroth-order: eps (the step of the nudge)")
                             nm = gr.Dropdown(["off", "2:4", "4:8", "1:4"], value="off", allow_custom_value=True,
+                                             visible=False,
                                              label="N:M (uniform methods; sets the sparsity to N/M)")
                             batch_size = gr.Number(value=8, precision=0, label="Batch size")
                             modules = gr.CheckboxGroup([(label, key) for key, label in MODULE_LABELS.items()],
                                                        value=list(ecoflap.DEFAULT_INCLUDE), label="Modules to prune")
                             vision_sparsity = gr.Textbox(value="", max_lines=1, elem_id="prune-vision-sparsity",
+                                                         visible=False,
                                                          label="Per-modality: vision sparsity (empty: the target; "
                                                                "the language model takes the rest of the budget)")
                             with gr.Row():
-                                owl_m = gr.Number(value=5, label="OWL: M (outlier = score above M x mean)")
-                                owl_lambda = gr.Number(value=0.08, label="OWL: lambda (band around the target)")
+                                owl_m = gr.Number(value=5, label="OWL: M (outlier = score above M x mean)", visible=False)
+                                owl_lambda = gr.Number(value=0.08, label="OWL: lambda (band around the target)",
+                                                       visible=False)
                         with gr.Accordion("Calibration data", open=False, elem_id="calibration-data"):
                             gr.Markdown(calibration_note(server))
                             calibration = gr.Textbox(value="", max_lines=1, max_length=200, elem_id="calibration-source",
@@ -806,6 +847,9 @@ def build_app(server: ecoflap.Server) -> gr.Blocks:
             [model_info, load_status, *run_outputs, sparsity_plot, groups_plot], api_name="load_model",
             preprocess=False).then(bind(server, curves), token, [teach_curve, teach_curve_note, teach_curve_details],
                                    api_visibility="private")
+        method.change(method_options, method,
+                      [granularity, max_sparsity, stage1_samples, eps, nm, vision_sparsity, owl_m, owl_lambda],
+                      api_visibility="private", queue=False)
         prune_button.click(
             bind(server, prune),
             [method, sparsity, granularity, max_sparsity, samples, stage1_samples, eps, nm, modules, batch_size,
@@ -853,7 +897,7 @@ def build_app(server: ecoflap.Server) -> gr.Blocks:
     return demo
 
 
-def answers_page(answers: ecoflap.Answers, notices: list[str]) -> str:
+def answers_page(answers: ecoflap.Answers, notices: list[str], beside: str = "") -> str:
     """The full model's answer, then each run's; a run that answers differently is marked."""
     q = html.escape(answers.question) if answers.question else "<i>(caption)</i>"
     cards = [("Full model", answers.full, False)] + [(r["label"], r["answer"], r["answer"] != answers.full)
@@ -873,7 +917,8 @@ def answers_page(answers: ecoflap.Answers, notices: list[str]) -> str:
     hint = ("<p style='color:#666'>Prune on the Prune tab to see pruned answers here.</p>" if not answers.runs else
             f"<p style='color:#666'>{changed} of {len(answers.runs)} pruned model(s) answer differently from the "
             "full model.</p>")
-    return (f"{extra}<p>Question: {q}</p><div style='display:flex;gap:10px;flex-wrap:wrap'>{body}</div>{hint}")
+    aside = f"<p class='own-picture' style='color:#b45309'>{html.escape(beside)}</p>" if beside else ""
+    return (f"{extra}<p>Question: {q}</p><div style='display:flex;gap:10px;flex-wrap:wrap'>{body}</div>{aside}{hint}")
 
 
 def comparison_text(result: ecoflap.Comparison) -> str:

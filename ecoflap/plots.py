@@ -65,7 +65,8 @@ def sparsity_figure(runs: list[dict]) -> go.Figure:
     if runs:
         _bands(fig, runs[0]["layers"], "stack", "stack")
     warned = list(dict.fromkeys(w.split(":")[0] for run in runs for w in run.get("warnings") or []))
-    title = "Sparsity of each prunable layer" + "".join(f"<br><sup>⚠ {w}</sup>" for w in warned)
+    named = f": {runs[0]['label']}" if len(runs) == 1 else ""  # a single run's chart says whose it is
+    title = f"Sparsity of each prunable layer{named}" + "".join(f"<br><sup>⚠ {w}</sup>" for w in warned)
     fig.update_layout(title={"text": title, "y": 0.97},
                       xaxis_title="prunable layer (forward order)", yaxis_title="sparsity of the layer",
                       yaxis_range=[0, 1.02], **LAYOUT)

@@ -225,6 +225,7 @@ class Session:
         self.touch()
         info = self.workbench.describe()
         info["runs"] = [r.summary() for r in self.runs()]
+        info["speaks_shapes"] = speaks_shapes(self.workbench.loaded)  # knows only the shapes world
         return info
 
     def shipped_curves(self) -> dict | None:

@@ -225,3 +225,17 @@ def test_calibration_sources_through_the_api(app, tmp_path):
                                             5, 0.08, "", "", paths, "", "answer"])
         assert kind == "error" and "/etc" not in json.dumps(result)  # gradio or the upload check refuses
     assert "bit-identical" in c.predict(api_name="/restore")
+
+
+def test_a_picture_the_shapes_model_cannot_understand_is_told_beside_its_answers(app, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    c = client(app)
+    photo = tmp_path / "photo.png"
+    Image.fromarray((np.random.RandomState(0).rand(64, 64, 3) * 255).astype("uint8")).save(photo)
+    page, _ = c.predict(handle_file(str(photo)), "what is this?", api_name="/ask")
+    assert "not one of the shapes pictures" in page
+    assert page.index("not one of the shapes pictures") > page.index("Full model")  # beside the answers
+    example, _ = c.predict(handle_file(str(EXAMPLE)), "what is this?", api_name="/ask")
+    assert "not one of the shapes pictures" not in example
