@@ -334,7 +334,9 @@ def status_of(run: ecoflap.Run) -> str:
              else "")
     return (f"**{run.label}** done: achieved sparsity **{r.achieved_sparsity:.4f}** (target "
             f"{r.target_sparsity:.2f}); {parts}.{under} Time: {stages}. Peak during the run: "
-            f"{r.peak_memory_bytes / 2**20:,.1f} MiB ({memory}).{data}{warnings}")
+            f"{r.peak_memory_bytes / 2**20:,.1f} MiB ({memory}).{data}"
+            + (f"<br>**Against the full model** {ecoflap.quality.summary(r.quality)}." if r.quality else "")
+            + warnings)
 
 
 def method_options(method):
@@ -609,9 +611,10 @@ async def sweep(server: ecoflap.Server, methods, sparsities, token, progress=gr.
     except EXPECTED as err:
         return refuse(err, 4)
     prune_s, score_s = sum(r["seconds"] for r in rows), sum(r["scoring_seconds"] for r in rows)
-    return sweep_outputs(me, rows, full, f"{len(rows)} points measured: {prune_s:.1f} s pruning and {score_s:.1f} s "
-                                         f"scoring. The grey line is the full model ({full['metric']} "
-                                         f"{full['value']:.4f}).")
+    same = full["metric"] == rows[0]["metric"]  # the baseline only where it is the same measure
+    line = f" The grey line is the full model ({full['metric']} {full['value']:.4f})." if same else ""
+    return sweep_outputs(me, rows, full if same else None,
+                         f"{len(rows)} points measured: {prune_s:.1f} s pruning and {score_s:.1f} s scoring.{line}")
 
 
 def sweep_outputs(me: ecoflap.Session, rows: list[dict], full: dict | None, status: str):
@@ -927,19 +930,25 @@ def comparison_text(result: ecoflap.Comparison) -> str:
     takeaway = ecoflap.lessons.comparison_takeaway(result.rows, result.metric, result.higher_is_better,
                                                    result.sparsity)
     answer_column = result.question is not None
-    header = f"| model | {result.metric} ({better}) | vision | language |" + (" answer |" if answer_column else "")
-    lines = [f"**Takeaway:** {takeaway}", "", header, "|---" * (5 if answer_column else 4) + "|"]
+    flips = "accuracy" in result.rows[0]["quality"]
+    header = (f"| model | {result.metric} ({better}) | same top | same answer |"
+              + (" flips right→wrong / wrong→right |" if flips else " KL p99 |")
+              + " vision | language |" + (" answer |" if answer_column else ""))
+    lines = [f"**Takeaway:** {takeaway}", "", header, "|---" * (8 if answer_column else 7) + "|"]
     for row in result.rows:
-        by = row["sparsity_by_modality"]
-        cells = [html.escape(row["label"]), f"{row['score']:.3f}", f"{by.get('vision', 0):.2f}",
-                 f"{by.get('language', 0):.2f}"]
+        by, q = row["sparsity_by_modality"], row["quality"]
+        cells = [html.escape(row["label"]), f"{row['score']:.3f}", f"{q['same_top']:.1%}", f"{q['same_answer']:.1%}",
+                 f"{q['flips']['right_to_wrong']} / {q['flips']['wrong_to_right']}" if flips
+                 else f"{q.get('kl_p99', 0):.3f}", f"{by.get('vision', 0):.2f}", f"{by.get('language', 0):.2f}"]
         if answer_column:
             cells.append(html.escape(row["answer"] or "") or "(empty)")
         lines.append("| " + " | ".join(cells) + " |")
     question = (html.escape(result.question) or "(caption)") if answer_column else ""
     asked = f"Question: {question}{'' if question[-1] in '.?!)' else '.'} " if answer_column else ""
     return "\n".join(lines) + f"\n\n{result.metric.capitalize()}: {result.measured_on}. {asked}" \
-        "Vision and language columns: the sparsity each part received."
+        "Same top: the share of answer tokens whose most likely next token is the full model's; same answer: " \
+        "the share of greedy answers identical to the full model's. Vision and language columns: the sparsity " \
+        "each part received."
 
 
 def main(argv=None):

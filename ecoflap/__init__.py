@@ -10,7 +10,7 @@ One model in a notebook or a script:
 Many people on one deployment (what the app does): a `Server` and a `Session` each.
 """
 
-from . import curves, lessons, naming, plots
+from . import curves, lessons, naming, plots, quality
 from .allocation import allocate_sparsity
 from .anatomy import DEFAULT_INCLUDE, GRANULARITIES, INCLUDE_CHOICES, MODALITIES, parameter_counts, prunable_layers
 from .answers import MAX_QUESTION_CHARS, ask
@@ -74,6 +74,7 @@ __all__ = [
     "prepare_image",
     "prunable_layers",
     "prune",
+    "quality",
     "recover",
     "recover_options",
     "return_freed_memory_to_the_system",

@@ -15,6 +15,7 @@ from .losses import LOSSES
 from .methods import METHODS, method_names
 from .models import ModelLoadError
 from .owl import DEFAULT_LAMBDA, DEFAULT_M
+from .sweep import Y_CHOICES
 
 log = logging.getLogger("ecoflap")
 
@@ -68,9 +69,10 @@ def _calibration_arg(p: argparse.ArgumentParser):
                         "recipe (lowercased captions cut at a random point in their first half)")
 
 
-def _calibration(args, loaded, methods: list[str], options):
+def _calibration(args, loaded, methods: list[str], options, held_out: int = 0):
     """The calibration drawn from --calibration (or the deployment's default) for these
-    methods' sample counts; None for the shipped set, which the pipeline takes itself."""
+    methods' sample counts, and `held_out` more examples that none of it overlaps; None
+    for the shipped set, which the pipeline takes itself."""
     from .answers import ask
     from .methods import get_method
     from .sources import deployment_default, labeller, parse
@@ -80,7 +82,7 @@ def _calibration(args, loaded, methods: list[str], options):
         return None
     source = parse(spec, image_column=args.image_column, text_column=args.text_column, question=args.question)
     n = max(options.samples_used(get_method(m)) for m in methods) or options.samples
-    return source.draw(n, labeller=labeller(lambda images, questions: ask(loaded, images, questions)))
+    return source.draw(n, held_out, labeller=labeller(lambda images, questions: ask(loaded, images, questions)))
 
 
 def _warn(warnings: list[str]):
@@ -149,10 +151,20 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--question", default="")
     a.add_argument("--jsonl", default=None, help='many: one {"image": path, "question": q} per line')
     a.add_argument("--max-new-tokens", type=int, default=20)
-    e = sub.add_parser("eval", help="score the model: accuracy per question type (shapes model) or calibration loss")
+    e = sub.add_parser("eval", help="score the model: accuracy per question type (shapes model) or calibration "
+                       "loss; with --full or --method, against the full model")
     _model_args(e)
     e.add_argument("--n", type=int, default=1000, help="evaluation examples")
-    e.add_argument("--seed", type=int, default=10_000)
+    e.add_argument("--seed", type=int, default=10_000, help="seed of the evaluation and held-out examples")
+    e.add_argument("--full", default=None, help="compare --model (a pruned model, as prune --save writes it) with "
+                   "this full model: KL, same top, same answer (accuracy and flips for a shapes model)")
+    e.add_argument("--method", default=None, help="prune --model with this method first (default options), then "
+                   "compare it with the full model")
+    e.add_argument("--sparsity", type=float, default=0.5, help="with --method")
+    e.add_argument("--samples", type=int, default=128, help="calibration samples (held-out examples come after them)")
+    _calibration_arg(e)
+    e.add_argument("--held-out", type=int, default=200, help="held-out examples for the comparison with the full "
+                   "model (never a calibration image)")
     e.add_argument("--json", default=None, help="also write the score as JSON here")
 
     w = sub.add_parser("sweep", help="score against sparsity for several methods")
@@ -167,6 +179,8 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--json", default=None, help="also write the rows as JSON here")
     w.add_argument("--csv", default="sweep.csv")
     w.add_argument("--html", default="sweep.html", help="plotly chart")
+    w.add_argument("--y", default="score", choices=Y_CHOICES, help="the chart's y-axis: the score (accuracy or "
+                   "calibration loss) or a figure against the full model (accuracy and flips: shapes models)")
     b = sub.add_parser("bench", help="time and memory of every method, side by side, in one process")
     _model_args(b)
     b.add_argument("--arch", default=None, help="build a full-size architecture instead of loading: "
@@ -180,6 +194,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--stage1-samples", type=int, default=None, help="default 32 (zeroth) or 128 (first)")
     b.add_argument("--batch-size", type=int, default=8)
     b.add_argument("--no-naive", action="store_true", help="skip timing the reference-style zeroth-order loop")
+    b.add_argument("--held-out", type=int, default=0, help="also measure each method against the full model on "
+                   "this many held-out examples (after the timings, so they are not counted)")
     b.add_argument("--no-half", action="store_true", help="skip the half-precision comparison with float32")
     b.add_argument("--json", default=None)
     b.add_argument("--sparsegpt-layer", action="append", default=None, metavar="ROWSxCOLUMNS",
@@ -357,6 +373,8 @@ def cmd_eval(args) -> int:
     from .report import write_json
     from .scoring import quick_score
 
+    if args.full or args.method:
+        return _eval_against_full(args)
     loaded = _load(args)
     bar = tqdm(total=args.n, desc="evaluating", file=sys.stderr)
     try:
@@ -371,12 +389,58 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _eval_against_full(args) -> int:
+    """A pruned model against its full model on held-out examples."""
+    from .models import load_model
+    from .options import PruneOptions
+    from .pipeline import prune
+    from .quality import summary
+    from .report import write_json
+    from .scoring import held_out_examples, quality_against_full, reference_for
+
+    if args.full and args.method:
+        raise ValueError("give --full (compare a saved pruned model with its full model) or --method (prune now), "
+                         "not both")
+    if args.held_out <= 0:
+        raise ValueError(f"--held-out must be at least 1 (got {args.held_out})")
+    options = PruneOptions(samples=args.samples)
+    progress = TqdmProgress()
+    try:
+        if args.full:
+            full = load_model(args.full, device=args.device, dtype=args.dtype, device_map=args.device_map)
+            calibration = _calibration(args, full, ["wanda"], options, args.held_out)
+            held_out = held_out_examples(calibration, args.held_out, args.seed)
+            reference, vocabulary = reference_for(full, held_out, progress), full.processor.tokenizer.get_vocab()
+            del full
+            loaded = _load(args)
+            if loaded.processor.tokenizer.get_vocab() != vocabulary:
+                raise ValueError("--model and --full have different vocabularies: compare a pruned model with the "
+                                 "model it was pruned from")
+            quality = quality_against_full(loaded, reference, progress)
+        else:
+            loaded = _load(args)
+            calibration = _calibration(args, loaded, [args.method], options, args.held_out)
+            held_out = held_out_examples(calibration, args.held_out, args.seed)
+            result = prune(loaded, args.method, args.sparsity, options, calibration, progress, held_out)
+            _warn(result.warnings)
+            quality = result.quality
+    finally:
+        progress.close()
+    print(f"{loaded.name} {summary(quality)}")
+    print(f"  KL(full || pruned) over {quality['tokens']} answer tokens: mean {quality['kl_mean']:.5f}, median "
+          f"{quality['kl_median']:.5f}, p99 {quality['kl_p99']:.4f}, p99.9 {quality['kl_p999']:.4f}; teacher-forced "
+          f"on {quality['teacher_forced_on']}")
+    if args.json:
+        write_json(quality, args.json)
+    return 0
+
+
 def cmd_sweep(args) -> int:
     from .options import PruneOptions, seed_list, sparsity_list
     from .plots import sweep_figure
     from .curves import summarise
     from .report import SWEEP_COLUMNS, table_csv, write_json, write_text
-    from .sweep import sweep
+    from .sweep import QUALITY_COLUMNS, sweep, with_y
     from .workbench import Workbench
 
     names = method_names(args.methods)
@@ -384,13 +448,14 @@ def cmd_sweep(args) -> int:
     seeds = seed_list(args.seeds)
     loaded = _load(args)
     options = PruneOptions(samples=args.samples, loss=args.loss)
-    calibration = _calibration(args, loaded, names, options)
+    calibration = _calibration(args, loaded, names, options, args.eval_n)
     progress = TqdmProgress()
     try:
         rows = sweep(Workbench(loaded), names, sparsities, options, calibration,
                      eval_n=args.eval_n, seeds=seeds,
                      on_row=lambda r: print(f"{r['method']:22s} {r['sparsity']:.2f} seed {r['seed']}  "
-                                            f"{r['metric']} {r['score']:.4f}"),
+                                            f"{r['metric']} {r['score']:.4f}  KL {r['kl_mean']:.4f}  "
+                                            f"same top {r['same_top']:.3f}"),
                      progress=progress)
     finally:
         progress.close()
@@ -403,8 +468,9 @@ def cmd_sweep(args) -> int:
                                    f"{args.samples} samples, loss {args.loss}",
                     "command": "python -m ecoflap " + " ".join(shlex.quote(a) for a in args.argv),
                     "calibration": calibration.report() if calibration else None, "rows": rows}, args.json)
-    write_text(table_csv(rows, SWEEP_COLUMNS), args.csv)
-    figure = sweep_figure(summarise(rows), rows[0]["metric"] if rows else "score")
+    write_text(table_csv(rows, (*SWEEP_COLUMNS, *QUALITY_COLUMNS)), args.csv)
+    shown, name = with_y(rows, args.y)
+    figure = sweep_figure(summarise(shown), name)
     write_text(figure.to_html(include_plotlyjs=True), args.html)
     print(f"wrote {args.csv} and {args.html}")
     return 0
@@ -415,6 +481,8 @@ def cmd_bench(args) -> int:
     from .models import offloaded, random_model, resolve_device
     from .offload import resolve_offload
     from .options import PruneOptions
+    from .quality import summary
+    from .scoring import held_out_examples
     from .report import write_json
 
     if args.sparsegpt_layer:
@@ -435,11 +503,13 @@ def cmd_bench(args) -> int:
         args.no_naive = args.no_half = True
     options = PruneOptions(samples=args.samples, stage1_samples=args.stage1_samples, batch_size=args.batch_size,
                            loss=args.loss)
-    calibration = _calibration(args, loaded, names, options)
+    calibration = _calibration(args, loaded, names, options, max(args.held_out, 0))
+    held_out = held_out_examples(calibration, args.held_out) if args.held_out > 0 else None
     progress = TqdmProgress()
     try:
         result = bench(loaded, names, args.sparsity, calibration.examples if calibration else None, options,
-                       naive_zeroth=not args.no_naive, progress=progress, half=not args.no_half)
+                       naive_zeroth=not args.no_naive, progress=progress, half=not args.no_half,
+                       held_out=held_out)
     finally:
         progress.close()
     print(f"{result['model']} on {result['device']} ({result['dtype']}), sparsity {result['sparsity']}, "
@@ -451,6 +521,9 @@ def cmd_bench(args) -> int:
         ratio = "n/a" if m["peak_vs_inference"] is None else f"{m['peak_vs_inference']:.2f}"
         print(f"{name:20s} {m['stage1_s']:9.3f} {m['stage2_s']:9.3f} {m['total_s']:9.3f} "
               f"{m['forward_equivalents']:7.2f} {m['peak_bytes'] / 2**20:9.1f} {ratio:>8s}")
+    for name, m in result["methods"].items():
+        if "quality" in m:
+            print(f"{name:20s} {summary(m['quality'])}")
     if "zeroth_stage1_speedup" in result:
         print(f"zeroth-order stage 1: {result['zeroth_stage1_replayed_s']:.3f} s replayed from the perturbed block "
               f"on batches encoded once, vs {result['zeroth_stage1_full_forward_s']:.3f} s running the whole model "

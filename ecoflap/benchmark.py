@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from .data import batches, calibration_loss, default_calibration, encode_examples, on_model, take
+from .data import Example, batches, calibration_loss, default_calibration, encode_examples, on_model, take
 from .importance import zeroth_order_scores
 from .memory import PeakMemory, return_freed_memory_to_the_system
 from .methods import get_method
@@ -21,6 +21,7 @@ from .models import LoadedModel
 from .options import PruneOptions
 from .pipeline import prune
 from .precision import allocation_drift, gradient_underflow
+from .scoring import reference_for
 from .anatomy import prunable_layers
 from .weights import WeightStore
 
@@ -62,8 +63,11 @@ def bench(
     naive_zeroth: bool = True,
     progress: Callable[[str, int, int], None] | None = None,
     half: bool = True,
+    held_out: list[Example] | None = None,
 ) -> dict:
-    """{"methods": {name: {stage1_s, stage2_s, total_s, forward_equivalents, peak_bytes, peak_vs_inference}}, ...}.
+    """{"methods": {name: {stage1_s, stage2_s, total_s, forward_equivalents, peak_bytes, peak_vs_inference,
+    quality?}}, ...}; with `held_out` examples, each method's run against the full model,
+    measured in a pass of its own after the timings.
 
     With `half`, also "half_precision": ECoFLaP's zeroth-order allocation in bfloat16 and
     float16 against float32's and float32's own seed-to-seed distance (`allocation_drift`),
@@ -148,6 +152,14 @@ def bench(
         }
     if not cpu:
         extra = naive_comparison()
+    if held_out:
+        reference = reference_for(loaded, held_out)
+        for name in methods:
+            try:
+                results[name]["quality"] = prune(loaded, name, sparsity, options, calibration, progress,
+                                                 reference).quality
+            finally:
+                store.restore()
     if half:
         extra["half_precision"] = {
             "allocation": allocation_drift(loaded, ("bfloat16", "float16"), "ecoflap_zeroth", sparsity, options,

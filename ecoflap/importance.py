@@ -6,22 +6,22 @@ gradients (first-order).
 
 In half precision the finite difference needs three things float32 gives for free: the
 loss in float32 (`calibration_loss`), the difference divided by the step the weights
-really took (W + eps z and W - eps z are rounded to the weight's dtype), and a step larger than
-the rounding noise of a half-precision forward pass (`resolvable_step`). First-order
-gradients in float16 are taken under a `LossScale`.
+really took (W + eps z and W - eps z are rounded to the weight's dtype), and a step
+larger than the rounding noise of a half-precision forward pass (`resolvable_step`).
+First-order gradients in float16 are taken under a `LossScale`.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 
 from .anatomy import PrunableLayer
 from .data import calibration_loss
 from .gradients import LossScale, checkpointed_blocks, consumed_gradients
-from .replay import BlockReplay, BlockVisit
+from .replay import BlockReplay
 
 ESTIMATORS = ("zeroth", "first")
 # Zeroth-order perturbations: one per matrix (the paper's estimator), or one joint
@@ -153,44 +153,38 @@ def zeroth_order_scores(
     units: dict[str, list[PrunableLayer]] = {}
     for layer in layers:
         units.setdefault(group_of(layer) if group_of else layer.name, []).append(layer)
-    scores: dict[str, float] = {}
     directions = Directions(seed)
-
-    def score(name: str, each_batch: Callable):
-        members = units[name]
-        weights = [m.module.weight for m in members]
-        step = resolvable_step(eps, weights[0].dtype)
-        total = 0.0
-
-        def one_batch(b, batch):
-            nonlocal total
-            for k in range(noise_samples):
-                zs = [directions.draw(m) for m in members]
-                total += abs(joint_directional_derivative(model, weights, batch, zs, step)) / noise_samples
-
-        each_batch(one_batch)
-        scores[name] = total
-        if progress:
-            progress(f"stage 1 (zeroth-order): {name}", len(scores), len(units))
-
-    first_member = {members[0].name: name for name, members in units.items()}
-
-    def visit(block: BlockVisit):
-        for layer in block.layers:
-            if layer.name in first_member:
-                score(first_member[layer.name], block.each_batch)
-
-    def every_batch(fn: Callable):
-        for b, batch in enumerate(batches):
-            fn(b, batch)
-
-    with torch.no_grad():
-        if replay:
-            BlockReplay(model, batches).walk(layers, visit)
-        else:
-            for name in units:
-                score(name, every_batch)
+    scores: dict[str, float] = {}
+    if replay:
+        starts_unit = {members[0].name: name for name, members in units.items()}
+        for block in BlockReplay(model, batches).blocks(layers):
+            for layer in block.layers:
+                if layer.name in starts_unit:
+                    name = starts_unit[layer.name]
+                    scores[name] = unit_score(model, units[name], block.batches(), directions, noise_samples, eps)
+                    if progress:
+                        progress(f"stage 1 (zeroth-order): {name}", len(scores), len(units))
+    else:
+        for name, members in units.items():
+            scores[name] = unit_score(model, members, batches, directions, noise_samples, eps)
+            if progress:
+                progress(f"stage 1 (zeroth-order): {name}", len(scores), len(units))
     return scores
+
+
+@torch.no_grad()
+def unit_score(model, members: list[PrunableLayer], batches: Iterable[dict], directions: Directions,
+               noise_samples: int, eps: float) -> float:
+    """Sum over batches of the mean |directional derivative| over `noise_samples` draws,
+    the members' matrices moved together (one member: the paper's per-matrix score)."""
+    weights = [m.module.weight for m in members]
+    step = resolvable_step(eps, weights[0].dtype)
+    total = 0.0
+    for batch in batches:
+        for _ in range(noise_samples):
+            zs = [directions.draw(m) for m in members]
+            total += abs(joint_directional_derivative(model, weights, batch, zs, step)) / noise_samples
+    return total
 
 
 def first_order_scores(

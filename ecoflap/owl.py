@@ -22,7 +22,7 @@ import torch
 from .allocation import Group, LayerBudget, group_budget, grouped, keep_budget
 from .anatomy import PrunableLayer
 from .pruners.wanda import wanda_scores
-from .replay import sequential_statistics
+from .replay import BlockReplay
 
 DEFAULT_M = 5.0  # the reference README's recipes (its argparse default is 3)
 DEFAULT_LAMBDA = 0.08
@@ -51,12 +51,10 @@ def dense_outlier_ratios(model, layers: list[PrunableLayer], batches: list[dict]
     they are gathered, as in the reference's first pass). Computed while the block is
     visited, so its scores never outlive it (and an offloaded block is still onloaded)."""
     ratios: dict[str, float] = {}
-
-    def block_ratio(block_layers: list[PrunableLayer], stats):
-        scores = [wanda_scores(l.module.weight, stats[l.name].sq_norm) for l in block_layers]
-        ratios[block_layers[0].block_name] = outlier_ratio(scores, m)
-
-    sequential_statistics(model, batches, layers, block_ratio, progress=progress)
+    for block in BlockReplay(model, batches).blocks(layers, progress):
+        stats = block.input_statistics()
+        scores = [wanda_scores(layer.module.weight, stats[layer.name].sq_norm) for layer in block.layers]
+        ratios[block.layers[0].block_name] = outlier_ratio(scores, m)
     return {g.name: ratios[g.name] for g in grouped(layers, "block")}
 
 

@@ -28,7 +28,7 @@ from .pruners.sparsegpt import prune_sparsegpt
 from .pruners.wanda import prune_wanda
 from .quality import Reference
 from .offload import is_offloaded, onloaded
-from .replay import sequential_statistics
+from .replay import BlockReplay
 from .report import PruneResult
 from .scoring import quality_against_full, reference_for
 from .sources import Calibration, calibration_warnings, given, parse
@@ -127,18 +127,16 @@ def prune_layers(loaded, stage2: str, layers: list[PrunableLayer], budget: Layer
                 progress(f"magnitude: {l.name}", i + 1, len(layers))
         return
 
-    def prune_block(block_layers: list[PrunableLayer], stats):
-        for l in block_layers:
-            s, weight = stats.pop(l.name), l.module.weight.data  # each layer's statistics freed once it is pruned
-            if stage2 == "wanda":
-                prune_wanda(weight, s.sq_norm, budget.sparsity[l.name], nm, budget.zeros[l.name])
-            else:
-                prune_sparsegpt(weight, s.hessian, s.tokens, budget.sparsity[l.name], nm, options.blocksize,
-                                options.percdamp, budget.zeros[l.name])
-
     data = batches(loaded, take(calibration, options.samples, "stage 2"), options.batch_size)
-    sequential_statistics(loaded.model, data, layers, prune_block, want_hessian=stage2 == "sparsegpt",
-                          progress=(lambda what, i, n: progress(f"stage 2 ({stage2}): {what}", i, n)) if progress else None)
+    for block in BlockReplay(loaded.model, data).blocks(layers, _labelled(progress, f"stage 2 ({stage2})")):
+        stats = block.input_statistics(hessian=stage2 == "sparsegpt")
+        for layer in block.layers:
+            s, weight = stats.pop(layer.name), layer.module.weight.data  # each layer's statistics freed once it is pruned
+            if stage2 == "wanda":
+                prune_wanda(weight, s.sq_norm, budget.sparsity[layer.name], nm, budget.zeros[layer.name])
+            else:
+                prune_sparsegpt(weight, s.hessian, s.tokens, budget.sparsity[layer.name], nm, options.blocksize,
+                                options.percdamp, budget.zeros[layer.name])
 
 
 def check_offload(model, method: Method, options):

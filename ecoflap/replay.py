@@ -6,9 +6,15 @@ the cached output of block b-1 (the stack's loop just passes it along), and whol
 that are finished are made to return their cached output. A forward hook stops the run
 as soon as the part of interest has executed. For pruning, each block therefore runs
 about twice (statistics, then its pruned output); ECoFLaP's zeroth-order stage 1 uses
-the same walk to start each perturbed forward pass at the perturbed block. Under
+the same replay to start each perturbed forward pass at the perturbed block. Under
 accelerate's offload each block's weights come to the execution device for its turn
-(`offload.onloaded`) and go back, pruned, before the next block's.
+(`offload.onloaded`) and go back, pruned, before the next block's. Each user reads as
+one loop:
+
+    for block in BlockReplay(model, batches).blocks(layers, progress):
+        stats = block.input_statistics(hessian=...)
+        for layer in block.layers:
+            ...  # prune it, or keep its statistics
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import copy
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -32,8 +38,8 @@ class _Stop(Exception):
     """Raised by a hook once the part of the forward pass we need has run."""
 
 
-def _replaying(module: nn.Module, outputs: list, state: dict):
-    """Make `module` return outputs[state['batch']] instead of computing.
+def _replaying(module: nn.Module, output):
+    """Make `module` return `output` instead of computing.
 
     A model output object (a dict) is handed out as a fresh shallow copy each time:
     callers write into the output they get (LLaVA and Qwen2-VL store their projected
@@ -41,7 +47,6 @@ def _replaying(module: nn.Module, outputs: list, state: dict):
     """
 
     def replay(*args, **kwargs):
-        output = outputs[state["batch"]]
         return copy.copy(output) if isinstance(output, dict) else output
 
     return replaced_forward(module, replay)
@@ -72,24 +77,38 @@ def _detach(output):
 
 
 @dataclass
-class BlockVisit:
-    """Block `index` of `stack`, holding `layers`, with everything before it replayable."""
+class Block:
+    """Block `index` of `stack`, holding `layers`; every forward pass through it starts
+    here, the parts of the model before it replayed from the outputs they had."""
 
-    runner: "BlockReplay"
+    replay: "BlockReplay"
     stack: Stack
     index: int
     layers: list[PrunableLayer]
-    cache: list | None
+    cache: list | None  # outputs of the block before, one per batch (None for a stack's first block)
 
     @property
-    def block(self) -> nn.Module:
+    def module(self) -> nn.Module:
         return self.stack.blocks[self.index]
 
-    def each_batch(self, fn: Callable[[int, dict], None], stop: nn.Module | None = None):
-        """fn(i, batch) per batch, each forward pass starting its computation at this block
-        (earlier blocks and stacks return cached outputs); with `stop`, a forward pass
-        ends once that module has run."""
-        self.runner.each_batch(self.stack, self.index, self.cache, fn, stop)
+    def batches(self) -> Iterator[dict]:
+        """Each calibration batch, to run the model on while earlier blocks and finished
+        stacks return their outputs for that batch."""
+        for i, batch in enumerate(self.replay.batches):
+            with self.replay.replayed(self.stack, self.index, self.cache, i):
+                yield batch
+
+    @torch.no_grad()
+    def input_statistics(self, hessian: bool = False) -> dict[str, "InputStatistics"]:
+        """Each layer's input statistics over the calibration batches, by layer name; each
+        forward pass stops once this block has run."""
+        stats = {layer.name: InputStatistics(layer, hessian) for layer in self.layers}
+        for batch in self.batches():
+            with contextlib.ExitStack() as hooks:
+                for layer in self.layers:
+                    hooks.enter_context(stats[layer.name].observing(batch))
+                self.replay.run_until(self.module, batch)
+        return stats
 
 
 class BlockReplay:
@@ -98,50 +117,46 @@ class BlockReplay:
     def __init__(self, model, batches: list[dict]):
         self.model = model
         self.batches = batches
-        self.state = {"batch": 0}
         self.stacks = stacks(model)
         self.finished: dict[str, list] = {}
 
     @contextlib.contextmanager
-    def replayed(self, stack: Stack, upto: int, block_cache: list | None):
-        """Finished stacks and the blocks of `stack` before `upto` return cached outputs."""
+    def replayed(self, stack: Stack, upto: int, block_cache: list | None, i: int):
+        """For batch i: finished stacks and the blocks of `stack` before `upto` return
+        their cached outputs."""
         with contextlib.ExitStack() as ctx:
             for name, outputs in self.finished.items():
                 finished = next(s for s in self.stacks if s.name == name)
                 for module in finished.replayed_when_done:
-                    ctx.enter_context(_replaying(module, outputs, self.state))
+                    ctx.enter_context(_replaying(module, outputs[i]))
             if block_cache is not None:
                 for block in stack.blocks[:upto]:
-                    ctx.enter_context(_replaying(block, block_cache, self.state))
+                    ctx.enter_context(_replaying(block, block_cache[i]))
             yield
 
-    def each_batch(self, stack: Stack, upto: int, block_cache: list | None, fn: Callable[[int, dict], None],
-                   stop: nn.Module | None = None, sink: list | None = None):
-        """fn(i, batch) for every batch with earlier parts replayed; a forward that reaches
-        `stop` ends there (its output appended to `sink`)."""
-        with self.replayed(stack, upto, block_cache), contextlib.ExitStack() as ctx:
-            if stop is not None:
-                ctx.enter_context(_stopping_after(stop, sink))
-            for i, batch in enumerate(self.batches):
-                self.state["batch"] = i
-                try:
-                    fn(i, batch)
-                except _Stop:
-                    continue
-                if stop is not None:
-                    raise RuntimeError(f"the forward pass never reached {type(stop).__name__}")
+    def run_until(self, module: nn.Module, batch: dict):
+        """Run the model on `batch` until `module` has run; its output."""
+        sink: list = []
+        with _stopping_after(module, sink):
+            try:
+                self.model(**batch)
+            except _Stop:
+                return sink[0]
+        raise RuntimeError(f"the forward pass never reached {type(module).__name__}")
 
+    @torch.no_grad()
     def _outputs_of(self, stack: Stack, upto: int, block_cache: list | None, module: nn.Module) -> list:
-        outputs: list = []
-        with torch.no_grad():
-            self.each_batch(stack, upto, block_cache, lambda i, batch: self.model(**batch), module, outputs)
+        outputs = []
+        for i, batch in enumerate(self.batches):
+            with self.replayed(stack, upto, block_cache, i):
+                outputs.append(self.run_until(module, batch))
         return outputs
 
-    def walk(self, layers: list[PrunableLayer], visit: Callable[[BlockVisit], None], progress: Progress | None = None):
-        """visit(block) for each block holding prunable layers, in forward order.
+    def blocks(self, layers: list[PrunableLayer], progress: Progress | None = None) -> Iterator[Block]:
+        """Each block holding prunable layers, in forward order.
 
-        The visit may change the block's weights; afterwards the block's output, with the
-        weights as the visit left them, becomes the cache the next block starts from.
+        The loop body may change the block's weights; afterwards the block's output, with
+        the weights as the body left them, becomes the cache the next block starts from.
         """
         by_block: dict[tuple[str, int], list[PrunableLayer]] = {}
         for layer in layers:
@@ -158,7 +173,7 @@ class BlockReplay:
                 for b, block in enumerate(stack.blocks):
                     with onloaded(block):
                         if (stack.name, b) in by_block:
-                            visit(BlockVisit(self, stack, b, by_block[(stack.name, b)], cache))
+                            yield Block(self, stack, b, by_block[(stack.name, b)], cache)
                             done += 1
                             if progress:
                                 progress(f"{stack.name} block {b}", done, total)
@@ -184,13 +199,9 @@ class InputStatistics:
         )
         self.tokens = 0
 
-    def hook(self, current: dict):
-        """A forward pre-hook that adds the layer's input for the batch in current["batch"]."""
-
-        def observe(_module, args):
-            self.add(args[0].detach(), current["batch"])
-
-        return observe
+    def observing(self, batch: dict):
+        """While entered, the layer's inputs (from a forward pass on `batch`) are added."""
+        return _hooked(self.layer.module, lambda _module, args: self.add(args[0].detach(), batch))
 
     def add(self, x: torch.Tensor, batch: dict):
         rows = self.layer.real_rows(x, batch).float()
@@ -200,33 +211,10 @@ class InputStatistics:
         self.tokens += rows.shape[0]
 
 
-def sequential_statistics(
-    model,
-    batches: list[dict],
-    layers: list[PrunableLayer],
-    prune_block: Callable[[list[PrunableLayer], dict[str, InputStatistics]], None],
-    want_hessian: bool = False,
-    progress: Progress | None = None,
-):
-    """Sequential calibration: per block, gather its layers' input statistics from the
-    outputs of the already-pruned blocks before it, then let `prune_block` prune it."""
-    replay = BlockReplay(model, batches)
-
-    def visit(block: BlockVisit):
-        stats = {l.name: InputStatistics(l, want_hessian) for l in block.layers}
-        current: dict = {}
-        handles = [l.module.register_forward_pre_hook(stats[l.name].hook(current)) for l in block.layers]
-
-        def forward(i, batch):
-            current["batch"] = batch
-            model(**batch)
-
-        try:
-            with torch.no_grad():
-                block.each_batch(forward, stop=block.block)
-        finally:
-            for h in handles:
-                h.remove()
-        prune_block(block.layers, stats)
-
-    replay.walk(layers, visit, progress)
+@contextlib.contextmanager
+def _hooked(module: nn.Module, pre_hook: Callable):
+    handle = module.register_forward_pre_hook(pre_hook)
+    try:
+        yield
+    finally:
+        handle.remove()

@@ -11,6 +11,7 @@ speaks the shapes world.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import random
 from typing import Callable
@@ -21,6 +22,7 @@ from . import families
 from .data import Example, batches, calibration_loss, default_calibration
 from .models import LoadedModel
 from .quality import Reference, against_full, exact_match, full_reference
+from .sources import Calibration
 from .shapes.tokenizer import build_tokenizer
 
 __all__ = ["exact_match", "held_out_examples", "quality_against_full", "quick_score", "speaks_shapes"]
@@ -68,28 +70,39 @@ def fingerprint(image) -> str:
     return hashlib.sha1(f"{image.size}".encode() + image.tobytes()).hexdigest()
 
 
-def held_out_examples(calibration: list[Example] | None = None, n: int = HELD_OUT_N, seed: int = HELD_OUT_SEED,
-                      pool: list[Example] | None = None) -> list[Example]:
+def held_out_examples(calibration: Calibration | list[Example] | None = None, n: int = HELD_OUT_N,
+                      seed: int = HELD_OUT_SEED, pool: list[Example] | None = None) -> list[Example]:
     """n examples whose images no calibration sample shows.
 
-    From `pool` (a source's examples) where given: a seeded draw among those the
-    calibration did not use. Otherwise from the shapes world the shipped set is drawn
-    from: its generated questions of every type (captions included) with their reference
-    answers, with a seed of their own (the shipped calibration set is 128 captions, all of
-    them used by a default run, so none of it is left over).
+    A source's own held-out examples where it was drawn with some (`Source.draw(n,
+    held_out=...)`); from `pool` where given: a seeded draw among those the calibration
+    did not use. Otherwise from the shapes world the shipped set is drawn from: its
+    generated questions of every type (captions included) with their reference answers,
+    with a seed of their own (the shipped calibration set is 128 captions, all of them
+    used by a default run, so none of it is left over).
     """
     if n <= 0:
         raise ValueError(f"the number of held-out examples must be at least 1 (got {n})")
+    if isinstance(calibration, Calibration):
+        if calibration.held_out:
+            return list(calibration.held_out[:n])
+        calibration = calibration.examples
     used = {fingerprint(e.image) for e in (default_calibration() if calibration is None else calibration)}
     if pool is not None:
         free = [e for e in pool if fingerprint(e.image) not in used]
         if not free:
             raise ValueError("every example of the source was used for calibration: none is left to hold out")
         return random.Random(seed).sample(free, min(n, len(free)))
+    return [e for e in generated_examples(n, seed) if fingerprint(e.image) not in used]
+
+
+@functools.lru_cache(maxsize=8)
+def generated_examples(n: int, seed: int) -> tuple[Example, ...]:
+    """Generated shapes questions as examples, the same objects for the same (n, seed), so
+    the full model's reference on them is measured once (it is kept by their identity)."""
     from .shapes.evaluate import make_eval_set
 
-    generated = [Example(e.image, e.question, e.answer) for e in make_eval_set(n, seed)]
-    return [e for e in generated if fingerprint(e.image) not in used]
+    return tuple(Example(e.image, e.question, e.answer) for e in make_eval_set(n, seed))
 
 
 def quality_against_full(loaded: LoadedModel, reference: Reference, progress=None) -> dict:

@@ -45,10 +45,11 @@ from .options import PruneOptions, from_settings, number, sparsity_list, sparsit
 from .offload import is_offloaded
 from .recover import OnStep, recover_options
 from .report import SWEEP_COLUMNS, PruneResult, layers_csv, save_pruned, table_csv, write_json, write_text
-from .scoring import quick_score, speaks_shapes
+from .quality import labelled_counts
+from .scoring import held_out_examples, quick_score, speaks_shapes
 from .sources import Calibration
 from .stats import gradient_histograms, weight_histograms
-from .sweep import sweep
+from .sweep import EVAL_SEED, sweep
 from .weights import RunWeights
 from .workbench import Cancelled, Workbench
 
@@ -59,6 +60,7 @@ MAX_NEW_TOKENS = 64
 _FULL_SCORES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # workbench -> {questions: score}
 TABLE_COLUMNS = {"sweep": SWEEP_COLUMNS,
                  "comparison": ("label", "metric", "score", "vision_sparsity", "language_sparsity", "answer")}
+QUALITY_N = 100  # held-out examples each run is measured on against the full model
 
 
 @dataclass
@@ -291,7 +293,7 @@ class Session:
         with self._job(should_stop) as stopped:
             drawn = self.calibration_for(method, options, calibration, calibration_images, calibration_question)
             result, weights, _ = bench.prune(method.name, sparsity, options, drawn, progress, stopped,
-                                             owner=self.id)
+                                             owner=self.id, held_out=held_out_examples(drawn, QUALITY_N))
             if stopped():
                 raise Cancelled("stopped by the user")
         return self._keep(method, result, weights, bench)
@@ -320,7 +322,8 @@ class Session:
         bench = self.workbench
         n = options.samples_used(method)
         label = sources.labeller(lambda pictures, questions: bench.ask(pictures, questions))
-        return sources.draw_kept(source, n, labeller=label, labelled_by=bench)
+        # and held-out examples of the same source, that the run is measured on against the full model
+        return sources.draw_kept(source, n, QUALITY_N, labeller=label, labelled_by=bench)
 
     def recover(self, run_id, steps=100, lr=2e-5, weight_decay=0.05, schedule="cosine", way="full", rank=8,
                 batch_size=8, seed=0, eval_n=200, calibration=None, progress: Progress | None = None,
@@ -402,8 +405,10 @@ class Session:
 
     def compare(self, methods, sparsity, image=None, question="", eval_n: int = 200,
                 progress: Progress | None = None, should_stop: StopCheck | None = None) -> Comparison:
-        """Prune with each method at one sparsity (each its own run), then score the full
-        model and every run on the same questions, and answer one question with each."""
+        """Prune with each method at one sparsity (each its own run), measure every run
+        against the full model on the same held-out questions (accuracy and flips where
+        the model speaks the shapes world, else the mean KL from the full model), and
+        answer one question with each."""
         names = [get_method(m) for m in _listed(methods, "methods")]
         if not 2 <= len(names) <= 4 or len({m.name for m in names}) != len(names):
             raise ValueError("choose two to four different methods to compare")
@@ -413,29 +418,41 @@ class Session:
         if image is not None:
             picture, fitted, _ = self._inputs(image, question, 20)
         bench = self.workbench
+        held_out = held_out_examples(None, eval_n, EVAL_SEED)
         runs = []
         with self._job(should_stop) as stopped:
+            reference = bench.reference(held_out, stopped, self.id)
             for i, method in enumerate(names):
                 step = f"{method.label} @ {sparsity:.2f} ({i + 1} of {len(names)})"
                 result, weights, _ = bench.prune(method.name, sparsity, PruneOptions(),
+                                                 self.calibration_for(method, PruneOptions()),
                                                  progress=_prefixed(progress, step), should_stop=stopped,
-                                                 owner=self.id)
+                                                 owner=self.id, held_out=held_out)
                 runs.append(self._keep(method, result, weights, bench))
+            labelled = "accuracy" in runs[0].result.quality
+            full = {"n": len(held_out), "kl_mean": 0.0, "same_top": 1.0, "same_answer": 1.0}
+            if labelled:
+                full.update(labelled_counts(reference.answers, reference.answers, reference.expected))
             rows = []
-            for i, (label, weights) in enumerate([("Full model", None)] + [(r.label, r.weights) for r in runs]):
+            for label, quality, weights in [("Full model", full, None)] + [(r.label, r.result.quality, r.weights)
+                                                                          for r in runs]:
                 if stopped():
                     raise Cancelled("stopped by the user")
-                if progress:
-                    progress(f"scoring {label} on {eval_n} questions", i, len(runs) + 1)
-                score = (self.full_score(eval_n, stopped) if weights is None else
-                         bench.using(weights, lambda loaded: quick_score(loaded, eval_n), long=True,
-                                     should_stop=stopped, owner=self.id))
                 answer = bench.ask([picture], [fitted], weights)[0] if picture is not None else None
-                rows.append({"label": label, "score": score["value"], "answer": answer,
+                rows.append({"label": label, "score": quality["accuracy" if labelled else "kl_mean"],
+                             "quality": quality, "answer": answer,
                              "sparsity_by_modality": next((r.result.sparsity_by_modality for r in runs
                                                            if r.label == label), {})})
-        return Comparison(sparsity, runs, rows, score["metric"], score["higher_is_better"], score["measured_on"],
-                          fitted)
+        n = len(held_out)
+        if labelled:
+            return Comparison(sparsity, runs, rows, "accuracy", True,
+                              f"exact match on {n} generated shapes questions (seed {EVAL_SEED}; the same "
+                              f"questions for every model, none of them a calibration image)", fitted)
+        return Comparison(sparsity, runs, rows, "mean KL from the full model", False,
+                          f"KL(full || pruned) of the next-token distributions over the answer tokens of {n} "
+                          f"held-out examples that no calibration sample shows, teacher-forced on "
+                          f"{reference.from_references} reference answers and {n - reference.from_references} of "
+                          f"the full model's own", fitted)
 
     def full_score(self, eval_n: int = 200, should_stop: StopCheck | None = None) -> dict:
         """The full model's quick score, the baseline of every comparison and sweep: computed
@@ -464,9 +481,10 @@ class Session:
                              f"this one has {len(names) * len(values)}")
         eval_n = number(eval_n, "questions to score", 10, 1000, whole=True)
         bench = self.workbench
+        hungriest = max((get_method(n) for n in names), key=PruneOptions().samples_used)
         with self._job(should_stop) as stopped:
-            return sweep(bench, names, values, eval_n=eval_n, progress=progress, should_stop=stopped, on_row=on_row,
-                         owner=self.id)
+            return sweep(bench, names, values, calibration=self.calibration_for(hungriest, PruneOptions()),
+                         eval_n=eval_n, progress=progress, should_stop=stopped, on_row=on_row, owner=self.id)
 
     def distributions(self, run_id=None, other_id=None) -> dict:
         """Weight and gradient magnitude histograms per modality: the full model's, and one or

@@ -3,7 +3,9 @@
 Each point is one unit of work on the shared model (see `Workbench.prune`), so other
 people's work goes on between points, and a stop takes effect within one block. Methods
 whose result depends on the seed (zeroth-order ECoFLaP) are measured once per seed, the
-others once.
+others once. Every point is also measured against the full model on the same held-out
+questions (KL, same top, same answer; accuracy and flips with labels), and any of these
+columns can be the curve's y-axis.
 """
 
 from __future__ import annotations
@@ -14,11 +16,19 @@ from typing import Callable, Sequence
 
 from .methods import get_method
 from .options import PruneOptions
-from .scoring import quick_score
+from .scoring import held_out_examples, quick_score
 from .workbench import StopCheck, Workbench
 
 Progress = Callable[[str, int, int], None]
 EVAL_SEED = 1234
+QUALITY_COLUMNS = ("kl_mean", "kl_median", "kl_p99", "kl_p999", "same_top", "same_answer", "accuracy",
+                   "right_to_wrong", "wrong_to_right")
+Y_CHOICES = ("score", *QUALITY_COLUMNS)
+Y_NAMES = {"kl_mean": "mean KL(full || pruned)", "kl_median": "median KL(full || pruned)",
+           "kl_p99": "99th percentile KL(full || pruned)", "kl_p999": "99.9th percentile KL(full || pruned)",
+           "same_top": "same top-1 as the full model", "same_answer": "same answer as the full model",
+           "accuracy": "accuracy", "right_to_wrong": "answers flipped right to wrong",
+           "wrong_to_right": "answers flipped wrong to right"}
 
 
 def sweep(
@@ -32,12 +42,18 @@ def sweep(
     should_stop: StopCheck | None = None,
     on_row: Callable[[dict], None] | None = None,
     seeds: Sequence[int] | None = None,
+    held_out: list | None = None,
     owner: object = None,
 ) -> list[dict]:
     """Rows {method, label, sparsity, seed, metric, score, achieved_sparsity, seconds,
-    scoring_seconds, split?};
-    `seeds` default to the options' one seed."""
+    scoring_seconds, split?, and the quality columns}; `seeds` default to the options' one
+    seed; `held_out` to `eval_n` examples drawn with the scoring seed that no calibration
+    sample shows."""
     options = options or PruneOptions()
+    # the shipped set leaves nothing over: the held-out examples are then the scored questions
+    own_questions = held_out is None and not getattr(calibration, "held_out", None)
+    if held_out is None:
+        held_out = held_out_examples(calibration, eval_n, EVAL_SEED)
     seeds = list(seeds) if seeds else [options.seed]
     points = [(get_method(name), s, seed) for name in methods for s in sparsities
               for seed in (seeds if get_method(name).seeded else seeds[:1])]
@@ -48,7 +64,8 @@ def sweep(
             progress(step, i, len(points))
         row = measure_point(workbench, method.name, sparsity, replace(options, seed=seed), calibration, eval_n,
                             progress=(lambda what, done, total: progress(f"{step} · {what}", done, total))
-                            if progress else None, should_stop=should_stop, owner=owner)
+                            if progress else None, should_stop=should_stop, held_out=held_out,
+                            score_from_quality=own_questions, owner=owner)
         rows.append(row)
         if on_row:
             on_row(row)
@@ -57,23 +74,52 @@ def sweep(
 
 def measure_point(workbench: Workbench, method: str, sparsity: float, options: PruneOptions, calibration=None,
                   eval_n: int = 200, eval_seed: int = EVAL_SEED, progress: Progress | None = None,
-                  should_stop: StopCheck | None = None, owner: object = None) -> dict:
+                  should_stop: StopCheck | None = None, held_out: list | None = None,
+                  score_from_quality: bool = False, owner: object = None) -> dict:
     """One prune and its quick score on `eval_n` questions drawn with `eval_seed`, as a row
-    (with the vision/language split where the allocation has one): `seconds` is the prune's
-    own time, `scoring_seconds` the score's, so the two add up to the point's wall time."""
+    (with the vision/language split where the allocation has one); with `held_out`, also
+    the run against the full model on them. `score_from_quality`: the held-out examples
+    are those questions, so where the quality has an accuracy it is the score (the
+    answers are generated once, not twice). `seconds` is the prune's own time,
+    `scoring_seconds` the score's."""
     method = get_method(method)
 
-    def scored(loaded, _result):
+    def score_of(loaded, result):
         started = time.perf_counter()
+        quality = result.quality or {}
+        if score_from_quality and "accuracy" in quality:
+            return {"metric": "accuracy", "value": quality["accuracy"]}, time.perf_counter() - started
         return quick_score(loaded, eval_n, eval_seed), time.perf_counter() - started
 
     result, _, (score, scoring_seconds) = workbench.prune(method.name, sparsity, options, calibration,
                                                           progress=progress, should_stop=should_stop, owner=owner,
-                                                          then=scored)
+                                                          then=score_of, held_out=held_out)
     row = {"method": method.name, "label": method.label, "sparsity": sparsity, "seed": options.seed,
            "metric": score["metric"], "score": score["value"], "achieved_sparsity": result.achieved_sparsity,
            "seconds": result.timings["total_s"], "scoring_seconds": scoring_seconds}
     if "split" in result.options:
         row["split"] = result.options["split"]
+    if result.quality is not None:
+        row.update(quality_columns(result.quality))
     return row
+
+
+def quality_columns(quality: dict) -> dict:
+    """A run's quality entry as flat sweep columns."""
+    flat = {k: quality[k] for k in QUALITY_COLUMNS if k in quality}
+    flat.update(quality.get("flips", {}))
+    return flat
+
+
+def with_y(rows: list[dict], y: str) -> tuple[list[dict], str]:
+    """The rows with `y` as their score, and its name for the axis."""
+    if y not in Y_CHOICES:
+        raise ValueError(f"the y-axis is one of {', '.join(Y_CHOICES)} (got {y!r})")
+    if y == "score":
+        return rows, rows[0]["metric"] if rows else "score"
+    missing = [r for r in rows if y not in r]
+    if missing:
+        raise ValueError(f"{y} was not measured for this model (accuracy and flips need a model that speaks "
+                         f"the shapes world)")
+    return [{**r, "score": r[y]} for r in rows], Y_NAMES[y]
 

@@ -26,6 +26,7 @@ def test_prune_each_method(app, method):
     c = client(app)
     status, _plot, groups, _overlay, _export, _dist, run_id, report = prune(c, method, 0.5)
     assert "achieved sparsity" in status and run_id.startswith("run-")
+    assert "Against the full model" in status and "same top" in status and report["quality"]["n"] == 100
     assert report["target_sparsity"] == 0.5 and report["method"] == method and report["model"] == "shapes-blip2"
     assert abs(report["achieved_sparsity"] - 0.5) < 0.01
     assert groups["visible"] == bool(report["groups"])  # allocations with groups draw them, scored or not
@@ -64,6 +65,7 @@ def test_compare_three_methods(app):
     for label in ("Full model", "Wanda @ 0.60", "ECoFLaP (zeroth-order) @ 0.60", "Magnitude @ 0.60"):
         assert label in text
     assert "accuracy" in text and "200 generated shapes questions (seed 1234" in text
+    assert "same top" in text and "flips right→wrong / wrong→right" in text
     assert len(overlay["value"]) == 3 and len(overlay["choices"]) == 3
     assert "Takeaway:" in text and "comes closest to the full model" in text and "?." not in text
     files = {Path(f).name: Path(f) for f in outputs[-2]}

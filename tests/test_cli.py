@@ -178,10 +178,13 @@ def test_bench_writes_every_method_side_by_side(saved_model, calibration_folder,
     out = tmp_path / "bench.json"
     done = run("bench", "--model", str(saved_model), "--calibration", str(calibration_folder),
                "--methods", "wanda,ecoflap_zeroth,ecoflap_first", "--samples", "8", "--stage1-samples", "8",
-               "--batch-size", "4", "--json", str(out))
+               "--batch-size", "4", "--held-out", "5", "--json", str(out))
     assert done.returncode == 0, done.stderr
     result = json.loads(out.read_text())
     assert set(result["methods"]) == {"wanda", "ecoflap_zeroth", "ecoflap_first"}
+    for m in result["methods"].values():
+        assert m["quality"]["n"] == 5 and m["quality"]["kl_mean"] > 0 and 0 <= m["quality"]["same_top"] <= 1
+    assert "same top" in done.stdout
     for name, m in result["methods"].items():
         assert set(m) >= {"stage1_s", "stage2_s", "total_s", "forward_equivalents", "peak_bytes",
                           "peak_vs_inference"}, name
@@ -204,6 +207,44 @@ def test_bench_arch_needs_random_init():
     assert done.returncode == 2 and done.stderr.strip().startswith("error:") and "--random-init" in done.stderr
     done = run("bench", "--arch", "blip2-huge", "--random-init")
     assert done.returncode == 2 and "unknown architecture" in done.stderr
+
+
+def test_eval_against_the_full_model_saved_or_pruned_now(saved_model, calibration_folder, tmp_path):
+    """A pruned model saved by `prune --save` and compared with `--full` measures the same as
+    pruning in the same command with `--method`: same held-out examples, same weights."""
+    pruned, saved, now = tmp_path / "pruned", tmp_path / "saved.json", tmp_path / "now.json"
+    # the held-out examples are the 6 after the 8 calibration samples of the folder, in both
+    common = ("--calibration", str(calibration_folder), "--samples", "8", "--held-out", "6")
+    assert run("prune", "--model", str(saved_model), "--method", "wanda", "--sparsity", "0.6", "--samples", "8",
+               "--calibration", str(calibration_folder), "--save", str(pruned)).returncode == 0
+    done = run("eval", "--model", str(pruned), "--full", str(saved_model), *common, "--json", str(saved))
+    assert done.returncode == 0, done.stderr
+    assert "KL(full || pruned) over" in done.stdout and "same top" in done.stdout
+    done = run("eval", "--model", str(saved_model), "--method", "wanda", "--sparsity", "0.6", *common,
+               "--json", str(now))
+    assert done.returncode == 0, done.stderr
+    a, b = json.loads(saved.read_text()), json.loads(now.read_text())
+    assert a["n"] == b["n"] == 6 and a["tokens"] == b["tokens"] and a["kl_mean"] > 0
+    for key in ("kl_mean", "kl_median", "kl_p99", "kl_p999", "same_top", "same_answer", "accuracy"):
+        assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-8), key
+    assert a["flips"] == b["flips"]
+    done = run("eval", "--model", str(pruned), "--full", str(saved_model), "--method", "wanda")
+    assert done.returncode == 2 and "not both" in done.stderr
+
+
+def test_sweep_columns_and_y_axis_against_the_full_model(saved_model, calibration_folder, tmp_path):
+    csv, html, out = tmp_path / "sweep.csv", tmp_path / "sweep.html", tmp_path / "sweep.json"
+    done = run("sweep", "--model", str(saved_model), "--calibration", str(calibration_folder),
+               "--methods", "magnitude", "--sparsities", "0.3,0.7", "--samples", "8", "--eval-n", "10",
+               "--y", "kl_mean", "--csv", str(csv), "--html", str(html), "--json", str(out))
+    assert done.returncode == 0, done.stderr
+    header = csv.read_text().splitlines()[0].split(",")
+    assert {"kl_mean", "kl_p99", "same_top", "same_answer", "right_to_wrong", "wrong_to_right"} <= set(header)
+    rows = json.loads(out.read_text())["rows"]
+    assert rows[0]["kl_mean"] < rows[1]["kl_mean"]  # more zeros, further from the full model
+    assert all(0 <= r["accuracy"] <= 1 for r in rows)  # a shapes vocabulary: exact match scores its answers
+    assert "mean KL(full || pruned)" in html.read_text()
+    assert run("sweep", "--y", "loss").returncode == 2
 
 
 def test_bench_sparsegpt_layer_reports_the_peak_against_the_hessian(tmp_path):

@@ -25,7 +25,7 @@ from ecoflap.models import ModelLoadError, load_model
 from ecoflap.options import PruneOptions
 from ecoflap.pipeline import prune
 from ecoflap.pruners.masks import per_row_count
-from ecoflap.replay import sequential_statistics
+from ecoflap.replay import BlockReplay
 from ecoflap.weights import WeightStore
 
 from conftest import EXAMPLE, ROOT, inputs_alone, masks_at_batch_sizes
@@ -171,8 +171,8 @@ def test_sequential_calibration_sees_what_a_plain_forward_sees(family, examples)
     layers = prunable_layers(loaded.model, INCLUDE_CHOICES)
     chosen = examples[:8]
     seen = {}
-    sequential_statistics(loaded.model, batches(loaded, chosen, 4), layers, lambda _layers, stats: seen.update(stats),
-                          want_hessian=True)
+    for block in BlockReplay(loaded.model, batches(loaded, chosen, 4)).blocks(layers):
+        seen.update(block.input_statistics(hessian=True))
     reference = inputs_alone(loaded, layers, chosen)
     assert set(seen) == {l.name for l in layers}
     for name, (sq, hessian, rows) in reference.items():

@@ -190,3 +190,28 @@ def test_bench_runs_offloaded_and_says_what_it_leaves_out(saved_model, calibrati
     result = json.loads(out.read_text())
     assert set(result["methods"]) == {"wanda", "ecoflap_zeroth"}
     assert all(abs(m["achieved_sparsity"] - 0.5) < 0.03 for m in result["methods"].values())
+
+
+@pytest.mark.slow
+def test_a_deployment_workbench_on_disk_offload_serves_the_same_runs(saved_model, tmp_path, examples, monkeypatch):
+    """ECOFLAP_OFFLOAD as a deployment sets it: runs stored, a prune stopped mid-way, each
+    run's answers equal to a workbench on the model loaded whole, the full model back."""
+    from ecoflap import Workbench
+    from ecoflap.workbench import Cancelled
+
+    images, questions = [e.image for e in examples[:3]], [e.question for e in examples[:3]]
+    answers = []
+    for offload in ("", "disk"):
+        monkeypatch.setenv("ECOFLAP_OFFLOAD", offload)
+        monkeypatch.setenv("ECOFLAP_OFFLOAD_FOLDER", str(tmp_path / "offload"))
+        loaded = load_model(str(saved_model), device="cpu")
+        assert loaded.offload == (offload or None)
+        bench = Workbench(loaded)
+        _, sparsegpt, _ = bench.prune("sparsegpt", 0.6, PruneOptions(samples=8), examples)
+        _, wanda, _ = bench.prune("wanda", 0.6, PruneOptions(samples=8), examples)
+        calls = iter(range(100))
+        with pytest.raises(Cancelled):
+            bench.prune("sparsegpt", 0.7, PruneOptions(samples=8), examples, should_stop=lambda: next(calls) > 1)
+        answers.append(bench.ask_each(images, questions, [None, sparsegpt, wanda]))
+        assert bench.restore()
+    assert answers[0] == answers[1]

@@ -144,3 +144,24 @@ def test_spearman_by_hand():
     # ranks x = 1, 2.5, 2.5, 4 and y = 1, 3, 2, 4: covariance 4.5, variances 4.5 and 5
     assert spearman([1, 2, 2, 3], [1, 3, 2, 4]) == pytest.approx(4.5 / np.sqrt(4.5 * 5))
     assert spearman([1, 1, 1], [1, 2, 3]) is None
+
+
+def test_a_model_that_is_not_the_shapes_model_is_compared_by_its_distance_from_the_full_model(tmp_path):
+    """The Teach comparison and every run's report for a model exact match cannot score."""
+    from tiny_families import tiny
+
+    from ecoflap.server import Limits, Server
+
+    loaded = tiny("llava")
+    loaded.model.save_pretrained(tmp_path / "llava")
+    loaded.processor.save_pretrained(tmp_path / "llava")
+    me = Server(str(tmp_path / "llava"), device="cpu", limits=Limits(allow_local_models=True),
+                export_root=tmp_path / "exports").open_session()
+    run = me.prune("wanda", 0.5, samples=8)
+    assert run.result.quality["n"] == 100 and "accuracy" not in run.result.quality
+    comparison = me.compare(["magnitude", "wanda"], 0.6, eval_n=10)
+    assert comparison.metric == "mean KL from the full model" and not comparison.higher_is_better
+    full, *runs = comparison.rows
+    assert full["score"] == 0 and full["quality"]["same_top"] == 1
+    for row, r in zip(runs, comparison.runs):
+        assert row["score"] == r.result.quality["kl_mean"] > 0 and row["quality"]["n"] == 10

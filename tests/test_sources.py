@@ -389,7 +389,7 @@ def test_own_uploads_are_labelled_by_the_full_model_and_bounded(tmp_path):
     assert [r.id for r in me.runs()] == [run.id] and me.restore()
 
 
-def test_a_real_model_gets_the_deployment_default_or_a_warning(tmp_path, deployment_data):
+def test_a_real_model_gets_the_deployment_default_or_a_warning(tmp_path, deployment_data, monkeypatch):
     from tiny_families import tiny_llava
 
     folder = saved(tiny_llava(), tmp_path / "tiny-llava")
@@ -398,6 +398,22 @@ def test_a_real_model_gets_the_deployment_default_or_a_warning(tmp_path, deploym
     configured = server_for(folder, tmp_path, calibration=str(deployment_data / "good")).open_session()
     run = configured.prune("wanda", 0.5, samples=4)
     assert run.result.calibration["id"] == "good" and run.result.warnings == []
+    images, captions = rows(128, size=16)
+    (tmp_path / "big").mkdir()
+    table(images, captions).to_parquet(str(tmp_path / "big" / "train.parquet"))
+    configured = server_for(folder, tmp_path, calibration=str(tmp_path / "big")).open_session()
+    compared = configured.compare(["wanda", "magnitude"], 0.5, eval_n=10)
+    assert [r.result.calibration and r.result.calibration["id"] for r in compared.runs] == ["big", None]
+    bench, seen = configured.workbench, []
+    original = bench.prune
+
+    def spy(method, sparsity, options=None, calibration=None, *args, **kwargs):
+        seen.append(calibration.record["id"] if calibration is not None else None)
+        return original(method, sparsity, options, calibration, *args, **kwargs)
+
+    monkeypatch.setattr(bench, "prune", spy)
+    assert len(configured.sweep(["wanda", "magnitude"], [0.5], eval_n=10)) == 2
+    assert seen == ["big", "big"]  # magnitude reads none of it, but the sweep hands every point the same set
     shapes_model = server_for(saved(tiny_model("opt"), tmp_path / "tiny-opt"), tmp_path,
                               calibration=str(deployment_data / "good"))
     assert shapes_model.open_session().prune("wanda", 0.5, samples=4).result.calibration["kind"] == "shapes"

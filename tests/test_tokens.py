@@ -10,7 +10,7 @@ import torch
 
 from ecoflap.anatomy import INCLUDE_CHOICES, prunable_layers
 from ecoflap.data import batches
-from ecoflap.replay import sequential_statistics
+from ecoflap.replay import BlockReplay
 
 from conftest import inputs_alone, masks_at_batch_sizes, tiny_model
 
@@ -20,11 +20,8 @@ def test_statistics_are_sums_over_exactly_the_real_tokens(family, examples):
     layers = prunable_layers(loaded.model, INCLUDE_CHOICES)
     chosen = examples[:12]
     seen = {}
-
-    def keep(block_layers, stats):
-        seen.update(stats)
-
-    sequential_statistics(loaded.model, batches(loaded, chosen, 8), layers, keep, want_hessian=True)
+    for block in BlockReplay(loaded.model, batches(loaded, chosen, 8)).blocks(layers):
+        seen.update(block.input_statistics(hessian=True))
     reference = inputs_alone(loaded, layers, chosen)
     assert set(seen) == {l.name for l in layers}
     for name, (sq, hessian, rows) in reference.items():
