@@ -693,11 +693,11 @@ def build_app(server: ecoflap.Server) -> gr.Blocks:
                         with gr.Accordion("Advanced", open=False):
                             granularity = gr.Radio(list(ecoflap.GRANULARITIES), value="block",
                                                    label="ECoFLaP granularity")
-                            max_sparsity = gr.Number(value=None, label="ECoFLaP: max per-layer sparsity (empty: the "
-                                                                       "sparsity + 0.1)")
+                            max_sparsity = gr.Number(value=0, label="ECoFLaP: max per-layer sparsity (0: the "
+                                                                    "sparsity + 0.1)")
                             samples = gr.Number(value=128, precision=0, label="Calibration samples (layer-wise stage)")
-                            stage1_samples = gr.Number(value=None, precision=0,
-                                                       label="ECoFLaP: stage-1 samples (empty: 32 zeroth-order, "
+                            stage1_samples = gr.Number(value=0, precision=0,
+                                                       label="ECoFLaP: stage-1 samples (0: 32 zeroth-order, "
                                                              "128 first-order)")
                             eps = gr.Number(value=1e-3, label="ECoFLaP zeroth-order: eps (the step of the nudge)")
                             nm = gr.Dropdown(["off", "2:4", "4:8", "1:4"], value="off", allow_custom_value=True,
