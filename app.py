@@ -34,7 +34,7 @@ PRUNE_METHODS = [(m.label, m.name) for m in sorted(
     ecoflap.METHODS.values(), key=lambda m: ALLOCATION_ORDER.index(m.allocation)
     if m.allocation in ALLOCATION_ORDER else len(ALLOCATION_ORDER))]
 TEACH_DEFAULT = ["wanda", "ecoflap_zeroth"]
-SWEEP_COLUMNS = ["method", "sparsity", "accuracy or loss", "achieved sparsity", "prune s", "scoring s"]
+SWEEP_COLUMNS = ["method", "sparsity", "accuracy or loss", "achieved sparsity", "prune s", "point s (with scoring)"]
 # Stopping is a normal action: one calm line, whichever route stopped the work first.
 STOPPED = "Stopped. Nothing from the stopped job was stored, and the shared model keeps its full weights."
 STOPPED_COMPARISON = ("Stopped. The runs that finished before the stop are kept; nothing else was stored, and the "
@@ -610,21 +610,22 @@ async def sweep(server: ecoflap.Server, methods, sparsities, token, progress=gr.
                                                  "keeps its full weights.")
     except EXPECTED as err:
         return refuse(err, 4)
-    prune_s, score_s = sum(r["seconds"] for r in rows), sum(r["scoring_seconds"] for r in rows)
+    prune_s, wall_s = sum(r["seconds"] for r in rows), sum(r["wall_seconds"] for r in rows)
     same = full["metric"] == rows[0]["metric"]  # the baseline only where it is the same measure
     line = f" The grey line is the full model ({full['metric']} {full['value']:.4f})." if same else ""
     return sweep_outputs(me, rows, full if same else None,
-                         f"{len(rows)} points measured: {prune_s:.1f} s pruning and {score_s:.1f} s scoring.{line}")
+                         f"{len(rows)} points measured in {wall_s:.1f} s: {prune_s:.1f} s pruning, the rest scoring "
+                         f"each pruned model (and waiting for the shared model).{line}")
 
 
 def sweep_outputs(me: ecoflap.Session, rows: list[dict], full: dict | None, status: str):
     """Chart, table, files and status of one sweep's rows: always the same rows in all of them."""
     metric = rows[0]["metric"] if rows else "score"
     table = [[r["label"], r["sparsity"], round(r["score"], 4), round(r["achieved_sparsity"], 4),
-              round(r["seconds"], 2), round(r["scoring_seconds"], 2)] for r in rows]
+              round(r["seconds"], 2), round(r["wall_seconds"], 2)] for r in rows]
     chart = ecoflap.plots.sweep_figure(rows, metric, full_score=full["value"] if full else None) if rows else None
     files = [str(p) for p in me.export_table("sweep", rows)] if rows else None
-    columns = ["method", "sparsity", metric, "achieved sparsity", "prune s", "scoring s"]
+    columns = ["method", "sparsity", metric, "achieved sparsity", "prune s", "point s (with scoring)"]
     return chart, pd.DataFrame(table, columns=columns), with_notices(me, status), files
 
 

@@ -46,7 +46,7 @@ def sweep(
     owner: object = None,
 ) -> list[dict]:
     """Rows {method, label, sparsity, seed, metric, score, achieved_sparsity, seconds,
-    scoring_seconds, split?, and the quality columns}; `seeds` default to the options' one
+    wall_seconds, split?, and the quality columns}; `seeds` default to the options' one
     seed; `held_out` to `eval_n` examples drawn with the scoring seed that no calibration
     sample shows."""
     options = options or PruneOptions()
@@ -81,22 +81,21 @@ def measure_point(workbench: Workbench, method: str, sparsity: float, options: P
     the run against the full model on them. `score_from_quality`: the held-out examples
     are those questions, so where the quality has an accuracy it is the score (the
     answers are generated once, not twice). `seconds` is the prune's own time,
-    `scoring_seconds` the score's."""
+    `wall_seconds` the whole point's: the prune, scoring it, and any wait for the shared model."""
     method = get_method(method)
 
     def score_of(loaded, result):
-        started = time.perf_counter()
         quality = result.quality or {}
         if score_from_quality and "accuracy" in quality:
-            return {"metric": "accuracy", "value": quality["accuracy"]}, time.perf_counter() - started
-        return quick_score(loaded, eval_n, eval_seed), time.perf_counter() - started
+            return {"metric": "accuracy", "value": quality["accuracy"]}
+        return quick_score(loaded, eval_n, eval_seed)
 
-    result, _, (score, scoring_seconds) = workbench.prune(method.name, sparsity, options, calibration,
-                                                          progress=progress, should_stop=should_stop, owner=owner,
-                                                          then=score_of, held_out=held_out)
+    started = time.perf_counter()
+    result, _, score = workbench.prune(method.name, sparsity, options, calibration, progress=progress,
+                                       should_stop=should_stop, owner=owner, then=score_of, held_out=held_out)
     row = {"method": method.name, "label": method.label, "sparsity": sparsity, "seed": options.seed,
            "metric": score["metric"], "score": score["value"], "achieved_sparsity": result.achieved_sparsity,
-           "seconds": result.timings["total_s"], "scoring_seconds": scoring_seconds}
+           "seconds": result.timings["total_s"], "wall_seconds": time.perf_counter() - started}
     if "split" in result.options:
         row["split"] = result.options["split"]
     if result.quality is not None:
