@@ -101,6 +101,17 @@ whose loss gradients are large matter more to the output, which is what ECoFLaP'
 CSS = """
 .status-box { min-height: 4.5em; }
 .status-box .pending { visibility: hidden; }
+/* a phone sees every tab: the tabs gradio would fold into its "more" menu wrap onto a
+   second line instead */
+@media (max-width: 640px) {
+  .tab-wrapper { flex-wrap: wrap; height: auto !important; }
+  .tab-wrapper .overflow-menu > button { display: none; }
+  .tab-wrapper .overflow-dropdown { display: flex !important; flex-direction: row !important; flex-wrap: wrap;
+                                    position: static !important;
+                                    box-shadow: none !important; border: none !important; padding: 0 !important;
+                                    background: none !important; min-width: 0 !important; }
+  .tab-wrapper .overflow-menu { position: static; }
+}
 """
 
 
@@ -801,7 +812,7 @@ def build_app(server: ecoflap.Server) -> gr.Blocks:
                             "zeros, score every model on the same questions, and answer your question with each.")
                 with gr.Row():
                     teach_methods = gr.CheckboxGroup(PRUNE_METHODS, value=TEACH_DEFAULT, label="Methods (two to four)",
-                                                     elem_id="teach-methods")
+                                                     elem_id="teach-methods", min_width=340)
                     teach_sparsity = gr.Slider(0.0, ecoflap.MAX_SPARSITY, value=0.6, step=0.05, label="Sparsity")
                 with gr.Row():
                     teach_image = gr.Image(lesson_image, type="filepath", label="Image (optional)",
@@ -822,7 +833,7 @@ def build_app(server: ecoflap.Server) -> gr.Blocks:
                                       elem_id="teach-files")
             with gr.Tab("Sweep"):
                 with gr.Row():
-                    sweep_methods = gr.CheckboxGroup(PRUNE_METHODS, value=TEACH_DEFAULT, label="Methods",
+                    sweep_methods = gr.CheckboxGroup(PRUNE_METHODS, value=TEACH_DEFAULT, label="Methods", min_width=340,
                                                     elem_id="sweep-methods")
                     sweep_sparsities = gr.Textbox(value="0.3,0.5,0.6,0.7", label="Sparsities",
                                                   info=f"at most {server.limits.sweep_points} points in all")
