@@ -215,3 +215,36 @@ def test_a_deployment_workbench_on_disk_offload_serves_the_same_runs(saved_model
         answers.append(bench.ask_each(images, questions, [None, sparsegpt, wanda]))
         assert bench.restore()
     assert answers[0] == answers[1]
+
+
+def test_a_transformers_device_map_with_disk_entries_is_pruned_where_it_lives(saved_model, family, tmp_path, examples):
+    """The case the issue found broken: from_pretrained(device_map=...) with blocks on
+    "disk" (accelerate's hooks over the checkpoint's own safetensors file). The zeros land
+    in the offload folder, never in the checkpoint; same weights as pruned whole; restore."""
+    from transformers import Blip2ForConditionalGeneration
+
+    from ecoflap.models import LoadedModel
+
+    whole = load_model(str(saved_model), device="cpu")
+    language = next(s for s in stacks(whole.model) if s.modality == "language")
+    on_disk = tuple(f"{n}." for n, m in whole.model.named_modules() if m in language.blocks)
+    device_map = {n: "cpu" for n, _ in whole.model.named_parameters(recurse=False)}
+    for name, module in whole.model.named_modules():
+        if name and any(True for _ in module.parameters(recurse=False)):
+            device_map[name] = "disk" if f"{name}.".startswith(on_disk) else "cpu"
+    assert "disk" in device_map.values()
+    checkpoint = (saved_model / "model.safetensors").read_bytes()
+    model = Blip2ForConditionalGeneration.from_pretrained(saved_model, device_map=device_map,
+                                                          offload_folder=str(tmp_path / "offload"))
+    assert is_offloaded(model)
+    loaded = LoadedModel(model, whole.processor, "mapped", torch.device("cpu"), torch.float32, str(saved_model))
+    store = WeightStore.of(loaded)
+    prune(loaded, "sparsegpt", 0.5, OPTIONS, examples)
+    prune(whole, "sparsegpt", 0.5, OPTIONS, examples)
+    for a, b in zip(prunable_layers(model, INCLUDE_CHOICES), prunable_layers(whole.model, INCLUDE_CHOICES)):
+        assert torch.equal(read_weight(a.module), b.module.weight), a.name
+    batch = batches(whole, examples[:4], 4)[0]
+    assert torch.equal(_logits(loaded, batch), _logits(whole, batch))
+    assert (saved_model / "model.safetensors").read_bytes() == checkpoint
+    store.restore()
+    assert store.is_original()

@@ -165,3 +165,32 @@ def test_a_model_that_is_not_the_shapes_model_is_compared_by_its_distance_from_t
     assert full["score"] == 0 and full["quality"]["same_top"] == 1
     for row, r in zip(runs, comparison.runs):
         assert row["score"] == r.result.quality["kl_mean"] > 0 and row["quality"]["n"] == 10
+
+
+def test_the_label_free_measurement_covers_the_cards_table_informative_points_first():
+    from pathlib import Path
+
+    from ecoflap.toy.label_free import points
+
+    folder = Path(__file__).resolve().parent.parent / "assets" / "shapes-blip2"
+    chosen = points(folder)
+    assert len(chosen) == len({(p["method"], p["sparsity"], p["seed"]) for p in chosen}) == 40
+    assert {p["sparsity"] for p in chosen[:12]} == {0.7, 0.8}
+    assert all(p["vision_sparsity"] is not None for p in chosen if p["method"] == "per_modality")
+
+
+def test_label_free_table_and_correlations():
+    from ecoflap.toy.label_free import correlations, table
+
+    def row(method, accuracy, kl, same):
+        return {"method": method, "sparsity": 0.7, "seed": 0, "quality": {
+            "accuracy": accuracy, "kl_mean": kl, "kl_median": 0.001, "kl_p99": 10 * kl, "same_top": same,
+            "same_answer": accuracy, "flips": {"right_to_wrong": 3, "wrong_to_right": 1}}}
+
+    rows = [row("wanda", 0.7, 0.5, 0.8), row("owl", 0.6, 0.7, 0.85), row("global_magnitude", 0.9, 0.1, 0.95)]
+    rho = correlations(rows)
+    assert rho["kl_mean"] == pytest.approx(-1) and rho["same_top"] == pytest.approx(0.5)
+    assert rho["kl_median"] is None  # constant: no ranking
+    text = table({"rows": rows, "spearman_with_accuracy": rho})
+    assert "| wanda | 0.7 | 0 | 70.0% | 3 / 1 | 0.5000 |" in text
+    assert "mean KL -1.000" in text and "median KL undefined (constant)" in text

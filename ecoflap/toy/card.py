@@ -26,6 +26,8 @@ from ..shapes.evaluate import evaluate, make_eval_set
 from ..shapes.independent import independent_examples
 from ..sweep import EVAL_SEED as SCORE_SEED
 from .pruning_curves import EVAL_N, SELECTION_N, SELECTION_SEED, measure_curves, write_curves
+from .label_free import FILE as LABEL_FREE, table as label_free_table
+from .pruning_curves import METHODS as CURVE_METHODS, SEEDS as CURVE_SEEDS, SPARSITIES as CURVE_SPARSITIES
 from .self_labels import FILE as SELF_LABELLED, table as self_labelled_table
 
 EVAL_SEED = 10_000
@@ -113,6 +115,34 @@ ground truth). Accuracy ({data['measured_on']}; the full model {data['full_accur
 
 Measured in about {max(1, round(data['seconds'] / 60))} minutes of wall time on 2 shared CPU cores; rows in
 `{SELF_LABELLED}`. Reproduce: `{data['command']}`.
+"""
+
+
+def _label_free(folder: Path) -> str:
+    """The card's section on measuring without labels, where it has been measured."""
+    if not (folder / LABEL_FREE).is_file():
+        return ""
+    data = json.loads((folder / LABEL_FREE).read_text())
+    total = len(CURVE_SPARSITIES) * (len(CURVE_METHODS) + 1 + len(CURVE_SEEDS) - 1)
+    done = len(data["rows"])
+    partial = "" if done >= total else (
+        f" {done} of the table's {total} rows are measured so far, the sparsities 0.7 and 0.8 first (the "
+        f"command resumes where its file stops).")
+    return f"""
+## Does the label-free measure rank pruned models as accuracy does?
+
+A real model has no exact-match questions, so the workbench judges a pruned model against
+the full one: KL(full || pruned) of the next-token distributions over the answer tokens,
+"same top" (the share of answer tokens whose most likely next token is unchanged) and
+"same answer" (greedy answers identical to the full model's). Here, on this model, the
+same figures beside accuracy and flips (answers right→wrong and wrong→right against the
+full model's) for the methods and sparsities of the pruning table: {data['measured_on']};
+the full model {data['full_accuracy']:.1%}.{partial}
+
+{label_free_table(data)}
+
+Measured in about {max(1, round(data['seconds'] / 60))} minutes of wall time on 2 shared CPU cores; rows in
+`{LABEL_FREE}`. Reproduce: `{data['command']}`.
 """
 
 
@@ -302,7 +332,7 @@ bold, ties going to the split nearer equal):
 
 Measured in about {max(1, round(curves['seconds'] / 60))} minutes on 2 CPU cores; the same rows are in
 `{FILE}`, which the workbench's Teach tab draws. Reproduce: `{curves['command']}`.
-{_recovery(folder, curves["full_score"])}{_self_labelled(folder)}
+{_recovery(folder, curves["full_score"])}{_self_labelled(folder)}{_label_free(folder)}
 ## Limitations
 
 - Only the shapes world: real photos, other objects, colours, shape kinds or more than

@@ -139,3 +139,23 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+
+
+def table(data: dict) -> str:
+    """The measured rows, most informative sparsity first, and the rank correlations."""
+    order = {s: i for i, s in enumerate(ORDER)}
+    rows = sorted(data["rows"], key=lambda r: (order.get(r["sparsity"], len(order)), r["method"], r["seed"]))
+    lines = ["| method | sparsity | seed | accuracy | flips right→wrong / wrong→right | mean KL | median KL | "
+             "p99 KL | same top | same answer |", "|---" * 10 + "|"]
+    for r in rows:
+        q = r["quality"]
+        lines.append(f"| {r['method']} | {r['sparsity']:g} | {r['seed']} | {q['accuracy']:.1%} | "
+                     f"{q['flips']['right_to_wrong']} / {q['flips']['wrong_to_right']} | {q['kl_mean']:.4f} | "
+                     f"{q['kl_median']:.5f} | {q['kl_p99']:.3f} | {q['same_top']:.1%} | {q['same_answer']:.1%} |")
+    rho = data["spearman_with_accuracy"]
+    names = {"kl_mean": "mean KL", "kl_median": "median KL", "kl_p99": "p99 KL", "same_top": "same top",
+             "same_answer": "same answer"}
+    measured = ", ".join(f"{names[k]} {v:+.3f}" if v is not None else f"{names[k]} undefined (constant)"
+                         for k, v in rho.items())
+    return "\n".join(lines) + (f"\n\nSpearman rank correlation with accuracy over these {len(rows)} rows: "
+                               f"{measured}." if rho else "")
