@@ -13,13 +13,16 @@ import asyncio
 import functools
 import hashlib
 import html
+import json
 import logging
 import os
+import secrets
 import threading
 from pathlib import Path
 
 import gradio as gr
 import pandas as pd
+from starlette.middleware import Middleware
 from gradio.utils import get_upload_folder
 
 import ecoflap
@@ -113,6 +116,9 @@ CSS = """
   .tab-wrapper .overflow-menu { position: static; }
 }
 """
+MAX_MESSAGE = 400  # a refusal's length, whatever it quotes
+MALFORMED = ("The request does not have the form this endpoint takes: one value per input, and images as "
+             "files uploaded to this page (see Use via API).")
 
 
 class Refused(Exception):
@@ -188,9 +194,12 @@ def refusal(err: Exception) -> gr.Error:
     else:
         log.exception("unexpected error")
         message = "something went wrong on the server; your model and runs are as they were"
+    message = message if len(message) <= MAX_MESSAGE else message[:MAX_MESSAGE - 3] + "..."
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")
     log.info("refused: %s", message)
     text = message[:1].upper() + message[1:]
-    return gr.Error(text if text.endswith(".") else text + ".", print_exception=False)
+    # the page renders a message as HTML: whatever a person typed is shown, never run
+    return gr.Error(html.escape(text if text.endswith(".") else text + ".", quote=False), print_exception=False)
 
 
 EXPECTED = (Refused, ValueError, KeyError, PermissionError, MemoryError, ecoflap.ModelLoadError)
@@ -346,7 +355,7 @@ def status_of(run: ecoflap.Run) -> str:
     return (f"**{run.label}** done: achieved sparsity **{r.achieved_sparsity:.4f}** (target "
             f"{r.target_sparsity:.2f}); {parts}.{under} Time: {stages}. Peak during the run: "
             f"{r.peak_memory_bytes / 2**20:,.1f} MiB ({memory}).{data}"
-            + (f"<br>**Against the full model** {ecoflap.quality.summary(r.quality)}." if r.quality else "")
+            + (f"\n\n**Against the full model** {ecoflap.quality.summary(r.quality)}." if r.quality else "")
             + warnings)
 
 
@@ -658,9 +667,21 @@ def page_closed(server: ecoflap.Server, token):
     server.close_session(token, "the page was closed")
 
 
-def stats(server: ecoflap.Server) -> dict:
-    """Sessions, stored runs, memory and export disk of this deployment right now."""
-    return server.stats()
+class OwnerStats:
+    """/stats: sessions, jobs, stored runs, memory and export disk of this deployment right
+    now. They tell how busy the server is, so they are for its owner, who sets
+    ECOFLAP_STATS_TOKEN and sends it as `key`; without one set, /stats answers nobody."""
+
+    def __init__(self, server: ecoflap.Server, owner_key: str | None):
+        self.server, self.owner_key = server, owner_key
+        self.__name__ = "stats"
+
+    def __call__(self, key: str = "") -> dict:
+        if not self.owner_key or not isinstance(key, str) or not secrets.compare_digest(
+                key.encode("utf-8", "replace"), self.owner_key.encode()):
+            raise refusal(Refused("these statistics are for the deployment's owner (the key set in "
+                                  "ECOFLAP_STATS_TOKEN)"))
+        return self.server.stats()
 
 
 class Handler(functools.partial):
@@ -678,12 +699,81 @@ def bind(server: ecoflap.Server, handler) -> Handler:
     return bound
 
 
-def build_app(server: ecoflap.Server) -> gr.Blocks:
-    """The page: layout, then its events, each bound to a handler above."""
+class UploadGuard:
+    """ASGI middleware before gradio's upload route: an upload is admitted only within the
+    deployment's bounds (per client, count and bytes, and in all), judged on its declared
+    length before its body is read; the files it became are handed to `server.uploads`,
+    which deletes them when they expire."""
+
+    def __init__(self, app, server: ecoflap.Server):
+        self.app, self.server = app, server
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "POST" or not scope["path"].endswith("/upload"):
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        peer = (scope.get("client") or (None,))[0]
+        client = ecoflap.client_address(peer, headers.get("x-forwarded-for"), self.server.limits.behind_proxy)
+        length = headers.get("content-length", "")
+        if not length.isdigit():
+            return await _plain(send, 411, "Send the upload with its length (a Content-Length header).")
+        try:
+            ticket = self.server.uploads.reserve(client, int(length))
+        except ecoflap.Busy as err:
+            return await _plain(send, 413, refusal(err).message)
+        held, body = [], []
+
+        async def hold(message):
+            (held if message["type"] == "http.response.start" else body).append(message)
+
+        try:
+            await self.app(scope, receive, hold)
+        except BaseException:
+            self.server.uploads.cancel(ticket)
+            raise
+        status = held[0]["status"] if held else 500
+        if status != 200:
+            self.server.uploads.cancel(ticket)
+        else:
+            try:
+                paths = json.loads(b"".join(m.get("body", b"") for m in body))
+                self.server.uploads.keep(ticket, [p for p in paths if isinstance(p, str)])
+            except ecoflap.Busy as err:
+                return await _plain(send, 413, refusal(err).message)
+            except ValueError:
+                self.server.uploads.cancel(ticket)
+        for message in held + body:
+            await send(message)
+
+
+async def _plain(send, status: int, text: str):
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"text/plain; charset=utf-8")]})
+    await send({"type": "http.response.body", "body": text.encode("utf-8")})
+
+
+class Page(gr.Blocks):
+    """The page's Blocks. A request gradio itself cannot read (a hand-made FileData, a
+    string or a list where a file goes, too few values) gets one calm line, not an empty
+    error and a traceback in the log."""
+
+    async def preprocess_data(self, block_fn, inputs, state, explicit_call=False):
+        try:
+            return await super().preprocess_data(block_fn, inputs, state, explicit_call)
+        except gr.Error:
+            raise
+        except Exception as err:
+            log.info("refused: a request of a form this endpoint does not take (%s)", type(err).__name__)
+            raise gr.Error(MALFORMED, print_exception=False) from None
+
+
+def build_app(server: ecoflap.Server, stats_key: str | None = None) -> gr.Blocks:
+    """The page: layout, then its events, each bound to a handler above (`stats_key`: the
+    owner's key for /stats; without one, /stats answers nobody)."""
     examples = ecoflap.example_prompts()
     # Teach opens with an example and its question, so each model's answer shows by default
     lesson_image, lesson_question = next(((p, q) for p, q in examples if q), (None, ""))
-    with gr.Blocks(title="ecoflap: prune a vision-language model", delete_cache=(600, 3600)) as demo:
+    with Page(title="ecoflap: prune a vision-language model", delete_cache=(600, 3600)) as demo:
         token = gr.State(bind(server, new_session), delete_callback=bind(server, page_closed))
         gr.Markdown("# ecoflap — prune a vision-language model and see where the sparsity went")
         model_info = gr.Markdown(elem_id="model-info")
@@ -905,7 +995,7 @@ def build_app(server: ecoflap.Server) -> gr.Blocks:
         recover_stop.click(bind(server, stop), token, recover_status, api_visibility="private", queue=False)
         export_button.click(bind(server, export), [export_run, export_model, token], export_files,
                             api_name="export", preprocess=False)
-        gr.api(bind(server, stats), api_name="stats")
+        gr.api(OwnerStats(server, stats_key), api_name="stats")
     for fn in demo.fns.values():
         if getattr(fn.fn, "func", None) is new_session:
             fn.api_visibility = "private"  # the page's own start, not an API
@@ -944,7 +1034,7 @@ def comparison_text(result: ecoflap.Comparison) -> str:
     answer_column = result.question is not None
     flips = "accuracy" in result.rows[0]["quality"]
     header = (f"| model | {result.metric} ({better}) | same top | same answer |"
-              + (" flips right→wrong / wrong→right |" if flips else " KL p99 |")
+              + (" flips r→w / w→r |" if flips else " KL p99 |")
               + " vision | language |" + (" answer |" if answer_column else ""))
     lines = [f"**Takeaway:** {takeaway}", "", header, "|---" * (8 if answer_column else 7) + "|"]
     for row in result.rows:
@@ -959,8 +1049,9 @@ def comparison_text(result: ecoflap.Comparison) -> str:
     asked = f"Question: {question}{'' if question[-1] in '.?!)' else '.'} " if answer_column else ""
     return "\n".join(lines) + f"\n\n{result.metric.capitalize()}: {result.measured_on}. {asked}" \
         "Same top: the share of answer tokens whose most likely next token is the full model's; same answer: " \
-        "the share of greedy answers identical to the full model's. Vision and language columns: the sparsity " \
-        "each part received."
+        "the share of greedy answers identical to the full model's" + \
+        ("; flips: answers that went right→wrong / wrong→right against the full model's" if flips else "") + \
+        ". Vision and language columns: the sparsity each part received."
 
 
 def main(argv=None):
@@ -975,13 +1066,17 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     ecoflap.return_freed_memory_to_the_system()
     try:
-        server = ecoflap.Server.from_environment(args.model, device=args.device, dtype=args.dtype)
+        # exports live in gradio's own cache folder, so gradio serves them where they are
+        # instead of keeping a copy that the export bounds would not reach
+        server = ecoflap.Server.from_environment(args.model, device=args.device, dtype=args.dtype,
+                                                 export_root=Path(get_upload_folder()) / "ecoflap-exports")
     except (ecoflap.ConfigError, ecoflap.ModelLoadError) as err:
         raise SystemExit(f"error: {err}") from None
-    demo = build_app(server)
+    demo = build_app(server, os.environ.get("ECOFLAP_STATS_TOKEN") or None)
     demo.queue(max_size=server.limits.queue_size, default_concurrency_limit=4)
-    demo.launch(server_name=args.host, server_port=args.port, allowed_paths=[str(server.export_root)],
-                max_file_size=f"{int(server.limits.upload_mb)}mb", i18n=SCREEN_READER_WORDS, css=CSS)
+    demo.launch(server_name=args.host, server_port=args.port,
+                max_file_size=f"{int(server.limits.upload_mb)}mb", i18n=SCREEN_READER_WORDS, css=CSS,
+                app_kwargs={"middleware": [Middleware(UploadGuard, server=server)]})
 
 
 if __name__ == "__main__":

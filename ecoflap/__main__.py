@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shlex
 import sys
 
@@ -209,6 +210,11 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("--seed", type=int, default=0)
     k.add_argument("--yes-i-own-it", action="store_true", help="allow a host other than this machine")
     k.add_argument("--json", default=None, help="write every finding and server sample here")
+    k.add_argument("--attacker", action="store_true",
+                   help="add one stranger replaying attacks (session, job, export and upload floods, junk values) "
+                        "next to the students; start the app with ECOFLAP_BEHIND_PROXY=1")
+    k.add_argument("--stats-key", default=os.environ.get("ECOFLAP_STATS_TOKEN"),
+                   help="the deployment's ECOFLAP_STATS_TOKEN, to sample its memory and disk (default: $ECOFLAP_STATS_TOKEN)")
     return parser
 
 
@@ -426,7 +432,7 @@ def _eval_against_full(args) -> int:
             quality = result.quality
     finally:
         progress.close()
-    print(f"{loaded.name} {summary(quality)}")
+    print(f"{loaded.name} against the full model {summary(quality)}")
     print(f"  KL(full || pruned) over {quality['tokens']} answer tokens: mean {quality['kl_mean']:.5f}, median "
           f"{quality['kl_median']:.5f}, p99 {quality['kl_p99']:.4f}, p99.9 {quality['kl_p999']:.4f}; teacher-forced "
           f"on {quality['teacher_forced_on']}")
@@ -523,7 +529,7 @@ def cmd_bench(args) -> int:
               f"{m['forward_equivalents']:7.2f} {m['peak_bytes'] / 2**20:9.1f} {ratio:>8s}")
     for name, m in result["methods"].items():
         if "quality" in m:
-            print(f"{name:20s} {summary(m['quality'])}")
+            print(f"{name:20s} against the full model {summary(m['quality'])}")
     if "zeroth_stage1_speedup" in result:
         print(f"zeroth-order stage 1: {result['zeroth_stage1_replayed_s']:.3f} s replayed from the perturbed block "
               f"on batches encoded once, vs {result['zeroth_stage1_full_forward_s']:.3f} s running the whole model "
@@ -572,17 +578,26 @@ def cmd_soak(args) -> int:
     from .report import write_json
     from .soak import soak
 
-    result = soak(args.url, args.users, args.minutes, args.seed, args.yes_i_own_it)
+    result = soak(args.url, args.users, args.minutes, args.seed, args.yes_i_own_it, stats_key=args.stats_key,
+                  attacker=args.attacker)
     ask, busy, rss = result["ask_seconds"], result["ask_seconds_while_pruning"], result["resident_mib"]
     print(f"{args.users} users for {args.minutes:g} min: {sum(result['actions'].values())} actions {result['actions']}")
     print(f"full answers changed: {result['changed_full_answers']}; leaks: {result['leaks']}; "
           f"runs lost without a notice: {result['silent_losses']}; client errors: {result['errors']}")
     print(f"/ask seconds: p50 {ask['p50']:.2f}, p95 {ask['p95']:.2f}, max {ask['max']:.2f} (n={ask['n']}); "
           f"while someone pruned: p50 {busy['p50']:.2f}, p95 {busy['p95']:.2f}, max {busy['max']:.2f} "
-          f"(n={busy['n']}); longest prune {result['prune_seconds']['max']:.2f}")
+          f"(n={busy['n']})")
+    prunes = result["prune_seconds"]
+    print(f"students' prunes served: {prunes['n']}, seconds p50 {prunes['p50']:.1f}, p95 {prunes['p95']:.1f}, "
+          f"max {prunes['max']:.1f}; students refused by a bound: {result['students_refused']}")
     print(f"resident MiB: start {rss['start']}, after warm-up {rss['after_warm_up']}, max after warm-up "
           f"{rss['max_after_warm_up']}, end {rss['end']}; export MiB max {result['export_mib']['max']}, end "
-          f"{result['export_mib']['end']}; sessions max {result['sessions']['max']}")
+          f"{result['export_mib']['end']}; upload MiB max {result['upload_mib']['max']}, end "
+          f"{result['upload_mib']['end']}; sessions max {result['sessions']['max']}")
+    if result["attacker"] is not None:
+        attacker = result["attacker"]
+        print(f"attacker: {attacker['attacks']}; refused {attacker['refused']} times; answers that were not one "
+              f"calm line: {attacker['uncalm']}")
     for example in result["examples"]:
         print(f"  {example}")
     if args.json:

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .echo import shown
+
 ALLOCATIONS = ("uniform", "modality", "global", "owl", "ecoflap")
 STAGE2 = ("magnitude", "wanda", "sparsegpt")
 # Allocations decided from the weights alone, without calibration data.
@@ -73,8 +75,7 @@ def get_method(name: str | Method) -> Method:
         return name
     key = ALIASES.get(name, name) if isinstance(name, str) else None
     if key not in METHODS:
-        shown = name if isinstance(name, str) and len(name) <= 40 else type(name).__name__
-        raise ValueError(f"unknown method {shown!r}: use one of {', '.join(METHODS)} (or ecoflap)")
+        raise ValueError(f"unknown method {shown(name)}: use one of {', '.join(METHODS)} (or ecoflap)")
     return METHODS[key]
 
 

@@ -29,6 +29,7 @@ from transformers import (
 )
 
 from . import families
+from .echo import shown
 from .families import Family
 from .families.architectures import llava_1_5_7b, qwen2_5_vl_7b
 from .families.blip2 import IMAGE_TOKEN
@@ -112,10 +113,7 @@ def _read_config(name: str) -> tuple[PretrainedConfig, Family, str]:
         log.info("config of %s: %s", name, err)
         if looks_local:
             raise ModelLoadError(f"cannot read the config.json of {shown}") from err
-        raise ModelLoadError(
-            f"cannot load {name!r} from the Hugging Face hub: no such model, a gated one, "
-            f"or the hub is unreachable from here"
-        ) from err
+        raise ModelLoadError(not_on_hub(name)) from err
     except ValueError as err:
         raise ModelLoadError(f"{shown} has an unreadable config.json (not valid JSON)") from err
     try:
@@ -216,6 +214,12 @@ def _weights_problem(source: str, shown: str, err: Exception) -> str:
     if "safetensors" in text or "no file named" in text:
         return f"{shown} has no safetensors weights (model.safetensors)"
     return f"the weights of {shown} cannot be loaded"
+
+
+def not_on_hub(name: str) -> str:
+    """What a hub id that cannot be loaded gets (the same words whatever the reason)."""
+    return (f"cannot load {shown(name, 100)} from the Hugging Face hub: no such model, a gated one, "
+            f"or the hub is unreachable from here")
 
 
 def display_name(name: str) -> str:

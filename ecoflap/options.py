@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 
 from .allocation import AGGREGATES
 from .anatomy import DEFAULT_INCLUDE, GRANULARITIES, INCLUDE_CHOICES
+from .echo import shown
 from .losses import LOSSES
 from .methods import Method
 from .owl import DEFAULT_LAMBDA, DEFAULT_M
@@ -126,16 +127,15 @@ MAX_BATCH_SIZE = 64
 def number(value, what: str, low: float, high: float, whole: bool = False):
     """A finite number (int or float, or its text) in [low, high], or a ValueError saying so."""
     kind = "a whole number" if whole else "a number"
-    shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
     try:
         if isinstance(value, bool) or value is None:
             raise TypeError
         parsed = float(value.strip()) if isinstance(value, str) else float(value)
     except (TypeError, ValueError, OverflowError):
-        raise ValueError(f"{what} must be {kind} from {low:g} to {high:g} (got {shown})") from None
+        raise ValueError(f"{what} must be {kind} from {low:g} to {high:g} (got {shown(value)})") from None
     if not math.isfinite(parsed) or not low <= parsed <= high or (whole and parsed != int(parsed)):
-        raise ValueError(f"{what} must be {kind} from {low:g} to {high:g} (got {shown})")
-    return int(parsed) if whole else parsed
+        raise ValueError(f"{what} must be {kind} from {low:g} to {high:g} (got {shown(value)})")
+    return int(parsed) if whole else parsed + 0.0  # -0.0 is 0.0
 
 
 def sparsity_value(value) -> float:
@@ -152,9 +152,8 @@ def sparsity_list(text, limit: int) -> list[float]:
     values = []
     for entry in entries:
         if not re.fullmatch(r"(0|0?\.\d{1,4})", entry):
-            shown = entry if len(entry) <= 12 else entry[:12] + "..."
             raise ValueError(f"each sparsity is a plain decimal from 0 to {MAX_SPARSITY} with at most 4 "
-                             f"decimals, like 0.5 (got {shown!r})")
+                             f"decimals, like 0.5 (got {shown(entry, 16)})")
         values.append(sparsity_value(entry))
     if len(set(values)) != len(values):
         raise ValueError("each sparsity may appear only once")
@@ -176,8 +175,7 @@ def seed_list(text) -> list[int]:
 
 def choice(value, what: str, choices) -> str:
     if not isinstance(value, str) or value not in choices:
-        shown = value if isinstance(value, str) and len(value) <= 30 else type(value).__name__
-        raise ValueError(f"{what} must be one of {', '.join(choices)} (got {shown!r})")
+        raise ValueError(f"{what} must be one of {', '.join(choices)} (got {shown(value, 30)})")
     return value
 
 

@@ -152,7 +152,7 @@ def labelled_counts(full_answers: list[str], answers: list[str], expected: list[
 
 def summary(quality: dict) -> str:
     """One line for a status bar."""
-    text = (f"vs full model on {quality['n']} held-out: KL mean {quality['kl_mean']:.4f}, "
+    text = (f"on {quality['n']} held-out examples: KL mean {quality['kl_mean']:.4f}, "
             f"p99 {quality['kl_p99']:.3f}; same top {quality['same_top']:.1%}; "
             f"same answer {quality['same_answer']:.1%}")
     if "accuracy" in quality:

@@ -2,7 +2,7 @@
 
 Everything a public deployment must bound is bounded here: models in memory, stored runs
 per session and in all, sweep points, sessions in all and per client, idle sessions,
-jobs per session and per client, export files on disk. The bounds
+jobs per session and per client, export files on disk, uploads per client and in all. The bounds
 come from `Limits` (`Limits.from_environment()` reads the ECOFLAP_* variables, refusing
 a bad value with a message that names it). Loading a model never blocks the users of
 other models: the registry's lock only guards its table, never a load.
@@ -10,6 +10,7 @@ other models: the registry's lock only guards its table, never a load.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -23,7 +24,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .models import DEFAULT_MODEL, ModelLoadError, load_model
+from .models import DEFAULT_MODEL, ModelLoadError, load_model, not_on_hub
 from .sources import Source
 from .workbench import Workbench
 
@@ -64,6 +65,10 @@ class Limits:
     allowed_models: tuple[str, ...] | None = None
     upload_mb: float = 20
     queue_size: int = 64
+    uploads_per_client: int = 20
+    upload_client_mb: float = 100
+    upload_total_mb: float = 1024
+    upload_minutes: float = 30
     behind_proxy: bool = False
     allowed_datasets: tuple[str, ...] = ()
     calibration: str | None = None
@@ -88,6 +93,10 @@ class Limits:
         "allowed_models": "ECOFLAP_ALLOWED_MODELS",
         "upload_mb": "ECOFLAP_MAX_UPLOAD_MB",
         "queue_size": "ECOFLAP_QUEUE_SIZE",
+        "uploads_per_client": "ECOFLAP_MAX_UPLOADS_PER_CLIENT",
+        "upload_client_mb": "ECOFLAP_MAX_UPLOAD_CLIENT_MB",
+        "upload_total_mb": "ECOFLAP_MAX_UPLOAD_TOTAL_MB",
+        "upload_minutes": "ECOFLAP_UPLOAD_MINUTES",
         "behind_proxy": "ECOFLAP_BEHIND_PROXY",
         "allowed_datasets": "ECOFLAP_DATASETS",
         "calibration": "ECOFLAP_CALIBRATION",
@@ -184,9 +193,13 @@ class ModelRegistry:
                 shown = ", ".join(_shown(m) for m in (self.default_name, *allowed))
                 raise PermissionError(f"this deployment serves these models: {shown}")
             return name
-        if HUB_ID.fullmatch(name) and not Path(name).expanduser().exists():
-            return name
         if self.limits.allow_local_models:
+            return name
+        if HUB_ID.fullmatch(name):
+            if Path(name).expanduser().exists():
+                # a hub id that is also a folder here gets the words of a hub id that does not
+                # exist, so nobody learns from the answer what is on this server
+                raise ModelLoadError(not_on_hub(name))
             return name
         raise PermissionError("this deployment loads models from the Hugging Face hub by id (owner/name), "
                               "not from folders on the server")
@@ -261,6 +274,9 @@ class Server:
         self._issued: set[str] = set()
         self._lock = threading.RLock()
         self._tidied = 0.0
+        from .uploads import Uploads
+
+        self.uploads = Uploads.from_limits(self.limits)
 
     @classmethod
     def from_environment(cls, model: str | None = None, device: str = "auto", dtype: str = "auto",
@@ -362,6 +378,7 @@ class Server:
             stale = [s.id for s in self._sessions.values() if now - s.last_used > idle and not s.busy]
         for session_id in stale:
             self.close_session(session_id, f"idle for more than {self.limits.session_idle_minutes:g} minutes")
+        self.uploads.tidy()
         cutoff = time.time() - self.limits.export_minutes * 60
         for folder in self.export_root.iterdir():
             try:
@@ -390,6 +407,7 @@ class Server:
             "models": [b.loaded.name for b in self.models.loaded()],
             "resident_mib": round(resident_bytes() / 2**20, 1),
             "export_mib": round(self.export_disk_bytes() / 2**20, 3),
+            **self.uploads.held(),
         }
 
     # jobs (prunes, comparisons, sweeps, model exports), bounded per session and per client
@@ -487,20 +505,27 @@ class Server:
     # exports
 
     def export_folder(self, session_id: str, kind: str = "run") -> Path:
-        """A fresh folder for a session's export of one kind (a run, a sweep, a comparison);
-        its previous export of that kind is deleted."""
-        for old in self.export_root.glob(f"{session_id}.{kind}.*"):
+        """A fresh, unguessable folder for a session's export of one kind (a run, a sweep, a
+        comparison); its previous export of that kind is deleted. Its files are the only
+        copies (a web app serves them from where they are), so the cap, the lifetime and the
+        deletions here cover every byte of every export."""
+        for old in self.export_root.glob(f"{_export_prefix(session_id)}.{kind}.*"):
             shutil.rmtree(old, ignore_errors=True)
-        folder = self.export_root / f"{session_id}.{kind}.{secrets.token_hex(4)}"
+        folder = self.export_root / f"{_export_prefix(session_id)}.{kind}.{secrets.token_hex(8)}"
         folder.mkdir()
         return folder
 
     def delete_exports(self, session_id: str):
-        for old in self.export_root.glob(f"{session_id}.*"):
+        for old in self.export_root.glob(f"{_export_prefix(session_id)}.*"):
             shutil.rmtree(old, ignore_errors=True)
 
     def export_disk_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.export_root.rglob("*") if p.is_file())
+
+
+def _export_prefix(session_id: str) -> str:
+    """A session's exports by name, without the session's id in any URL."""
+    return hashlib.sha256(session_id.encode("utf-8", "replace")).hexdigest()[:16]
 
 
 def client_address(peer: str | None, forwarded_for: str | None, behind_proxy: bool) -> str:

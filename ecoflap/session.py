@@ -39,6 +39,7 @@ from .answers import MAX_QUESTION_CHARS, fit_question
 from .anatomy import prunable_layers
 from .curves import shipped_curves, shipped_recovery
 from .data import batches, default_calibration
+from .echo import is_text
 from .images import open_image
 from .methods import Method, get_method
 from .options import PruneOptions, from_settings, number, sparsity_list, sparsity_value
@@ -388,6 +389,8 @@ class Session:
             question = ""
         if not isinstance(question, str):
             raise ValueError("the question must be text (or empty, for a caption)")
+        if not is_text(question):
+            raise ValueError("the question has characters that are not text (a lone surrogate): type it again")
         number(max_new_tokens, "new tokens", 1, MAX_NEW_TOKENS, whole=True)
         if isinstance(image, Image.Image):
             picture = image

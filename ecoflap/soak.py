@@ -10,12 +10,25 @@ told, and that nobody reaches another session's run; it samples the server's mem
 export disk, and times answers while others prune. It talks to the app's public API with
 gradio_client, like any client would; point it only at your own deployment (loopback by
 default; another host needs --yes-i-own-it). Users and minutes are bounded.
+
+    python -m ecoflap soak --attacker ...
+
+adds one stranger next to the class, from an address of its own, replaying in a loop what
+could take a Space from a class: floods of new sessions, more prunes than its share, model
+exports, upload bombs, and values no form sends (megabyte settings, markup, lone
+surrogates, hand-made file payloads). The report then also says how often the stranger
+was refused, that every refusal was one calm line, and whether any student was refused.
+Each simulated person sends its own X-Forwarded-For address: start the app with
+ECOFLAP_BEHIND_PROXY=1 so the deployment tells them apart, as it would behind a proxy.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
+import os
 import random
+import uuid
 import re
 import threading
 import time
@@ -29,6 +42,12 @@ MAX_USERS = 50
 MAX_MINUTES = 30
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 DROPPED = re.compile(r"Your run (.+?) was dropped")
+REFUSED = ("already have", "serving as many people", "uploaded", "space for uploads", "per person")
+ATTACKER = "10.66.0.1"
+# /prune's values after the method, in the page's order, as a script sends them raw: sparsity,
+# granularity, cap, samples, stage-1 samples, eps, N:M, modules, batch size, OWL's M and
+# lambda, vision sparsity, calibration source, calibration images and question, loss
+PRUNE_SETTINGS = [0.5, "block", 0, 32, 8, 0.001, "off", ["vision", "language"], 8, 5, 0.08, "", "", [], "", "answer"]
 FAST = {"samples": 32, "stage1_samples": 8}
 
 
@@ -44,6 +63,10 @@ class Findings:
     leaks: list[str] = field(default_factory=list)
     silent_losses: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    refused: list[str] = field(default_factory=list)  # students turned away by a bound
+    attacks: dict[str, int] = field(default_factory=dict)
+    attacker_refused: int = 0
+    uncalm: list[str] = field(default_factory=list)  # an answer to the attacker that was not one calm line
     pruning_now: int = 0
     owners: dict[str, int] = field(default_factory=dict)  # run id -> the session it was returned to
     sessions: itertools.count = field(default_factory=itertools.count)
@@ -67,7 +90,8 @@ class Student:
             self.index = next(findings.sessions)  # a new session each time a student comes back
         self.url, self.baseline, self.findings = url, baseline, findings
         self.rng, self.examples = rng, examples
-        self.client = Client(url, verbose=False)
+        self.client = Client(url, verbose=False, headers={"X-Forwarded-For": f"10.20.{self.index // 250}."
+                                                                             f"{self.index % 250 + 1}"})
         self.runs: dict[str, str] = {}  # run id -> label
 
     def leave(self):
@@ -171,6 +195,106 @@ class Student:
         return action
 
 
+class Attacker:
+    """One stranger, one address, many sessions: the attacks of a hostile visitor in a loop.
+    Nothing it does may cost a student a run, an answer or a turn."""
+
+    def __init__(self, url: str, findings: Findings):
+        self.url, self.findings = url.rstrip("/"), findings
+        self.base = self.url + "/gradio_api"
+        self.headers = {"X-Forwarded-For": ATTACKER}
+
+    def _client(self):
+        from gradio_client import Client
+
+        return Client(self.url + "/", verbose=False, headers=self.headers)
+
+    def _call(self, api: str, data: list, session: str | None = None) -> tuple[str | None, object]:
+        """The raw /call API, as a script would use it; a refusal must be one calm line."""
+        import httpx
+
+        body = json.dumps({"data": data, "session_hash": session or uuid.uuid4().hex})
+        posted = httpx.post(f"{self.base}/call/{api}", content=body, timeout=60,
+                            headers={**self.headers, "content-type": "application/json"})
+        if posted.status_code != 200:
+            return "refused", posted.text
+        kind = None
+        with httpx.stream("GET", f"{self.base}/call/{api}/{posted.json()['event_id']}", headers=self.headers,
+                          timeout=300) as stream:
+            for line in stream.iter_lines():
+                if line.startswith("event:"):
+                    kind = line.split(":", 1)[1].strip()
+                elif line.startswith("data:") and kind in ("complete", "error"):
+                    payload = json.loads(line.split(":", 1)[1])
+                    if kind == "error":
+                        self._refused(payload.get("error") if isinstance(payload, dict) else None, api)
+                    return kind, payload
+        return kind, None
+
+    def _refused(self, message, what: str):
+        with self.findings.lock:
+            self.findings.attacker_refused += 1
+            if not isinstance(message, str) or not message or len(message) > 500 or "<" in message:
+                self.findings.uncalm.append(f"{what}: {str(message)[:120]!r}")
+
+    def flood_sessions(self):
+        for _ in range(35):  # past its share of sessions: its own empty ones make room, never a student's
+            self._call("describe", [])
+        for _ in range(10):
+            self._call("new_session", [])
+
+    def flood_jobs(self):
+        clients = [self._client() for _ in range(3)]
+        jobs = [c.submit("ecoflap_zeroth", 0.5, api_name="/prune") for c in clients for _ in range(4)]
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not all(j.done() for j in jobs):
+            time.sleep(0.2)
+        for job in jobs:
+            if job.done() and job.exception() is not None:
+                self._refused(str(job.exception()), "prune")
+            else:
+                job.cancel()
+        for c in clients:
+            c.close()
+
+    def flood_exports(self):
+        session = uuid.uuid4().hex
+        kind, result = self._call("prune", ["magnitude", *PRUNE_SETTINGS], session)
+        if kind == "complete":
+            for _ in range(4):
+                self._call("export", [result[-2], True], session)
+
+    def flood_uploads(self):
+        import httpx
+
+        for _ in range(8):
+            posted = httpx.post(f"{self.base}/upload", headers=self.headers, timeout=60,
+                                files=[("files", ("bomb.png", os.urandom(2**20), "image/png"))])
+            if posted.status_code != 200:
+                self._refused(posted.text, "upload")
+
+    def junk(self):
+        prune = ["wanda", *PRUNE_SETTINGS]
+        for index, value in [(7, "2:" + "4" * 1_000_000), (12, "<img src=x onerror=alert(1)>"), (7, "\ud800"),
+                             (0, "x" * 100_000), (1, "abc")]:
+            self._call("prune", prune[:index] + [value] + prune[index + 1:])
+        for image in ({"path": "/etc/passwd", "meta": {"_type": "gradio.FileData"}}, "/etc/passwd",
+                      ["/etc/passwd"], {"path": "/etc/passwd"}):
+            self._call("ask", [image, "\ud800"])
+        self._call("ask", [None, "<script>alert(1)</script>"])
+        self._call("load_model", ["assets/shapes-blip2"])
+        self._call("stats", ["guess"])
+
+    ATTACKS = ("junk", "flood_jobs", "flood_uploads", "flood_exports", "flood_sessions")
+
+    def act(self) -> str:
+        attack = self.ATTACKS[sum(self.findings.attacks.values()) % len(self.ATTACKS)]
+        getattr(self, attack)()
+        with self.findings.lock:
+            self.findings.attacks[attack] = self.findings.attacks.get(attack, 0) + 1
+        return attack
+
+
 def percentile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -179,8 +303,9 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def soak(url: str, users: int = 20, minutes: float = 3, seed: int = 0, allow_remote: bool = False,
-         log=print) -> dict:
-    """Run the students against `url`; returns the findings and the server's samples."""
+         log=print, stats_key: str | None = None, attacker: bool = False) -> dict:
+    """Run the students (and with `attacker`, one stranger) against `url`; returns the
+    findings and the server's samples."""
     from gradio_client import Client, handle_file
 
     host = urlparse(url).hostname or ""
@@ -188,6 +313,9 @@ def soak(url: str, users: int = 20, minutes: float = 3, seed: int = 0, allow_rem
         raise ValueError(f"{host} is not this machine: soak only your own deployment (add --yes-i-own-it)")
     if not 1 <= users <= MAX_USERS or not 0 < minutes <= MAX_MINUTES:
         raise ValueError(f"users must be 1 to {MAX_USERS} and minutes above 0 and at most {MAX_MINUTES}")
+    if not stats_key:
+        raise ValueError("the soak samples the deployment's memory and disk through /stats: give its "
+                         "ECOFLAP_STATS_TOKEN (--stats-key)")
     examples = example_prompts()
     if not examples:
         raise ValueError("the shipped example images are missing")
@@ -200,7 +328,7 @@ def soak(url: str, users: int = 20, minutes: float = 3, seed: int = 0, allow_rem
 
     def monitor():
         while time.monotonic() < stop_at:
-            stats = probe.predict(api_name="/stats")
+            stats = probe.predict(stats_key, api_name="/stats")
             samples.append({"t": round(time.monotonic() - started, 1), **stats})
             time.sleep(5)
 
@@ -216,22 +344,35 @@ def soak(url: str, users: int = 20, minutes: float = 3, seed: int = 0, allow_rem
             except Exception as err:  # counted; the soak goes on
                 with findings.lock:
                     findings.errors.append(f"{type(err).__name__}: {str(err)[:200]}")
+                    if any(words in str(err) for words in REFUSED):
+                        findings.refused.append(str(err)[:200])
                 time.sleep(0.5)
         if student is not None:
             student.leave()
 
+    def attacker_loop():
+        stranger = Attacker(url, findings)
+        while time.monotonic() < stop_at:
+            try:
+                stranger.act()
+            except Exception as err:  # the attacker's own failures are no finding; its answers are
+                log(f"attacker: {type(err).__name__}: {str(err)[:120]}")
+                time.sleep(0.5)
+
     threads = [threading.Thread(target=monitor, daemon=True)]
     threads += [threading.Thread(target=student_loop, args=(i,), daemon=True) for i in range(users)]
+    if attacker:
+        threads.append(threading.Thread(target=attacker_loop, daemon=True))
     for t in threads:
         t.start()
     for t in threads:
         t.join(minutes * 60 + 600)
-    samples.append({"t": round(time.monotonic() - started, 1), **probe.predict(api_name="/stats")})
+    samples.append({"t": round(time.monotonic() - started, 1), **probe.predict(stats_key, api_name="/stats")})
     probe.close()
-    return summarise(findings, samples, users, minutes)
+    return summarise(findings, samples, users, minutes, attacker)
 
 
-def summarise(findings: Findings, samples: list[dict], users: int, minutes: float) -> dict:
+def summarise(findings: Findings, samples: list[dict], users: int, minutes: float, attacker: bool = False) -> dict:
     during = [t for t, busy in findings.asks if busy]
     everything = [t for t, _ in findings.asks]
     warm = [s for s in samples if s["t"] >= samples[-1]["t"] / 3] or samples
@@ -250,13 +391,18 @@ def summarise(findings: Findings, samples: list[dict], users: int, minutes: floa
         "ask_seconds_while_pruning": {"n": len(during), "p50": percentile(during, 0.5),
                                       "p95": percentile(during, 0.95), "max": max(during, default=float("nan"))},
         "prune_seconds": {"n": len(findings.prunes), "p50": percentile(findings.prunes, 0.5),
-                          "max": longest_prune},
+                          "p95": percentile(findings.prunes, 0.95), "max": longest_prune},
+        "students_refused": len(findings.refused),
         "resident_mib": {"start": samples[0]["resident_mib"], "after_warm_up": warm[0]["resident_mib"],
                          "max_after_warm_up": max(s["resident_mib"] for s in warm),
                          "end": samples[-1]["resident_mib"]},
         "export_mib": {"max": max(s["export_mib"] for s in samples), "end": samples[-1]["export_mib"]},
+        "upload_mib": {"max": max(s.get("upload_mib", 0) for s in samples), "end": samples[-1].get("upload_mib", 0)},
         "stored_run_mib": {"max": max(s["stored_run_mib"] for s in samples), "end": samples[-1]["stored_run_mib"]},
         "sessions": {"max": max(s["sessions"] for s in samples), "end": samples[-1]["sessions"]},
+        "attacker": {"attacks": findings.attacks, "refused": findings.attacker_refused,
+                     "uncalm": len(findings.uncalm), "examples": findings.uncalm[:5]} if attacker else None,
         "samples": samples,
-        "ok": not (findings.changed_answers or findings.leaks or findings.silent_losses),
+        "ok": not (findings.changed_answers or findings.leaks or findings.silent_losses or findings.uncalm
+                   or (attacker and (findings.refused or not findings.prunes))),
     }

@@ -96,6 +96,9 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.slow)
 
 
+STATS_KEY = "owner-key-for-tests"  # the apps the tests start read /stats with it
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -108,6 +111,7 @@ def launch(tmp_path_factory, **env_extra):
     env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT), **env_extra)
     env.pop("ECOFLAP_MODEL", None)
     env.setdefault("GRADIO_TEMP_DIR", str(tmp_path_factory.mktemp("gradio-uploads")))
+    env.setdefault("ECOFLAP_STATS_TOKEN", STATS_KEY)
     uploads = Path(env["GRADIO_TEMP_DIR"])
     log = tmp_path_factory.mktemp("app") / "app.log"
     model = ["--model", os.environ["ECOFLAP_TEST_MODEL"]] if os.environ.get("ECOFLAP_TEST_MODEL") else []

@@ -65,7 +65,7 @@ def test_compare_three_methods(app):
     for label in ("Full model", "Wanda @ 0.60", "ECoFLaP (zeroth-order) @ 0.60", "Magnitude @ 0.60"):
         assert label in text
     assert "accuracy" in text and "200 generated shapes questions (seed 1234" in text
-    assert "same top" in text and "flips right→wrong / wrong→right" in text
+    assert "same top" in text and "flips r→w / w→r" in text and "went right→wrong / wrong→right" in text
     assert len(overlay["value"]) == 3 and len(overlay["choices"]) == 3
     assert "Takeaway:" in text and "comes closest to the full model" in text and "?." not in text
     files = {Path(f).name: Path(f) for f in outputs[-2]}
@@ -187,10 +187,13 @@ def test_sweep_uses_method_labels_and_checks_its_list(app):
 
 def test_public_deployment_refuses_server_folders(app):
     c = client(app)
-    for name in ("/etc", "/root", "assets/shapes-blip2", "../assets"):
+    for name in ("/etc", "/root", "../assets"):
         with pytest.raises(Exception, match="from the Hugging Face hub by id") as refused:
             c.predict(name, api_name="/load_model")
         assert "No such" not in str(refused.value) and "Errno" not in str(refused.value)
+    # a folder whose path looks like a hub id answers like a hub id that does not exist
+    with pytest.raises(Exception, match="Cannot load 'assets/shapes-blip2' from the Hugging Face hub: no such model"):
+        c.predict("assets/shapes-blip2", api_name="/load_model")
     with pytest.raises(Exception, match="at most 200 characters"):
         c.predict("x" * 5000, api_name="/load_model")
 

@@ -17,7 +17,7 @@ import httpx
 import pytest
 from gradio_client import handle_file
 
-from conftest import APP_FILES, EXAMPLE, client, prune
+from conftest import APP_FILES, EXAMPLE, STATS_KEY, client, prune
 
 PATHS = ["/etc/passwd", "/etc/shadow", "/root", "/no/such/file.png", "/proc/self/environ",
          "/tmp/../etc/passwd", "assets/examples/scene1.png", "../../../../etc/hosts", "", "\x00"]
@@ -107,15 +107,15 @@ def test_each_session_has_its_own_quota(strict_app):
 
 def test_a_cancelled_prune_stops_and_stores_nothing(app):
     c = client(app)
-    before = c.predict(api_name="/stats")
+    before = c.predict(STATS_KEY, api_name="/stats")
     job = c.submit("ecoflap_zeroth", 0.5, api_name="/prune")
     while job.status().code.name != "PROGRESS":
         time.sleep(0.05)
     job.cancel()
     deadline = time.time() + 60
-    while c.predict(api_name="/stats")["jobs_running"] and time.time() < deadline:
+    while c.predict(STATS_KEY, api_name="/stats")["jobs_running"] and time.time() < deadline:
         time.sleep(0.2)
-    after = c.predict(api_name="/stats")
+    after = c.predict(STATS_KEY, api_name="/stats")
     assert after["jobs_running"] == 0 and after["stored_runs"] == before["stored_runs"]
     assert "stopped" in APP_FILES["log"].read_text()
 
@@ -124,9 +124,10 @@ def test_a_closed_event_stream_stops_the_job(app):
     base = app.rstrip("/") + "/gradio_api"
     config = httpx.get(app.rstrip("/") + "/config").json()
     fn = next(d["id"] for d in config["dependencies"] if d.get("api_name") == "prune")
-    before = client(app).predict(api_name="/stats")
+    before = client(app).predict(STATS_KEY, api_name="/stats")
     session_hash = uuid.uuid4().hex
-    data = ["ecoflap_first", 0.5, "block", 0, 128, 0, 0.001, "off", ["vision", "language"], 8, 5, 0.08, None, None]
+    data = ["ecoflap_first", 0.5, "block", 0, 128, 0, 0.001, "off", ["vision", "language"], 8, 5, 0.08, None, "", [],
+            "", "answer", None]
     assert httpx.post(f"{base}/queue/join", json={"data": data, "fn_index": fn, "session_hash": session_hash}).is_success
     with httpx.stream("GET", f"{base}/queue/data", params={"session_hash": session_hash}, timeout=60) as stream:
         for line in stream.iter_lines():
@@ -134,9 +135,9 @@ def test_a_closed_event_stream_stops_the_job(app):
                 break
     c = client(app)
     deadline = time.time() + 60
-    while c.predict(api_name="/stats")["jobs_running"] and time.time() < deadline:
+    while c.predict(STATS_KEY, api_name="/stats")["jobs_running"] and time.time() < deadline:
         time.sleep(0.2)
-    after = c.predict(api_name="/stats")
+    after = c.predict(STATS_KEY, api_name="/stats")
     assert after["jobs_running"] == 0 and after["stored_runs"] == before["stored_runs"]
 
 
@@ -158,7 +159,7 @@ def test_strict_limits_hold(strict_app, tmp_path):
     *_, run_id, _ = prune(c, "magnitude", 0.5)
     with pytest.raises(Exception, match="turned off"):
         c.predict(run_id, True, api_name="/export")
-    assert c.predict(api_name="/stats")["export_mib"] == 0
+    assert c.predict(STATS_KEY, api_name="/stats")["export_mib"] == 0
     big = tmp_path / "big.png"
     big.write_bytes(EXAMPLE.read_bytes() + os.urandom(2 * 2**20))
     with pytest.raises(Exception):
@@ -208,7 +209,7 @@ def test_the_soak_command_runs_against_the_app_and_checks_what_matters(app, tmp_
 
     out = tmp_path / "soak.json"
     done = subprocess.run([sys.executable, "-m", "ecoflap", "soak", "--url", app, "--users", "2", "--minutes", "0.15",
-                           "--json", str(out)], capture_output=True, text=True, cwd=ROOT,
+                           "--stats-key", STATS_KEY, "--json", str(out)], capture_output=True, text=True, cwd=ROOT,
                           env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     result = json.loads(out.read_text())

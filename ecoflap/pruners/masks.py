@@ -6,6 +6,8 @@ import math
 
 import torch
 
+from ..echo import shown
+
 
 def parse_nm(text: str | None) -> tuple[int, int] | None:
     """'2:4' -> (2, 4): in every M consecutive inputs of a row, N are zeroed."""
@@ -15,9 +17,9 @@ def parse_nm(text: str | None) -> tuple[int, int] | None:
         n_text, m_text = str(text).split(":")
         n, m = int(n_text), int(m_text)
     except ValueError:
-        raise ValueError(f"N:M must look like 2:4 (got {text!r})") from None
+        raise ValueError(f"N:M must look like 2:4 (got {shown(text)})") from None
     if not (0 < n < m):
-        raise ValueError(f"N:M needs 0 < N < M, e.g. 2:4 (got {text!r})")
+        raise ValueError(f"N:M needs 0 < N < M, e.g. 2:4 (got {shown(text)})")
     return n, m
 
 

@@ -195,7 +195,21 @@ def recovery_gaps(summary: list[dict]) -> str:
             + "; ".join(parts) + ".")
 
 
-def _recovery(folder: Path, full_score: float) -> str:
+def _before_note(data: dict, curves: dict) -> str:
+    """How far the re-measured "before" is from the pruning table for the same method,
+    sparsity and seed (the table may come from an earlier version of the code)."""
+    table = {(r["method"], r["sparsity"], r["seed"]): r["score"] for r in curves["rows"]}
+    gaps = [abs(r["before"] - table[key]) for r in data["rows"]
+            if (key := (r["method"], r["sparsity"], r["seed"])) in table]
+    if not gaps:
+        return ""
+    if max(gaps) == 0:
+        return ", equal to the pruning table's for the same seeds"
+    return (f", within {100 * max(gaps):.1f} points of the pruning table's for the same seeds (that table "
+            f"was measured with an earlier version of the code)")
+
+
+def _recovery(folder: Path, curves: dict) -> str:
     """The card's section on fine-tuning after pruning, where it has been measured."""
     summary = shipped_recovery(str(folder))
     if not summary:
@@ -208,10 +222,10 @@ How much a little fine-tuning brings back (`recover`: the pruned matrices traine
 AdamW, lr {summary[0]['lr']:g}, weight decay 0.05, cosine schedule, batch 8, gradient and
 update masked so every zero stays zero; each number of steps is its own run with its own
 schedule, on freshly generated scenes, never the evaluation questions). Accuracy on the
-pruning table's {data['eval_n']} questions (seed {SCORE_SEED}), so "before" is the pruning table's number
-for the same seeds:
+pruning table's {data['eval_n']} questions (seed {SCORE_SEED}); "before" is measured again before each
+recovery{_before_note(data, curves)}:
 
-{recovery_table(summary, full_score)}
+{recovery_table(summary, curves["full_score"])}
 
 {recovery_gaps(summary)}
 
@@ -332,7 +346,7 @@ bold, ties going to the split nearer equal):
 
 Measured in about {max(1, round(curves['seconds'] / 60))} minutes on 2 CPU cores; the same rows are in
 `{FILE}`, which the workbench's Teach tab draws. Reproduce: `{curves['command']}`.
-{_recovery(folder, curves["full_score"])}{_self_labelled(folder)}{_label_free(folder)}
+{_recovery(folder, curves)}{_self_labelled(folder)}{_label_free(folder)}
 ## Limitations
 
 - Only the shapes world: real photos, other objects, colours, shape kinds or more than
