@@ -99,11 +99,10 @@ whose loss gradients are large matter more to the output, which is what ECoFLaP'
 """
 
 
-# A status line is where a job's progress shows: it keeps room for the tracker even when empty,
-# and the old text gives way to the progress instead of showing faded under it.
+# A status line is where a job's progress shows: it keeps room for the tracker even when empty
+# (the old text stays readable under it: Stop writes there while the job winds down).
 CSS = """
 .status-box { min-height: 4.5em; }
-.status-box .pending { visibility: hidden; }
 /* a phone sees every tab: the tabs gradio would fold into its "more" menu wrap onto a
    second line instead */
 @media (max-width: 640px) {
