@@ -38,6 +38,7 @@ PRUNE_METHODS = [(m.label, m.name) for m in sorted(
     if m.allocation in ALLOCATION_ORDER else len(ALLOCATION_ORDER))]
 TEACH_DEFAULT = ["wanda", "ecoflap_zeroth"]
 SWEEP_COLUMNS = ["method", "sparsity", "accuracy or loss", "achieved sparsity", "prune s", "point s (with scoring)"]
+DEFAULTS = ecoflap.PruneOptions()  # the advanced settings start at the library's defaults
 # Stopping is a normal action: one calm line, whichever route stopped the work first.
 STOPPED = "Stopped. Nothing from the stopped job was stored, and the shared model keeps its full weights."
 STOPPED_COMPARISON = ("Stopped. The runs that finished before the stop are kept; nothing else was stored, and the "
@@ -162,7 +163,7 @@ def _event_alive():
 
 
 async def in_worker(work, *args, **kwargs):
-    """Run work(*args, should_stop=..., **kwargs) in a thread; it stops within one block if
+    """Run work(*args, should_stop=..., **kwargs) in a thread; it stops within one layer if
     the event is cancelled (Stop, job.cancel()) or its client goes away. A cancelled event
     still waits for its thread to stop, so the concurrency limit counts real work."""
     cancelled = threading.Event()
@@ -792,29 +793,31 @@ def build_app(server: ecoflap.Server, stats_key: str | None = None) -> gr.Blocks
                                                "ECoFLaP, OWL, per-modality, global; then by stage 2 (which weights).",
                                           elem_id="prune-method")
                         with gr.Accordion("Advanced", open=False):
-                            granularity = gr.Radio(list(ecoflap.GRANULARITIES), value="block",
+                            granularity = gr.Radio(list(ecoflap.GRANULARITIES), value=DEFAULTS.granularity,
                                                    label="ECoFLaP granularity")
                             max_sparsity = gr.Number(value=0, label="ECoFLaP: max per-layer sparsity (0: the "
                                                                     "sparsity + 0.1)")
-                            samples = gr.Number(value=128, precision=0, label="Calibration samples (layer-wise stage)")
+                            samples = gr.Number(value=DEFAULTS.samples, precision=0,
+                                                label="Calibration samples (layer-wise stage)")
                             stage1_samples = gr.Number(value=0, precision=0,
                                                        label="ECoFLaP: stage-1 samples (0: 32 zeroth-order, "
                                                              "128 first-order)")
-                            eps = gr.Number(value=1e-3, label="ECoFLaP zeroth-order: eps (the step of the nudge)")
+                            eps = gr.Number(value=DEFAULTS.eps, label="ECoFLaP zeroth-order: eps (the step of the nudge)")
                             nm = gr.Dropdown(["off", "2:4", "4:8", "1:4"], value="off", allow_custom_value=True,
                                              visible=False,
                                              label="N:M (uniform methods; sets the sparsity to N/M)")
-                            batch_size = gr.Number(value=8, precision=0, label="Batch size")
+                            batch_size = gr.Number(value=DEFAULTS.batch_size, precision=0, label="Batch size")
                             modules = gr.CheckboxGroup([(label, key) for key, label in MODULE_LABELS.items()],
-                                                       value=list(ecoflap.DEFAULT_INCLUDE), label="Modules to prune")
+                                                       value=list(DEFAULTS.include), label="Modules to prune")
                             vision_sparsity = gr.Textbox(value="", max_lines=1, elem_id="prune-vision-sparsity",
                                                          visible=False,
                                                          label="Per-modality: vision sparsity (empty: the target; "
                                                                "the language model takes the rest of the budget)")
                             with gr.Row():
-                                owl_m = gr.Number(value=5, label="OWL: M (outlier = score above M x mean)", visible=False)
-                                owl_lambda = gr.Number(value=0.08, label="OWL: lambda (band around the target)",
-                                                       visible=False)
+                                owl_m = gr.Number(value=DEFAULTS.owl_m, label="OWL: M (outlier = score above M x mean)",
+                                                  visible=False)
+                                owl_lambda = gr.Number(value=DEFAULTS.owl_lambda,
+                                                       label="OWL: lambda (band around the target)", visible=False)
                         with gr.Accordion("Calibration data", open=False, elem_id="calibration-data"):
                             gr.Markdown(calibration_note(server))
                             calibration = gr.Textbox(value="", max_lines=1, max_length=200, elem_id="calibration-source",
@@ -826,7 +829,7 @@ def build_app(server: ecoflap.Server, stats_key: str | None = None) -> gr.Blocks
                             calibration_question = gr.Textbox(value="", max_lines=1, max_length=500,
                                                               label="Question the full model answers for your images "
                                                                     "(empty: it captions them)")
-                            loss = gr.Radio(LOSS_CHOICES, value="answer", label="Calibration loss")
+                            loss = gr.Radio(LOSS_CHOICES, value=DEFAULTS.loss, label="Calibration loss")
                         with gr.Row():
                             prune_button = gr.Button("Prune", variant="primary")
                             stop_button = gr.Button("Stop", elem_id="prune-stop")

@@ -8,15 +8,32 @@ import logging
 import os
 import shlex
 import sys
+from pathlib import Path
 
 from tqdm import tqdm
 
-from .anatomy import DEFAULT_INCLUDE, INCLUDE_CHOICES
+from .anatomy import INCLUDE_CHOICES, prunable_layers
+from .answers import ask
+from .benchmark import bench, sparsegpt_layer_peak
+from .curves import summarise
+from .images import open_image
 from .losses import LOSSES
-from .methods import METHODS, method_names
-from .models import ModelLoadError
-from .owl import DEFAULT_LAMBDA, DEFAULT_M
-from .sweep import Y_CHOICES
+from .methods import METHODS, get_method, method_names
+from .models import ModelLoadError, load_model, offloaded, random_model, resolve_device
+from .offload import resolve_offload
+from .options import DEFAULTS, PruneOptions, check, from_settings, seed_list, sparsity_list, sparsity_value
+from .pipeline import prune
+from .plots import sweep_figure
+from .recover import recover, recover_options
+from .report import SWEEP_COLUMNS, save_pruned, table_csv, write_json, write_text
+from .quality import summary
+from .scoring import held_out_examples, quality_against_full, quick_score, reference_for
+from .shapes.evaluate import CARD_SEED
+from .soak import soak
+from .sources import deployment_default, labeller, parse
+from .stats import achieved_sparsity, layer_table
+from .sweep import QUALITY_COLUMNS, Y_CHOICES, sweep, with_y
+from .workbench import Workbench
 
 log = logging.getLogger("ecoflap")
 
@@ -65,7 +82,7 @@ def _calibration_arg(p: argparse.ArgumentParser):
     p.add_argument("--text-column", default=None, help="a dataset's text column (default: found by name and type)")
     p.add_argument("--question", default="", help="images without captions: the question the full model answers "
                    "to make their targets (default: none, a caption)")
-    p.add_argument("--loss", default="answer", choices=LOSSES,
+    p.add_argument("--loss", default=DEFAULTS.loss, choices=LOSSES,
                    help="answer: the target's loss given image and prompt; prefix_lm: the ECoFLaP reference's "
                         "recipe (lowercased captions cut at a random point in their first half)")
 
@@ -74,10 +91,6 @@ def _calibration(args, loaded, methods: list[str], options, held_out: int = 0):
     """The calibration drawn from --calibration (or the deployment's default) for these
     methods' sample counts, and `held_out` more examples that none of it overlaps; None
     for the shipped set, which the pipeline takes itself."""
-    from .answers import ask
-    from .methods import get_method
-    from .sources import deployment_default, labeller, parse
-
     spec = args.calibration or deployment_default(loaded)
     if spec is None:
         return None
@@ -101,21 +114,21 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="ecoflap", help=f"one of {', '.join(METHODS)}; ecoflap is ecoflap_zeroth")
     p.add_argument("--sparsity", type=float, default=0.5)
     p.add_argument("--nm", default=None, help="semi-structured N:M, e.g. 2:4 (uniform methods)")
-    p.add_argument("--include", default=",".join(DEFAULT_INCLUDE),
+    p.add_argument("--include", default=",".join(DEFAULTS.include),
                    help=f"comma-separated module sets to prune, from {','.join(INCLUDE_CHOICES)}")
     _calibration_arg(p)
-    p.add_argument("--samples", type=int, default=128, help="calibration samples for the layer-wise stage")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--granularity", default="block", help="ecoflap groups: layer, block or model")
-    p.add_argument("--aggregate", default="sum", help="group score: sum or avg")
+    p.add_argument("--samples", type=int, default=DEFAULTS.samples, help="calibration samples for the layer-wise stage")
+    p.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size)
+    p.add_argument("--granularity", default=DEFAULTS.granularity, help="ecoflap groups: layer, block or model")
+    p.add_argument("--aggregate", default=DEFAULTS.aggregate, help="group score: sum or avg")
     p.add_argument("--max-sparsity", type=float, default=None, help="per-layer cap (default: sparsity + 0.1)")
-    p.add_argument("--eps", type=float, default=1e-3, help="zeroth-order perturbation size")
-    p.add_argument("--noise-samples", type=int, default=1, help="zeroth-order draws per batch")
+    p.add_argument("--eps", type=float, default=DEFAULTS.eps, help="zeroth-order perturbation size")
+    p.add_argument("--noise-samples", type=int, default=DEFAULTS.noise_samples, help="zeroth-order draws per batch")
     p.add_argument("--stage1-samples", type=int, default=None, help="default 32 (zeroth) or 128 (first)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--owl-m", type=float, default=DEFAULT_M,
+    p.add_argument("--seed", type=int, default=DEFAULTS.seed)
+    p.add_argument("--owl-m", type=float, default=DEFAULTS.owl_m,
                    help="owl: outliers are Wanda scores above M times their block's mean")
-    p.add_argument("--owl-lambda", type=float, default=DEFAULT_LAMBDA,
+    p.add_argument("--owl-lambda", type=float, default=DEFAULTS.owl_lambda,
                    help="owl: every block's sparsity stays within the target +/- lambda")
     p.add_argument("--vision-sparsity", type=float, default=None,
                    help="per_modality: the vision encoder's sparsity (default: the target); the language "
@@ -156,7 +169,7 @@ def _parser() -> argparse.ArgumentParser:
                        "loss; with --full or --method, against the full model")
     _model_args(e)
     e.add_argument("--n", type=int, default=1000, help="evaluation examples")
-    e.add_argument("--seed", type=int, default=10_000, help="seed of the evaluation and held-out examples")
+    e.add_argument("--seed", type=int, default=CARD_SEED, help="seed of the evaluation and held-out examples")
     e.add_argument("--full", default=None, help="compare --model (a pruned model, as prune --save writes it) with "
                    "this full model: KL, same top, same answer (accuracy and flips for a shapes model)")
     e.add_argument("--method", default=None, help="prune --model with this method first (default options), then "
@@ -219,41 +232,38 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _load(args):
-    from .models import load_model
-
     return load_model(args.model, device=args.device, dtype=args.dtype, device_map=args.device_map,
                       offload=args.offload, offload_folder=args.offload_folder)
 
 
 def cmd_prune(args) -> int:
-    from .methods import get_method
-    from .options import PruneOptions, check
-    from .pipeline import prune
-    from .report import save_pruned, write_json
-
-    options = PruneOptions(
+    """The same edge as the app's and the API's (`from_settings`: bounds, "0 means default"),
+    then the library's own check, before the model loads."""
+    method, sparsity = get_method(args.method), sparsity_value(args.sparsity)
+    options = from_settings(
+        sparsity,
         nm=args.nm,
-        include=tuple(x.strip() for x in args.include.split(",") if x.strip()),
+        modules=[x.strip() for x in args.include.split(",") if x.strip()],
         samples=args.samples,
+        stage1_samples=args.stage1_samples,
         batch_size=args.batch_size,
         granularity=args.granularity,
         aggregate=args.aggregate,
         max_sparsity=args.max_sparsity,
         eps=args.eps,
         noise_samples=args.noise_samples,
-        stage1_samples=args.stage1_samples,
         seed=args.seed,
         owl_m=args.owl_m,
         owl_lambda=args.owl_lambda,
         vision_sparsity=args.vision_sparsity,
         loss=args.loss,
     )
-    check(get_method(args.method), args.sparsity, options)
+    check(method, sparsity, options)
     loaded = _load(args)
     calibration = _calibration(args, loaded, [args.method], options)
     progress = TqdmProgress()
     try:
-        result = prune(loaded, args.method, args.sparsity, options, calibration, progress)
+        result = prune(loaded, method, sparsity, options, calibration, progress)
     finally:
         progress.close()
     report = result.to_dict()
@@ -286,8 +296,6 @@ def _recovery_examples(args, loaded):
     """Examples to fine-tune on from --calibration (or the deployment's default); None:
     fresh scenes (shapes model) or the shipped set. Sources that need the full model to
     label them are refused: a pruned folder has no full model to ask."""
-    from .sources import deployment_default, parse
-
     spec = args.calibration or deployment_default(loaded)
     if spec is None:
         return None
@@ -297,13 +305,6 @@ def _recovery_examples(args, loaded):
 
 
 def cmd_recover(args) -> int:
-    from pathlib import Path
-
-    from .anatomy import INCLUDE_CHOICES, prunable_layers
-    from .recover import recover, recover_options
-    from .report import save_pruned, write_json
-    from .stats import achieved_sparsity, layer_table
-
     options = recover_options(args.steps, args.lr, args.weight_decay, args.schedule, args.batch_size, args.way,
                               args.rank, args.seed, args.eval_n)
     pruned_report = Path(args.model or "") / "ecoflap_report.json"
@@ -313,7 +314,7 @@ def cmd_recover(args) -> int:
     report = json.loads(pruned_report.read_text())
     loaded = _load(args)
     names = {row["name"] for row in report["layers"]}
-    layers = [l for l in prunable_layers(loaded.model, INCLUDE_CHOICES) if l.name in names]
+    layers = [layer for layer in prunable_layers(loaded.model, INCLUDE_CHOICES) if layer.name in names]
     if len(layers) != len(names):
         raise ValueError("the folder's ecoflap_report.json names layers this model does not have")
     progress = TqdmProgress()
@@ -346,9 +347,6 @@ def cmd_recover(args) -> int:
 
 
 def cmd_ask(args) -> int:
-    from .answers import ask
-    from .images import open_image
-
     if bool(args.image) == bool(args.jsonl):
         raise ValueError("give either --image (with an optional --question) or --jsonl")
     if args.jsonl:
@@ -376,9 +374,6 @@ def cmd_ask(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .report import write_json
-    from .scoring import quick_score
-
     if args.full or args.method:
         return _eval_against_full(args)
     loaded = _load(args)
@@ -397,13 +392,6 @@ def cmd_eval(args) -> int:
 
 def _eval_against_full(args) -> int:
     """A pruned model against its full model on held-out examples."""
-    from .models import load_model
-    from .options import PruneOptions
-    from .pipeline import prune
-    from .quality import summary
-    from .report import write_json
-    from .scoring import held_out_examples, quality_against_full, reference_for
-
     if args.full and args.method:
         raise ValueError("give --full (compare a saved pruned model with its full model) or --method (prune now), "
                          "not both")
@@ -442,13 +430,6 @@ def _eval_against_full(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from .options import PruneOptions, seed_list, sparsity_list
-    from .plots import sweep_figure
-    from .curves import summarise
-    from .report import SWEEP_COLUMNS, table_csv, write_json, write_text
-    from .sweep import QUALITY_COLUMNS, sweep, with_y
-    from .workbench import Workbench
-
     names = method_names(args.methods)
     sparsities = sparsity_list(args.sparsities, limit=10_000)
     seeds = seed_list(args.seeds)
@@ -483,14 +464,6 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .benchmark import bench
-    from .models import offloaded, random_model, resolve_device
-    from .offload import resolve_offload
-    from .options import PruneOptions
-    from .quality import summary
-    from .scoring import held_out_examples
-    from .report import write_json
-
     if args.sparsegpt_layer:
         return _bench_sparsegpt_layers(args)
     names = method_names(args.methods)
@@ -555,9 +528,6 @@ def cmd_bench(args) -> int:
 
 
 def _bench_sparsegpt_layers(args) -> int:
-    from .benchmark import sparsegpt_layer_peak
-    from .report import write_json
-
     rows = []
     for shape in args.sparsegpt_layer:
         try:
@@ -575,9 +545,6 @@ def _bench_sparsegpt_layers(args) -> int:
 
 
 def cmd_soak(args) -> int:
-    from .report import write_json
-    from .soak import soak
-
     result = soak(args.url, args.users, args.minutes, args.seed, args.yes_i_own_it, stats_key=args.stats_key,
                   attacker=args.attacker)
     ask, busy, rss = result["ask_seconds"], result["ask_seconds_while_pruning"], result["resident_mib"]

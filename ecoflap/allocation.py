@@ -1,9 +1,10 @@
 """Where the sparsity goes: an exact number of zeros for every layer.
 
-Each strategy is an allocation that keeps exactly floor(N (1 - s)) of the N prunable
-weights (stage 2 then removes each layer's count exactly):
+Every strategy but `uniform` fixes each layer's number of zeros so that exactly
+floor(N (1 - s)) of the N prunable weights stay (stage 2 then removes each count exactly):
 
-- `uniform_budget`: every layer at the target (Magnitude, Wanda, SparseGPT as published);
+- `uniform_budget`: every layer at the target, each rounded by stage 2 as published
+  (Wanda floor(in * s) per row; Magnitude and SparseGPT floor(numel * s) per layer);
 - `modality_budget`: one sparsity for the vision encoder, the language model at whatever
   completes the budget (does equal sparsity across modalities matter?);
 - `global_magnitude_budget`: one |W| threshold over every prunable weight;
@@ -22,6 +23,7 @@ import torch
 
 from .anatomy import PrunableLayer, group_key
 from .offload import read_weight
+from .progress import StopCheck, stop_if_asked
 
 AGGREGATES = ("sum", "avg")
 
@@ -29,7 +31,8 @@ AGGREGATES = ("sum", "avg")
 @dataclass
 class LayerBudget:
     """How sparse each layer becomes: a target per layer and, where an allocation fixes
-    it, the exact number of zeros (None: stage 2's own rounding, floor(in * s) per row).
+    it, the exact number of zeros (None: stage 2's own rounding of the target, floor(in * s)
+    per row for Wanda, floor(numel * s) per layer for Magnitude and SparseGPT).
 
     `groups` are the allocation's units (blocks, modalities) as report rows; `resolved`
     what it derived from the options (the language sparsity of a per-modality split, the
@@ -52,7 +55,7 @@ class Group:
 
     @property
     def numel(self) -> int:
-        return sum(l.numel for l in self.layers)
+        return sum(layer.numel for layer in self.layers)
 
     @property
     def modality(self) -> str:
@@ -77,7 +80,7 @@ def group_budget(groups: list[Group], keep: list[int], resolved: dict | None = N
     budget = LayerBudget({}, {}, resolved=resolved or {})
     for g, k in zip(groups, keep):
         group_sparsity = 1 - k / g.numel
-        for layer, zeros in zip(g.layers, split_count(g.numel - k, [l.numel for l in g.layers])):
+        for layer, zeros in zip(g.layers, split_count(g.numel - k, [layer.numel for layer in g.layers])):
             budget.sparsity[layer.name] = group_sparsity
             budget.zeros[layer.name] = zeros
         budget.groups.append({"name": g.name, "numel": g.numel, "score": g.score, "keep": k,
@@ -87,7 +90,7 @@ def group_budget(groups: list[Group], keep: list[int], resolved: dict | None = N
 
 def uniform_budget(layers: list[PrunableLayer], sparsity: float) -> LayerBudget:
     """Every layer at the target (Magnitude, Wanda and SparseGPT as published)."""
-    return LayerBudget({l.name: sparsity for l in layers}, {l.name: None for l in layers})
+    return LayerBudget({layer.name: sparsity for layer in layers}, {layer.name: None for layer in layers})
 
 
 def ecoflap_budget(groups: list[Group], sparsity: float, max_sparsity: float) -> LayerBudget:
@@ -129,42 +132,48 @@ def modality_budget(layers: list[PrunableLayer], sparsity: float, vision_sparsit
     return group_budget(groups, keep, {"split": split})
 
 
-def global_magnitude_budget(layers: list[PrunableLayer], sparsity: float) -> LayerBudget:
+def global_magnitude_budget(layers: list[PrunableLayer], sparsity: float,
+                            should_stop: StopCheck | None = None) -> LayerBudget:
     """One threshold over every prunable |W|: the N - floor(N (1 - s)) smallest become zero.
 
     Ties at the threshold are shared out by each layer's number of tied weights, so the
     count is exact and every zeroed |W| is at most every kept |W| across the model.
     Groups are the blocks (no score: the threshold is one number, in `resolved`).
     """
-    total = sum(l.numel for l in layers)
+    total = sum(layer.numel for layer in layers)
     zeros = total - keep_budget(total, sparsity)
-    threshold = kth_smallest_magnitude(layers, zeros) if zeros else None
+    threshold = kth_smallest_magnitude(layers, zeros, should_stop) if zeros else None
     if threshold is None:
         per_layer = [0] * len(layers)
     else:
-        below = [_count(l, lambda a: a < threshold) for l in layers]
-        ties = [_count(l, lambda a: a == threshold) for l in layers]
+        below = [_count(layer, lambda a: a < threshold) for layer in layers]
+        ties = [_count(layer, lambda a: a == threshold) for layer in layers]
         per_layer = [b + t for b, t in zip(below, split_count(zeros - sum(below), ties))]
-    zeros_of = {l.name: z for l, z in zip(layers, per_layer)}
-    budget = LayerBudget({l.name: zeros_of[l.name] / l.numel for l in layers}, zeros_of,
+    zeros_of = {layer.name: z for layer, z in zip(layers, per_layer)}
+    budget = LayerBudget({layer.name: zeros_of[layer.name] / layer.numel for layer in layers}, zeros_of,
                          resolved={"threshold": threshold})
     for g in grouped(layers, "block"):
-        lost = sum(zeros_of[l.name] for l in g.layers)
+        lost = sum(zeros_of[layer.name] for layer in g.layers)
         budget.groups.append({"name": g.name, "numel": g.numel, "score": None, "keep": g.numel - lost,
                               "sparsity": lost / g.numel, "modality": g.modality})
     return budget
 
 
-def kth_smallest_magnitude(layers: list[PrunableLayer], k: int) -> float:
+def kth_smallest_magnitude(layers: list[PrunableLayer], k: int, should_stop: StopCheck | None = None) -> float:
     """The k-th smallest |W| over all layers (k >= 1), exactly, holding one layer at a time:
-    a bisection over float32 bit patterns, which order like the non-negative values they encode."""
-    if not 1 <= k <= sum(l.numel for l in layers):
+    a bisection over float32 bit patterns, which order like the non-negative values they encode.
+    About 31 passes over every layer: `should_stop` is asked before each layer is counted."""
+    if not 1 <= k <= sum(layer.numel for layer in layers):
         raise ValueError(f"k must be between 1 and the number of weights (got {k})")
     low, high = 0, 0x7F800000  # 0.0 and +inf
     while low < high:
         middle = (low + high) // 2
         value = _float32(middle)
-        if sum(_count(l, lambda a: a <= value) for l in layers) >= k:
+        at_most = 0
+        for layer in layers:
+            stop_if_asked(should_stop)
+            at_most += _count(layer, lambda a: a <= value)
+        if at_most >= k:
             high = middle
         else:
             low = middle + 1
@@ -190,7 +199,7 @@ def group_scores(
         raise ValueError(f"unknown aggregate {aggregate!r}: use one of {', '.join(AGGREGATES)}")
     result = grouped(layers, granularity)
     for g in result:
-        g.score = layer_scores[g.name] if by_group else sum(layer_scores[l.name] for l in g.layers)
+        g.score = layer_scores[g.name] if by_group else sum(layer_scores[layer.name] for layer in g.layers)
         if aggregate == "avg":
             g.score /= g.numel
     return result

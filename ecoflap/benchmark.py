@@ -21,6 +21,7 @@ from .models import LoadedModel
 from .options import PruneOptions
 from .pipeline import prune
 from .precision import allocation_drift, gradient_underflow
+from .pruners.sparsegpt import prune_sparsegpt
 from .scoring import reference_for
 from .anatomy import prunable_layers
 from .weights import WeightStore
@@ -193,8 +194,6 @@ def sparsegpt_layer_peak(rows: int, columns: int, tokens: int = 2048, sparsity: 
     so the ratio to the Hessian's own size is the pruner's working memory in units of its
     largest input.
     """
-    from .pruners.sparsegpt import prune_sparsegpt
-
     generator = torch.Generator().manual_seed(seed)
     weight = torch.randn(rows, columns, generator=generator)
     inputs = torch.randn(tokens, columns, generator=generator)

@@ -21,12 +21,9 @@ import torch
 from .anatomy import PrunableLayer
 from .data import calibration_loss
 from .gradients import LossScale, checkpointed_blocks, consumed_gradients
+from .progress import StopCheck, stop_if_asked
 from .replay import BlockReplay
 
-ESTIMATORS = ("zeroth", "first")
-# Zeroth-order perturbations: one per matrix (the paper's estimator), or one joint
-# perturbation of all matrices of a group (fewer forward passes, a different estimate).
-PERTURBATIONS = ("matrix", "group")
 # The smallest zeroth-order step per weight dtype. A half-precision forward pass rounds
 # every activation, and at the paper's eps = 1e-3 the loss moves by less than that noise:
 # the estimate's median error against float32 is about 100% in bfloat16 (shipped model,
@@ -130,6 +127,7 @@ def zeroth_order_scores(
     progress: Callable[[str, int, int], None] | None = None,
     replay: bool = True,
     group_of: Callable[[PrunableLayer], str] | None = None,
+    should_stop: StopCheck | None = None,
 ) -> dict[str, float]:
     """Sum over batches of |directional derivative| along fresh Gaussian directions.
 
@@ -160,12 +158,14 @@ def zeroth_order_scores(
         for block in BlockReplay(model, batches).blocks(layers):
             for layer in block.layers:
                 if layer.name in starts_unit:
+                    stop_if_asked(should_stop)
                     name = starts_unit[layer.name]
                     scores[name] = unit_score(model, units[name], block.batches(), directions, noise_samples, eps)
                     if progress:
                         progress(f"stage 1 (zeroth-order): {name}", len(scores), len(units))
     else:
         for name, members in units.items():
+            stop_if_asked(should_stop)
             scores[name] = unit_score(model, members, batches, directions, noise_samples, eps)
             if progress:
                 progress(f"stage 1 (zeroth-order): {name}", len(scores), len(units))
@@ -193,6 +193,7 @@ def first_order_scores(
     batches: list[dict],
     progress: Callable[[str, int, int], None] | None = None,
     checkpoint: bool = True,
+    should_stop: StopCheck | None = None,
 ) -> dict[str, float]:
     """Mean over batches of sum_ij |dL/dW_ij| * |W_ij|, by exact gradients.
 
@@ -201,17 +202,19 @@ def first_order_scores(
     with `checkpoint` each block keeps only its input for the backward pass. In float16
     the loss is scaled (`LossScale`) and a batch whose gradients overflow runs again.
     """
-    scores = {l.name: 0.0 for l in layers}
+    scores = {layer.name: 0.0 for layer in layers}
     scale = LossScale(layers[0].module.weight.dtype)
     pending: dict[str, float] = {}
 
     def accumulate(layer, grad):
         g = scale.unscaled(grad)
-        pending[layer.name] = pending.get(layer.name, 0.0) + (g.abs() * layer.module.weight.detach().float().abs()).sum().item()
+        value = (g.abs() * layer.module.weight.detach().float().abs()).sum().item()
+        pending[layer.name] = pending.get(layer.name, 0.0) + value
 
     recompute = checkpointed_blocks(model) if checkpoint else contextlib.nullcontext()
     with consumed_gradients(model, layers, accumulate), recompute:
         for b, batch in enumerate(batches):
+            stop_if_asked(should_stop)
             while True:
                 pending.clear()
                 scale.backward(calibration_loss(model, batch))

@@ -4,7 +4,8 @@ On a GPU, CUDA's counter of allocated bytes (reset at the start). On a CPU there
 such counter, so the growth of the process's resident memory over the start of the work
 is sampled in a background thread; glibc can be told to hand large freed buffers straight
 back to the system, or freed tensors stay resident and every later measurement starts
-from a high-water mark.
+from a high-water mark. Both counters are per device or process: work running beside
+the measured work at the same time (another model's prune) is counted with it.
 """
 
 from __future__ import annotations

@@ -16,8 +16,6 @@ from dataclasses import dataclass
 
 from .echo import shown
 
-ALLOCATIONS = ("uniform", "modality", "global", "owl", "ecoflap")
-STAGE2 = ("magnitude", "wanda", "sparsegpt")
 # Allocations decided from the weights alone, without calibration data.
 DATA_FREE_ALLOCATIONS = ("uniform", "modality", "global")
 
@@ -28,7 +26,9 @@ class Method:
     label: str
     allocation: str
     stage2: str
-    estimator: str | None = None
+    estimator: str | None = None  # ECoFLaP's stage 1: "zeroth" or "first"
+    # Zeroth-order perturbations: one per matrix (the paper's estimator), or "group": one joint
+    # perturbation of all matrices of a group (fewer forward passes, a different estimate).
     perturb: str = "matrix"
 
     @property

@@ -34,6 +34,7 @@ from .families import Family
 from .families.architectures import llava_1_5_7b, qwen2_5_vl_7b
 from .families.blip2 import IMAGE_TOKEN
 from .offload import offload_model, resolve_offload
+from .shapes.tokenizer import build_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -293,8 +294,6 @@ _QFORMER = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, i
 def blip2_architecture(family: str, text: dict):
     """A published BLIP-2 (ViT-g, 32 queries) with an OPT or a T5 language model, and its
     processor over the shapes world's tokenizer."""
-    from .shapes.tokenizer import build_tokenizer
-
     tokenizer = build_tokenizer(family)
     config = blip2_config(tokenizer, family, _VIT_G, _QFORMER, text, num_query_tokens=32)
     return config, build_processor(tokenizer, config)

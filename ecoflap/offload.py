@@ -24,6 +24,8 @@ import weakref
 import torch
 from torch import nn
 
+from .anatomy import stacks
+
 OFFLOADS = ("cpu", "disk")
 OFFLOAD_ENV, OFFLOAD_FOLDER_ENV = "ECOFLAP_OFFLOAD", "ECOFLAP_OFFLOAD_FOLDER"
 
@@ -153,9 +155,6 @@ def offload_model(model: nn.Module, offload: str, device: torch.device, folder: 
     """
     from accelerate.hooks import attach_align_device_hook
     from accelerate.utils import OffloadedWeightsLoader, offload_state_dict, set_module_tensor_to_device
-
-    from .anatomy import stacks
-
     names = {module: name for name, module in model.named_modules()}
     blocks = [names[block] for stack in stacks(model) for block in stack.blocks]
     inside = tuple(f"{name}." for name in blocks)

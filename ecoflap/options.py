@@ -179,10 +179,14 @@ def choice(value, what: str, choices) -> str:
     return value
 
 
-def from_settings(sparsity: float, nm=None, modules=None, samples=128, stage1_samples=None, batch_size=8,
-                  granularity="block", aggregate="sum", max_sparsity=None, eps=1e-3, noise_samples=1,
-                  seed=0, owl_m=DEFAULT_M, owl_lambda=DEFAULT_LAMBDA, vision_sparsity=None,
-                  loss="answer") -> PruneOptions:
+DEFAULTS = PruneOptions()  # the one place defaults are written: the CLI's and the app's come from here
+
+
+def from_settings(sparsity: float, nm=None, modules=None, samples=DEFAULTS.samples, stage1_samples=None,
+                  batch_size=DEFAULTS.batch_size, granularity=DEFAULTS.granularity, aggregate=DEFAULTS.aggregate,
+                  max_sparsity=None, eps=DEFAULTS.eps, noise_samples=DEFAULTS.noise_samples, seed=DEFAULTS.seed,
+                  owl_m=DEFAULTS.owl_m, owl_lambda=DEFAULTS.owl_lambda, vision_sparsity=None,
+                  loss=DEFAULTS.loss) -> PruneOptions:
     """PruneOptions from settings as a form or an API sends them (text, None, 0 for "default";
     the vision sparsity: None or empty for "the target", since 0 means a dense encoder)."""
     if nm in (None, "", "off", "none"):

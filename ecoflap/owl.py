@@ -15,19 +15,19 @@ floor(N (1 - s)) weights stay.
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 
 from .allocation import Group, LayerBudget, group_budget, grouped, keep_budget
 from .anatomy import PrunableLayer
+from .progress import Progress, StopCheck, stop_if_asked
 from .pruners.wanda import wanda_scores
 from .replay import BlockReplay
 
 DEFAULT_M = 5.0  # the reference README's recipes (its argparse default is 3)
 DEFAULT_LAMBDA = 0.08
 
-Progress = Callable[[str, int, int], None]
 
 
 def outlier_ratio(scores: Sequence[torch.Tensor], m: float) -> float:
@@ -46,12 +46,13 @@ def outlier_ratio(scores: Sequence[torch.Tensor], m: float) -> float:
 
 @torch.no_grad()
 def dense_outlier_ratios(model, layers: list[PrunableLayer], batches: list[dict], m: float,
-                         progress: Progress | None = None) -> dict[str, float]:
+                         progress: Progress | None = None, should_stop: StopCheck | None = None) -> dict[str, float]:
     """Each block's outlier ratio, from the dense model's inputs (nothing is pruned while
     they are gathered, as in the reference's first pass). Computed while the block is
     visited, so its scores never outlive it (and an offloaded block is still onloaded)."""
     ratios: dict[str, float] = {}
     for block in BlockReplay(model, batches).blocks(layers, progress):
+        stop_if_asked(should_stop)
         stats = block.input_statistics()
         scores = [wanda_scores(layer.module.weight, stats[layer.name].sq_norm) for layer in block.layers]
         ratios[block.layers[0].block_name] = outlier_ratio(scores, m)

@@ -10,7 +10,6 @@ calibrated on the outputs of the already-pruned blocks before it.
 from __future__ import annotations
 
 import time
-from typing import Callable
 
 from .allocation import (LayerBudget, ecoflap_budget, global_magnitude_budget, group_scores, modality_budget,
                          uniform_budget)
@@ -23,6 +22,7 @@ from .methods import Method, get_method
 from .models import LoadedModel
 from .options import PruneOptions, as_report, check
 from .owl import dense_outlier_ratios, owl_budget
+from .progress import Progress, StopCheck, prefixed, stop_if_asked
 from .pruners.magnitude import prune_magnitude
 from .pruners.sparsegpt import prune_sparsegpt
 from .pruners.wanda import prune_wanda
@@ -34,7 +34,6 @@ from .scoring import quality_against_full, reference_for
 from .sources import Calibration, calibration_warnings, given, parse
 from .stats import achieved_sparsity, layer_table, sparsity_by_modality
 
-Progress = Callable[[str, int, int], None]
 
 
 def prune(
@@ -45,6 +44,7 @@ def prune(
     calibration: Calibration | list[Example] | None = None,
     progress: Progress | None = None,
     held_out: list[Example] | Reference | None = None,
+    should_stop: StopCheck | None = None,
 ) -> PruneResult:
     """Prune the loaded model in place and return what happened.
 
@@ -52,7 +52,8 @@ def prune(
     for the shipped shapes set. The caller keeps the full weights (see `WeightStore`);
     this function only prunes. With `held_out` examples (or the full model's `Reference`
     on them, computed once for many runs), the result's `quality` compares the pruned
-    model with the full one.
+    model with the full one. `should_stop` is asked between layers (and inside stage 1's
+    long loops); once it says yes, `Cancelled` is raised and the caller restores the weights.
     """
     method, options = get_method(method), options or PruneOptions()
     layers = prunable_layers(loaded.model, options.include)
@@ -66,12 +67,12 @@ def prune(
         calibration = examples_for(options.loss, drawn.examples, options.seed)
     loaded.model.eval()
     if held_out is not None and not isinstance(held_out, Reference):
-        held_out = reference_for(loaded, held_out, _labelled(progress, "full model"))
+        held_out = reference_for(loaded, held_out, prefixed(progress, "full model: "))
     with PeakMemory(loaded.device, interval=0.01) as memory:
         start = time.perf_counter()
-        budget = allocate(loaded, method, layers, sparsity, options, calibration, progress)
+        budget = allocate(loaded, method, layers, sparsity, options, calibration, progress, should_stop)
         stage1_end = time.perf_counter()
-        prune_layers(loaded, method.stage2, layers, budget, nm, options, calibration, progress)
+        prune_layers(loaded, method.stage2, layers, budget, nm, options, calibration, progress, should_stop)
         end = time.perf_counter()
     timings = {"stage1_s": stage1_end - start} if method.allocation != "uniform" else {}
     timings.update(stage2_s=end - stage1_end, total_s=end - start)
@@ -80,29 +81,32 @@ def prune(
         result.calibration = {**drawn.report(options.samples_used(method)), "loss": options.loss}
         result.warnings = drawn.warnings + calibration_warnings(loaded, drawn)
     if held_out is not None:
-        result.quality = quality_against_full(loaded, held_out, _labelled(progress, "pruned model"))
+        result.quality = quality_against_full(loaded, held_out, prefixed(progress, "pruned model: "))
     return result
 
 
-def allocate(loaded, method: Method, layers, sparsity, options, calibration, progress) -> LayerBudget:
+def allocate(loaded, method: Method, layers, sparsity, options, calibration, progress,
+             should_stop: StopCheck | None = None) -> LayerBudget:
     """Stage 1: how many weights each layer loses."""
     if method.allocation == "uniform":
         return uniform_budget(layers, sparsity)
     if method.allocation == "modality":
         return modality_budget(layers, sparsity, options.vision_sparsity)
     if method.allocation == "global":
-        return global_magnitude_budget(layers, sparsity)
+        return global_magnitude_budget(layers, sparsity, should_stop)
     if method.allocation == "owl":
         data = batches(loaded, take(calibration, options.samples, "OWL"), options.batch_size)
-        ratios = dense_outlier_ratios(loaded.model, layers, data, options.owl_m, _labelled(progress, "OWL ratios"))
+        ratios = dense_outlier_ratios(loaded.model, layers, data, options.owl_m, prefixed(progress, "OWL ratios: "),
+                                      should_stop)
         return owl_budget(group_scores(layers, ratios, "block", by_group=True), sparsity, options.owl_lambda)
     data = batches(loaded, take(calibration, options.stage1_sample_count(method), "stage 1"), options.batch_size)
     if method.estimator == "zeroth":
         joint = method.perturb == "group"
+        group_of = (lambda layer: group_key(layer, options.granularity)) if joint else None
         scores = zeroth_order_scores(loaded.model, layers, data, options.eps, options.noise_samples, options.seed,
-                                     progress, group_of=(lambda l: group_key(l, options.granularity)) if joint else None)
+                                     progress, group_of=group_of, should_stop=should_stop)
     else:
-        scores = first_order_scores(loaded.model, layers, data, progress)
+        scores = first_order_scores(loaded.model, layers, data, progress, should_stop=should_stop)
         joint = False
     groups = group_scores(layers, scores, options.granularity, options.aggregate, by_group=joint)
     budget = ecoflap_budget(groups, sparsity, options.cap(sparsity))
@@ -112,26 +116,24 @@ def allocate(loaded, method: Method, layers, sparsity, options, calibration, pro
     return budget
 
 
-def _labelled(progress: Progress | None, stage: str) -> Progress | None:
-    return (lambda what, i, n: progress(f"{stage}: {what}", i, n)) if progress else None
-
-
 def prune_layers(loaded, stage2: str, layers: list[PrunableLayer], budget: LayerBudget, nm, options, calibration,
-                 progress: Progress | None):
+                 progress: Progress | None, should_stop: StopCheck | None = None):
     """Stage 2: zero each layer's weights at its budget, block by block in forward order."""
     if stage2 == "magnitude":
-        for i, l in enumerate(layers):
-            with onloaded(l.module):
-                prune_magnitude(l.module.weight.data, budget.sparsity[l.name], nm, budget.zeros[l.name])
+        for i, layer in enumerate(layers):
+            stop_if_asked(should_stop)
+            with onloaded(layer.module):
+                prune_magnitude(layer.module.weight.data, budget.sparsity[layer.name], nm, budget.zeros[layer.name])
             if progress:
-                progress(f"magnitude: {l.name}", i + 1, len(layers))
+                progress(f"magnitude: {layer.name}", i + 1, len(layers))
         return
 
     data = batches(loaded, take(calibration, options.samples, "stage 2"), options.batch_size)
-    for block in BlockReplay(loaded.model, data).blocks(layers, _labelled(progress, f"stage 2 ({stage2})")):
+    for block in BlockReplay(loaded.model, data).blocks(layers, prefixed(progress, f"stage 2 ({stage2}): ")):
         stats = block.input_statistics(hessian=stage2 == "sparsegpt")
         for layer in block.layers:
-            s, weight = stats.pop(layer.name), layer.module.weight.data  # each layer's statistics freed once it is pruned
+            stop_if_asked(should_stop)
+            s, weight = stats.pop(layer.name), layer.module.weight.data  # statistics freed once it is pruned
             if stage2 == "wanda":
                 prune_wanda(weight, s.sq_norm, budget.sparsity[layer.name], nm, budget.zeros[layer.name])
             else:
@@ -153,10 +155,10 @@ def check_offload(model, method: Method, options):
 
 def check_nm_widths(layers: list[PrunableLayer], nm: tuple[int, int] | None):
     if nm:
-        for l in layers:
-            if l.module.in_features % nm[1]:
+        for layer in layers:
+            if layer.module.in_features % nm[1]:
                 raise ValueError(f"N:M with M={nm[1]} needs input widths divisible by {nm[1]}; "
-                                 f"{l.name} has {l.module.in_features}")
+                                 f"{layer.name} has {layer.module.in_features}")
 
 
 def summarise(loaded, method: Method, sparsity, options, layers, budget: LayerBudget, timings, memory) -> PruneResult:

@@ -20,14 +20,13 @@ None of it needs a label except accuracy and flips, so it measures any model.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
 from .answers import ask
 from .data import Example, batches
+from .progress import Progress
 
-Progress = Callable[[str, int, int], None]
 
 
 def normalise(text: str) -> str:

@@ -36,9 +36,10 @@ from .forwards import replaced_forward
 from .memory import PeakMemory
 from .models import LoadedModel
 from .options import number
+from .progress import Progress
 from .scoring import quick_score, speaks_shapes
+from .shapes.training import RECOVERY_SEED, fresh_batches
 
-Progress = Callable[[str, int, int], None]
 OnStep = Callable[[int, float], None]
 WAYS = ("full", "lora")
 SCHEDULES = ("cosine", "constant")
@@ -123,7 +124,7 @@ def recover(loaded: LoadedModel, layers: list[PrunableLayer], options: RecoverOp
         raise ValueError("recovery fine-tunes the pruned matrices on the device, which an offloaded model "
                          "does not hold; load the model without --offload to recover")
     model.eval()
-    masks = {l.name: l.module.weight.detach() != 0 for l in layers}
+    masks = {layer.name: layer.module.weight.detach() != 0 for layer in layers}
     zeros_before = {name: int((~kept).sum()) for name, kept in masks.items()}
     started = time.perf_counter()
     before = _score(loaded, options.eval_n, "before", progress)
@@ -137,7 +138,7 @@ def recover(loaded: LoadedModel, layers: list[PrunableLayer], options: RecoverOp
             trained, losses, merge = _train_lora(loaded, layers, masks, options, data, progress, on_step)
     trained_at = time.perf_counter()
     after = _score(loaded, options.eval_n, "after", progress)
-    zeros_after = {l.name: int((l.module.weight == 0).sum()) for l in layers}
+    zeros_after = {layer.name: int((layer.module.weight == 0).sum()) for layer in layers}
     return Recovery(
         options=asdict(options), data=source, losses=losses, seconds=time.perf_counter() - started,
         peak_memory_bytes=memory.peak, peak_memory_kind=memory.kind, zeros_before=zeros_before,
@@ -153,8 +154,6 @@ def training_batches(loaded: LoadedModel, options: RecoverOptions,
     """The batches to fine-tune on, and what they are: fresh scenes for a model of the
     shapes world, otherwise the calibration examples again and again, reshuffled each pass."""
     if calibration is None and speaks_shapes(loaded):
-        from .shapes.training import RECOVERY_SEED, fresh_batches
-
         return (fresh_batches(options.batch_size, options.steps, options.seed),
                 f"{options.steps * options.batch_size} freshly generated shapes questions and captions "
                 f"(seed {RECOVERY_SEED + options.seed}; never the evaluation questions)")
@@ -200,18 +199,18 @@ def _only_trainable(model: torch.nn.Module):
 
 
 def _train_full(loaded, layers, masks, options, data, progress, on_step) -> tuple[int, list[float]]:
-    weights = [l.module.weight for l in layers]
+    weights = [layer.module.weight for layer in layers]
     for w in weights:
         w.requires_grad_(True)
-    kept = [masks[l.name].to(w.dtype) for l, w in zip(layers, weights)]
+    kept = [masks[layer.name].to(w.dtype) for layer, w in zip(layers, weights)]
 
     def hold_zeros(stage: str):
         with torch.no_grad():
-            for w, m, l in zip(weights, kept, layers):
+            for w, m, layer in zip(weights, kept, layers):
                 if stage == "gradient":
                     w.grad.mul_(m)
                 else:
-                    w.masked_fill_(~masks[l.name], 0.0)
+                    w.masked_fill_(~masks[layer.name], 0.0)
 
     losses = _loop(loaded, weights, options, data, progress, on_step, hold_zeros)
     return sum(int(m.sum()) for m in kept), losses
@@ -224,8 +223,8 @@ def _train_lora(loaded, layers, masks, options, data, progress, on_step) -> tupl
     config = LoraConfig(r=options.rank, lora_alpha=2 * options.rank, lora_dropout=0.0)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(options.seed)
-        adapters = {l.name: LoraLinear(l.module, ADAPTER, config, r=options.rank, lora_alpha=2 * options.rank)
-                    for l in layers}
+        adapters = {layer.name: LoraLinear(layer.module, ADAPTER, config, r=options.rank, lora_alpha=2 * options.rank)
+                    for layer in layers}
     params = [p for a in adapters.values() for n, p in a.named_parameters() if "lora_" in n]
     for p in params:
         p.requires_grad_(True)
@@ -236,13 +235,13 @@ def _train_lora(loaded, layers, masks, options, data, progress, on_step) -> tupl
                                   layer.module.bias)
 
     with contextlib.ExitStack() as stack:
-        for l in layers:
-            stack.enter_context(replaced_forward(l.module, masked_forward(l)))
+        for layer in layers:
+            stack.enter_context(replaced_forward(layer.module, masked_forward(layer)))
         losses = _loop(loaded, params, options, data, progress, on_step, None)
     densification = plain_fill = 0
     with torch.no_grad():
-        for l in layers:
-            delta, kept, weight = adapters[l.name].get_delta_weight(ADAPTER), masks[l.name], l.module.weight
+        for layer in layers:
+            delta, kept, weight = adapters[layer.name].get_delta_weight(ADAPTER), masks[layer.name], layer.module.weight
             plain_fill += int(((delta != 0) & ~kept).sum())
             weight.add_(delta * kept)
             densification += int(((weight != 0) & ~kept).sum())

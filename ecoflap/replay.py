@@ -30,8 +30,8 @@ from torch import nn
 from .anatomy import PrunableLayer, Stack, stacks
 from .forwards import replaced_forward
 from .offload import onloaded
+from .progress import Progress
 
-Progress = Callable[[str, int, int], None]
 
 
 class _Stop(Exception):

@@ -76,11 +76,6 @@ def layers_csv(report: dict) -> str:
     return table_csv(report["layers"], LAYER_COLUMNS)
 
 
-def sweep_csv(rows: list[dict]) -> str:
-    """A sweep's rows (method, sparsity, score, ...) as CSV text."""
-    return table_csv(rows, SWEEP_COLUMNS)
-
-
 def table_csv(rows: list[dict], columns: tuple[str, ...]) -> str:
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=columns, extrasaction="ignore", lineterminator="\n")

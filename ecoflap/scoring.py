@@ -21,13 +21,17 @@ import torch
 from . import families
 from .data import Example, batches, calibration_loss, default_calibration
 from .models import LoadedModel
+from .progress import StopCheck, stop_if_asked
 from .quality import Reference, against_full, exact_match, full_reference
+from .shapes.evaluate import evaluate, make_eval_set
 from .sources import Calibration
 from .shapes.tokenizer import build_tokenizer
 
 __all__ = ["exact_match", "held_out_examples", "quality_against_full", "quick_score", "speaks_shapes"]
 HELD_OUT_N = 200
-HELD_OUT_SEED = 1234  # the sweep's questions: for the shapes model, accuracy is the sweep's score
+# The quick score's questions (sweeps, comparisons, recovery), the same for every model; held-out
+# examples are drawn with it too, so for the shapes model accuracy there is the sweep's score.
+SCORE_SEED = 1234
 
 
 def speaks_shapes(loaded: LoadedModel) -> bool:
@@ -39,26 +43,29 @@ def speaks_shapes(loaded: LoadedModel) -> bool:
 
 
 @torch.no_grad()
-def mean_loss(loaded: LoadedModel, examples, batch_size: int = 8) -> float:
-    data = batches(loaded, examples, batch_size)
-    losses = [calibration_loss(loaded.model, b).float().item() * len(b["input_ids"]) for b in data]
+def mean_loss(loaded: LoadedModel, examples, batch_size: int = 8, should_stop: StopCheck | None = None) -> float:
+    losses = []
+    for batch in batches(loaded, examples, batch_size):
+        stop_if_asked(should_stop)
+        losses.append(calibration_loss(loaded.model, batch).float().item() * len(batch["input_ids"]))
     return sum(losses) / len(examples)
 
 
 def quick_score(
-    loaded: LoadedModel, n: int = 200, seed: int = 1234, progress: Callable[[int, int], None] | None = None
+    loaded: LoadedModel, n: int = 200, seed: int = SCORE_SEED, progress: Callable[[int, int], None] | None = None,
+    should_stop: StopCheck | None = None,
 ) -> dict:
-    """{"metric": "accuracy"|"calibration loss", "value", "higher_is_better", "by_type"?, "n", "measured_on"}."""
+    """{"metric": "accuracy"|"calibration loss", "value", "higher_is_better", "by_type"?, "n", "measured_on"};
+    `should_stop` is asked before each batch of questions."""
     if speaks_shapes(loaded):
-        from .shapes.evaluate import evaluate, make_eval_set
-
-        result = evaluate(loaded, make_eval_set(n, seed), progress=progress)
+        result = evaluate(loaded, make_eval_set(n, seed), progress=progress, should_stop=should_stop)
         return {"metric": "accuracy", "value": result["overall"], "higher_is_better": True,
                 "by_type": result["by_type"], "n": result["n"],
                 "measured_on": f"exact match on {result['n']} generated shapes questions (seed {seed}; "
                                f"the same questions for every model)"}
     examples = list(default_calibration()[:n])
-    return {"metric": "calibration loss", "value": mean_loss(loaded, examples), "higher_is_better": False,
+    return {"metric": "calibration loss", "value": mean_loss(loaded, examples, should_stop=should_stop),
+            "higher_is_better": False,
             "n": len(examples),
             "measured_on": f"language-model loss on the first {len(examples)} shipped calibration pairs "
                            f"(lower is better)"}
@@ -71,7 +78,7 @@ def fingerprint(image) -> str:
 
 
 def held_out_examples(calibration: Calibration | list[Example] | None = None, n: int = HELD_OUT_N,
-                      seed: int = HELD_OUT_SEED, pool: list[Example] | None = None) -> list[Example]:
+                      seed: int = SCORE_SEED, pool: list[Example] | None = None) -> list[Example]:
     """n examples whose images no calibration sample shows.
 
     A source's own held-out examples where it was drawn with some (`Source.draw(n,
@@ -100,8 +107,6 @@ def held_out_examples(calibration: Calibration | list[Example] | None = None, n:
 def generated_examples(n: int, seed: int) -> tuple[Example, ...]:
     """Generated shapes questions as examples, the same objects for the same (n, seed), so
     the full model's reference on them is measured once (it is kept by their identity)."""
-    from .shapes.evaluate import make_eval_set
-
     return tuple(Example(e.image, e.question, e.answer) for e in make_eval_set(n, seed))
 
 

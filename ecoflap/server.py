@@ -22,14 +22,12 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from .models import DEFAULT_MODEL, ModelLoadError, load_model, not_on_hub
-from .sources import Source
+from .memory import resident_bytes
+from .models import DEFAULT_MODEL, ModelLoadError, display_name, load_model, not_on_hub
+from .session import Session
+from .sources import Source, SourceError, parse
 from .workbench import Workbench
-
-if TYPE_CHECKING:
-    from .session import Session
 
 log = logging.getLogger(__name__)
 HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
@@ -133,8 +131,6 @@ class Limits:
 
     def check_data(self):
         """The deployment's own data settings must name something usable (checked at start)."""
-        from .sources import SourceError, parse
-
         if self.calibration:
             try:
                 parse(self.calibration)
@@ -163,7 +159,8 @@ class ModelRegistry:
 
     Loads happen outside the table's lock (two requests for one model share one load;
     different models load side by side, one at a time, without stopping anyone's work).
-    The least recently used model beyond `max_models` is unloaded, never the default;
+    The least recently used model beyond `max_models` is unloaded, never the default nor
+    the one just loaded (with `max_models` 1, only the default is served);
     `on_unload` hears of it, so the runs made on it can be dropped and their owners told.
     """
 
@@ -187,10 +184,12 @@ class ModelRegistry:
             raise ValueError(f"a model name is at most {MAX_NAME} characters (got {len(name):,})")
         if name == self.default_name:
             return name
+        if self.limits.max_models <= 1:
+            raise PermissionError(f"this deployment keeps one model in memory: {display_name(self.default_name)} only")
         allowed = self.limits.allowed_models
         if allowed is not None:
             if name not in allowed:
-                shown = ", ".join(_shown(m) for m in (self.default_name, *allowed))
+                shown = ", ".join(display_name(m) for m in (self.default_name, *allowed))
                 raise PermissionError(f"this deployment serves these models: {shown}")
             return name
         if self.limits.allow_local_models:
@@ -236,20 +235,14 @@ class ModelRegistry:
             with self._lock:
                 self._benches[name] = bench
                 unloaded = []
-                while len(self._benches) > max(1, self.limits.max_models):
-                    oldest = next(n for n in self._benches if n != self.default_name)
+                while len(self._benches) > max(2, self.limits.max_models):  # the default and the newcomer stay
+                    oldest = next(n for n in self._benches if n not in (self.default_name, name))
                     unloaded.append(self._benches.pop(oldest))
             for old in unloaded:
                 log.info("unloaded %s to make room", old.loaded.name)
                 if self.on_unload is not None:
                     self.on_unload(old)
             return bench
-
-
-def _shown(name: str) -> str:
-    from .models import display_name
-
-    return display_name(name)
 
 
 @dataclass
@@ -311,8 +304,6 @@ class Server:
     def session(self, session_id: str, client: str | None = None) -> "Session":
         """The live session of an id, or a new one for `client` if the bounds admit it (a
         session that ended is reopened empty, and told why); Busy if they do not."""
-        from .session import Session
-
         self.tidy()
         with self._lock:
             session = self._sessions.get(session_id)
@@ -394,8 +385,6 @@ class Server:
 
     def stats(self) -> dict:
         """What the deployment holds now: for its owner's monitoring and the soak command."""
-        from .memory import resident_bytes
-
         with self._lock:
             sessions = list(self._sessions.values())
             runs = list(self._runs.values())
@@ -472,8 +461,6 @@ class Server:
         """A source a person names (checked against what this deployment allows): `shapes`,
         `hf:OWNER/NAME[:SPLIT]` from ECOFLAP_DATASETS, or `local:NAME[:SPLIT]`, a set in
         ECOFLAP_LOCAL_DATA. Paths on the server are never taken from a person."""
-        from .sources import SourceError, parse
-
         if not isinstance(spec, str) or len(spec) > MAX_NAME:
             raise ValueError("a calibration source is text: hf:OWNER/NAME[:SPLIT], local:NAME or shapes")
         spec = spec.strip()
@@ -538,9 +525,3 @@ def client_address(peer: str | None, forwarded_for: str | None, behind_proxy: bo
             return last[:64]
     return peer or "unknown"
 
-
-def load_error_message(err: Exception) -> str:
-    """A model-loading failure as one line for a stranger (no server paths, no OS errors)."""
-    if isinstance(err, (ModelLoadError, PermissionError, ValueError)):
-        return str(err)
-    return "the model could not be loaded"

@@ -14,7 +14,7 @@ A session owns its runs: their ids are unguessable and never reused, another ses
 id (or a stale one) reaches nothing, and a quota of its own bounds them. When the
 server's shared memory for runs must drop one, or its model is unloaded, only its owner
 is told, the next time they look (`notices()`). Every long job can be stopped (`stop()`,
-its own `should_stop`, or the session ending): it stops within one block and stores
+its own `should_stop`, or the session ending): it stops within one layer and stores
 nothing.
 """
 
@@ -42,21 +42,21 @@ from .data import batches, default_calibration
 from .echo import is_text
 from .images import open_image
 from .methods import Method, get_method
+from .models import display_name
 from .options import PruneOptions, from_settings, number, sparsity_list, sparsity_value
 from .offload import is_offloaded
+from .progress import Progress, StopCheck, prefixed
 from .recover import OnStep, recover_options
 from .report import SWEEP_COLUMNS, PruneResult, layers_csv, save_pruned, table_csv, write_json, write_text
 from .quality import labelled_counts
-from .scoring import held_out_examples, quick_score, speaks_shapes
+from .scoring import SCORE_SEED, held_out_examples, quick_score, speaks_shapes
 from .sources import Calibration
 from .stats import gradient_histograms, weight_histograms
-from .sweep import EVAL_SEED, sweep
+from .sweep import sweep
 from .weights import RunWeights
 from .workbench import Cancelled, Workbench
 
 log = logging.getLogger(__name__)
-Progress = Callable[[str, int, int], None]
-StopCheck = Callable[[], bool]
 MAX_NEW_TOKENS = 64
 _FULL_SCORES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # workbench -> {questions: score}
 TABLE_COLUMNS = {"sweep": SWEEP_COLUMNS,
@@ -214,7 +214,7 @@ class Session:
     def _check_model(self):
         """A model unloaded by the server: back to the default, its runs are gone, say so."""
         if self.model_name != self.server.default_model and self.server.models.current(self.model_name) is None:
-            self.tell(f"The model {_display(self.model_name)} was unloaded to make room for another; "
+            self.tell(f"The model {display_name(self.model_name)} was unloaded to make room for another; "
                       f"you are back on the default model. Load it again to go on with it.")
             self.model_name = self.server.default_model
         with self._lock:
@@ -293,7 +293,7 @@ class Session:
         bench = self.workbench
         with self._job(should_stop) as stopped:
             drawn = self.calibration_for(method, options, calibration, calibration_images, calibration_question)
-            result, weights, _ = bench.prune(method.name, sparsity, options, drawn, progress, stopped,
+            result, weights, _ = bench.prune(method, sparsity, options, drawn, progress, stopped,
                                              owner=self.id, held_out=held_out_examples(drawn, QUALITY_N))
             if stopped():
                 raise Cancelled("stopped by the user")
@@ -412,8 +412,8 @@ class Session:
         against the full model on the same held-out questions (accuracy and flips where
         the model speaks the shapes world, else the mean KL from the full model), and
         answer one question with each."""
-        names = [get_method(m) for m in _listed(methods, "methods")]
-        if not 2 <= len(names) <= 4 or len({m.name for m in names}) != len(names):
+        chosen = [get_method(m) for m in _listed(methods, "methods")]
+        if not 2 <= len(chosen) <= 4 or len(set(chosen)) != len(chosen):
             raise ValueError("choose two to four different methods to compare")
         sparsity = sparsity_value(sparsity)
         eval_n = number(eval_n, "questions to score", 10, 1000, whole=True)
@@ -421,15 +421,15 @@ class Session:
         if image is not None:
             picture, fitted, _ = self._inputs(image, question, 20)
         bench = self.workbench
-        held_out = held_out_examples(None, eval_n, EVAL_SEED)
+        held_out = held_out_examples(None, eval_n, SCORE_SEED)
         runs = []
         with self._job(should_stop) as stopped:
             reference = bench.reference(held_out, stopped, self.id)
-            for i, method in enumerate(names):
-                step = f"{method.label} @ {sparsity:.2f} ({i + 1} of {len(names)})"
-                result, weights, _ = bench.prune(method.name, sparsity, PruneOptions(),
+            for i, method in enumerate(chosen):
+                step = f"{method.label} @ {sparsity:.2f} ({i + 1} of {len(chosen)})"
+                result, weights, _ = bench.prune(method, sparsity, PruneOptions(),
                                                  self.calibration_for(method, PruneOptions()),
-                                                 progress=_prefixed(progress, step), should_stop=stopped,
+                                                 progress=prefixed(progress, f"{step} · "), should_stop=stopped,
                                                  owner=self.id, held_out=held_out)
                 runs.append(self._keep(method, result, weights, bench))
             labelled = "accuracy" in runs[0].result.quality
@@ -449,7 +449,7 @@ class Session:
         n = len(held_out)
         if labelled:
             return Comparison(sparsity, runs, rows, "accuracy", True,
-                              f"exact match on {n} generated shapes questions (seed {EVAL_SEED}; the same "
+                              f"exact match on {n} generated shapes questions (seed {SCORE_SEED}; the same "
                               f"questions for every model, none of them a calibration image)", fitted)
         return Comparison(sparsity, runs, rows, "mean KL from the full model", False,
                           f"KL(full || pruned) of the next-token distributions over the answer tokens of {n} "
@@ -471,22 +471,22 @@ class Session:
               should_stop: StopCheck | None = None, on_row: Callable[[dict], None] | None = None) -> list[dict]:
         """Score against sparsity, each point one prune and one score (other users' work goes
         on between points); at most `Limits.sweep_points` points."""
-        names = [get_method(m).name for m in _listed(methods, "methods")]
-        if len(set(names)) != len(names):
+        chosen = [get_method(m) for m in _listed(methods, "methods")]
+        if len(set(chosen)) != len(chosen):
             raise ValueError("each method may appear only once")
         limit = self.server.limits.sweep_points
         values = (sparsity_list(sparsities, limit) if isinstance(sparsities, str)
                   else [sparsity_value(s) for s in _numbers(sparsities)])
-        if not names or not values:
+        if not chosen or not values:
             raise ValueError("choose at least one method and one sparsity")
-        if len(names) * len(values) > limit:
+        if len(chosen) * len(values) > limit:
             raise ValueError(f"a sweep takes at most {limit} points (methods x sparsities) on this deployment; "
-                             f"this one has {len(names) * len(values)}")
+                             f"this one has {len(chosen) * len(values)}")
         eval_n = number(eval_n, "questions to score", 10, 1000, whole=True)
         bench = self.workbench
-        hungriest = max((get_method(n) for n in names), key=PruneOptions().samples_used)
+        hungriest = max(chosen, key=PruneOptions().samples_used)
         with self._job(should_stop) as stopped:
-            return sweep(bench, names, values, calibration=self.calibration_for(hungriest, PruneOptions()),
+            return sweep(bench, chosen, values, calibration=self.calibration_for(hungriest, PruneOptions()),
                          eval_n=eval_n, progress=progress, should_stop=stopped, on_row=on_row, owner=self.id)
 
     def distributions(self, run_id=None, other_id=None) -> dict:
@@ -558,12 +558,6 @@ class Session:
         return self.workbench.restore()
 
 
-def _prefixed(progress: Progress | None, step: str) -> Progress | None:
-    if progress is None:
-        return None
-    return lambda what, done, total: progress(f"{step} · {what}", done, total)
-
-
 def _listed(values, what: str) -> list[str]:
     if isinstance(values, str):
         values = [v.strip() for v in values.split(",") if v.strip()]
@@ -583,10 +577,3 @@ def _numbers(values) -> list:
 def _file_stem(label: str) -> str:
     """'ECoFLaP (zeroth-order) @ 0.60 #2' -> 'ecoflap-zeroth-order-0.60-2'."""
     return re.sub(r"[^a-z0-9.]+", "-", label.lower()).strip("-.") or "run"
-
-
-def _display(name: str) -> str:
-    from .models import display_name
-
-    return display_name(name)
-

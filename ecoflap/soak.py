@@ -99,7 +99,7 @@ class Student:
 
     def _told(self, text: str):
         for label in DROPPED.findall(text or ""):
-            self.runs = {i: l for i, l in self.runs.items() if l != label}
+            self.runs = {i: kept for i, kept in self.runs.items() if kept != label}
 
     def prune(self):
         method = self.rng.choice(list(METHODS))

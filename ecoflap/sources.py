@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import re
 import threading
@@ -204,7 +205,7 @@ def given(examples: list[Example], what: str = "examples given in code") -> Cali
 def deployment_default(loaded, environ=None) -> str | None:
     """The deployment's default source (ECOFLAP_CALIBRATION) for a model that does not speak
     the shapes world; None (the shipped set) for one that does, or where none is set."""
-    from .scoring import speaks_shapes
+    from .scoring import speaks_shapes  # here, not at the top: scoring imports this module
 
     spec = (os.environ if environ is None else environ).get("ECOFLAP_CALIBRATION", "").strip()
     return spec or None if not speaks_shapes(loaded) else None
@@ -227,7 +228,7 @@ def labeller(ask: Callable[[list, list[str]], list[str]], batch_size: int = 8) -
 def calibration_warnings(loaded, drawn: Calibration) -> list[str]:
     """What a person must know about calibrating this model on this data, beyond the
     source's own warnings: the shapes set used for a model that does not speak it."""
-    from .scoring import speaks_shapes
+    from .scoring import speaks_shapes  # here, not at the top: scoring imports this module
 
     return [SYNTHETIC] if drawn.record["kind"] == "shapes" and not speaks_shapes(loaded) else []
 
@@ -242,8 +243,6 @@ def _open(path, max_pixels: int, what: str):
 
 
 def _read_jsonl(index: Path, count: int, max_pixels: int) -> list[Example]:
-    import json
-
     examples = []
     with open(index) as f:
         for n, line in enumerate(f, 1):
@@ -300,8 +299,6 @@ def _split_files(source: Source) -> tuple[str, list[str], str]:
         if path.is_file():
             by_split = {"train": [str(path)]}
         elif (path / "dataset_dict.json").is_file():
-            import json
-
             names = json.loads((path / "dataset_dict.json").read_text()).get("splits", [])
             by_split = {s: [str(p) for p in sorted((path / s).glob("*.arrow"))] for s in names}
         elif (path / "state.json").is_file():

@@ -14,17 +14,17 @@ from .offload import is_offloaded, read_weight
 def layer_table(layers: list[PrunableLayer]) -> list[dict]:
     """Per layer, in forward order: name, modality, stack, block, numel, zeros, sparsity."""
     rows = []
-    for l in layers:
-        zeros = int((read_weight(l.module) == 0).sum().item())
+    for layer in layers:
+        zeros = int((read_weight(layer.module) == 0).sum().item())
         rows.append(
             {
-                "name": l.name,
-                "modality": l.modality,
-                "stack": l.stack,
-                "block": l.block,
-                "numel": l.numel,
+                "name": layer.name,
+                "modality": layer.modality,
+                "stack": layer.stack,
+                "block": layer.block,
+                "numel": layer.numel,
                 "zeros": zeros,
-                "sparsity": zeros / l.numel,
+                "sparsity": zeros / layer.numel,
             }
         )
     return rows
@@ -87,8 +87,8 @@ def magnitude_histograms(samples_by_modality: dict[str, list[np.ndarray]], bins:
 def weight_histograms(layers: list[PrunableLayer], bins: int = 60) -> dict[str, dict]:
     """|W| distribution per modality (sampled per layer), zeros counted apart."""
     grouped: dict[str, list[np.ndarray]] = {}
-    for l in layers:
-        grouped.setdefault(l.modality, []).append(_sample(read_weight(l.module)))
+    for layer in layers:
+        grouped.setdefault(layer.modality, []).append(_sample(read_weight(layer.module)))
     return magnitude_histograms(grouped, bins)
 
 
@@ -103,7 +103,7 @@ def gradient_histograms(model, layers: list[PrunableLayer], batch: dict, bins: i
                          "which offloading avoids; weight distributions are available")
     grouped: dict[str, list[np.ndarray]] = {}
     scale = LossScale(layers[0].module.weight.dtype)
-    with consumed_gradients(model, layers, lambda l, g: grouped.setdefault(l.modality, []).append(
+    with consumed_gradients(model, layers, lambda layer, g: grouped.setdefault(layer.modality, []).append(
             _sample(scale.unscaled(g)))):
         while True:
             grouped.clear()

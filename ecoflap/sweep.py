@@ -1,7 +1,7 @@
 """Score against sparsity: for every method and sparsity, prune, score, restore.
 
 Each point is one unit of work on the shared model (see `Workbench.prune`), so other
-people's work goes on between points, and a stop takes effect within one block. Methods
+people's work goes on between points, and a stop takes effect within one layer. Methods
 whose result depends on the seed (zeroth-order ECoFLaP) are measured once per seed, the
 others once. Every point is also measured against the full model on the same held-out
 questions (KL, same top, same answer; accuracy and flips with labels), and any of these
@@ -14,13 +14,12 @@ import time
 from dataclasses import replace
 from typing import Callable, Sequence
 
-from .methods import get_method
+from .methods import Method, get_method
 from .options import PruneOptions
-from .scoring import held_out_examples, quick_score
-from .workbench import StopCheck, Workbench
+from .progress import Progress, StopCheck, prefixed
+from .scoring import SCORE_SEED, held_out_examples, quick_score
+from .workbench import Workbench
 
-Progress = Callable[[str, int, int], None]
-EVAL_SEED = 1234
 QUALITY_COLUMNS = ("kl_mean", "kl_median", "kl_p99", "kl_p999", "same_top", "same_answer", "accuracy",
                    "right_to_wrong", "wrong_to_right")
 Y_CHOICES = ("score", *QUALITY_COLUMNS)
@@ -33,7 +32,7 @@ Y_NAMES = {"kl_mean": "mean KL(full || pruned)", "kl_median": "median KL(full ||
 
 def sweep(
     workbench: Workbench,
-    methods: list[str],
+    methods: list[str | Method],
     sparsities: list[float],
     options: PruneOptions | None = None,
     calibration=None,
@@ -53,18 +52,18 @@ def sweep(
     # the shipped set leaves nothing over: the held-out examples are then the scored questions
     own_questions = held_out is None and not getattr(calibration, "held_out", None)
     if held_out is None:
-        held_out = held_out_examples(calibration, eval_n, EVAL_SEED)
+        held_out = held_out_examples(calibration, eval_n, SCORE_SEED)
     seeds = list(seeds) if seeds else [options.seed]
-    points = [(get_method(name), s, seed) for name in methods for s in sparsities
-              for seed in (seeds if get_method(name).seeded else seeds[:1])]
+    methods = [get_method(m) for m in methods]
+    points = [(method, s, seed) for method in methods for s in sparsities
+              for seed in (seeds if method.seeded else seeds[:1])]
     rows = []
     for i, (method, sparsity, seed) in enumerate(points):
         step = f"point {i + 1} of {len(points)}: {method.label} @ {sparsity:.2f}"
         if progress:
             progress(step, i, len(points))
-        row = measure_point(workbench, method.name, sparsity, replace(options, seed=seed), calibration, eval_n,
-                            progress=(lambda what, done, total: progress(f"{step} · {what}", done, total))
-                            if progress else None, should_stop=should_stop, held_out=held_out,
+        row = measure_point(workbench, method, sparsity, replace(options, seed=seed), calibration, eval_n,
+                            progress=prefixed(progress, f"{step} · "), should_stop=should_stop, held_out=held_out,
                             score_from_quality=own_questions, owner=owner)
         rows.append(row)
         if on_row:
@@ -72,8 +71,8 @@ def sweep(
     return rows
 
 
-def measure_point(workbench: Workbench, method: str, sparsity: float, options: PruneOptions, calibration=None,
-                  eval_n: int = 200, eval_seed: int = EVAL_SEED, progress: Progress | None = None,
+def measure_point(workbench: Workbench, method: str | Method, sparsity: float, options: PruneOptions, calibration=None,
+                  eval_n: int = 200, eval_seed: int = SCORE_SEED, progress: Progress | None = None,
                   should_stop: StopCheck | None = None, held_out: list | None = None,
                   score_from_quality: bool = False, owner: object = None) -> dict:
     """One prune and its quick score on `eval_n` questions drawn with `eval_seed`, as a row
@@ -88,10 +87,10 @@ def measure_point(workbench: Workbench, method: str, sparsity: float, options: P
         quality = result.quality or {}
         if score_from_quality and "accuracy" in quality:
             return {"metric": "accuracy", "value": quality["accuracy"]}
-        return quick_score(loaded, eval_n, eval_seed)
+        return quick_score(loaded, eval_n, eval_seed, should_stop=should_stop)
 
     started = time.perf_counter()
-    result, _, score = workbench.prune(method.name, sparsity, options, calibration, progress=progress,
+    result, _, score = workbench.prune(method, sparsity, options, calibration, progress=progress,
                                        should_stop=should_stop, owner=owner, then=score_of, held_out=held_out)
     row = {"method": method.name, "label": method.label, "sparsity": sparsity, "seed": options.seed,
            "metric": score["metric"], "score": score["value"], "achieved_sparsity": result.achieved_sparsity,

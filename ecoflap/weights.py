@@ -36,7 +36,7 @@ class WeightStore:
 
     def __init__(self, layers: list[PrunableLayer], files: list[Path] | None = None,
                  spellings: Callable[[str], list[str]] | None = None):
-        self.layers = {l.name: l.module for l in layers}
+        self.layers = {layer.name: layer.module for layer in layers}
         self.in_file = _verified_file_keys(self.layers, files or [], spellings or (lambda name: []))
         self.copies = {name: read_weight(m).detach().to("cpu", copy=True)
                        for name, m in self.layers.items() if name not in self.in_file}

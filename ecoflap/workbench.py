@@ -4,8 +4,10 @@ The model holds its full weights between units of work. A unit (one prune, one s
 point, one answer) takes the model, swaps in whatever variant it needs, works, and puts
 the full weights back before it lets go: nobody ever sees another user's zeros, and the
 full model's answers never change. Long units (pruning) wait in a queue of their own,
-sessions served in turn, so a short one (an answer) never waits behind more than the one
-long unit in progress, and one session's many units never starve another's.
+sessions served in turn (one session's many units never starve another's), and a waiting
+short unit (an answer) goes before the first of them: an answer waits for the long unit in
+progress, and for one more only if that one has already waited `ModelLock.patience`
+seconds (so answers cannot starve it).
 """
 
 from __future__ import annotations
@@ -22,9 +24,11 @@ import torch
 from .anatomy import INCLUDE_CHOICES, parameter_counts, prunable_layers
 from .answers import ask as ask_model
 from .data import Example
+from .methods import Method
 from .models import LoadedModel
 from .options import PruneOptions
 from .pipeline import prune
+from .progress import Cancelled, Progress, StopCheck, stop_if_asked
 from .quality import Reference
 from .recover import OnStep, Recovery, RecoverOptions, recover
 from .report import PruneResult
@@ -33,13 +37,7 @@ from .stats import layer_table
 from .weights import RunWeights, WeightStore
 
 log = logging.getLogger(__name__)
-Progress = Callable[[str, int, int], None]
-StopCheck = Callable[[], bool]
 REFERENCES_KEPT = 4
-
-
-class Cancelled(Exception):
-    """The user stopped a job; nothing was stored and the model has its full weights."""
 
 
 class FairQueue:
@@ -132,8 +130,7 @@ class ModelLock:
 
 
 def _check(should_stop: StopCheck | None):
-    if should_stop is not None and should_stop():
-        raise Cancelled("stopped while waiting for the model")
+    stop_if_asked(should_stop, "stopped while waiting for the model")
 
 
 class Workbench:
@@ -176,7 +173,7 @@ class Workbench:
             **parameter_counts(self.loaded.model),
         }
 
-    def prune(self, method: str, sparsity: float, options: PruneOptions | None = None,
+    def prune(self, method: str | Method, sparsity: float, options: PruneOptions | None = None,
               calibration: list[Example] | None = None, progress: Progress | None = None,
               should_stop: StopCheck | None = None,
               then: Callable[[LoadedModel, PruneResult], object] | None = None,
@@ -185,17 +182,11 @@ class Workbench:
         result) computed on the pruned model (a sweep's score), the full weights restored.
         With `held_out` examples, the report's `quality` compares the run with the full model."""
         reference = self.reference(held_out, should_stop, owner) if held_out is not None else None
-
-        def report(what, done, total):
-            if should_stop is not None and should_stop():
-                raise Cancelled("stopped by the user")
-            if progress is not None:
-                progress(what, done, total)
-
         with self.unit(long=True, should_stop=should_stop, owner=owner) as loaded:
             try:
-                result = prune(loaded, method, sparsity, options, calibration, report, reference)
+                result = prune(loaded, method, sparsity, options, calibration, progress, reference, should_stop)
                 weights = RunWeights.capture(self.store, [r["name"] for r in result.layers])
+                stop_if_asked(should_stop)
                 extra = then(loaded, result) if then is not None else None
             except torch.OutOfMemoryError as err:
                 raise MemoryError(
@@ -222,7 +213,7 @@ class Workbench:
 
         with self.unit(long=True, should_stop=should_stop, owner=owner) as loaded:
             names = set(weights.names)
-            layers = [l for l in prunable_layers(loaded.model, INCLUDE_CHOICES) if l.name in names]
+            layers = [layer for layer in prunable_layers(loaded.model, INCLUDE_CHOICES) if layer.name in names]
             try:
                 with weights.applied(self.store):
                     recovery = recover(loaded, layers, options, calibration, report, on_step)

@@ -168,9 +168,9 @@ def prune(c, method, sparsity, **extra):
 
 def inputs_alone(loaded, layers, examples):
     """Sum of squares, X^T X and row count of each layer's inputs, one example at a time."""
-    sums = {l.name: [torch.zeros(l.module.in_features, dtype=torch.float64),
-                     torch.zeros(l.module.in_features, l.module.in_features, dtype=torch.float64), 0]
-            for l in layers}
+    sums = {layer.name: [torch.zeros(layer.module.in_features, dtype=torch.float64),
+                     torch.zeros(layer.module.in_features, layer.module.in_features, dtype=torch.float64), 0]
+            for layer in layers}
 
     def hook_for(name):
         def hook(_module, args):
@@ -180,7 +180,7 @@ def inputs_alone(loaded, layers, examples):
             sums[name][2] += x.shape[0]
         return hook
 
-    handles = [l.module.register_forward_pre_hook(hook_for(l.name)) for l in layers]
+    handles = [layer.module.register_forward_pre_hook(hook_for(layer.name)) for layer in layers]
     try:
         with torch.no_grad():
             for example in examples:

@@ -1,5 +1,6 @@
-"""The allocation strategies beside ECoFLaP (OWL, per-modality, global magnitude), each
-checked against a recomputation of its own: hooks, sorts and bisections written here."""
+"""The allocation strategies: ECoFLaP's keep counts against hand-worked cases and random
+budgets, and the others (OWL, per-modality, global magnitude), each checked against a
+recomputation of its own: hooks, sorts and bisections written here."""
 
 import math
 import random
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from ecoflap.allocation import kth_smallest_magnitude
+from ecoflap.allocation import allocate_sparsity, kth_smallest_magnitude, split_count
 from ecoflap.anatomy import prunable_layers
 from ecoflap.data import batches
 from ecoflap.options import PruneOptions, from_settings, seed_list
@@ -59,13 +60,13 @@ def dense_sq_norms(loaded, examples):
     """Per prunable layer, the sum of squares of its inputs over full forward passes of the
     dense model, one example per batch (no padding: every input row is a real token)."""
     layers = prunable_layers(loaded.model)
-    sums = {l.name: torch.zeros(l.module.in_features, dtype=torch.float64) for l in layers}
+    sums = {layer.name: torch.zeros(layer.module.in_features, dtype=torch.float64) for layer in layers}
     handles = []
-    for l in layers:
-        def hook(_module, args, name=l.name):
+    for layer in layers:
+        def hook(_module, args, name=layer.name):
             x = args[0].detach().double()
             sums[name] += (x.reshape(-1, x.shape[-1]) ** 2).sum(0)
-        handles.append(l.module.register_forward_pre_hook(hook))
+        handles.append(layer.module.register_forward_pre_hook(hook))
     try:
         with torch.no_grad():
             for batch in batches(loaded, examples, 1):
@@ -78,9 +79,9 @@ def dense_sq_norms(loaded, examples):
 
 def block_ratios(layers, sums, m):
     blocks = {}
-    for l in layers:
-        scores = l.module.weight.detach().double().abs() * sums[l.name].sqrt()
-        blocks.setdefault(l.block_name, []).append(scores.flatten())
+    for layer in layers:
+        scores = layer.module.weight.detach().double().abs() * sums[layer.name].sqrt()
+        blocks.setdefault(layer.block_name, []).append(scores.flatten())
     ratios = {}
     for name, parts in blocks.items():
         every = torch.cat(parts)
@@ -110,7 +111,7 @@ def test_owl_ratios_band_and_budget_on_a_tiny_blip2(family, examples, sparsity, 
         assert abs(g["keep"] - g["numel"] * (1 - s)) <= 1 + 1e-6, g["name"]
         assert lo - 1 / g["numel"] - 1e-12 <= g["sparsity"] <= hi + 1 / g["numel"] + 1e-12
     by_block = {g["name"]: g for g in groups}
-    block_of = {l.name: l.block_name for l in layers}
+    block_of = {layer.name: layer.block_name for layer in layers}
     for row in result.layers:  # every layer at its block's sparsity, its exact count applied
         assert abs(row["sparsity"] - by_block[block_of[row["name"]]]["sparsity"]) <= 1 / row["numel"] + 1e-12
     assert len({round(g["sparsity"], 4) for g in groups}) > 1
@@ -246,13 +247,13 @@ def test_global_magnitude_is_one_threshold(loaded, quantised):
     layers = prunable_layers(loaded.model)
     if quantised:  # many equal |W| across layers: ties at the threshold must still give the exact count
         with torch.no_grad():
-            for l in layers:
-                l.module.weight.copy_(torch.round(l.module.weight * 50) / 50)
-    before = {l.name: l.module.weight.detach().abs().clone() for l in layers}
+            for layer in layers:
+                layer.module.weight.copy_(torch.round(layer.module.weight * 50) / 50)
+    before = {layer.name: layer.module.weight.detach().abs().clone() for layer in layers}
     result = prune(loaded, "global_magnitude", 0.55)
     every = torch.cat([w.flatten() for w in before.values()])
-    zeroed = torch.cat([before[l.name][l.module.weight == 0] for l in layers])
-    kept = torch.cat([before[l.name][l.module.weight != 0] for l in layers])
+    zeroed = torch.cat([before[layer.name][layer.module.weight == 0] for layer in layers])
+    kept = torch.cat([before[layer.name][layer.module.weight != 0] for layer in layers])
     assert zeroed.numel() == every.numel() - budget(every.numel(), 0.55)
     assert zeroed.max() <= kept.min()
     assert result.options["threshold"] == float(torch.sort(every).values[zeroed.numel() - 1])
@@ -261,7 +262,7 @@ def test_global_magnitude_is_one_threshold(loaded, quantised):
 
 def test_kth_smallest_magnitude_matches_a_sort(loaded):
     layers = prunable_layers(loaded.model)
-    every = torch.sort(torch.cat([l.module.weight.detach().abs().flatten() for l in layers])).values
+    every = torch.sort(torch.cat([layer.module.weight.detach().abs().flatten() for layer in layers])).values
     for k in (1, 2, 1000, every.numel() // 2, every.numel()):
         assert kth_smallest_magnitude(layers, k) == float(every[k - 1])
 
@@ -310,3 +311,61 @@ def test_card_table_is_read_from_the_curves():
     assert lines[3] == "| Wanda | 80.0% |"
     assert lines[4] == "| ECoFLaP, 2 seeds | 80.0% (70.0% to 90.0%) |"
     assert lines[5] == "| Per-modality | 85.0% (vision 0.40, language 0.60) |"
+
+
+# ECoFLaP's keep counts per group (allocate_sparsity)
+
+
+def test_hand_worked_proportional_case():
+    # K = 100; each group first keeps ceil(100 * 0.4) = 40; the other 20 go 3:1.
+    keep = allocate_sparsity([3.0, 1.0], [100, 100], sparsity=0.5, max_sparsity=0.6)
+    assert keep == [55, 45]
+
+
+def test_hand_worked_case_with_a_full_group():
+    # K = 55; base keep [1, 10]; 44 to share: group 0 would take 43.6 but holds only 9 more,
+    # so it fills up and group 1 takes the remaining 35.
+    keep = allocate_sparsity([100.0, 1.0], [10, 100], sparsity=0.5, max_sparsity=0.9)
+    assert keep == [10, 45]
+
+
+def test_all_scores_zero_spreads_by_capacity():
+    keep = allocate_sparsity([0.0, 0.0], [100, 300], sparsity=0.5, max_sparsity=1.0)
+    assert keep == [50, 150]
+
+
+@pytest.mark.parametrize("seed", range(200))
+def test_random_cases_budget_cap_and_order(seed):
+    rng = random.Random(seed)
+    groups = rng.randint(1, 12)
+    sizes = [rng.choice([64, 64, 256, rng.randint(1, 5000)]) for _ in range(groups)]
+    scores = [rng.random() ** 3 * 10 for _ in range(groups)]
+    s = rng.choice([0.1, 0.3, 0.5, 0.6, 0.7, 0.9])
+    cap = min(1.0, s + rng.choice([0.0, 0.05, 0.1, 0.3]))
+    keep = allocate_sparsity(scores, sizes, s, cap)
+    assert sum(keep) == math.floor(sum(sizes) * (1 - s) + 1e-9)
+    for k, n in zip(keep, sizes):
+        assert 0 <= k <= n
+        assert k >= math.floor(n * (1 - cap) + 1e-9)
+        if cap > s:
+            assert 1 - k / n <= cap + 1e-12
+    for i in range(groups):
+        for j in range(groups):
+            if sizes[i] == sizes[j] and scores[i] > scores[j]:
+                assert keep[i] >= keep[j]
+
+
+def test_cap_below_target_is_rejected():
+    with pytest.raises(ValueError, match="max per-layer sparsity"):
+        allocate_sparsity([1.0, 1.0], [10, 10], sparsity=0.5, max_sparsity=0.4)
+
+
+def test_sparsity_outside_range_is_rejected():
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        allocate_sparsity([1.0], [10], sparsity=1.0, max_sparsity=1.0)
+
+
+def test_split_count_is_exact_and_proportional():
+    parts = split_count(101, [10, 20, 70])
+    assert sum(parts) == 101
+    assert parts == [10, 20, 71]

@@ -94,5 +94,5 @@ def test_every_method_in_bfloat16(family, method):
         store.restore()
         for name, p in half.model.named_parameters():
             assert p.dtype == before[name].dtype and torch.equal(p, before[name]), name
-    assert {l.module.weight.dtype for l in prunable_layers(loaded.model)} == {torch.float32}
+    assert {layer.module.weight.dtype for layer in prunable_layers(loaded.model)} == {torch.float32}
     assert full_store.is_original()

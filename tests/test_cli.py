@@ -64,9 +64,10 @@ def test_prune_writes_report_and_model(saved_model, calibration_folder, tmp_path
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["--model", "/nonexistent/model"], "no model folder"),
+        pytest.param(["--model", "/nonexistent/model"], "no model folder", marks=pytest.mark.slow),
         (["--method", "nope"], "unknown method"),
-        (["--sparsity", "1.2"], "[0, 1)"),
+        (["--sparsity", "1.2"], "sparsity must be a number from 0 to 0.95"),
+        (["--batch-size", "1000"], "batch size must be a whole number from 1 to 64"),  # as the app and the API
         (["--nm", "4:2"], "N:M"),
         (["--method", "ecoflap", "--max-sparsity", "0.3"], "below the target"),
         (["--method", "per_modality", "--vision-sparsity", "1.2"], "vision sparsity"),
@@ -98,6 +99,7 @@ def test_prune_owl_hits_the_budget_inside_the_band(saved_model, calibration_fold
         assert 0.52 - 1 / g["numel"] <= g["sparsity"] <= 0.68 + 1 / g["numel"] and g["score"] >= 0
 
 
+@pytest.mark.slow  # many prunes and scores end to end
 def test_sweep_measures_random_methods_once_per_seed(saved_model, calibration_folder, tmp_path):
     out, csv = tmp_path / "sweep.json", tmp_path / "sweep.csv"
     done = run("sweep", "--model", str(saved_model), "--calibration", str(calibration_folder),
@@ -125,9 +127,9 @@ def test_ask_single_and_jsonl(saved_model, calibration_folder, tmp_path):
     jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
     done = run("ask", "--model", str(saved_model), "--jsonl", str(jsonl), "--max-new-tokens", "3")
     assert done.returncode == 0, done.stderr
-    lines = [json.loads(l) for l in done.stdout.strip().splitlines()]
-    assert [(l["image"], l["question"]) for l in lines] == [(r["image"], r["question"]) for r in rows]
-    assert all(isinstance(l["answer"], str) for l in lines)
+    lines = [json.loads(layer) for layer in done.stdout.strip().splitlines()]
+    assert [(layer["image"], layer["question"]) for layer in lines] == [(r["image"], r["question"]) for r in rows]
+    assert all(isinstance(layer["answer"], str) for layer in lines)
 
 
 def test_load_model_errors(tmp_path):
@@ -160,6 +162,7 @@ def test_eval_reports_accuracy_per_type_on_the_shipped_model(tmp_path):
     assert sum(score["by_type"].values()) / 5 == pytest.approx(score["value"], abs=1e-9)
 
 
+@pytest.mark.slow  # many prunes and scores end to end
 def test_sweep_writes_csv_and_chart(saved_model, calibration_folder, tmp_path):
     csv, html = tmp_path / "sweep.csv", tmp_path / "sweep.html"
     done = run("sweep", "--model", str(saved_model), "--calibration", str(calibration_folder),
@@ -174,6 +177,7 @@ def test_sweep_writes_csv_and_chart(saved_model, calibration_folder, tmp_path):
     assert "plotly" in html.read_text()[:100_000].lower()
 
 
+@pytest.mark.slow  # many prunes and scores end to end
 def test_bench_writes_every_method_side_by_side(saved_model, calibration_folder, tmp_path):
     out = tmp_path / "bench.json"
     done = run("bench", "--model", str(saved_model), "--calibration", str(calibration_folder),

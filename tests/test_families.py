@@ -77,17 +77,18 @@ def test_stacks_in_forward_order_and_what_is_pruned_by_default(family):
     assert order[0] == "vision" and order[-1] == "language" and set(order) <= set(MODALITIES)
     assert [MODALITIES.index(m) for m in order] == sorted(MODALITIES.index(m) for m in order)
     default = prunable_layers(model)
-    assert {l.modality for l in default} == {"vision", "language"}
+    assert {layer.modality for layer in default} == {"vision", "language"}
     names = [s.name for s in stacks(model)]
-    assert [(names.index(l.stack), l.block) for l in default] == sorted((names.index(l.stack), l.block) for l in default)
+    order = [(names.index(layer.stack), layer.block) for layer in default]
+    assert order == sorted(order)
     everything = prunable_layers(model, INCLUDE_CHOICES)
     counts = parameter_counts(model)
-    assert counts["prunable"] == sum(l.numel for l in default)
+    assert counts["prunable"] == sum(layer.numel for layer in default)
     unused = {name: model.get_submodule(name) for name in counts["unused"]}
     linears = {name for name, m in model.named_modules() if isinstance(m, nn.Linear)}
     inside_unused = {name for name in linears if any(name == u or name.startswith(u + ".") for u in unused)}
     # Every linear layer of the stacks is prunable on request, or computed for nothing.
-    assert {l.name for l in everything} == linears - inside_unused - {"lm_head", "language_model.lm_head"}
+    assert {layer.name for layer in everything} == linears - inside_unused - {"lm_head", "language_model.lm_head"}
     if family in ("llava", "llava_next"):
         assert list(unused) == ["model.vision_tower.encoder.layers.1"]
         assert "vision_feature_layer=-2" in counts["unused"]["model.vision_tower.encoder.layers.1"]
@@ -146,20 +147,21 @@ def test_ecoflap_allocation_is_an_exact_recomputable_budget(family, examples):
         assert abs(scores["ecoflap_zeroth"][name] - value) <= 1e-3 * value + resolution, name
     for name, value in first_order_scores(model, layers, data, checkpoint=False).items():
         assert scores["ecoflap_first"][name] == pytest.approx(value, rel=1e-4, abs=1e-9), name
-    key = {"layer": lambda l: l.name, "block": lambda l: _block_of(model, l.module), "model": lambda l: l.modality}
-    total = sum(l.numel for l in layers)
+    key = {"layer": lambda layer: layer.name, "block": lambda layer: _block_of(model, layer.module),
+           "model": lambda layer: layer.modality}
+    total = sum(layer.numel for layer in layers)
     for method, layer_scores in scores.items():
         for granularity, group_of in key.items():
             result = prune(loaded, method, sparsity, PruneOptions(granularity=granularity, **options), examples)
             groups: dict = {}
-            for l in layers:
-                groups.setdefault(group_of(l), []).append(l)
-            expected = allocate_sparsity([sum(layer_scores[l.name] for l in g) for g in groups.values()],
-                                         [sum(l.numel for l in g) for g in groups.values()], sparsity, cap)
+            for layer in layers:
+                groups.setdefault(group_of(layer), []).append(layer)
+            expected = allocate_sparsity([sum(layer_scores[layer.name] for layer in g) for g in groups.values()],
+                                         [sum(layer.numel for layer in g) for g in groups.values()], sparsity, cap)
             assert [g["keep"] for g in result.groups] == expected, (method, granularity)
             zeros = {r["name"]: r["zeros"] for r in result.layers}
             for g, keep in zip(groups.values(), expected):
-                assert sum(zeros[l.name] for l in g) == sum(l.numel for l in g) - keep
+                assert sum(zeros[layer.name] for layer in g) == sum(layer.numel for layer in g) - keep
             assert total - sum(zeros.values()) == math.floor(total * (1 - sparsity))
             store.restore()
 
@@ -174,7 +176,7 @@ def test_sequential_calibration_sees_what_a_plain_forward_sees(family, examples)
     for block in BlockReplay(loaded.model, batches(loaded, chosen, 4)).blocks(layers):
         seen.update(block.input_statistics(hessian=True))
     reference = inputs_alone(loaded, layers, chosen)
-    assert set(seen) == {l.name for l in layers}
+    assert set(seen) == {layer.name for layer in layers}
     for name, (sq, hessian, rows) in reference.items():
         stats = seen[name]
         assert stats.tokens == rows, name
@@ -292,7 +294,7 @@ def test_the_app_session_loads_a_local_folder_and_draws_its_chart(tmp_path):
         rows = run.result.layers
         figure = plots.sparsity_figure([{"label": run.label, "layers": rows, "target_sparsity": 0.5}])
         assert list(figure.data[0].marker.color) == [plots.MODALITY_COLORS[r["modality"]] for r in rows]
-        assert [r["name"] for r in rows] == [l.name for l in prunable_layers(me.workbench.loaded.model)]
+        assert [r["name"] for r in rows] == [layer.name for layer in prunable_layers(me.workbench.loaded.model)]
         assert not any(name.startswith(tuple(info["unused"])) for name in (r["name"] for r in rows))
         assert plots.group_scores_figure([{"label": run.label, "groups": run.result.groups}]).data
         assert set(me.distributions(run.id)["series"]["full"]["weights"]) == {"vision", "language"}

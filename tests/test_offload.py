@@ -91,7 +91,7 @@ def test_at_most_one_block_on_the_execution_device(saved_model, tmp_path, exampl
     calls, pruned_on_device = [], []
 
     def on_device():
-        return {owner[l.module] for l in layers if l.module.weight.device.type != "meta"}
+        return {owner[layer.module] for layer in layers if layer.module.weight.device.type != "meta"}
 
     def check(_module, _args):
         calls.append(on_device())
@@ -104,7 +104,7 @@ def test_at_most_one_block_on_the_execution_device(saved_model, tmp_path, exampl
         return real(weight, *args, **kwargs)
 
     monkeypatch.setattr(pipeline, "prune_sparsegpt", watched)
-    handles = [l.module.register_forward_pre_hook(check) for l in layers]
+    handles = [layer.module.register_forward_pre_hook(check) for layer in layers]
     try:
         prune(off, "sparsegpt", 0.5, OPTIONS, examples)
     finally:

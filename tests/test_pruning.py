@@ -19,15 +19,15 @@ ALL = ("vision", "qformer", "projection", "language")
 
 def test_anatomy_forward_order_and_tags(loaded, family):
     layers = prunable_layers(loaded.model)
-    assert {l.modality for l in layers} == {"vision", "language"}
+    assert {layer.modality for layer in layers} == {"vision", "language"}
     order = [s.name for s in stacks(loaded.model)]
-    positions = [(order.index(l.stack), l.block) for l in layers]
+    positions = [(order.index(layer.stack), layer.block) for layer in layers]
     assert positions == sorted(positions)
     assert layers[0].name.startswith("vision_model.encoder.layers.0.")
-    assert all("lm_head" not in l.name and "embed" not in l.name for l in layers)
+    assert all("lm_head" not in layer.name and "embed" not in layer.name for layer in layers)
     everything = prunable_layers(loaded.model, ALL)
-    assert {l.modality for l in everything} == {"vision", "qformer", "projection", "language"}
-    assert any(l.name == "language_projection" for l in everything)
+    assert {layer.modality for layer in everything} == {"vision", "qformer", "projection", "language"}
+    assert any(layer.name == "language_projection" for layer in everything)
     with pytest.raises(ValueError, match="unknown module set"):
         prunable_layers(loaded.model, ("vision", "embeddings"))
 
@@ -81,7 +81,7 @@ def test_wanda_zeros_are_the_lowest_scores_with_sequential_inputs(family, exampl
     store = WeightStore(layers)
     original_weights = store.originals(store.layers)
     prune(loaded, "wanda", 0.5, PruneOptions(samples=16, batch_size=8), examples)
-    pruned = {l.name: l.module.weight.detach().clone() for l in layers}
+    pruned = {layer.name: layer.module.weight.detach().clone() for layer in layers}
     data = batches(loaded, examples[:16], 1)
     order = [s.name for s in stacks(loaded.model)]
     checked = 0
@@ -92,8 +92,9 @@ def test_wanda_zeros_are_the_lowest_scores_with_sequential_inputs(family, exampl
         # exactly what the target saw during sequential calibration.
         key = (order.index(target.stack), target.block)
         with torch.no_grad():
-            for l in layers:
-                l.module.weight.copy_((pruned if (order.index(l.stack), l.block) < key else original_weights)[l.name])
+            for layer in layers:
+                before = (order.index(layer.stack), layer.block) < key
+                layer.module.weight.copy_((pruned if before else original_weights)[layer.name])
         sq = _inputs_seen_by(loaded.model, target, data)
         original = original_weights[target.name]
         scores = original.abs() * sq.sqrt()
@@ -221,10 +222,10 @@ def test_joint_group_scores_are_the_same_replayed_or_not(loaded, examples):
     data = batches(loaded, examples[:8], 4)
     layers = prunable_layers(loaded.model)
     for granularity in ("block", "model"):
-        group_of = lambda l: group_key(l, granularity)  # noqa: E731
+        group_of = lambda layer: group_key(layer, granularity)  # noqa: E731
         fast = zeroth_order_scores(loaded.model, layers, data, seed=2, group_of=group_of)
         slow = zeroth_order_scores(loaded.model, layers, data, seed=2, replay=False, group_of=group_of)
-        assert set(fast) == {group_of(l) for l in layers}
+        assert set(fast) == {group_of(layer) for layer in layers}
         resolution = 4 * torch.finfo(torch.float32).eps * 8 / 2e-3
         for name in fast:
             assert abs(fast[name] - slow[name]) <= 1e-3 * slow[name] + resolution, (granularity, name)

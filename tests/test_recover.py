@@ -16,10 +16,10 @@ from ecoflap.data import calibration_loss, encode_examples
 from ecoflap.pipeline import prune
 from ecoflap.recover import RecoverOptions, recover, recover_options, training_batches
 from ecoflap.server import Limits, Server
-from ecoflap.shapes.evaluate import make_eval_set
+from ecoflap.shapes.evaluate import CARD_SEED, make_eval_set
 from ecoflap.shapes.training import RECOVERY_SEED, fresh_batches
 from ecoflap.shapes.world import samples
-from ecoflap.sweep import EVAL_SEED
+from ecoflap.scoring import SCORE_SEED
 from ecoflap.workbench import Cancelled
 
 from conftest import EXAMPLE, tiny_model
@@ -31,29 +31,29 @@ def pruned_tiny(family, examples, sparsity=0.6):
     loaded = tiny_model(family)
     result = prune(loaded, "wanda", sparsity, PruneOptions(**FAST), examples)
     names = {r["name"] for r in result.layers}
-    return loaded, [l for l in prunable_layers(loaded.model) if l.name in names]
+    return loaded, [layer for layer in prunable_layers(loaded.model) if layer.name in names]
 
 
 @pytest.mark.parametrize("way", ["full", "lora"])
 def test_every_zero_stays_zero_and_the_kept_weights_learn(family, examples, way):
     loaded, layers = pruned_tiny(family, examples)
-    before = {l.name: l.module.weight.detach().clone() for l in layers}
+    before = {layer.name: layer.module.weight.detach().clone() for layer in layers}
     options = RecoverOptions(steps=4, lr=1e-3, way=way, eval_n=0, batch_size=4)
     done = recover(loaded, layers, options, calibration=examples)
-    for l in layers:
-        weight, old = l.module.weight.detach(), before[l.name]
-        assert torch.equal(weight == 0, old == 0), l.name
-        assert int((weight == 0).sum()) == done.zeros_before[l.name] == done.zeros_after[l.name] > 0
-    moved = sum(int((l.module.weight.detach() != before[l.name]).sum()) for l in layers)
-    assert moved > 0.5 * sum(int((before[l.name] != 0).sum()) for l in layers)
+    for layer in layers:
+        weight, old = layer.module.weight.detach(), before[layer.name]
+        assert torch.equal(weight == 0, old == 0), layer.name
+        assert int((weight == 0).sum()) == done.zeros_before[layer.name] == done.zeros_after[layer.name] > 0
+    moved = sum(int((layer.module.weight.detach() != before[layer.name]).sum()) for layer in layers)
+    assert moved > 0.5 * sum(int((before[layer.name] != 0).sum()) for layer in layers)
     if way == "lora":
         assert done.merge_densification == 0
         assert done.plain_merge_would_fill > 0  # the masked merge is what kept them
-        assert done.trained_parameters == sum(options.rank * (l.module.in_features + l.module.out_features)
-                                              for l in layers)
+        assert done.trained_parameters == sum(options.rank * (layer.module.in_features + layer.module.out_features)
+                                              for layer in layers)
     else:
         assert done.merge_densification is None
-        assert done.trained_parameters == sum(int((before[l.name] != 0).sum()) for l in layers)
+        assert done.trained_parameters == sum(int((before[layer.name] != 0).sum()) for layer in layers)
 
 
 def test_the_training_loss_falls_and_is_the_real_loss(examples):
@@ -73,32 +73,32 @@ def test_one_full_step_is_adamw_on_the_masked_gradient_by_hand(examples):
     lr, decay = 1e-3, 0.05
     options = RecoverOptions(steps=1, lr=lr, weight_decay=decay, schedule="constant", batch_size=8, eval_n=0)
     batch = next(training_batches(loaded, options, examples[:8])[0])
-    weights = [l.module.weight for l in layers]
+    weights = [layer.module.weight for layer in layers]
     for p in loaded.model.parameters():
         p.requires_grad_(False)
     for w in weights:
         w.requires_grad_(True)
     calibration_loss(loaded.model, encode_examples(loaded, batch)).backward()
     expected = {}
-    for l, w in zip(layers, weights):
+    for layer, w in zip(layers, weights):
         g = w.grad * (w != 0)
-        expected[l.name] = (w.detach() * (1 - lr * decay) - lr * g / (g.abs() + 1e-8)) * (w != 0)
+        expected[layer.name] = (w.detach() * (1 - lr * decay) - lr * g / (g.abs() + 1e-8)) * (w != 0)
         w.grad = None
     for p in loaded.model.parameters():
         p.requires_grad_(True)
     recover(loaded, layers, options, calibration=examples[:8])
-    for l in layers:
-        torch.testing.assert_close(l.module.weight.detach(), expected[l.name], rtol=0, atol=1e-6)
-        assert torch.equal(l.module.weight == 0, expected[l.name] == 0)
+    for layer in layers:
+        torch.testing.assert_close(layer.module.weight.detach(), expected[layer.name], rtol=0, atol=1e-6)
+        assert torch.equal(layer.module.weight == 0, expected[layer.name] == 0)
 
 
 def test_fresh_scenes_are_never_the_evaluation_questions():
     fresh = [e for batch in fresh_batches(8, 50, seed=0) for e in batch]
     assert len(fresh) == 400 and {e.question for e in fresh} > {""}
     taken = {(s.scene, s.question) for s in samples(400, RECOVERY_SEED)}
-    for seed in (EVAL_SEED, 10_000, 4321):
+    for seed in (SCORE_SEED, CARD_SEED, 4321):
         assert not taken & {(s.scene, s.question) for s in samples(1000, seed)}
-    held_out = make_eval_set(20, EVAL_SEED)
+    held_out = make_eval_set(20, SCORE_SEED)
     assert all(a.image.tobytes() != b.image.tobytes() for a in fresh[:20] for b in held_out)
 
 

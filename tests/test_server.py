@@ -83,6 +83,34 @@ def test_a_model_loaded_again_never_shows_a_stale_run(model_folder, tmp_path):
         b.run(stale)
 
 
+def test_with_room_for_one_model_another_is_refused_and_the_default_kept(model_folder, tmp_path):
+    """The old bug: with ECOFLAP_MAX_MODELS=1 "Load another model" said "Loaded" and then
+    unloaded that very model (the eviction picked the newcomer)."""
+    other = tmp_path / "other"
+    shutil.copytree(model_folder, other)
+    server = make_server(model_folder, tmp_path, max_models=1, allow_local_models=True)
+    me = server.open_session()
+    run = me.prune("magnitude", 0.5)
+    with pytest.raises(PermissionError, match="keeps one model in memory: tiny-opt only"):
+        me.load_model(str(other))
+    assert [b.loaded.name for b in server.models.loaded()] == ["tiny-opt"]
+    assert me.model_name == server.default_model and [r.id for r in me.runs()] == [run.id]
+
+
+def test_the_model_just_loaded_is_never_the_one_unloaded(model_folder, tmp_path):
+    """Room for two: the default stays, the newcomer stays, the other one goes."""
+    server = make_server(model_folder, tmp_path, max_models=2, allow_local_models=True)
+    folders = [tmp_path / "second", tmp_path / "third"]
+    for folder in folders:
+        shutil.copytree(model_folder, folder)
+    me = server.open_session()
+    for folder in folders:
+        assert me.load_model(str(folder)).startswith("Loaded")
+        assert server.models.current(str(folder)) is not None and me.model_name == str(folder)
+    assert [n for n in (str(model_folder), *map(str, folders)) if server.models.current(n)] == \
+        [str(model_folder), str(folders[1])]
+
+
 def test_each_session_has_its_own_quota(model_folder, tmp_path):
     server = make_server(model_folder, tmp_path, runs_per_session=2)
     a, b = server.open_session(), server.open_session()

@@ -82,12 +82,12 @@ def test_first_order_equals_plain_autograd(loaded, examples):
     data = _data(loaded, examples)
     layers = prunable_layers(model)
     lean = first_order_scores(model, layers, data)
-    plain = {l.name: 0.0 for l in layers}
+    plain = {layer.name: 0.0 for layer in layers}
     for batch in data:
         model.zero_grad()
         calibration_loss(model, batch).backward()
-        for l in layers:
-            plain[l.name] += (l.module.weight.grad.abs() * l.module.weight.abs()).sum().item() / len(data)
+        for layer in layers:
+            plain[layer.name] += (layer.module.weight.grad.abs() * layer.module.weight.abs()).sum().item() / len(data)
     model.zero_grad()
     for name, value in plain.items():
         assert abs(lean[name] - value) <= 1e-4 * abs(value) + 1e-9, name
@@ -100,7 +100,7 @@ def test_first_order_checkpoints_every_block_and_restores_forward(loaded, exampl
     model = loaded.model
     data = _data(loaded, examples, n=4)
     layers = prunable_layers(model)
-    firsts = list({l.block_name: l.module for l in reversed(layers)}.values())
+    firsts = list({layer.block_name: layer.module for layer in reversed(layers)}.values())
     calls = {id(m): 0 for m in firsts}
     handles = [m.register_forward_pre_hook(lambda m, a: calls.__setitem__(id(m), calls[id(m)] + 1))
                for m in firsts]
@@ -125,7 +125,7 @@ def test_joint_perturbation_of_single_matrices_is_the_per_matrix_estimate(loaded
     data = _data(loaded, examples)
     layers = prunable_layers(model)
     alone = zeroth_order_scores(model, layers, data, seed=5)
-    joint = zeroth_order_scores(model, layers, data, seed=5, group_of=lambda l: l.name)
+    joint = zeroth_order_scores(model, layers, data, seed=5, group_of=lambda layer: layer.name)
     assert joint == alone
 
 
@@ -163,11 +163,11 @@ def test_joint_perturbation_needs_one_pair_of_passes_per_group(loaded, examples)
         zeroth_order_scores(model, layers, data, replay=False)
         per_matrix = len(calls)
         calls.clear()
-        scores = zeroth_order_scores(model, layers, data, replay=False, group_of=lambda l: l.block_name)
+        scores = zeroth_order_scores(model, layers, data, replay=False, group_of=lambda layer: layer.block_name)
         per_block = len(calls)
     finally:
         handle.remove()
-    blocks = {l.block_name for l in layers}
+    blocks = {layer.block_name for layer in layers}
     assert set(scores) == blocks
     assert per_matrix == 2 * len(data) * len(layers)
     assert per_block == 2 * len(data) * len(blocks)
@@ -222,7 +222,7 @@ def test_the_seed_changes_the_directions_and_the_scores(loaded, examples):
         assert not torch.equal(first, Directions(seed).draw(layer)), seed
     data = _data(loaded, examples)
     layers = prunable_layers(loaded.model)
-    language = [l for l in layers if l.modality == "language"]
+    language = [layer for layer in layers if layer.modality == "language"]
     one = zeroth_order_scores(loaded.model, language, data, seed=0)
     other = zeroth_order_scores(loaded.model, language, data, seed=1)
     assert one != other

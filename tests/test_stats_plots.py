@@ -29,7 +29,7 @@ def test_weight_and_gradient_histograms_per_modality(loaded, examples):
     layers = prunable_layers(loaded.model)
     prune(loaded, "magnitude", 0.5)
     weights = weight_histograms(layers)
-    total = sum(l.numel for l in layers if l.modality == "vision")
+    total = sum(layer.numel for layer in layers if layer.modality == "vision")
     assert weights["vision"]["zeros"] + weights["vision"]["nonzero"] == total
     assert weights["vision"]["zeros"] == total // 2
     batch = batches(loaded, examples[:4], 4)[0]

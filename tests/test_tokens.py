@@ -23,7 +23,7 @@ def test_statistics_are_sums_over_exactly_the_real_tokens(family, examples):
     for block in BlockReplay(loaded.model, batches(loaded, chosen, 8)).blocks(layers):
         seen.update(block.input_statistics(hessian=True))
     reference = inputs_alone(loaded, layers, chosen)
-    assert set(seen) == {l.name for l in layers}
+    assert set(seen) == {layer.name for layer in layers}
     for name, (sq, hessian, rows) in reference.items():
         stats = seen[name]
         assert stats.tokens == rows, name

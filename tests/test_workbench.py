@@ -33,7 +33,8 @@ def test_a_stored_run_is_exactly_the_pruned_model_and_compact(examples, method, 
     loaded = tiny_model("opt")
     store = WeightStore.of(loaded.model)
     result = prune(loaded, method, 0.6, OPTS, examples)
-    pruned = {l.name: l.module.weight.detach().clone() for l in prunable_layers(loaded.model, INCLUDE_CHOICES)}
+    pruned = {layer.name: layer.module.weight.detach().clone()
+              for layer in prunable_layers(loaded.model, INCLUDE_CHOICES)}
     run = RunWeights.capture(store, [r["name"] for r in result.layers])
     store.restore()
     assert set(getattr(run, kind)) == {r["name"] for r in result.layers}
@@ -195,6 +196,7 @@ def test_out_of_memory_mid_prune_restores_and_says_so(examples, monkeypatch):
     assert _same(bench.loaded.model, before)
 
 
+@pytest.mark.slow  # a soak: a hundred cycles
 def test_hundred_prune_restore_cycles_are_bit_identical(examples):
     bench = Workbench(tiny_model("t5"))
     before = _full_state(bench.loaded.model)

@@ -98,7 +98,7 @@ def _block_list(stack_module: nn.Module) -> nn.ModuleList:
 def _cross_attention_inputs(block: nn.Module) -> set[nn.Module]:
     """The key and value projections of a T5 decoder block's cross-attention."""
     layers = getattr(block, "layer", [])
-    cross = [l.EncDecAttention for l in layers if hasattr(l, "EncDecAttention")]
+    cross = [layer.EncDecAttention for layer in layers if hasattr(layer, "EncDecAttention")]
     return {m for attention in cross for m in (attention.k, attention.v)}
 
 

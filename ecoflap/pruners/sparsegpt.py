@@ -3,8 +3,10 @@
 Follows the published algorithm: H = 2 X X^T / n with 1% mean-diagonal dampening,
 columns in blocks of 128, saliency w^2 / [H^-1]_jj^2 inside each block, and the error of
 each pruned column pushed onto the columns not yet processed via the Cholesky factor of
-H^-1. Within a block exactly floor(numel * s) weights are chosen (the reference code
-thresholds, which can take a few more on ties).
+H^-1. The layer's exact count (floor(numel * s), or the allocation's) is split over the
+column blocks, cumulative floors in proportion to their live columns, and each block
+chooses exactly its share (the reference code thresholds each block at numel * s, which
+can take a few more on ties).
 
 Dead inputs (a column whose input is zero on every calibration token, as behind a ReLU
 that never fires) cost nothing to prune, so their weights are the first zeros of the

@@ -22,15 +22,13 @@ import torch
 from ..curves import FILE, RECOVERY_FILE, leaders, shipped_recovery, summarise
 from ..models import load_model
 from ..workbench import Workbench
-from ..shapes.evaluate import evaluate, make_eval_set
+from ..shapes.evaluate import CARD_SEED, evaluate, make_eval_set
 from ..shapes.independent import independent_examples
-from ..sweep import EVAL_SEED as SCORE_SEED
+from ..scoring import SCORE_SEED
 from .pruning_curves import EVAL_N, SELECTION_N, SELECTION_SEED, measure_curves, write_curves
 from .label_free import FILE as LABEL_FREE, table as label_free_table
 from .pruning_curves import METHODS as CURVE_METHODS, SEEDS as CURVE_SEEDS, SPARSITIES as CURVE_SPARSITIES
-from .self_labels import FILE as SELF_LABELLED, table as self_labelled_table
-
-EVAL_SEED = 10_000
+from .self_labels import FILE as SELF_LABELLED, POINTS as SELF_LABELLED_POINTS, table as self_labelled_table
 
 
 def _table(result: dict) -> str:
@@ -90,7 +88,7 @@ def measure(folder: str, n: int = 1000, independent_scenes: int = 300) -> dict:
     torch.set_num_threads(2)
     loaded = load_model(folder, device="cpu")
     started = time.time()
-    held_out = evaluate(loaded, make_eval_set(n, seed=EVAL_SEED), batch_size=64)
+    held_out = evaluate(loaded, make_eval_set(n, seed=CARD_SEED), batch_size=64)
     held_seconds = time.time() - started
     other = evaluate(loaded, independent_examples(independent_scenes, seed=99), batch_size=64)
     params = sum(p.numel() for p in loaded.model.parameters())
@@ -103,18 +101,23 @@ def _self_labelled(folder: Path) -> str:
     if not (folder / SELF_LABELLED).is_file():
         return ""
     data = json.loads((folder / SELF_LABELLED).read_text())
+    done = {(r["method"], r["sparsity"], r["seed"]) for r in data["rows"] if r["targets"] == "self-labelled"} & \
+        {(r["method"], r["sparsity"], r["seed"]) for r in data["rows"] if r["targets"] == "labelled"}
+    pending = [f"{m} {s:g} seed {seed}" for m, s, seed in SELF_LABELLED_POINTS if (m, s, seed) not in done]
+    more = (f" Not measured yet (the command resumes where it stopped): {', '.join(pending)}." if pending else "")
     return f"""
 ## Calibrating without captions
 
 What a person gets who calibrates on their own pictures without captions: the same
 {data['calibration_images']} shipped calibration images, once with their ground-truth captions and once with
 the full model's own greedy captions as targets ({data['self_labels_differing']} of the {data['calibration_images']} differ from the
-ground truth). Accuracy ({data['measured_on']}; the full model {data['full_accuracy']:.1%}), default options:
+ground truth). Accuracy: {data['measured_on']}; default options; the full model
+scores {data['full_accuracy']:.1%}.
 
 {self_labelled_table(data)}
 
 Measured in about {max(1, round(data['seconds'] / 60))} minutes of wall time on 2 shared CPU cores; rows in
-`{SELF_LABELLED}`. Reproduce: `{data['command']}`.
+`{SELF_LABELLED}`. Reproduce: `{data['command']}`.{more}
 """
 
 
@@ -312,7 +315,7 @@ real BLIP-2 (image encoder first):
 
 ## Accuracy
 
-Exact match (greedy decoding) on 1,000 held-out generated examples (seed {EVAL_SEED}, 200 of each
+Exact match (greedy decoding) on 1,000 held-out generated examples (seed {CARD_SEED}, 200 of each
 type, images 96 to 256 px; training used other seeds):
 
 {_table(held)}

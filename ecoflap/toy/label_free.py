@@ -26,7 +26,7 @@ from ..curves import FILE as CURVES_FILE
 from ..models import load_model
 from ..options import PruneOptions
 from ..report import write_json
-from ..scoring import HELD_OUT_N, HELD_OUT_SEED, held_out_examples, quality_against_full, reference_for
+from ..scoring import HELD_OUT_N, SCORE_SEED, held_out_examples, quality_against_full, reference_for
 from ..workbench import Workbench
 from .pruning_curves import METHODS, SEEDS, SPARSITIES
 
@@ -92,7 +92,7 @@ def measure(folder: Path, out: Path, log=print) -> dict:
     done = json.loads(out.read_text()) if out.is_file() else {}
     rows = done.get("rows", [])
     started = time.perf_counter() - done.get("seconds", 0)
-    examples = held_out_examples(n=HELD_OUT_N, seed=HELD_OUT_SEED)
+    examples = held_out_examples(n=HELD_OUT_N, seed=SCORE_SEED)
     reference = workbench.using(None, lambda loaded: reference_for(loaded, examples))
     have = {(r["method"], r["sparsity"], r["seed"]) for r in rows}
     for p in points(folder):
@@ -117,7 +117,7 @@ def reference_accuracy(rows: list[dict]) -> float | None:
 def summary(rows: list[dict], full_accuracy, seconds: float) -> dict:
     return {
         "model": "shapes-blip2",
-        "measured_on": f"{HELD_OUT_N} generated shapes questions of every type (seed {HELD_OUT_SEED}), "
+        "measured_on": f"{HELD_OUT_N} generated shapes questions of every type (seed {SCORE_SEED}), "
                        f"teacher-forced on their reference answers; calibration: the shipped set, default options",
         "command": COMMAND,
         "full_accuracy": full_accuracy,

@@ -22,7 +22,8 @@ from ..curves import FILE
 from ..options import PruneOptions
 from ..report import write_json
 from ..scoring import quick_score
-from ..sweep import EVAL_SEED, measure_point, sweep
+from ..scoring import SCORE_SEED
+from ..sweep import measure_point, sweep
 from ..workbench import Workbench
 
 COMMAND = "python -m ecoflap.toy.card --curves"
@@ -39,7 +40,7 @@ Log = Callable[[str], None]
 def measure_curves(workbench: Workbench, log: Log = print) -> dict:
     """The curves file's content: one row per method, sparsity and (where it matters) seed."""
     started = time.perf_counter()
-    full = workbench.using(None, lambda loaded: quick_score(loaded, EVAL_N, EVAL_SEED))
+    full = workbench.using(None, lambda loaded: quick_score(loaded, EVAL_N, SCORE_SEED))
     rows = sweep(workbench, list(METHODS), list(SPARSITIES), PruneOptions(), eval_n=EVAL_N, seeds=SEEDS,
                  on_row=lambda r: log(f"{r['method']:18s} {r['sparsity']:.2f} seed {r['seed']}  {r['score']:.4f}"))
     search = []

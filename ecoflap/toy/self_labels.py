@@ -25,9 +25,8 @@ from ..data import DEFAULT_CALIBRATION
 from ..models import load_model
 from ..options import PruneOptions
 from ..report import write_json
-from ..scoring import quick_score
+from ..scoring import SCORE_SEED, quick_score
 from ..sources import Source, labeller, parse
-from ..sweep import EVAL_SEED
 from ..workbench import Workbench
 from .pruning_curves import EVAL_N
 
@@ -58,14 +57,14 @@ def measure(folder: Path, out: Path, log=print) -> dict:
     sets = calibrations(workbench)
     differ = sum(a.answer.strip() != b.answer.strip()
                  for a, b in zip(sets["labelled"].examples, sets["self-labelled"].examples))
-    full = workbench.using(None, lambda loaded: quick_score(loaded, EVAL_N, EVAL_SEED))["value"]
+    full = workbench.using(None, lambda loaded: quick_score(loaded, EVAL_N, SCORE_SEED))["value"]
     have = {(r["method"], r["sparsity"], r["seed"], r["targets"]) for r in rows}
     for method, sparsity, seed in POINTS:
         for targets in LABELS:
             if (method, sparsity, seed, targets) in have:
                 continue
             result, _, score = workbench.prune(method, sparsity, PruneOptions(seed=seed), sets[targets],
-                                               then=lambda loaded, _r: quick_score(loaded, EVAL_N, EVAL_SEED))
+                                               then=lambda loaded, _r: quick_score(loaded, EVAL_N, SCORE_SEED))
             rows.append({"method": method, "sparsity": sparsity, "seed": seed, "targets": targets,
                          "accuracy": score["value"], "calibration_sha256": result.calibration["sha256"]})
             log(f"{method:16s} {sparsity:.2f} seed {seed} {targets:14s} accuracy {score['value']:.3f}")
@@ -75,7 +74,7 @@ def measure(folder: Path, out: Path, log=print) -> dict:
 
 def summary(rows: list[dict], full: float, differ: int, seconds: float) -> dict:
     return {"model": "shapes-blip2", "command": COMMAND, "full_accuracy": full,
-            "measured_on": f"exact match on {EVAL_N} generated shapes questions (seed {EVAL_SEED}); calibration: "
+            "measured_on": f"exact match on {EVAL_N} generated shapes questions (seed {SCORE_SEED}); calibration: "
                            f"the 128 shipped images with their captions, or with the full model's own captions",
             "self_labels_differing": differ, "calibration_images": 128, "rows": rows, "seconds": round(seconds)}
 
