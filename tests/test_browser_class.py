@@ -87,7 +87,9 @@ def test_the_first_compare_and_sweep_show_their_progress(page):
 
     page.get_by_role("tab", name="Teach").click()
     choose(page, "teach-methods", ["Magnitude", "Wanda"])
-    page.get_by_role("button", name="Compare", exact=True).click()
+    compare = page.get_by_role("button", name="Compare", exact=True)
+    compare.evaluate("e => e.scrollIntoView({block: 'center'})")  # where a person looks at the button
+    compare.click()
     assert "@ 0.60" in progress_on_screen(page, "teach-status")
     page.locator("#teach-stop").click()
     wait_idle(page, "teach-status")
