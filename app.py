@@ -11,16 +11,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
+import hashlib
 import html
 import json
 import logging
 import os
 import secrets
 import threading
-import time
 from pathlib import Path
 
 import gradio as gr
+import pandas as pd
 from starlette.middleware import Middleware
 from gradio.utils import get_upload_folder
 
@@ -30,14 +31,23 @@ log = logging.getLogger("ecoflap.app")
 
 MODULE_LABELS = {"vision": "Vision encoder", "qformer": "Q-Former", "projection": "Projection",
                  "language": "Language model"}
-PRUNE_METHODS = [(m.label, m.name) for m in ecoflap.METHODS.values()]
+ALLOCATION_ORDER = ["uniform", "ecoflap", "owl", "modality", "global"]
+# grouped by what they do: the allocation first, then stage 2 within it
+PRUNE_METHODS = [(m.label, m.name) for m in sorted(
+    ecoflap.METHODS.values(), key=lambda m: ALLOCATION_ORDER.index(m.allocation)
+    if m.allocation in ALLOCATION_ORDER else len(ALLOCATION_ORDER))]
 TEACH_DEFAULT = ["wanda", "ecoflap_zeroth"]
+SWEEP_COLUMNS = ["method", "sparsity", "accuracy or loss", "achieved sparsity", "prune s", "point s (with scoring)"]
 DEFAULTS = ecoflap.PruneOptions()  # the advanced settings start at the library's defaults
 # Stopping is a normal action: one calm line, whichever route stopped the work first.
 STOPPED = "Stopped. Nothing from the stopped job was stored, and the shared model keeps its full weights."
 STOPPED_COMPARISON = ("Stopped. The runs that finished before the stop are kept; nothing else was stored, and the "
                       "shared model keeps its full weights.")
 NOTHING_RUNNING = "Nothing of yours was running."
+OWN_PICTURE = ("This is not one of the shapes pictures: the shipped model knows only coloured circles, squares and "
+               "triangles, so whatever this picture shows, the answers above are about shapes (and likely wrong).")
+NO_IMAGE_FOR_QUESTION = ("> Your question was not asked: it needs an image. Pick or upload one above to see each "
+                         "model's answer.\n\n")
 MAX_CALIBRATION_UPLOADS = 256
 LOSS_CHOICES = [("Target given image and prompt", "answer"), ("Prefix-LM captions (the ECoFLaP paper's)", "prefix_lm")]
 # gradio 6.31's screen-reader status line announces these keys untranslated
@@ -80,7 +90,7 @@ quickly, and which pruning recovers best. Stop stores nothing.
 
 WHY_TEXT = """
 Each curve is one part of the model (colour: blue vision, purple Q-Former, brown projection, red
-language) for the full model (solid) or the chosen run (dashed). The x-axis is the magnitude on a log
+language) for the full model (solid) or a chosen run (dashed, then dotted for a second). The x-axis is the magnitude on a log
 scale; the y-axis is the fraction of *all* that part's weights in each bin. Zeros have no place on a log
 axis, so they are left out of the curve but counted in the total: a run that zeroed 60% of a part
 draws a curve whose area is 40% of the full model's, and the legend says "(60% zeros)".
@@ -90,6 +100,22 @@ whose loss gradients are large matter more to the output, which is what ECoFLaP'
 """
 
 
+# A status line is where a job's progress shows: it keeps room for the tracker even when empty
+# (the old text stays readable under it: Stop writes there while the job winds down).
+CSS = """
+.status-box { min-height: 4.5em; }
+/* a phone sees every tab: the tabs gradio would fold into its "more" menu wrap onto a
+   second line instead */
+@media (max-width: 640px) {
+  .tab-wrapper { flex-wrap: wrap; height: auto !important; }
+  .tab-wrapper .overflow-menu > button { display: none; }
+  .tab-wrapper .overflow-dropdown { display: flex !important; flex-direction: row !important; flex-wrap: wrap;
+                                    position: static !important;
+                                    box-shadow: none !important; border: none !important; padding: 0 !important;
+                                    background: none !important; min-width: 0 !important; }
+  .tab-wrapper .overflow-menu { position: static; }
+}
+"""
 MAX_MESSAGE = 400  # a refusal's length, whatever it quotes
 MALFORMED = ("The request does not have the form this endpoint takes: one value per input, and images as "
              "files uploaded to this page (see Use via API).")
@@ -179,11 +205,33 @@ def refusal(err: Exception) -> gr.Error:
 EXPECTED = (Refused, ValueError, KeyError, PermissionError, MemoryError, ecoflap.ModelLoadError)
 
 
-def progress_reporter(progress: gr.Progress):
-    started = time.perf_counter()
+def clicked_on_the_page() -> bool:
+    """Whether a person on the page started this event (a button or a component sent it),
+    rather than an API client, which names no trigger."""
+    try:
+        from gradio.context import LocalContext
 
+        event = LocalContext.blocks.get(None)._queue.event_ids_to_events.get(LocalContext.event_id.get(None))
+        return event is not None and event.data is not None and event.data.trigger_id is not None
+    except (ImportError, AttributeError, LookupError):
+        return False
+
+
+def refuse(err: Exception, outputs: int):
+    """A refusal, as calm as Stop: on the page one toast, and every output left as it was
+    (gradio would badge each output "Error" after gr.Error); an API client gets the error."""
+    error = refusal(err)
+    if not clicked_on_the_page():
+        raise error
+    gr.Warning(error.message, title="Not done")
+    return gr.skip() if outputs == 1 else (gr.skip(),) * outputs
+
+
+def progress_reporter(progress: gr.Progress):
+    """Progress for the page in readable module names ("vision block 1 · attention"); gradio's
+    own tracker shows the elapsed time beside it."""
     def report(what: str, done: int, total: int):
-        progress((done, total), desc=f"{what} · {time.perf_counter() - started:.0f} s")
+        progress((done, total), desc=ecoflap.naming.friendly_text(what))
 
     return report
 
@@ -252,17 +300,22 @@ def describe(server: ecoflap.Server, token):
 
 
 def curves(server: ecoflap.Server, token):
-    """The shipped accuracy-against-sparsity curves of this session's model, if any."""
+    """The shipped accuracy-against-sparsity curves of this session's model, if any: the
+    lesson in plain words and one takeaway from the numbers; how they were measured apart."""
     me = session_of(server, token)
     data = me.shipped_curves()
     if data is None:
-        return gr.update(value=None, visible=False), ""
-    leaders = ecoflap.curves.leaders(data["rows"], data["metric"], data.get("higher_is_better", True))
+        return gr.update(value=None, visible=False), "", ""
+    full, higher = data.get("full_score"), data.get("higher_is_better", True)
     recovered = me.shipped_recovery()
     recovery = f"\n\n{ecoflap.curves.recovery_sentence(recovered)} (Recover tab)" if recovered else ""
-    return (gr.update(value=ecoflap.plots.curves_figure(data), visible=True),
+    lesson = (f"{ecoflap.lessons.opening(data['metric'], full)}\n\n"
+              f"**Takeaway:** {ecoflap.lessons.takeaway(data['rows'], data['metric'], higher, full)}{recovery}")
+    leaders = ecoflap.curves.leaders(data["rows"], data["metric"], higher)
+    return (gr.update(value=ecoflap.plots.curves_figure(data), visible=True), lesson,
             f"{leaders} Measured ahead of time on this model: {data.get('measured_on', 'see its file')}. "
-            f"Regenerate with `{data.get('command', 'python -m ecoflap sweep --json FILE')}`.{recovery}")
+            f"The model's owner regenerates them with "
+            f"`{data.get('command', 'python -m ecoflap sweep --json FILE')}`.")
 
 
 def calibration_note(server: ecoflap.Server) -> str:
@@ -281,7 +334,7 @@ def load_model(server: ecoflap.Server, name, token):
     try:
         message = me.load_model(name)
     except EXPECTED as err:
-        raise refusal(err) from None
+        return refuse(err, 7)
     return (describe(server, token), message, *run_lists(me), None, gr.update(value=None, visible=False))
 
 
@@ -296,11 +349,25 @@ def status_of(run: ecoflap.Run) -> str:
     split = f" ({c['split']})" if c and c["split"] else ""
     data = f" Calibrated on {c['count']} samples of {c['id']}{split}, loss {c['loss']}." if c else ""
     warnings = "".join(f"\n\n> ⚠ {w[:1].upper() + w[1:]}" for w in r.warnings)
+    under = (" Under the target because each row of a matrix zeroes a whole number of its weights, rounded down "
+             "(a row of 96 weights at 0.60 zeroes 57, not 57.6)." if r.achieved_sparsity < r.target_sparsity - 5e-4
+             else "")
     return (f"**{run.label}** done: achieved sparsity **{r.achieved_sparsity:.4f}** (target "
-            f"{r.target_sparsity:.2f}); {parts}. Time: {stages}. Peak during the run: "
+            f"{r.target_sparsity:.2f}); {parts}.{under} Time: {stages}. Peak during the run: "
             f"{r.peak_memory_bytes / 2**20:,.1f} MiB ({memory}).{data}"
             + (f"\n\n**Against the full model** {ecoflap.quality.summary(r.quality)}." if r.quality else "")
             + warnings)
+
+
+def method_options(method):
+    """Only the options the chosen method reads: ECoFLaP's for ECoFLaP, OWL's for OWL, ..."""
+    m = ecoflap.METHODS.get(method)
+    allocation = m.allocation if m else None
+    ecoflap_on, zeroth = allocation == "ecoflap", bool(m and m.estimator == "zeroth")
+    return (gr.update(visible=ecoflap_on), gr.update(visible=ecoflap_on), gr.update(visible=ecoflap_on),
+            gr.update(visible=ecoflap_on and zeroth), gr.update(visible=allocation == "uniform"),
+            gr.update(visible=allocation == "modality"), gr.update(visible=allocation == "owl"),
+            gr.update(visible=allocation == "owl"))
 
 
 def uploaded_images(payload) -> list[str]:
@@ -332,7 +399,7 @@ async def prune(server: ecoflap.Server, method, sparsity, granularity, max_spars
         log.info("stopped: a prune of session %s", me.id[:12])
         return (gr.skip(),) * 8  # the Stop button has said so
     except EXPECTED as err:
-        raise refusal(err) from None
+        return refuse(err, 8)
     sparsity_chart, groups_chart = charts(me, [run.id])
     return (with_notices(me, status_of(run)), sparsity_chart, groups_chart, *run_lists(me, latest=run.id),
             run.id, run.result.to_dict())
@@ -382,7 +449,8 @@ async def recover(server: ecoflap.Server, run_id, steps, way, lr, weight_decay, 
         yield (gr.skip(),) * 7  # the Stop button has said so
         return
     except EXPECTED as err:
-        raise refusal(err) from None
+        yield refuse(err, 7)
+        return
     source = next((r for r in me.runs() if r.label == better.result.recovery["from"]), None)
     yield (with_notices(me, recovery_text(better)),
            ecoflap.plots.loss_figure(better.result.recovery["losses"]),
@@ -474,53 +542,111 @@ def ask(server: ecoflap.Server, image, question, token):
             raise Refused("upload an image (or pick an example) first")
         answers = me.ask(path, question)
     except EXPECTED as err:
-        raise refusal(err) from None
-    return answers_page(answers, me.notices()), answers.to_dict()
+        return refuse(err, 2)
+    own = me.describe()["speaks_shapes"] and not shipped_picture(path)
+    return answers_page(answers, me.notices(), OWN_PICTURE if own else ""), answers.to_dict()
 
 
-def distributions(server: ecoflap.Server, run_id, token):
-    """Weight and gradient magnitude histograms: the full model against one of this session's runs."""
+@functools.cache
+def _shipped_digests() -> frozenset[str]:
+    return frozenset(hashlib.sha256(Path(p).read_bytes()).hexdigest() for p, _ in ecoflap.example_prompts())
+
+
+def shipped_picture(path: str) -> bool:
+    """Whether an image is one of the shipped example pictures (gradio hands back copies,
+    so by content, not by path)."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest() in _shipped_digests()
+
+
+def distributions(server: ecoflap.Server, run_id, other_id, token):
+    """Weight and gradient magnitude histograms: the full model against one or two of this
+    session's runs, and one sentence on what the gradients say about this model."""
     me = session_of(server, token)
     try:
-        data = me.distributions(run_id or None)
+        data = me.distributions(run_id or None, other_id or None)
     except EXPECTED as err:
-        raise refusal(err) from None
-    return ecoflap.plots.distribution_figures(data)
+        return refuse(err, 3)
+    reading = ecoflap.lessons.gradient_reading(data["series"]["full"]["gradients"])
+    return (*ecoflap.plots.distribution_figures(data), f"**Reading:** {reading}" if reading else "")
+
+
+def why_choices(server: ecoflap.Server, other, token):
+    """This session's runs for the second comparison, the choice kept where it still exists."""
+    choices = [(r.label, r.id) for r in session_of(server, token).runs()]
+    return gr.update(choices=[("(none)", "")] + choices, value=other if other in [c[1] for c in choices] else "")
 
 
 async def compare(server: ecoflap.Server, methods, sparsity, image, question, token, progress=gr.Progress()):
     """Prune with two to four methods at one sparsity; allocations, scores and answers side by side."""
     me = session_of(server, token)
+    before = {r.id for r in me.runs()}
     try:
         path = uploaded_file(image)
         result = await in_worker(me.compare, methods, sparsity, path, question,
                                  progress=progress_reporter(progress))
     except ecoflap.Cancelled:
         log.info("stopped: a comparison of session %s", me.id[:12])
-        return gr.skip(), gr.skip(), *run_lists(me)  # the Stop button has said so
+        return stopped_comparison(me, [r for r in me.runs() if r.id not in before])
     except EXPECTED as err:
-        raise refusal(err) from None
-    chart = ecoflap.plots.sparsity_figure(
+        return refuse(err, 7)
+    unasked = (NO_IMAGE_FOR_QUESTION if path is None and isinstance(question, str) and question.strip() else "")
+    return (with_notices(me, unasked + comparison_text(result)), runs_figure(result.runs),
+            *run_lists(me, [r.id for r in result.runs], result.runs[-1].id),
+            [str(p) for p in me.export_table("comparison", result.table())],
+            f"Compared {len(result.runs)} methods at {result.sparsity:.2f}: the table and the chart are below.")
+
+
+def runs_figure(runs):
+    return ecoflap.plots.sparsity_figure(
         [{"label": r.label, "layers": r.result.layers, "target_sparsity": r.result.target_sparsity,
-          "warnings": r.result.warnings} for r in result.runs])
-    return (with_notices(me, comparison_text(result)), chart, *run_lists(me, [r.id for r in result.runs],
-                                                                         result.runs[-1].id))
+          "warnings": r.result.warnings} for r in runs])
+
+
+def stopped_comparison(me: ecoflap.Session, finished):
+    """What a stopped comparison leaves: the runs it finished, their chart, and no table (the
+    scores need every run); the old table and chart go, since they belong to another set."""
+    if not finished:
+        return ("", None, *run_lists(me), None, with_notices(me, STOPPED_COMPARISON + " No run had finished."))
+    names = ", ".join(r.label for r in finished)
+    return ("", runs_figure(finished), *run_lists(me, [r.id for r in finished], finished[-1].id), None,
+            with_notices(me, f"{STOPPED_COMPARISON} Finished before the stop: {names} (their chart is below; "
+                             "compare again for the scores)."))
 
 
 async def sweep(server: ecoflap.Server, methods, sparsities, token, progress=gr.Progress()):
-    """Score against sparsity for the chosen methods (the shared model is never left pruned)."""
+    """Score against sparsity for the chosen methods (the shared model is never left pruned),
+    beside the full model's score. A stopped sweep keeps the points it finished."""
     me = session_of(server, token)
+    finished: list[dict] = []
     try:
-        rows = await in_worker(me.sweep, methods, sparsities, progress=progress_reporter(progress))
+        rows = await in_worker(me.sweep, methods, sparsities, progress=progress_reporter(progress),
+                               on_row=finished.append)
+        full = await in_worker(me.full_score)
     except ecoflap.Cancelled:
         log.info("stopped: a sweep of session %s", me.id[:12])
-        return gr.skip(), gr.skip(), gr.skip()  # the Stop button has said so
+        kept = (f"the {len(finished)} point(s) finished before the stop are below." if finished
+                else "no point had finished.")
+        return sweep_outputs(me, finished, None, f"Stopped: {kept} Nothing else was stored, and the shared model "
+                                                 "keeps its full weights.")
     except EXPECTED as err:
-        raise refusal(err) from None
-    metric = rows[0]["metric"]
+        return refuse(err, 4)
+    prune_s, wall_s = sum(r["seconds"] for r in rows), sum(r["wall_seconds"] for r in rows)
+    same = full["metric"] == rows[0]["metric"]  # the baseline only where it is the same measure
+    line = f" The grey line is the full model ({full['metric']} {full['value']:.4f})." if same else ""
+    return sweep_outputs(me, rows, full if same else None,
+                         f"{len(rows)} points measured in {wall_s:.1f} s: {prune_s:.1f} s pruning, the rest scoring "
+                         f"each pruned model (and waiting for the shared model).{line}")
+
+
+def sweep_outputs(me: ecoflap.Session, rows: list[dict], full: dict | None, status: str):
+    """Chart, table, files and status of one sweep's rows: always the same rows in all of them."""
+    metric = rows[0]["metric"] if rows else "score"
     table = [[r["label"], r["sparsity"], round(r["score"], 4), round(r["achieved_sparsity"], 4),
-              round(r["seconds"], 2)] for r in rows]
-    return ecoflap.plots.sweep_figure(rows, metric), table, with_notices(me, f"{len(rows)} points measured.")
+              round(r["seconds"], 2), round(r["wall_seconds"], 2)] for r in rows]
+    chart = ecoflap.plots.sweep_figure(rows, metric, full_score=full["value"] if full else None) if rows else None
+    files = [str(p) for p in me.export_table("sweep", rows)] if rows else None
+    columns = ["method", "sparsity", metric, "achieved sparsity", "prune s", "point s (with scoring)"]
+    return chart, pd.DataFrame(table, columns=columns), with_notices(me, status), files
 
 
 def export(server: ecoflap.Server, run_id, with_model, token):
@@ -529,7 +655,7 @@ def export(server: ecoflap.Server, run_id, with_model, token):
     try:
         return [str(p) for p in me.export(run_id, with_model)]
     except EXPECTED as err:
-        raise refusal(err) from None
+        return refuse(err, 1)
 
 
 def new_session(server: ecoflap.Server) -> str:
@@ -644,10 +770,13 @@ class Page(gr.Blocks):
 def build_app(server: ecoflap.Server, stats_key: str | None = None) -> gr.Blocks:
     """The page: layout, then its events, each bound to a handler above (`stats_key`: the
     owner's key for /stats; without one, /stats answers nobody)."""
+    examples = ecoflap.example_prompts()
+    # Teach opens with an example and its question, so each model's answer shows by default
+    lesson_image, lesson_question = next(((p, q) for p, q in examples if q), (None, ""))
     with Page(title="ecoflap: prune a vision-language model", delete_cache=(600, 3600)) as demo:
         token = gr.State(bind(server, new_session), delete_callback=bind(server, page_closed))
         gr.Markdown("# ecoflap — prune a vision-language model and see where the sparsity went")
-        model_info = gr.Markdown()
+        model_info = gr.Markdown(elem_id="model-info")
         with gr.Accordion("Load another model", open=False):
             with gr.Row():
                 model_name = gr.Textbox(label="Hub id", placeholder="Salesforce/blip2-opt-2.7b", scale=4, max_length=200)
@@ -660,28 +789,35 @@ def build_app(server: ecoflap.Server, stats_key: str | None = None) -> gr.Blocks
                         sparsity = gr.Slider(0.0, ecoflap.MAX_SPARSITY, value=0.5, step=0.05, label="Sparsity",
                                              elem_id="prune-sparsity")
                         method = gr.Radio(PRUNE_METHODS, value="ecoflap_zeroth", label="Method",
+                                          info="Grouped by allocation (how sparse each layer may be): uniform, "
+                                               "ECoFLaP, OWL, per-modality, global; then by stage 2 (which weights).",
                                           elem_id="prune-method")
                         with gr.Accordion("Advanced", open=False):
                             granularity = gr.Radio(list(ecoflap.GRANULARITIES), value=DEFAULTS.granularity,
                                                    label="ECoFLaP granularity")
-                            max_sparsity = gr.Number(value=0, label="Max per-layer sparsity (0: sparsity + 0.1)")
+                            max_sparsity = gr.Number(value=0, label="ECoFLaP: max per-layer sparsity (0: the "
+                                                                    "sparsity + 0.1)")
                             samples = gr.Number(value=DEFAULTS.samples, precision=0,
                                                 label="Calibration samples (layer-wise stage)")
                             stage1_samples = gr.Number(value=0, precision=0,
-                                                       label="Stage-1 samples (0: 32 zeroth / 128 first)")
-                            eps = gr.Number(value=DEFAULTS.eps, label="Zeroth-order eps")
+                                                       label="ECoFLaP: stage-1 samples (0: 32 zeroth-order, "
+                                                             "128 first-order)")
+                            eps = gr.Number(value=DEFAULTS.eps, label="ECoFLaP zeroth-order: eps (the step of the nudge)")
                             nm = gr.Dropdown(["off", "2:4", "4:8", "1:4"], value="off", allow_custom_value=True,
+                                             visible=False,
                                              label="N:M (uniform methods; sets the sparsity to N/M)")
                             batch_size = gr.Number(value=DEFAULTS.batch_size, precision=0, label="Batch size")
                             modules = gr.CheckboxGroup([(label, key) for key, label in MODULE_LABELS.items()],
                                                        value=list(DEFAULTS.include), label="Modules to prune")
                             vision_sparsity = gr.Textbox(value="", max_lines=1, elem_id="prune-vision-sparsity",
+                                                         visible=False,
                                                          label="Per-modality: vision sparsity (empty: the target; "
                                                                "the language model takes the rest of the budget)")
                             with gr.Row():
-                                owl_m = gr.Number(value=DEFAULTS.owl_m, label="OWL: M (outlier = score above M x mean)")
+                                owl_m = gr.Number(value=DEFAULTS.owl_m, label="OWL: M (outlier = score above M x mean)",
+                                                  visible=False)
                                 owl_lambda = gr.Number(value=DEFAULTS.owl_lambda,
-                                                       label="OWL: lambda (band around the target)")
+                                                       label="OWL: lambda (band around the target)", visible=False)
                         with gr.Accordion("Calibration data", open=False, elem_id="calibration-data"):
                             gr.Markdown(calibration_note(server))
                             calibration = gr.Textbox(value="", max_lines=1, max_length=200, elem_id="calibration-source",
@@ -701,7 +837,8 @@ def build_app(server: ecoflap.Server, stats_key: str | None = None) -> gr.Blocks
                             verify_button = gr.Button("Check full weights", size="sm")
                             clear_button = gr.Button("Clear my runs", size="sm")
                     with gr.Column(scale=2):
-                        status = gr.Markdown("Pick a method and a sparsity, then Prune.")
+                        status = gr.Markdown("Pick a method and a sparsity, then Prune.", elem_id="prune-status",
+                                             elem_classes=["status-box"])
                         sparsity_plot = gr.Plot(label="Per-layer sparsity", show_label=False, elem_id="prune-chart")
                         runs_selected = gr.CheckboxGroup([], label="Overlay runs of this session",
                                                          elem_id="overlay-runs")
@@ -742,50 +879,66 @@ def build_app(server: ecoflap.Server, stats_key: str | None = None) -> gr.Blocks
                         question = gr.Textbox(label="Question (empty: a caption)", placeholder="what color is the circle?",
                                               max_length=2000)
                         ask_button = gr.Button("Ask the full and the pruned models", variant="primary")
-                        examples = ecoflap.example_prompts()
                         if examples:
                             gr.Examples([list(pair) for pair in examples], inputs=[image, question],
-                                        example_labels=[f"{Path(p).stem}: {q or '(caption)'}" for p, q in examples])
+                                        examples_per_page=8)
                     with gr.Column():
                         answers_html = gr.HTML()
                         answers_json = gr.JSON(label="Answers (raw)", visible=False)
-            with gr.Tab("Why"):
+            with gr.Tab("Why") as why_tab:
                 gr.Markdown(WHY_TEXT)
                 with gr.Row():
                     dist_run = gr.Dropdown([], label="Compare the full model with run", value=None)
+                    dist_other = gr.Dropdown([("(none)", "")], label="and with run (optional)", value="",
+                                             elem_id="why-other")
                     dist_button = gr.Button("Show weight and gradient distributions")
-                weights_plot = gr.Plot(show_label=False)
-                grads_plot = gr.Plot(show_label=False)
+                why_reading = gr.Markdown(elem_id="why-reading")
+                weights_plot = gr.Plot(show_label=False, elem_id="why-weights")
+                grads_plot = gr.Plot(show_label=False, elem_id="why-gradients")
             with gr.Tab("Teach"):
                 teach_curve = gr.Plot(show_label=False, elem_id="teach-curve")
-                teach_curve_note = gr.Markdown()
+                teach_curve_note = gr.Markdown(elem_id="teach-lesson")
+                with gr.Accordion("How these curves were measured", open=False):
+                    teach_curve_details = gr.Markdown()
                 gr.Markdown("**Try it:** prune with each chosen method at the same sparsity, see where each put the "
                             "zeros, score every model on the same questions, and answer your question with each.")
                 with gr.Row():
                     teach_methods = gr.CheckboxGroup(PRUNE_METHODS, value=TEACH_DEFAULT, label="Methods (two to four)",
-                                                     elem_id="teach-methods")
+                                                     elem_id="teach-methods", min_width=340)
                     teach_sparsity = gr.Slider(0.0, ecoflap.MAX_SPARSITY, value=0.6, step=0.05, label="Sparsity")
                 with gr.Row():
-                    teach_image = gr.Image(type="filepath", label="Image (optional)", sources=["upload", "clipboard"])
+                    teach_image = gr.Image(lesson_image, type="filepath", label="Image (optional)",
+                                           sources=["upload", "clipboard"], elem_id="teach-image")
                     with gr.Column():
                         gr.Markdown(SHAPES_NOTE, elem_classes=["note"])
-                        teach_question = gr.Textbox(label="Question (empty: a caption)", max_length=2000)
-                with gr.Row():
-                    teach_button = gr.Button("Compare", variant="primary")
-                    teach_stop = gr.Button("Stop", elem_id="teach-stop")
-                teach_text = gr.Markdown()
-                teach_plot = gr.Plot(show_label=False)
+                        teach_question = gr.Textbox(lesson_question, label="Question (empty: a caption)", max_length=2000,
+                                                    elem_id="teach-question")
+                # the status sits beside its buttons: where a person looks after a click
+                with gr.Row(equal_height=True):
+                    teach_button = gr.Button("Compare", variant="primary", scale=1)
+                    teach_stop = gr.Button("Stop", elem_id="teach-stop", scale=1)
+                    teach_status = gr.Markdown("Choose methods and a sparsity, then Compare.", elem_id="teach-status",
+                                               elem_classes=["status-box"], scale=2, min_width=240)
+                teach_text = gr.Markdown(elem_id="teach-result")
+                teach_plot = gr.Plot(show_label=False, elem_id="teach-chart")
+                teach_files = gr.File(label="This comparison (CSV, JSON)", file_count="multiple", height=110,
+                                      elem_id="teach-files")
             with gr.Tab("Sweep"):
                 with gr.Row():
-                    sweep_methods = gr.CheckboxGroup(PRUNE_METHODS, value=TEACH_DEFAULT, label="Methods")
+                    sweep_methods = gr.CheckboxGroup(PRUNE_METHODS, value=TEACH_DEFAULT, label="Methods", min_width=340,
+                                                    elem_id="sweep-methods")
                     sweep_sparsities = gr.Textbox(value="0.3,0.5,0.6,0.7", label="Sparsities",
                                                   info=f"at most {server.limits.sweep_points} points in all")
-                with gr.Row():
-                    sweep_button = gr.Button("Run sweep", variant="primary")
-                    sweep_stop = gr.Button("Stop", elem_id="sweep-stop")
-                sweep_status = gr.Markdown()
-                sweep_plot = gr.Plot(show_label=False)
-                sweep_table = gr.Dataframe(headers=["method", "sparsity", "score", "achieved", "seconds"])
+                with gr.Row(equal_height=True):
+                    sweep_button = gr.Button("Run sweep", variant="primary", scale=1)
+                    sweep_stop = gr.Button("Stop", elem_id="sweep-stop", scale=1)
+                    sweep_status = gr.Markdown("Choose methods and sparsities, then Run sweep.",
+                                               elem_id="sweep-status", elem_classes=["status-box"], scale=2,
+                                               min_width=240)
+                sweep_plot = gr.Plot(show_label=False, elem_id="sweep-chart")
+                sweep_table = gr.Dataframe(headers=SWEEP_COLUMNS, elem_id="sweep-table")
+                sweep_files = gr.File(label="This sweep (CSV, JSON)", file_count="multiple", height=110,
+                                      elem_id="sweep-files")
             with gr.Tab("Export"):
                 export_run = gr.Dropdown([], label="Run")
                 export_model = gr.Checkbox(value=False, label="Also save the pruned model (safetensors, zipped)",
@@ -795,12 +948,15 @@ def build_app(server: ecoflap.Server, stats_key: str | None = None) -> gr.Blocks
 
         run_outputs = [runs_selected, export_run, dist_run]
         demo.load(bind(server, describe), token, model_info, api_name="describe")
-        demo.load(bind(server, curves), token, [teach_curve, teach_curve_note], api_visibility="private")
+        demo.load(bind(server, curves), token, [teach_curve, teach_curve_note, teach_curve_details], api_visibility="private")
         load_button.click(
             bind(server, load_model), [model_name, token],
             [model_info, load_status, *run_outputs, sparsity_plot, groups_plot], api_name="load_model",
-            preprocess=False).then(bind(server, curves), token, [teach_curve, teach_curve_note],
+            preprocess=False).then(bind(server, curves), token, [teach_curve, teach_curve_note, teach_curve_details],
                                    api_visibility="private")
+        method.change(method_options, method,
+                      [granularity, max_sparsity, stage1_samples, eps, nm, vision_sparsity, owl_m, owl_lambda],
+                      api_visibility="private", queue=False)
         prune_button.click(
             bind(server, prune),
             [method, sparsity, granularity, max_sparsity, samples, stage1_samples, eps, nm, modules, batch_size,
@@ -816,16 +972,18 @@ def build_app(server: ecoflap.Server, stats_key: str | None = None) -> gr.Blocks
                            api_name="clear_runs")
         ask_button.click(bind(server, ask), [image, question, token], [answers_html, answers_json], api_name="ask",
                          preprocess=False)
-        dist_button.click(bind(server, distributions), [dist_run, token], [weights_plot, grads_plot],
+        why_tab.select(bind(server, why_choices), [dist_other, token], dist_other, api_visibility="private")
+        dist_button.click(bind(server, distributions), [dist_run, dist_other, token],
+                          [weights_plot, grads_plot, why_reading],
                           api_name="distributions", preprocess=False)
         teach_button.click(
             bind(server, compare), [teach_methods, teach_sparsity, teach_image, teach_question, token],
-            [teach_text, teach_plot, *run_outputs], api_name="compare", preprocess=False,
-            show_progress_on=[teach_text], concurrency_limit=8, concurrency_id="long")
-        teach_stop.click(bind(server, stop_comparison), token, teach_text, api_visibility="private", queue=False)
+            [teach_text, teach_plot, *run_outputs, teach_files, teach_status], api_name="compare", preprocess=False,
+            show_progress_on=[teach_status], concurrency_limit=8, concurrency_id="long")
+        teach_stop.click(bind(server, stop_comparison), token, teach_status, api_visibility="private", queue=False)
         sweep_button.click(
-            bind(server, sweep), [sweep_methods, sweep_sparsities, token], [sweep_plot, sweep_table, sweep_status],
-            api_name="sweep", preprocess=False, show_progress_on=[sweep_status], concurrency_limit=8,
+            bind(server, sweep), [sweep_methods, sweep_sparsities, token],
+            [sweep_plot, sweep_table, sweep_status, sweep_files], api_name="sweep", preprocess=False, show_progress_on=[sweep_status], concurrency_limit=8,
             concurrency_id="long")
         sweep_stop.click(bind(server, stop), token, sweep_status, api_visibility="private", queue=False)
         recover_tab.select(bind(server, recover_choices), [recover_run, token], recover_run,
@@ -846,29 +1004,41 @@ def build_app(server: ecoflap.Server, stats_key: str | None = None) -> gr.Blocks
     return demo
 
 
-def answers_page(answers: ecoflap.Answers, notices: list[str]) -> str:
+def answers_page(answers: ecoflap.Answers, notices: list[str], beside: str = "") -> str:
+    """The full model's answer, then each run's; a run that answers differently is marked."""
     q = html.escape(answers.question) if answers.question else "<i>(caption)</i>"
-    cards = [("Full model", answers.full)] + [(r["label"], r["answer"]) for r in answers.runs]
+    cards = [("Full model", answers.full, False)] + [(r["label"], r["answer"], r["answer"] != answers.full)
+                                                     for r in answers.runs]
     body = "".join(
-        f"<div style='flex:1;min-width:160px;border:1px solid #ddd;border-radius:8px;padding:10px'>"
+        f"<div class='answer{' differs' if differs else ''}' style='flex:1;min-width:160px;border:1px solid "
+        f"{'#d97706' if differs else '#ddd'};border-radius:8px;padding:10px'>"
         f"<div style='font-weight:600;margin-bottom:6px'>{html.escape(label)}</div>"
-        f"<div style='font-size:1.1em'>{html.escape(text) or '<i>(empty)</i>'}</div></div>"
-        for label, text in cards
+        f"<div style='font-size:1.1em'>{html.escape(text) or '<i>(empty)</i>'}</div>"
+        + ("<div style='color:#b45309;font-size:0.85em;margin-top:6px'>differs from the full model</div>"
+           if differs else "") + "</div>"
+        for label, text, differs in cards
     )
     told = [answers.notice] if answers.notice else []
     extra = "".join(f"<p style='color:#a60'>{html.escape(n)}</p>" for n in told + notices)
-    hint = "" if answers.runs else "<p style='color:#666'>Prune on the Prune tab to see pruned answers here.</p>"
-    return f"{extra}<p>Question: {q}</p><div style='display:flex;gap:10px;flex-wrap:wrap'>{body}</div>{hint}"
+    changed = sum(differs for *_, differs in cards)
+    hint = ("<p style='color:#666'>Prune on the Prune tab to see pruned answers here.</p>" if not answers.runs else
+            f"<p style='color:#666'>{changed} of {len(answers.runs)} pruned model(s) answer differently from the "
+            "full model.</p>")
+    aside = f"<p class='own-picture' style='color:#b45309'>{html.escape(beside)}</p>" if beside else ""
+    return (f"{extra}<p>Question: {q}</p><div style='display:flex;gap:10px;flex-wrap:wrap'>{body}</div>{aside}{hint}")
 
 
 def comparison_text(result: ecoflap.Comparison) -> str:
+    """The comparison's one-sentence takeaway, its table, and what was measured."""
     better = "higher is better" if result.higher_is_better else "lower is better"
+    takeaway = ecoflap.lessons.comparison_takeaway(result.rows, result.metric, result.higher_is_better,
+                                                   result.sparsity)
     answer_column = result.question is not None
     flips = "accuracy" in result.rows[0]["quality"]
     header = (f"| model | {result.metric} ({better}) | same top | same answer |"
               + (" flips r→w / w→r |" if flips else " KL p99 |")
               + " vision | language |" + (" answer |" if answer_column else ""))
-    lines = [header, "|---" * (8 if answer_column else 7) + "|"]
+    lines = [f"**Takeaway:** {takeaway}", "", header, "|---" * (8 if answer_column else 7) + "|"]
     for row in result.rows:
         by, q = row["sparsity_by_modality"], row["quality"]
         cells = [html.escape(row["label"]), f"{row['score']:.3f}", f"{q['same_top']:.1%}", f"{q['same_answer']:.1%}",
@@ -877,7 +1047,8 @@ def comparison_text(result: ecoflap.Comparison) -> str:
         if answer_column:
             cells.append(html.escape(row["answer"] or "") or "(empty)")
         lines.append("| " + " | ".join(cells) + " |")
-    asked = (f"Question: {html.escape(result.question) or '(caption)'}. " if answer_column else "")
+    question = (html.escape(result.question) or "(caption)") if answer_column else ""
+    asked = f"Question: {question}{'' if question[-1] in '.?!)' else '.'} " if answer_column else ""
     return "\n".join(lines) + f"\n\n{result.metric.capitalize()}: {result.measured_on}. {asked}" \
         "Same top: the share of answer tokens whose most likely next token is the full model's; same answer: " \
         "the share of greedy answers identical to the full model's" + \
@@ -906,7 +1077,7 @@ def main(argv=None):
     demo = build_app(server, os.environ.get("ECOFLAP_STATS_TOKEN") or None)
     demo.queue(max_size=server.limits.queue_size, default_concurrency_limit=4)
     demo.launch(server_name=args.host, server_port=args.port,
-                max_file_size=f"{int(server.limits.upload_mb)}mb", i18n=SCREEN_READER_WORDS,
+                max_file_size=f"{int(server.limits.upload_mb)}mb", i18n=SCREEN_READER_WORDS, css=CSS,
                 app_kwargs={"middleware": [Middleware(UploadGuard, server=server)]})
 
 

@@ -10,7 +10,7 @@ One model in a notebook or a script:
 Many people on one deployment (what the app does): a `Server` and a `Session` each.
 """
 
-from . import curves, plots, quality
+from . import curves, lessons, naming, plots, quality
 from .allocation import allocate_sparsity
 from .anatomy import DEFAULT_INCLUDE, GRANULARITIES, INCLUDE_CHOICES, MODALITIES, parameter_counts, prunable_layers
 from .answers import MAX_QUESTION_CHARS, ask
@@ -60,6 +60,8 @@ __all__ = [
     "Workbench",
     "allocate_sparsity",
     "curves",
+    "lessons",
+    "naming",
     "ask",
     "client_address",
     "example_prompts",

@@ -455,7 +455,7 @@ def cmd_sweep(args) -> int:
                                    f"{args.samples} samples, loss {args.loss}",
                     "command": "python -m ecoflap " + " ".join(shlex.quote(a) for a in args.argv),
                     "calibration": calibration.report() if calibration else None, "rows": rows}, args.json)
-    write_text(table_csv(rows, (*SWEEP_COLUMNS, "seed", *QUALITY_COLUMNS)), args.csv)
+    write_text(table_csv(rows, (*SWEEP_COLUMNS, *QUALITY_COLUMNS)), args.csv)
     shown, name = with_y(rows, args.y)
     figure = sweep_figure(summarise(shown), name)
     write_text(figure.to_html(include_plotlyjs=True), args.html)

@@ -37,8 +37,8 @@ def read(path: Path) -> dict | None:
     try:
         data = json.loads(path.read_text())
         summary = {**{k: v for k, v in data.items() if k != "rows"}, "rows": summarise(data["rows"])}
-        if "metric" not in summary:
-            summary["metric"] = data["rows"][0].get("metric", "score") if data["rows"] else "score"
+        if "metric" not in summary:  # not setdefault: its default would be read even where the file names it
+            summary["metric"] = data["rows"][0]["metric"] if data["rows"] else "score"
         return summary
     except (OSError, ValueError, KeyError, TypeError, IndexError) as err:
         log.warning("ignoring curves file %s: %s", path.name, err)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import plotly.graph_objects as go
 
+from .naming import friendly
+
 MODALITY_COLORS = {"vision": "#1f77b4", "qformer": "#9467bd", "projection": "#8c564b", "language": "#d62728"}
 MODALITY_NAMES = {"vision": "Vision", "qformer": "Q-Former", "projection": "Projection", "language": "Language"}
 RUN_COLORS = ["#222222", "#e6850e", "#2ca02c", "#9c27b0", "#17becf", "#bcbd22"]
@@ -53,8 +55,9 @@ def sparsity_figure(runs: list[dict]) -> go.Figure:
             legendgroup=str(r), line={"color": style["color"], "dash": style["dash"], "width": 1.5},
             marker={"color": [MODALITY_COLORS.get(row["modality"], "#888") for row in rows], "size": 6,
                     "line": {"width": 1, "color": style["color"]}},
-            customdata=[[row["name"], row["numel"], row["zeros"], run["label"], row["stack"]] for row in rows],
-            hovertemplate="%{customdata[3]}<br>%{customdata[0]}<br>sparsity %{y:.3f}"
+            customdata=[[row["name"], row["numel"], row["zeros"], run["label"], row["stack"], friendly(row["name"])]
+                        for row in rows],
+            hovertemplate="%{customdata[3]}<br><b>%{customdata[5]}</b><br>%{customdata[0]}<br>sparsity %{y:.3f}"
                           "<br>%{customdata[2]:,} zeros of %{customdata[1]:,}<extra></extra>",
         ))
         fig.add_hline(y=run["target_sparsity"], line_dash=style["dash"], line_color=style["color"], line_width=1,
@@ -62,7 +65,8 @@ def sparsity_figure(runs: list[dict]) -> go.Figure:
     if runs:
         _bands(fig, runs[0]["layers"], "stack", "stack")
     warned = list(dict.fromkeys(w.split(":")[0] for run in runs for w in run.get("warnings") or []))
-    title = "Sparsity of each prunable layer" + "".join(f"<br><sup>⚠ {w}</sup>" for w in warned)
+    named = f": {runs[0]['label']}" if len(runs) == 1 else ""  # a single run's chart says whose it is
+    title = f"Sparsity of each prunable layer{named}" + "".join(f"<br><sup>⚠ {w}</sup>" for w in warned)
     fig.update_layout(title={"text": title, "y": 0.97},
                       xaxis_title="prunable layer (forward order)", yaxis_title="sparsity of the layer",
                       yaxis_range=[0, 1.02], **LAYOUT)
@@ -118,8 +122,10 @@ def histogram_figure(series: dict[str, dict[str, dict]], title: str, xlabel: str
     drawn, so a pruned model's curve sits lower by exactly its share of zeros.
     """
     fig = go.Figure()
+    order = list(MODALITY_NAMES)  # one legend order in every plot
     for i, (label, histograms) in enumerate(series.items()):
-        for modality, hist in histograms.items():
+        for modality in sorted(histograms, key=lambda m: order.index(m) if m in order else len(order)):
+            hist = histograms[modality]
             edges = hist["log10_edges"]
             centers = [(a + b) / 2 for a, b in zip(edges[:-1], edges[1:])]
             total = max(1, hist["nonzero"] + hist["zeros"])
@@ -129,15 +135,23 @@ def histogram_figure(series: dict[str, dict[str, dict]], title: str, xlabel: str
                 name=name, line={"color": MODALITY_COLORS.get(modality, "#888"), "dash": RUN_DASHES[i % 6]},
                 hovertemplate="|value| %{x:.2e}<br>fraction %{y:.4f}<extra>" + name + "</extra>",
             ))
-    fig.update_layout(title={"text": title, "y": 0.97}, xaxis={"title": xlabel, "type": "log"},
+    # ticks as powers of ten (10⁻⁶), not SI prefixes ("1µ", "100n") that read as units
+    fig.update_layout(title={"text": title, "y": 0.97},
+                      xaxis={"title": xlabel, "type": "log", "exponentformat": "power", "dtick": 1},
                       yaxis_title="fraction of the modality's weights", **LAYOUT)
     return fig
 
 
-def sweep_figure(rows: list[dict], score_name: str, title: str | None = None) -> go.Figure:
+def sweep_figure(rows: list[dict], score_name: str, title: str | None = None,
+                 full_score: float | None = None) -> go.Figure:
     """Score against sparsity, one line per method; rows are {method, label?, sparsity,
-    score, score_min?, score_max?, seeds?} (the range over seeds as error bars)."""
+    score, score_min?, score_max?, seeds?} (the range over seeds as error bars). The full
+    model's score, where given, is a grey line: the baseline every curve falls from."""
     fig = go.Figure()
+    if full_score is not None:
+        shown = f"{full_score:.1%}" if score_name == "accuracy" else f"{full_score:.3f}"
+        fig.add_hline(y=full_score, line={"color": "#888", "dash": "dot", "width": 2},
+                      annotation_text=f"full model {shown}", annotation_position="top right")
     for i, method in enumerate(dict.fromkeys(r["method"] for r in rows)):
         points = sorted((r for r in rows if r["method"] == method), key=lambda r: r["sparsity"])
         label = points[0].get("label", method)
@@ -178,7 +192,7 @@ def curves_figure(curves: dict) -> go.Figure:
     seeds = max((r["seeds"] for r in curves["rows"]), default=1)
     spread = f"; mean and range over {seeds} seeds where a method is random" if seeds > 1 else ""
     return sweep_figure(curves["rows"], curves["metric"],
-                        f"Measured ahead: {curves['metric']} against sparsity{spread}")
+                        f"Measured ahead: {curves['metric']} against sparsity{spread}", curves.get("full_score"))
 
 
 def loss_figure(losses: list[float], steps: int | None = None, title: str = "Fine-tuning loss") -> go.Figure:

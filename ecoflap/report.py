@@ -67,7 +67,8 @@ def save_pruned(loaded, report: dict, folder: str | Path):
 
 
 LAYER_COLUMNS = ("name", "modality", "stack", "block", "numel", "zeros", "sparsity", "target_sparsity")
-SWEEP_COLUMNS = ("method", "sparsity", "metric", "score", "achieved_sparsity", "seconds")
+SWEEP_COLUMNS = ("method", "sparsity", "metric", "score", "achieved_sparsity", "seconds", "wall_seconds", "seed",
+                 "label")
 
 
 def layers_csv(report: dict) -> str:

@@ -491,12 +491,14 @@ class Server:
 
     # exports
 
-    def export_folder(self, session_id: str) -> Path:
-        """A fresh, unguessable folder for a session's export; its previous export is deleted.
-        Its files are the only copies (a web app serves them from where they are), so the
-        cap, the lifetime and the deletions here cover every byte of every export."""
-        self.delete_exports(session_id)
-        folder = self.export_root / f"{_export_prefix(session_id)}.{secrets.token_hex(8)}"
+    def export_folder(self, session_id: str, kind: str = "run") -> Path:
+        """A fresh, unguessable folder for a session's export of one kind (a run, a sweep, a
+        comparison); its previous export of that kind is deleted. Its files are the only
+        copies (a web app serves them from where they are), so the cap, the lifetime and the
+        deletions here cover every byte of every export."""
+        for old in self.export_root.glob(f"{_export_prefix(session_id)}.{kind}.*"):
+            shutil.rmtree(old, ignore_errors=True)
+        folder = self.export_root / f"{_export_prefix(session_id)}.{kind}.{secrets.token_hex(8)}"
         folder.mkdir()
         return folder
 

@@ -26,6 +26,7 @@ import re
 import shutil
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -46,9 +47,9 @@ from .options import PruneOptions, from_settings, number, sparsity_list, sparsit
 from .offload import is_offloaded
 from .progress import Progress, StopCheck, prefixed
 from .recover import OnStep, recover_options
-from .report import PruneResult, layers_csv, save_pruned, write_json, write_text
+from .report import SWEEP_COLUMNS, PruneResult, layers_csv, save_pruned, table_csv, write_json, write_text
 from .quality import labelled_counts
-from .scoring import SCORE_SEED, held_out_examples, speaks_shapes
+from .scoring import SCORE_SEED, held_out_examples, quick_score, speaks_shapes
 from .sources import Calibration
 from .stats import gradient_histograms, weight_histograms
 from .sweep import sweep
@@ -57,6 +58,9 @@ from .workbench import Cancelled, Workbench
 
 log = logging.getLogger(__name__)
 MAX_NEW_TOKENS = 64
+_FULL_SCORES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # workbench -> {questions: score}
+TABLE_COLUMNS = {"sweep": SWEEP_COLUMNS,
+                 "comparison": ("label", "metric", "score", "vision_sparsity", "language_sparsity", "answer")}
 QUALITY_N = 100  # held-out examples each run is measured on against the full model
 
 
@@ -106,6 +110,13 @@ class Comparison:
         return {"sparsity": self.sparsity, "runs": [r.summary() for r in self.runs], "rows": self.rows,
                 "metric": self.metric, "higher_is_better": self.higher_is_better, "measured_on": self.measured_on,
                 "question": self.question}
+
+    def table(self) -> list[dict]:
+        """One flat row per model (the full model first), as the table shows and the CSV holds."""
+        return [{"label": r["label"], "metric": self.metric, "score": r["score"],
+                 "vision_sparsity": r["sparsity_by_modality"].get("vision"),
+                 "language_sparsity": r["sparsity_by_modality"].get("language"), "answer": r["answer"]}
+                for r in self.rows]
 
 
 class Session:
@@ -217,6 +228,7 @@ class Session:
         self.touch()
         info = self.workbench.describe()
         info["runs"] = [r.summary() for r in self.runs()]
+        info["speaks_shapes"] = speaks_shapes(self.workbench.loaded)  # knows only the shapes world
         return info
 
     def shipped_curves(self) -> dict | None:
@@ -445,6 +457,16 @@ class Session:
                           f"{reference.from_references} reference answers and {n - reference.from_references} of "
                           f"the full model's own", fitted)
 
+    def full_score(self, eval_n: int = 200, should_stop: StopCheck | None = None) -> dict:
+        """The full model's quick score, the baseline of every comparison and sweep: computed
+        once per loaded model and question count, then shared (it is the same for everyone)."""
+        bench = self.workbench
+        scores = _FULL_SCORES.setdefault(bench, {})
+        if eval_n not in scores:
+            scores[eval_n] = bench.using(None, lambda loaded: quick_score(loaded, eval_n), long=True,
+                                         should_stop=should_stop, owner=self.id)
+        return scores[eval_n]
+
     def sweep(self, methods, sparsities, eval_n: int = 200, progress: Progress | None = None,
               should_stop: StopCheck | None = None, on_row: Callable[[dict], None] | None = None) -> list[dict]:
         """Score against sparsity, each point one prune and one score (other users' work goes
@@ -467,11 +489,12 @@ class Session:
             return sweep(bench, chosen, values, calibration=self.calibration_for(hungriest, PruneOptions()),
                          eval_n=eval_n, progress=progress, should_stop=stopped, on_row=on_row, owner=self.id)
 
-    def distributions(self, run_id=None) -> dict:
-        """Weight and gradient magnitude histograms per modality: the full model's, and a run's
-        (an offloaded model has no gradient distributions; its load says so)."""
+    def distributions(self, run_id=None, other_id=None) -> dict:
+        """Weight and gradient magnitude histograms per modality: the full model's, and one or
+        two runs' (Wanda against ECoFLaP, say); an offloaded model has no gradient
+        distributions (its load says so)."""
         self.touch()
-        run = self.run(run_id) if run_id not in (None, "") else None
+        runs = [self.run(i) for i in dict.fromkeys(i for i in (run_id, other_id) if i not in (None, ""))]
         bench = self.workbench
         calibration = list(default_calibration()[:8])
 
@@ -482,7 +505,7 @@ class Session:
             return {"weights": weight_histograms(layers), "gradients": gradients}
 
         series = {"full": bench.using(None, measure)}
-        if run is not None:
+        for run in runs:
             series[run.label] = bench.using(run.weights, measure)
         return {"series": series, "batch": len(calibration)}
 
@@ -515,6 +538,18 @@ class Session:
                                     should_stop=stopped, owner=self.id)
             files.append(Path(shutil.make_archive(str(model_folder), "zip", model_folder)))
             shutil.rmtree(model_folder, ignore_errors=True)
+        return files
+
+    def export_table(self, kind: str, rows: list[dict]) -> list[Path]:
+        """A sweep's or a comparison's rows as CSV and JSON, in this session's export folder
+        for that kind (replacing its previous one); small, so no disk check beyond the TTL."""
+        if kind not in TABLE_COLUMNS:
+            raise ValueError(f"tables are exported for {', '.join(TABLE_COLUMNS)}")
+        self.touch()
+        folder = self.server.export_folder(self.id, kind)
+        files = [folder / f"{kind}.csv", folder / f"{kind}.json"]
+        write_text(table_csv(rows, TABLE_COLUMNS[kind]), files[0])
+        write_json({"kind": kind, "model": self.describe()["name"], "rows": rows}, files[1])
         return files
 
     def restore(self) -> bool:

@@ -10,6 +10,7 @@ columns can be the curve's y-axis.
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 from typing import Callable, Sequence
 
@@ -43,9 +44,10 @@ def sweep(
     held_out: list | None = None,
     owner: object = None,
 ) -> list[dict]:
-    """Rows {method, label, sparsity, seed, metric, score, achieved_sparsity, seconds, split?,
-    and the quality columns}; `seeds` default to the options' one seed; `held_out` to
-    `eval_n` examples drawn with the scoring seed that no calibration sample shows."""
+    """Rows {method, label, sparsity, seed, metric, score, achieved_sparsity, seconds,
+    wall_seconds, split?, and the quality columns}; `seeds` default to the options' one
+    seed; `held_out` to `eval_n` examples drawn with the scoring seed that no calibration
+    sample shows."""
     options = options or PruneOptions()
     # the shipped set leaves nothing over: the held-out examples are then the scored questions
     own_questions = held_out is None and not getattr(calibration, "held_out", None)
@@ -77,7 +79,8 @@ def measure_point(workbench: Workbench, method: str | Method, sparsity: float, o
     (with the vision/language split where the allocation has one); with `held_out`, also
     the run against the full model on them. `score_from_quality`: the held-out examples
     are those questions, so where the quality has an accuracy it is the score (the
-    answers are generated once, not twice)."""
+    answers are generated once, not twice). `seconds` is the prune's own time,
+    `wall_seconds` the whole point's: the prune, scoring it, and any wait for the shared model."""
     method = get_method(method)
 
     def score_of(loaded, result):
@@ -86,11 +89,12 @@ def measure_point(workbench: Workbench, method: str | Method, sparsity: float, o
             return {"metric": "accuracy", "value": quality["accuracy"]}
         return quick_score(loaded, eval_n, eval_seed, should_stop=should_stop)
 
+    started = time.perf_counter()
     result, _, score = workbench.prune(method, sparsity, options, calibration, progress=progress,
                                        should_stop=should_stop, owner=owner, then=score_of, held_out=held_out)
     row = {"method": method.name, "label": method.label, "sparsity": sparsity, "seed": options.seed,
            "metric": score["metric"], "score": score["value"], "achieved_sparsity": result.achieved_sparsity,
-           "seconds": result.timings["total_s"]}
+           "seconds": result.timings["total_s"], "wall_seconds": time.perf_counter() - started}
     if "split" in result.options:
         row["split"] = result.options["split"]
     if result.quality is not None:

@@ -59,13 +59,27 @@ def test_ask_full_and_pruned_side_by_side_then_verify_and_export(app, tmp_path):
 
 def test_compare_three_methods(app):
     c = client(app)
-    text, _plot, overlay, *_ = c.predict(["wanda", "ecoflap_zeroth", "magnitude"], 0.6, handle_file(str(EXAMPLE)),
-                                         "what shape is the blue object?", api_name="/compare")
+    outputs = c.predict(["wanda", "ecoflap_zeroth", "magnitude"], 0.6, handle_file(str(EXAMPLE)),
+                        "what shape is the blue object?", api_name="/compare")
+    text, _plot, overlay, *_ = outputs
     for label in ("Full model", "Wanda @ 0.60", "ECoFLaP (zeroth-order) @ 0.60", "Magnitude @ 0.60"):
         assert label in text
     assert "accuracy" in text and "200 generated shapes questions (seed 1234" in text
     assert "same top" in text and "flips r→w / w→r" in text and "went right→wrong / wrong→right" in text
     assert len(overlay["value"]) == 3 and len(overlay["choices"]) == 3
+    assert "Takeaway:" in text and "comes closest to the full model" in text and "?." not in text
+    files = {Path(f).name: Path(f) for f in outputs[-2]}
+    assert outputs[-1].startswith("Compared 3 methods at 0.60")
+    table = json.loads(files["comparison.json"].read_text())["rows"]
+    assert [r["label"] for r in table] == ["Full model", "Wanda @ 0.60", "ECoFLaP (zeroth-order) @ 0.60",
+                                           "Magnitude @ 0.60"]
+    for row in table:  # the CSV and the page show the same scores
+        assert f"| {row['label']} | {row['score']:.3f} |" in text
+    assert files["comparison.csv"].read_text().splitlines()[0] == \
+        "label,metric,score,vision_sparsity,language_sparsity,answer"
+    # a question without an image is not dropped silently
+    text = c.predict(["wanda", "magnitude"], 0.6, None, "what shape is it?", api_name="/compare")[0]
+    assert "Your question was not asked: it needs an image" in text
 
 
 def test_sessions_are_isolated(app):
@@ -77,7 +91,7 @@ def test_sessions_are_isolated(app):
     assert [r["run"] for r in answers_a["runs"]] == [run_a]
     assert [r["run"] for r in answers_b["runs"]] == [run_b]
     assert answers_a["full"] == answers_b["full"]
-    for endpoint, args in [("/export", (run_a, True)), ("/distributions", (run_a,))]:
+    for endpoint, args in [("/export", (run_a, True)), ("/distributions", (run_a, None))]:
         with pytest.raises(Exception, match="(?i)no run with that id in this session"):
             b.predict(*args, api_name=endpoint)
 
@@ -85,10 +99,20 @@ def test_sessions_are_isolated(app):
 def test_distributions_take_a_run_id_from_the_api(app):
     c = client(app)
     *_, run_id, _ = prune(c, "magnitude", 0.6)
-    weights, grads = c.predict(run_id, api_name="/distributions")
+    weights, grads, reading = c.predict(run_id, None, api_name="/distributions")
     names = [t["name"] for t in json.loads(weights["plot"])["data"]]
     assert any("Magnitude @ 0.60" in n and "(60% zeros)" in n for n in names)
     assert any("full" in n for n in names)
+    assert reading.startswith("**Reading:** In this model the") and "x):" in reading
+    # two runs against the full model, one legend order in both plots, powers of ten on the axis
+    *_, other, _ = prune(c, "wanda", 0.6)
+    weights, grads, _ = c.predict(run_id, other, api_name="/distributions")
+    for figure in (json.loads(weights["plot"]), json.loads(grads["plot"])):
+        assert figure["layout"]["xaxis"]["exponentformat"] == "power"
+        series = [n.split(" · ")[1].split(" (")[0] for n in (t["name"] for t in figure["data"])]
+        assert list(dict.fromkeys(series)) == ["full", "Magnitude @ 0.60", "Wanda @ 0.60"]
+    order = [[t["name"].split(" · ")[0] for t in json.loads(f["plot"])["data"]] for f in (weights, grads)]
+    assert order[0] == order[1]
 
 
 @pytest.mark.parametrize(
@@ -138,8 +162,23 @@ def test_bad_uploads_and_questions_give_a_clear_message(app, tmp_path):
 
 def test_sweep_uses_method_labels_and_checks_its_list(app):
     c = client(app)
-    _plot, table, status = c.predict(["wanda"], "0.3,0.6", api_name="/sweep")
+    plot, table, status, files = c.predict(["wanda"], "0.3,0.6", api_name="/sweep")
     assert [row[0] for row in table["data"]] == ["Wanda", "Wanda"] and "2 points" in status
+    # the table names its measure as the chart does, with the prune's and the scoring's seconds apart
+    assert table["headers"] == ["method", "sparsity", "accuracy", "achieved sparsity", "prune s", "point s (with scoring)"]
+    figure = json.loads(plot["plot"])
+    assert figure["layout"]["yaxis"]["title"]["text"] == "accuracy"
+    full = [s for s in figure["layout"]["shapes"] if s["type"] == "line"]
+    assert len(full) == 1 and f"({full[0]['y0']:.4f})" in status.replace("accuracy ", "")
+    named = {Path(f).name: Path(f) for f in files}
+    assert set(named) == {"sweep.csv", "sweep.json"}
+    saved = json.loads(named["sweep.json"].read_text())["rows"]
+    csv_rows = named["sweep.csv"].read_text().splitlines()
+    assert len(saved) == 2 and len(csv_rows) == 3 and csv_rows[0].startswith("method,sparsity,metric,score")
+    for row, shown in zip(saved, table["data"]):
+        assert [row["label"], row["sparsity"], round(row["score"], 4), round(row["seconds"], 2),
+                round(row["wall_seconds"], 2)] == [shown[0], shown[1], shown[2], shown[4], shown[5]]
+        assert row["wall_seconds"] > row["seconds"]  # the point's wall time includes its scoring
     for bad, message in [("0.5,,0.6", "empty"), ("-0", "plain decimal"), ("1e-400", "plain decimal"),
                          ("0.5,0.5", "only once")]:
         with pytest.raises(Exception, match=message):
@@ -191,3 +230,17 @@ def test_calibration_sources_through_the_api(app, tmp_path):
                                             5, 0.08, "", "", paths, "", "answer"])
         assert kind == "error" and "/etc" not in json.dumps(result)  # gradio or the upload check refuses
     assert "bit-identical" in c.predict(api_name="/restore")
+
+
+def test_a_picture_the_shapes_model_cannot_understand_is_told_beside_its_answers(app, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    c = client(app)
+    photo = tmp_path / "photo.png"
+    Image.fromarray((np.random.RandomState(0).rand(64, 64, 3) * 255).astype("uint8")).save(photo)
+    page, _ = c.predict(handle_file(str(photo)), "what is this?", api_name="/ask")
+    assert "not one of the shapes pictures" in page
+    assert page.index("not one of the shapes pictures") > page.index("Full model")  # beside the answers
+    example, _ = c.predict(handle_file(str(EXAMPLE)), "what is this?", api_name="/ask")
+    assert "not one of the shapes pictures" not in example

@@ -81,7 +81,7 @@ def test_a_link_in_the_upload_folder_to_a_server_file_is_refused(app):
 def test_a_stranger_cannot_reach_another_sessions_run(app):
     owner = client(app)
     *_, run_id, _ = prune(owner, "magnitude", 0.8)
-    for api, data in [("export", [run_id, True]), ("export", [run_id, False]), ("distributions", [run_id])]:
+    for api, data in [("export", [run_id, True]), ("export", [run_id, False]), ("distributions", [run_id, None])]:
         kind, result = _call(app, api, data, session_hash=uuid.uuid4().hex)
         assert kind == "error" and "No run with that id in this session" in json.dumps(result)
     kind, result = _call(app, "ask", [{"path": str(EXAMPLE)}, ""], session_hash=uuid.uuid4().hex)
