@@ -283,14 +283,19 @@ def cmd_prune(args) -> int:
         high = max(result.groups, key=lambda g: g["sparsity"])
         print(f"{len(result.groups)} groups, sparsity from {low['sparsity']:.4f} ({low['name']}) "
               f"to {high['sparsity']:.4f} ({high['name']})")
+    return _write_outputs(args, loaded, report, "pruned model")
+
+
+
+def _write_outputs(args, loaded, report: dict, what: str) -> int:
+    """The report and the saved folder a command was asked for, each named on stdout."""
     if args.report:
         write_json(report, args.report)
         print(f"report: {args.report}")
     if args.save:
         save_pruned(loaded, report, args.save)
-        print(f"pruned model: {args.save}")
+        print(f"{what}: {args.save}")
     return 0
-
 
 def _recovery_examples(args, loaded):
     """Examples to fine-tune on from --calibration (or the deployment's default); None:
@@ -337,13 +342,7 @@ def cmd_recover(args) -> int:
     if recovery.merge_densification is not None:
         print(f"LoRA merge densification: {recovery.merge_densification} (a plain merge would have filled "
               f"{recovery.plain_merge_would_fill:,} zeros)")
-    if args.report:
-        write_json(report, args.report)
-        print(f"report: {args.report}")
-    if args.save:
-        save_pruned(loaded, report, args.save)
-        print(f"recovered model: {args.save}")
-    return 0
+    return _write_outputs(args, loaded, report, "recovered model")
 
 
 def cmd_ask(args) -> int:
