@@ -99,6 +99,24 @@ def pytest_collection_modifyitems(config, items):
 STATS_KEY = "owner-key-for-tests"  # the apps the tests start read /stats with it
 
 
+def wait_for(condition, timeout: float = 120, what: str = "the condition"):
+    """Poll until `condition()` holds; fail after `timeout` seconds instead of hanging the suite."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"waited {timeout:g} s for {what}")
+        time.sleep(0.02)
+
+
+def wait_for_progress(job, timeout: float = 120):
+    """Until a job submitted through gradio_client reports progress; a job that ended first
+    (refused, say) fails the test with its own error."""
+    wait_for(lambda: job.status().code.name == "PROGRESS" or job.done(), timeout, "the job to report progress")
+    if job.done():
+        job.result()
+        raise AssertionError("the job finished before it reported any progress")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -133,10 +151,16 @@ def launch(tmp_path_factory, **env_extra):
     return process, url, log, uploads
 
 
+# Every test reaches the shared app from 127.0.0.1, as if a whole class sat behind one
+# address: the per-person bounds (tested on their own apps in test_attacks) are set wide.
+MANY_PEOPLE_ON_ONE_ADDRESS = dict(ECOFLAP_MAX_SESSIONS="2000", ECOFLAP_MAX_SESSIONS_PER_CLIENT="1000", ECOFLAP_MAX_JOBS_PER_CLIENT="64",
+                                  ECOFLAP_MAX_UPLOADS_PER_CLIENT="10000", ECOFLAP_MAX_UPLOAD_CLIENT_MB="1024")
+
+
 @pytest.fixture(scope="session")
 def app(tmp_path_factory):
     """The app on 127.0.0.1 with the embedded model, shared by the API and browser tests."""
-    process, url, log, uploads = launch(tmp_path_factory)
+    process, url, log, uploads = launch(tmp_path_factory, **MANY_PEOPLE_ON_ONE_ADDRESS)
     APP_FILES["uploads"], APP_FILES["log"] = uploads, log
     yield url
     process.terminate()

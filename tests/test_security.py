@@ -17,7 +17,7 @@ import httpx
 import pytest
 from gradio_client import handle_file
 
-from conftest import APP_FILES, EXAMPLE, STATS_KEY, client, prune
+from conftest import APP_FILES, EXAMPLE, STATS_KEY, client, prune, wait_for_progress
 
 PATHS = ["/etc/passwd", "/etc/shadow", "/root", "/no/such/file.png", "/proc/self/environ",
          "/tmp/../etc/passwd", "assets/examples/scene1.png", "../../../../etc/hosts", "", "\x00"]
@@ -109,8 +109,7 @@ def test_a_cancelled_prune_stops_and_stores_nothing(app):
     c = client(app)
     before = c.predict(STATS_KEY, api_name="/stats")
     job = c.submit("ecoflap_zeroth", 0.5, api_name="/prune")
-    while job.status().code.name != "PROGRESS":
-        time.sleep(0.05)
+    wait_for_progress(job)
     job.cancel()
     deadline = time.time() + 60
     while c.predict(STATS_KEY, api_name="/stats")["jobs_running"] and time.time() < deadline:
@@ -144,8 +143,7 @@ def test_a_closed_event_stream_stops_the_job(app):
 def test_answers_go_on_while_someone_sweeps(app):
     sweeper, asker = client(app), client(app)
     job = sweeper.submit(["wanda", "magnitude"], "0.3,0.5,0.7", api_name="/sweep")
-    while job.status().code.name != "PROGRESS":
-        time.sleep(0.05)
+    wait_for_progress(job)
     asker.predict(handle_file(str(EXAMPLE)), "how many shapes are there?", api_name="/ask")
     assert not job.done(), "the answer waited for the whole sweep"
     job.result()

@@ -14,7 +14,7 @@ from ecoflap.server import Busy, ConfigError, Limits, Server, client_address
 from ecoflap.session import Session
 from ecoflap.workbench import Cancelled
 
-from conftest import EXAMPLE, tiny_model
+from conftest import EXAMPLE, tiny_model, wait_for
 
 FAST = dict(samples=8, stage1_samples=8)
 
@@ -449,8 +449,7 @@ def test_jobs_are_bounded_per_session_and_per_client(model_folder, tmp_path):
         a.prune("magnitude", 0.6, **FAST)
     second = threading.Thread(target=lambda: b.sweep(["magnitude"], "0.3", eval_n=10))
     second.start()
-    while len(b._jobs) < 1:
-        time.sleep(0.01)
+    wait_for(lambda: len(b._jobs) >= 1, what="the sweep to start")
     with pytest.raises(Busy, match="already have 2 jobs running or waiting \\(at most 2 per person"):
         c.compare(["magnitude", "wanda"], 0.5, eval_n=10)
     release.set()

@@ -14,7 +14,7 @@ from ecoflap.pipeline import prune
 from ecoflap.weights import RunWeights, WeightStore
 from ecoflap.workbench import Cancelled, Workbench
 
-from conftest import tiny_model
+from conftest import tiny_model, wait_for
 
 OPTS = PruneOptions(samples=8, stage1_samples=8)
 
@@ -158,8 +158,7 @@ def test_an_answer_waits_for_the_prune_in_progress_only(examples):
     for name in ("B", "C"):
         threads.append(threading.Thread(target=prune_as, args=(name,)))
         threads[-1].start()
-    while bench.long_queue.waiting < 2:
-        threading.Event().wait(0.01)
+    wait_for(lambda: bench.long_queue.waiting >= 2, what="two prunes to wait")
 
     def answer():
         bench.ask([examples[0].image], [""])
@@ -167,8 +166,7 @@ def test_an_answer_waits_for_the_prune_in_progress_only(examples):
 
     threads.append(threading.Thread(target=answer))
     threads[-1].start()
-    while bench.model_lock.short_waiting < 1:
-        threading.Event().wait(0.01)
+    wait_for(lambda: bench.model_lock.short_waiting >= 1, what="the answer to wait")
     release.set()
     for t in threads:
         t.join(60)
@@ -260,8 +258,7 @@ def test_long_units_take_turns_by_session():
     for owner, name in [("x", "x1"), ("x", "x2"), ("x", "x3"), ("y", "y1"), ("z", "z1"), ("x", "x4")]:
         threads.append(threading.Thread(target=unit, args=(owner, name)))
         threads[-1].start()
-        while queue.waiting < len(threads):
-            threading.Event().wait(0.01)
+        wait_for(lambda: queue.waiting >= len(threads), what="each unit to wait its turn")
     queue.release()
     for t in threads:
         t.join(30)
@@ -287,8 +284,7 @@ def test_a_waiter_that_stops_leaves_the_turns_of_others_intact():
                threading.Thread(target=unit, args=("x", "x2")), threading.Thread(target=unit, args=("y", "y1"))]
     for i, t in enumerate(threads):
         t.start()
-        while queue.waiting < i + 1:
-            threading.Event().wait(0.01)
+        wait_for(lambda: queue.waiting >= i + 1, what="each unit to wait its turn")
     stop.set()
     threads[0].join(30)
     queue.release()
