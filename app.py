@@ -452,9 +452,15 @@ async def recover(server: ecoflap.Server, run_id, steps, way, lr, weight_decay, 
         yield refuse(err, 7)
         return
     source = next((r for r in me.runs() if r.label == better.result.recovery["from"]), None)
+    full = None
+    if better.result.recovery["before"] is not None:
+        try:  # the same questions the recovery was scored on (computed once per model, then shared)
+            full = await in_worker(me.full_score, better.result.recovery["options"]["eval_n"])
+        except ecoflap.Cancelled:
+            pass  # the recovered run is kept; its table then leaves the full model's score out
     yield (with_notices(me, recovery_text(better)),
            ecoflap.plots.loss_figure(better.result.recovery["losses"]),
-           recovered_answers(me, source, better), *run_lists(me, latest=better.id), recover_choices(
+           recovered_answers(me, source, better, full), *run_lists(me, latest=better.id), recover_choices(
                server, better.id, token))
 
 
@@ -481,15 +487,18 @@ def recovery_text(run: ecoflap.Run) -> str:
             f"the recovery: {r['peak_memory_bytes'] / 2**20:,.1f} MiB ({memory}).")
 
 
-def recovered_answers(me: ecoflap.Session, source, better) -> str:
-    """The score before and after, and the shipped example questions answered by the full
-    model, the run and its recovery, side by side."""
+def recovered_answers(me: ecoflap.Session, source, better, full: dict | None = None) -> str:
+    """The score before and after (beside the full model's `full` score on the same
+    questions), and the shipped example questions answered by the full model, the run and
+    its recovery, side by side."""
     wanted = [r.label for r in (source, better) if r is not None]
     rows = []
     before, after = better.result.recovery["before"], better.result.recovery["after"]
     if before is not None:
         scores = [f"{before['value']:.3f}", f"{after['value']:.3f}"][-len(wanted):]
-        cells = [f"<b>{html.escape(before['metric'])}</b> on {before['n']} questions", "", *scores]
+        same = full is not None and full["metric"] == before["metric"] and full["n"] == before["n"]
+        cells = [f"<b>{html.escape(before['metric'])}</b> on {before['n']} questions",
+                 f"{full['value']:.3f}" if same else "<i>(not measured)</i>", *scores]
         rows.append("<tr>" + "".join(f"<td style='padding:4px 8px'>{c}</td>" for c in cells) + "</tr>")
     for path, question in ecoflap.example_prompts():
         answers = me.ask(path, question)
