@@ -599,7 +599,8 @@ async def compare(server: ecoflap.Server, methods, sparsity, image, question, to
     except EXPECTED as err:
         return refuse(err, 7)
     unasked = (NO_IMAGE_FOR_QUESTION if path is None and isinstance(question, str) and question.strip() else "")
-    return (with_notices(me, unasked + comparison_text(result)), runs_figure(result.runs),
+    own = path is not None and me.describe()["speaks_shapes"] and not shipped_picture(path)
+    return (with_notices(me, unasked + comparison_text(result, OWN_PICTURE if own else "")), runs_figure(result.runs),
             *run_lists(me, [r.id for r in result.runs], result.runs[-1].id),
             [str(p) for p in me.export_table("comparison", result.table())],
             f"Compared {len(result.runs)} methods at {result.sparsity:.2f}: the table and the chart are below.")
@@ -1037,8 +1038,9 @@ def answers_page(answers: ecoflap.Answers, notices: list[str], beside: str = "")
     return (f"{extra}<p>Question: {q}</p><div style='display:flex;gap:10px;flex-wrap:wrap'>{body}</div>{aside}{hint}")
 
 
-def comparison_text(result: ecoflap.Comparison) -> str:
-    """The comparison's one-sentence takeaway, its table, and what was measured."""
+def comparison_text(result: ecoflap.Comparison, beside: str = "") -> str:
+    """The comparison's one-sentence takeaway, its table (with `beside` right under it: what
+    to make of the answers to this picture), and what was measured."""
     better = "higher is better" if result.higher_is_better else "lower is better"
     takeaway = ecoflap.lessons.comparison_takeaway(result.rows, result.metric, result.higher_is_better,
                                                    result.sparsity)
@@ -1056,6 +1058,8 @@ def comparison_text(result: ecoflap.Comparison) -> str:
         if answer_column:
             cells.append(html.escape(row["answer"] or "") or "(empty)")
         lines.append("| " + " | ".join(cells) + " |")
+    if beside and answer_column:
+        lines += ["", f"> ⚠ {html.escape(beside)}"]
     question = (html.escape(result.question) or "(caption)") if answer_column else ""
     asked = f"Question: {question}{'' if question[-1] in '.?!)' else '.'} " if answer_column else ""
     return "\n".join(lines) + f"\n\n{result.metric.capitalize()}: {result.measured_on}. {asked}" \
