@@ -16,12 +16,13 @@ from .anatomy import INCLUDE_CHOICES, prunable_layers
 from .answers import ask
 from .benchmark import bench, sparsegpt_layer_peak
 from .curves import summarise
+from .forms import from_settings, seed_list, sparsity_list, sparsity_value
 from .images import open_image
 from .losses import LOSSES
 from .methods import METHODS, get_method, method_names
-from .models import ModelLoadError, load_model, offloaded, random_model, resolve_device
+from .models import ModelLoadError, load_model, offloaded, resolve_device
 from .offload import resolve_offload
-from .options import DEFAULTS, from_settings, seed_list, sparsity_list, sparsity_value
+from .options import DEFAULTS
 from .pipeline import prune
 from .plots import sweep_figure
 from .recover import recover, recover_options
@@ -32,6 +33,7 @@ from .shapes.evaluate import CARD_SEED
 from .soak import soak
 from .sources import deployment_default, labeller, parse
 from .stats import achieved_sparsity, layer_table
+from .synthetic import random_model
 from .sweep import QUALITY_COLUMNS, Y_CHOICES, sweep, with_y
 from .workbench import Workbench
 
