@@ -165,12 +165,21 @@ def test_a_stop_keeps_what_finished_and_what_is_shown_belongs_together(page):
     assert [r.inner_text().split()[:2] for r in rows.all()] == [["Magnitude", s] for s in ["0.3", "0.5"][:finished]]
     page.wait_for_function(f"() => document.querySelectorAll('#sweep-chart .scatterlayer .point').length == {finished}")
     wait_idle(page, "sweep-status")
+    # another y-axis redraws the same stored points with it (the shapes model opens on accuracy)
+    assert page.locator("#sweep-chart .gtitle").text_content().startswith("accuracy")
+    page.locator("#sweep-y input").click()
+    page.get_by_role("option", name="mean KL(full || pruned)").click()
+    page.wait_for_function("() => document.querySelector('#sweep-chart .gtitle').textContent.startsWith('mean KL')")
+    assert page.locator("#sweep-chart .scatterlayer .point").count() == finished
+    assert "Stopped" in page.locator("#sweep-status").inner_text()  # nothing was run again
 
     # a stopped rerun: its own points only (none, or the one whose scoring the stop met), never the old ones
     page.get_by_label("Sparsities").fill("0.7,0.8")
     page.get_by_role("button", name="Run sweep").click()
     page.locator(f"#sweep-status {TRACKER} .progress-level").wait_for(state="attached", timeout=60_000)
     page.locator("#sweep-stop").click()
+    # wound down first: the first stop's words ("the 1 point(s) finished") may still be on the page until then
+    wait_idle(page, "sweep-status")
     told = page.get_by_text(re.compile(r"Stopped: (no point had finished|the 1 point\(s\) finished)"))
     told.wait_for(timeout=120_000)
     finished = 0 if "no point" in told.inner_text() else 1
@@ -178,7 +187,6 @@ def test_a_stop_keeps_what_finished_and_what_is_shown_belongs_together(page):
     assert [r.inner_text().split()[:2] for r in page.locator("#sweep-table .virtual-row").all()] == \
         [["Magnitude", "0.7"]][:finished]
     assert page.locator("#sweep-chart .js-plotly-plot").count() == finished
-    wait_idle(page, "sweep-status")
 
     page.get_by_role("tab", name="Teach").click()
     choose(page, "teach-methods", ["Magnitude", "Wanda"])
