@@ -169,7 +169,8 @@ def test_a_stop_keeps_what_finished_and_what_is_shown_belongs_together(page):
     assert page.locator("#sweep-chart .gtitle").text_content().startswith("accuracy")
     page.locator("#sweep-y input").click()
     page.get_by_role("option", name="mean KL(full || pruned)").click()
-    page.wait_for_function("() => document.querySelector('#sweep-chart .gtitle').textContent.startsWith('mean KL')")
+    page.wait_for_function("() => document.querySelector('#sweep-chart .gtitle').textContent.startsWith('mean KL')",
+                           timeout=60_000)
     assert page.locator("#sweep-chart .scatterlayer .point").count() == finished
     assert "Stopped" in page.locator("#sweep-status").inner_text()  # nothing was run again
 
