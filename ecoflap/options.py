@@ -61,6 +61,28 @@ class PruneOptions:
         return min(1.0, round(sparsity + 0.1, 10)) if self.max_sparsity is None else self.max_sparsity
 
 
+def applicable(method: Method) -> set[str]:
+    """The PruneOptions fields a method reads; changing any other leaves its result as it was."""
+    used = {"include"}
+    if method.calibrated:
+        used |= {"batch_size", "loss", "seed"}  # the seed draws the prefix-LM loss's splits
+    if method.stage2 != "magnitude" or method.allocation == "owl":
+        used.add("samples")
+    if method.stage2 == "sparsegpt":
+        used |= {"blocksize", "percdamp"}
+    if method.allows_nm:
+        used.add("nm")
+    if method.allocation == "ecoflap":
+        used |= {"granularity", "aggregate", "max_sparsity", "stage1_samples"}
+    if method.estimator == "zeroth":
+        used |= {"eps", "noise_samples"}
+    if method.allocation == "owl":
+        used |= {"owl_m", "owl_lambda"}
+    if method.allocation == "modality":
+        used.add("vision_sparsity")
+    return used
+
+
 def check(method: Method, sparsity: float, options: PruneOptions) -> tuple[int, int] | None:
     """Reject bad settings before any weight is touched; returns the parsed N:M."""
     if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 <= sparsity < 1:
