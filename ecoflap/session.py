@@ -52,7 +52,7 @@ from .quality import labelled_counts
 from .scoring import SCORE_SEED, held_out_examples, quick_score, speaks_shapes
 from .sources import Calibration
 from .stats import gradient_histograms, weight_histograms
-from .sweep import sweep
+from .sweep import export_columns, sweep
 from .weights import RunWeights
 from .workbench import Cancelled, Workbench
 
@@ -284,7 +284,8 @@ class Session:
         method = get_method(method)
         sparsity = sparsity_value(sparsity)
         if options is None:
-            options = from_settings(sparsity, **settings)
+            options = from_settings(**settings)
+        options.check(method, sparsity)  # refused at once, not when the job's turn comes
         if calibration_images and isinstance(calibration_images, (list, tuple)):
             # a person's few pictures: calibrate on all of them rather than refuse for too few
             k = len(calibration_images)
@@ -421,9 +422,12 @@ class Session:
         if image is not None:
             picture, fitted, _ = self._inputs(image, question, 20)
         bench = self.workbench
-        held_out = held_out_examples(None, eval_n, SCORE_SEED)
         runs = []
         with self._job(should_stop) as stopped:
+            # held out from the source the runs calibrate on (a real model's deployment data, not
+            # cartoons): after the hungriest method's samples, so no method calibrates on them
+            hungriest = max(chosen, key=PruneOptions().samples_used)
+            held_out = held_out_examples(self.calibration_for(hungriest, PruneOptions()), eval_n, SCORE_SEED)
             reference = bench.reference(held_out, stopped, self.id)
             for i, method in enumerate(chosen):
                 step = f"{method.label} @ {sparsity:.2f} ({i + 1} of {len(chosen)})"
@@ -548,7 +552,8 @@ class Session:
         self.touch()
         folder = self.server.export_folder(self.id, kind)
         files = [folder / f"{kind}.csv", folder / f"{kind}.json"]
-        write_text(table_csv(rows, TABLE_COLUMNS[kind]), files[0])
+        columns = export_columns(rows) if kind == "sweep" else TABLE_COLUMNS[kind]  # with the quality measured
+        write_text(table_csv(rows, columns), files[0])
         write_json({"kind": kind, "model": self.describe()["name"], "rows": rows}, files[1])
         return files
 
