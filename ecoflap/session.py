@@ -40,10 +40,11 @@ from .anatomy import prunable_layers
 from .curves import shipped_curves, shipped_recovery
 from .data import batches, default_calibration
 from .echo import is_text
+from .forms import from_settings, number, sparsity_list, sparsity_value
 from .images import open_image
 from .methods import Method, get_method
 from .models import display_name
-from .options import PruneOptions, from_settings, number, sparsity_list, sparsity_value
+from .options import PruneOptions
 from .offload import is_offloaded
 from .progress import Progress, StopCheck, prefixed
 from .recover import OnStep, recover_options

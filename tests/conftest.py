@@ -17,7 +17,8 @@ import torch
 from PIL import Image
 
 from ecoflap.data import Example, batches
-from ecoflap.models import LoadedModel, build_blip2, build_processor, small_blip2_config
+from ecoflap.models import LoadedModel
+from ecoflap.synthetic import build_blip2, build_processor, small_blip2_config
 from ecoflap.shapes.tokenizer import build_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent

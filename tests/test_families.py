@@ -366,7 +366,7 @@ def test_bench_architectures_have_their_published_sizes(arch, parameters, image_
     """Built on the meta device: the architecture without its weights. The first shipped
     calibration image (191 px square) becomes the published number of image tokens."""
     from ecoflap.data import default_calibration, encode_examples
-    from ecoflap.models import random_model
+    from ecoflap.synthetic import random_model
 
     loaded = random_model(arch, device="meta")
     model = loaded.model
