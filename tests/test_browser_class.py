@@ -9,6 +9,8 @@ import shutil
 
 import pytest
 
+from conftest import choose_method
+
 playwright = pytest.importorskip("playwright.sync_api")
 
 CHROMIUM = shutil.which("chromium")
@@ -112,7 +114,7 @@ def test_every_refusal_is_one_calm_message_and_the_page_stays(page):
     assert_calm(page)
 
     page.get_by_role("tab", name="Prune").click()
-    page.locator("#prune-method").get_by_label("Per-modality uniform", exact=True).check()
+    choose_method(page, "per_modality")
     page.get_by_text("Advanced").click()
     page.locator("#prune-vision-sparsity textarea, #prune-vision-sparsity input").first.fill("abc")
     page.get_by_role("button", name="Prune", exact=True).click()
