@@ -181,15 +181,20 @@ def test_a_stop_keeps_what_finished_and_what_is_shown_belongs_together(page):
     page.get_by_role("button", name="Run sweep").click()
     page.locator(f"#sweep-status {TRACKER} .progress-level").wait_for(state="attached", timeout=60_000)
     page.locator("#sweep-stop").click()
-    # wound down first: the first stop's words ("the 1 point(s) finished") may still be on the page until then
-    wait_idle(page, "sweep-status")
-    told = page.get_by_text(re.compile(r"Stopped: (no point had finished|the 1 point\(s\) finished)"))
-    told.wait_for(timeout=120_000)
-    finished = 0 if "no point" in told.inner_text() else 1
+    # the rerun's own outcome: the first stop's words ("the 1 point(s) finished") may still be on the page, so
+    # its status and its table are waited for together (0.7 is this sweep's first point, never the first's)
+    page.wait_for_function("""() => {
+        const status = document.querySelector('#sweep-status').innerText;
+        const rows = [...document.querySelectorAll('#sweep-table .virtual-row')].map(r => r.innerText.split(/\\s+/));
+        return (status.includes('Stopped: no point had finished') && rows.length == 0) ||
+               (status.includes('Stopped: the 1 point(s) finished') && rows.length == 1 && rows[0][1] == '0.7');
+    }""", timeout=120_000)
+    finished = 0 if "no point" in page.locator("#sweep-status").inner_text() else 1
     page.wait_for_function(f"() => document.querySelectorAll('#sweep-table .virtual-row').length == {finished}")
     assert [r.inner_text().split()[:2] for r in page.locator("#sweep-table .virtual-row").all()] == \
         [["Magnitude", "0.7"]][:finished]
     assert page.locator("#sweep-chart .js-plotly-plot").count() == finished
+    wait_idle(page, "sweep-status")
 
     page.get_by_role("tab", name="Teach").click()
     choose(page, "teach-methods", ["Magnitude", "Wanda"])
