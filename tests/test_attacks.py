@@ -17,7 +17,7 @@ import pytest
 from gradio_client import Client, handle_file
 
 from conftest import EXAMPLE, FAST, STATS_KEY, launch
-from ecoflap.soak import FOREIGN_FILES, MARKUP, prune_values, raw_call
+from ecoflap.serve.soak import FOREIGN_FILES, MARKUP, prune_values, raw_call
 
 pytestmark = pytest.mark.slow
 LIMITS = dict(ECOFLAP_BEHIND_PROXY="1", ECOFLAP_MAX_SESSIONS="16", ECOFLAP_MAX_SESSIONS_PER_CLIENT="3",

@@ -18,7 +18,7 @@ import pytest
 from gradio_client import handle_file
 
 from conftest import APP_FILES, EXAMPLE, STATS_KEY, client, prune, wait_for_progress
-from ecoflap.soak import raw_call
+from ecoflap.serve.soak import raw_call
 
 PATHS = ["/etc/passwd", "/etc/shadow", "/root", "/no/such/file.png", "/proc/self/environ",
          "/tmp/../etc/passwd", "assets/examples/scene1.png", "../../../../etc/hosts", "", "\x00"]
@@ -198,7 +198,7 @@ def test_the_soak_command_runs_against_the_app_and_checks_what_matters(app, tmp_
 
 
 def test_the_soak_refuses_other_hosts_without_consent():
-    from ecoflap.soak import soak
+    from ecoflap.serve.soak import soak
 
     with pytest.raises(ValueError, match="not this machine"):
         soak("http://example.com:7860/", users=1, minutes=0.1)

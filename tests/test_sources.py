@@ -415,7 +415,7 @@ def test_a_real_model_gets_the_deployment_default_or_a_warning(tmp_path, deploym
 
 
 def test_environment_names_the_deployment_data(tmp_path, deployment_data):
-    from ecoflap.server import ConfigError, Limits
+    from ecoflap.serve.server import ConfigError, Limits
 
     limits = Limits.from_environment({"ECOFLAP_DATASETS": "hf:lmms-lab/flickr30k, a/b",
                                       "ECOFLAP_CALIBRATION": "hf:lmms-lab/flickr30k:test",
