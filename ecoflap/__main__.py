@@ -29,7 +29,7 @@ from .report import save_pruned, table_csv, write_json, write_text
 from .quality import summary
 from .scoring import held_out_examples, quality_against_full, quick_score, reference_for
 from .shapes.evaluate import CARD_SEED
-from .soak import soak
+from .serve.soak import soak
 from .sources import deployment_default, labeller, parse
 from .stats import achieved_sparsity, layer_table
 from .sweep import Y_CHOICES, default_y, export_columns, full_value, sweep

@@ -150,7 +150,7 @@ def test_a_model_that_is_not_the_shapes_model_is_compared_by_its_distance_from_t
     """The Teach comparison and every run's report for a model exact match cannot score."""
     from tiny_families import tiny
 
-    from ecoflap.server import Limits, Server
+    from ecoflap.serve.server import Limits, Server
 
     loaded = tiny("llava")
     loaded.model.save_pretrained(tmp_path / "llava")
