@@ -905,7 +905,8 @@ def build_app(server: ecoflap.Server, stats_key: str | None = None) -> gr.Blocks
                 with gr.Row():
                     teach_methods = gr.CheckboxGroup(PRUNE_METHODS, value=TEACH_DEFAULT, label="Methods (two to four)",
                                                      elem_id="teach-methods", min_width=340)
-                    teach_sparsity = gr.Slider(0.0, ecoflap.MAX_SPARSITY, value=0.6, step=0.05, label="Sparsity")
+                    teach_sparsity = gr.Slider(0.0, ecoflap.MAX_SPARSITY, value=0.6, step=0.05, label="Sparsity",
+                                               elem_id="teach-sparsity")
                 with gr.Row():
                     teach_image = gr.Image(lesson_image, type="filepath", label="Image (optional)",
                                            sources=["upload", "clipboard"], elem_id="teach-image")
