@@ -452,9 +452,15 @@ async def recover(server: ecoflap.Server, run_id, steps, way, lr, weight_decay, 
         yield refuse(err, 7)
         return
     source = next((r for r in me.runs() if r.label == better.result.recovery["from"]), None)
+    full = None
+    if better.result.recovery["before"] is not None:
+        try:  # the same questions the recovery was scored on (computed once per model, then shared)
+            full = await in_worker(me.full_score, better.result.recovery["options"]["eval_n"])
+        except ecoflap.Cancelled:
+            pass  # the recovered run is kept; its table then leaves the full model's score out
     yield (with_notices(me, recovery_text(better)),
            ecoflap.plots.loss_figure(better.result.recovery["losses"]),
-           recovered_answers(me, source, better), *run_lists(me, latest=better.id), recover_choices(
+           recovered_answers(me, source, better, full), *run_lists(me, latest=better.id), recover_choices(
                server, better.id, token))
 
 
@@ -481,15 +487,18 @@ def recovery_text(run: ecoflap.Run) -> str:
             f"the recovery: {r['peak_memory_bytes'] / 2**20:,.1f} MiB ({memory}).")
 
 
-def recovered_answers(me: ecoflap.Session, source, better) -> str:
-    """The score before and after, and the shipped example questions answered by the full
-    model, the run and its recovery, side by side."""
+def recovered_answers(me: ecoflap.Session, source, better, full: dict | None = None) -> str:
+    """The score before and after (beside the full model's `full` score on the same
+    questions), and the shipped example questions answered by the full model, the run and
+    its recovery, side by side."""
     wanted = [r.label for r in (source, better) if r is not None]
     rows = []
     before, after = better.result.recovery["before"], better.result.recovery["after"]
     if before is not None:
         scores = [f"{before['value']:.3f}", f"{after['value']:.3f}"][-len(wanted):]
-        cells = [f"<b>{html.escape(before['metric'])}</b> on {before['n']} questions", "", *scores]
+        same = full is not None and full["metric"] == before["metric"] and full["n"] == before["n"]
+        cells = [f"<b>{html.escape(before['metric'])}</b> on {before['n']} questions",
+                 f"{full['value']:.3f}" if same else "<i>(not measured)</i>", *scores]
         rows.append("<tr>" + "".join(f"<td style='padding:4px 8px'>{c}</td>" for c in cells) + "</tr>")
     for path, question in ecoflap.example_prompts():
         answers = me.ask(path, question)
@@ -590,7 +599,8 @@ async def compare(server: ecoflap.Server, methods, sparsity, image, question, to
     except EXPECTED as err:
         return refuse(err, 7)
     unasked = (NO_IMAGE_FOR_QUESTION if path is None and isinstance(question, str) and question.strip() else "")
-    return (with_notices(me, unasked + comparison_text(result)), runs_figure(result.runs),
+    own = path is not None and me.describe()["speaks_shapes"] and not shipped_picture(path)
+    return (with_notices(me, unasked + comparison_text(result, OWN_PICTURE if own else "")), runs_figure(result.runs),
             *run_lists(me, [r.id for r in result.runs], result.runs[-1].id),
             [str(p) for p in me.export_table("comparison", result.table())],
             f"Compared {len(result.runs)} methods at {result.sparsity:.2f}: the table and the chart are below.")
@@ -1029,8 +1039,9 @@ def answers_page(answers: ecoflap.Answers, notices: list[str], beside: str = "")
     return (f"{extra}<p>Question: {q}</p><div style='display:flex;gap:10px;flex-wrap:wrap'>{body}</div>{aside}{hint}")
 
 
-def comparison_text(result: ecoflap.Comparison) -> str:
-    """The comparison's one-sentence takeaway, its table, and what was measured."""
+def comparison_text(result: ecoflap.Comparison, beside: str = "") -> str:
+    """The comparison's one-sentence takeaway, its table (with `beside` right under it: what
+    to make of the answers to this picture), and what was measured."""
     better = "higher is better" if result.higher_is_better else "lower is better"
     takeaway = ecoflap.lessons.comparison_takeaway(result.rows, result.metric, result.higher_is_better,
                                                    result.sparsity)
@@ -1048,6 +1059,8 @@ def comparison_text(result: ecoflap.Comparison) -> str:
         if answer_column:
             cells.append(html.escape(row["answer"] or "") or "(empty)")
         lines.append("| " + " | ".join(cells) + " |")
+    if beside and answer_column:
+        lines += ["", f"> ⚠ {html.escape(beside)}"]
     question = (html.escape(result.question) or "(caption)") if answer_column else ""
     asked = f"Question: {question}{'' if question[-1] in '.?!)' else '.'} " if answer_column else ""
     return "\n".join(lines) + f"\n\n{result.metric.capitalize()}: {result.measured_on}. {asked}" \

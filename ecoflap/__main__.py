@@ -21,7 +21,7 @@ from .losses import LOSSES
 from .methods import METHODS, get_method, method_names
 from .models import ModelLoadError, load_model, offloaded, random_model, resolve_device
 from .offload import resolve_offload
-from .options import DEFAULTS, PruneOptions, check, from_settings, seed_list, sparsity_list, sparsity_value
+from .options import DEFAULTS, from_settings, seed_list, sparsity_list, sparsity_value
 from .pipeline import prune
 from .plots import sweep_figure
 from .recover import recover, recover_options
@@ -175,7 +175,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--method", default=None, help="prune --model with this method first (default options), then "
                    "compare it with the full model")
     e.add_argument("--sparsity", type=float, default=0.5, help="with --method")
-    e.add_argument("--samples", type=int, default=128, help="calibration samples (held-out examples come after them)")
+    e.add_argument("--samples", type=int, default=DEFAULTS.samples, help="calibration samples (held-out examples come after them)")
     _calibration_arg(e)
     e.add_argument("--held-out", type=int, default=200, help="held-out examples for the comparison with the full "
                    "model (never a calibration image)")
@@ -186,7 +186,7 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--methods", default="wanda,ecoflap_zeroth", help="comma-separated: " + ",".join(METHODS))
     w.add_argument("--sparsities", default="0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8")
     _calibration_arg(w)
-    w.add_argument("--samples", type=int, default=128)
+    w.add_argument("--samples", type=int, default=DEFAULTS.samples)
     w.add_argument("--eval-n", type=int, default=500, help="evaluation examples per point")
     w.add_argument("--seeds", default="0", help="comma-separated seeds for the methods that use one "
                    "(zeroth-order ECoFLaP); the others are measured once")
@@ -204,9 +204,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="comma-separated: " + ",".join(METHODS))
     b.add_argument("--sparsity", type=float, default=0.5)
     _calibration_arg(b)
-    b.add_argument("--samples", type=int, default=128)
+    b.add_argument("--samples", type=int, default=DEFAULTS.samples)
     b.add_argument("--stage1-samples", type=int, default=None, help="default 32 (zeroth) or 128 (first)")
-    b.add_argument("--batch-size", type=int, default=8)
+    b.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size)
     b.add_argument("--no-naive", action="store_true", help="skip timing the reference-style zeroth-order loop")
     b.add_argument("--held-out", type=int, default=0, help="also measure each method against the full model on "
                    "this many held-out examples (after the timings, so they are not counted)")
@@ -241,7 +241,6 @@ def cmd_prune(args) -> int:
     then the library's own check, before the model loads."""
     method, sparsity = get_method(args.method), sparsity_value(args.sparsity)
     options = from_settings(
-        sparsity,
         nm=args.nm,
         modules=[x.strip() for x in args.include.split(",") if x.strip()],
         samples=args.samples,
@@ -258,7 +257,7 @@ def cmd_prune(args) -> int:
         vision_sparsity=args.vision_sparsity,
         loss=args.loss,
     )
-    check(method, sparsity, options)
+    options.check(method, sparsity)
     loaded = _load(args)
     calibration = _calibration(args, loaded, [args.method], options)
     progress = TqdmProgress()
@@ -396,7 +395,10 @@ def _eval_against_full(args) -> int:
                          "not both")
     if args.held_out <= 0:
         raise ValueError(f"--held-out must be at least 1 (got {args.held_out})")
-    options = PruneOptions(samples=args.samples)
+    options = from_settings(samples=args.samples)
+    if args.method:
+        method, sparsity = get_method(args.method), sparsity_value(args.sparsity)
+        options.check(method, sparsity)
     progress = TqdmProgress()
     try:
         if args.full:
@@ -412,9 +414,9 @@ def _eval_against_full(args) -> int:
             quality = quality_against_full(loaded, reference, progress)
         else:
             loaded = _load(args)
-            calibration = _calibration(args, loaded, [args.method], options, args.held_out)
+            calibration = _calibration(args, loaded, [method.name], options, args.held_out)
             held_out = held_out_examples(calibration, args.held_out, args.seed)
-            result = prune(loaded, args.method, args.sparsity, options, calibration, progress, held_out)
+            result = prune(loaded, method, sparsity, options, calibration, progress, held_out)
             _warn(result.warnings)
             quality = result.quality
     finally:
@@ -432,8 +434,11 @@ def cmd_sweep(args) -> int:
     names = method_names(args.methods)
     sparsities = sparsity_list(args.sparsities, limit=10_000)
     seeds = seed_list(args.seeds)
+    options = from_settings(samples=args.samples, loss=args.loss)
+    for name in names:
+        for sparsity in sparsities:
+            options.check(get_method(name), sparsity)
     loaded = _load(args)
-    options = PruneOptions(samples=args.samples, loss=args.loss)
     calibration = _calibration(args, loaded, names, options, args.eval_n)
     progress = TqdmProgress()
     try:
@@ -466,6 +471,11 @@ def cmd_bench(args) -> int:
     if args.sparsegpt_layer:
         return _bench_sparsegpt_layers(args)
     names = method_names(args.methods)
+    sparsity = sparsity_value(args.sparsity)
+    options = from_settings(samples=args.samples, stage1_samples=args.stage1_samples, batch_size=args.batch_size,
+                            loss=args.loss)
+    for name in names:
+        options.check(get_method(name), sparsity)
     if args.arch:
         if not args.random_init:
             raise ValueError("--arch builds an architecture from its config: add --random-init")
@@ -479,13 +489,11 @@ def cmd_bench(args) -> int:
         print("offloaded: the reference-loop timing and the half-precision comparison are not run "
               "(they perturb or convert every weight at once)")
         args.no_naive = args.no_half = True
-    options = PruneOptions(samples=args.samples, stage1_samples=args.stage1_samples, batch_size=args.batch_size,
-                           loss=args.loss)
     calibration = _calibration(args, loaded, names, options, max(args.held_out, 0))
     held_out = held_out_examples(calibration, args.held_out) if args.held_out > 0 else None
     progress = TqdmProgress()
     try:
-        result = bench(loaded, names, args.sparsity, calibration.examples if calibration else None, options,
+        result = bench(loaded, names, sparsity, calibration.examples if calibration else None, options,
                        naive_zeroth=not args.no_naive, progress=progress, half=not args.no_half,
                        held_out=held_out)
     finally:

@@ -112,8 +112,6 @@ def modality_budget(layers: list[PrunableLayer], sparsity: float, vision_sparsit
         raise ValueError("a per-modality split needs both the vision encoder and the language model "
                          "among the pruned modules")
     vision = sparsity if vision_sparsity is None else vision_sparsity
-    if not 0 <= vision < 1:
-        raise ValueError(f"the vision sparsity must be in [0, 1) (got {vision})")
     fixed = {g.name: g.numel - int(math.floor(g.numel * (vision if g.name == "vision" else sparsity) + 1e-9))
              for g in groups if g.name != "language"}
     language = by_name["language"].numel
@@ -195,8 +193,6 @@ def group_scores(
 ) -> list[Group]:
     """Groups in forward order with the sum (or per-weight mean) of their matrices' scores
     (`by_group`: the scores are already one per group, from a joint perturbation)."""
-    if aggregate not in AGGREGATES:
-        raise ValueError(f"unknown aggregate {aggregate!r}: use one of {', '.join(AGGREGATES)}")
     result = grouped(layers, granularity)
     for g in result:
         g.score = layer_scores[g.name] if by_group else sum(layer_scores[layer.name] for layer in g.layers)
@@ -213,14 +209,9 @@ def allocate_sparsity(
 
     Every group first keeps ceil(n (1 - s_max)); the rest of the budget goes in
     proportion to the scores (largest remainder, so the total is exact), groups that
-    fill up drop out and what they could not take is shared again.
+    fill up drop out and what they could not take is shared again. The target and the cap
+    come checked (`PruneOptions.check`).
     """
-    if not 0 <= sparsity < 1:
-        raise ValueError(f"sparsity must be in [0, 1) (got {sparsity})")
-    if not sparsity <= max_sparsity <= 1:
-        raise ValueError(
-            f"max per-layer sparsity ({max_sparsity}) must be between the target ({sparsity}) and 1"
-        )
     if len(scores) != len(sizes) or not sizes:
         raise ValueError("allocate_sparsity needs one score per group and at least one group")
     if any(s < 0 or not math.isfinite(s) for s in scores):

@@ -76,9 +76,6 @@ def transformer_blocks(model) -> list[nn.Module]:
 def prunable_layers(model, include=DEFAULT_INCLUDE) -> list[PrunableLayer]:
     """The linear layers to prune, in forward order; `include` picks the stacks. What the
     family marks unused (computed, but never reaching the output) is never prunable."""
-    unknown = set(include) - set(INCLUDE_CHOICES)
-    if unknown:
-        raise ValueError(f"unknown module set(s) {sorted(unknown)}: choose from {', '.join(INCLUDE_CHOICES)}")
     names = {module: name for name, module in model.named_modules()}
     layers = []
     for stack in stacks(model):

@@ -76,6 +76,8 @@ def bench(
     """
 
     options = options or PruneOptions()
+    for name in methods:
+        options.check(get_method(name), sparsity)
     methods = [get_method(name).name for name in methods]
     calibration = calibration if calibration is not None else default_calibration()
     model = loaded.model

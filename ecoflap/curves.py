@@ -75,29 +75,35 @@ RECOVERY_FILE = "recovery.json"
 
 def shipped_recovery(source: str | None) -> list[dict] | None:
     """Recovery measured ahead of time in a model folder (`recovery.json`, written by the
-    command it names), one row per (method, sparsity, steps): the mean score before and
-    after over seeds, their ranges, the seed count and the mean CPU time; None where absent."""
+    command it names), one row per (method, way, sparsity, steps, lr): the mean score
+    before and after over seeds, their ranges, the seed count and the mean CPU time (rows
+    without a way are the full way); None where absent."""
     if not source or not (Path(source) / RECOVERY_FILE).is_file():
         return None
     try:
         rows = json.loads((Path(source) / RECOVERY_FILE).read_text())["rows"]
         groups: dict[tuple, list[dict]] = {}
         for row in rows:
-            groups.setdefault((row["method"], float(row["sparsity"]), int(row["steps"]), float(row["lr"])),
-                              []).append(row)
-        return [{"method": method, "label": members[0].get("label", method), "sparsity": sparsity, "steps": steps,
-                 "lr": lr, "before": mean(r["before"] for r in members), "after": mean(r["after"] for r in members),
+            groups.setdefault((row["method"], row.get("way", "full"), float(row["sparsity"]), int(row["steps"]),
+                               float(row["lr"])), []).append(row)
+        return [{"method": method, "label": members[0].get("label", method), "way": way,
+                 "rank": members[0].get("rank"), "sparsity": sparsity, "steps": steps, "lr": lr,
+                 "before": mean(r["before"] for r in members), "after": mean(r["after"] for r in members),
                  "before_min": min(r["before"] for r in members), "before_max": max(r["before"] for r in members),
                  "after_min": min(r["after"] for r in members), "after_max": max(r["after"] for r in members),
-                 "seeds": len(members), "cpu_s": mean(r["recover_cpu_s"] for r in members)}
-                for (method, sparsity, steps, lr), members in groups.items()]
+                 "seeds": len(members), "cpu_s": mean(r["recover_cpu_s"] for r in members),
+                 "merge_densification": (max(r.get("merge_densification", 0) for r in members)
+                                         if way == "lora" else None)}
+                for (method, way, sparsity, steps, lr), members in groups.items()]
     except (OSError, ValueError, KeyError, TypeError) as err:
         log.warning("ignoring %s of %s: %s", RECOVERY_FILE, Path(source).name, err)
         return None
 
 
 def recovery_sentence(summary: list[dict]) -> str:
-    """What recovery brought back, per sparsity and number of steps, in one sentence."""
+    """What recovery brought back, per sparsity and number of steps, in one sentence (the
+    full way, the Recover tab's default, where it was measured)."""
+    summary = [r for r in summary if r.get("way", "full") == "full"] or summary
     parts = []
     several = len({r["lr"] for r in summary}) > 1
     for key in sorted({(r["sparsity"], r["steps"], r["lr"]) for r in summary}):

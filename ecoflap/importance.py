@@ -51,8 +51,6 @@ class Directions:
     MIX = 0x9E3779B1
 
     def __init__(self, seed: int):
-        if not 0 <= seed < 2**31:
-            raise ValueError(f"the seed must be a whole number in [0, 2^31) (got {seed})")
         self.seed = seed
         self.generators: dict[int, torch.Generator] = {}
 
@@ -144,10 +142,6 @@ def zeroth_order_scores(
 
     Weights in half precision are moved by `resolvable_step(eps, dtype)` instead of eps.
     """
-    if eps <= 0:
-        raise ValueError(f"eps must be positive (got {eps})")
-    if noise_samples < 1:
-        raise ValueError(f"noise samples must be at least 1 (got {noise_samples})")
     units: dict[str, list[PrunableLayer]] = {}
     for layer in layers:
         units.setdefault(group_of(layer) if group_of else layer.name, []).append(layer)

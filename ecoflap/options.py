@@ -1,11 +1,16 @@
-"""The knobs of a pruning run, their defaults (the reference scripts'), and their checks.
+"""The knobs of a pruning run, their defaults (the reference scripts'), their bounds and
+the library's check.
 
-Every check runs before any weight is touched, so a bad setting never costs a model.
+Each bound is written once (`Bound`), with the one message that refuses a value: the edge
+that parses what a person or an API sends and `PruneOptions.check`, which guards the
+library, refuse alike. The check runs before any weight is touched, so a bad setting never
+costs a model.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from dataclasses import asdict, dataclass
 
@@ -17,8 +22,87 @@ from .methods import Method
 from .owl import DEFAULT_LAMBDA, DEFAULT_M
 from .pruners.masks import parse_nm
 
-OWL_M_RANGE = (1.0, 100.0)
-OWL_LAMBDA_MAX = 0.5
+
+def _plain(x: float) -> str:
+    return str(int(x)) if x == int(x) else f"{x:g}"
+
+
+@dataclass(frozen=True)
+class Bound:
+    """A number's range, both ends allowed, and the one message that refuses a value outside it."""
+
+    what: str
+    low: float
+    high: float
+    whole: bool = False
+
+    def refusal(self, value) -> ValueError:
+        kind = "a whole number" if self.whole else "a number"
+        return ValueError(f"{self.what} must be {kind} from {_plain(self.low)} to {_plain(self.high)} "
+                          f"(got {shown(value)})")
+
+    def check(self, value):
+        """The library's guard: `value` itself if it is a number in range (an integer where
+        whole); text and bools are refused (parsing them is the edge's work)."""
+        kind = numbers.Integral if self.whole else numbers.Real
+        if isinstance(value, bool) or not isinstance(value, kind) or not (
+                (isinstance(value, numbers.Integral) or math.isfinite(value)) and self.low <= value <= self.high):
+            raise self.refusal(value)
+        return value
+
+    def parse(self, value):
+        """The edge: a number or its text, as a form or an API sends it, checked; an int
+        where whole, and -0.0 as 0.0. A refusal quotes the value as it was sent."""
+        try:
+            if isinstance(value, bool) or value is None:
+                raise TypeError
+            parsed = float(value.strip()) if isinstance(value, str) else float(value)
+            if self.whole and math.isfinite(parsed) and parsed == int(parsed):
+                parsed = int(parsed)
+            return self.check(parsed) + 0
+        except (TypeError, ValueError, OverflowError):
+            raise self.refusal(value) from None
+
+
+def choice(value, what: str, choices) -> str:
+    """`value` if it is one of `choices`, or the one message that says which there are."""
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{what} must be one of {', '.join(choices)} (got {shown(value, 30)})")
+    return value
+
+
+# Every bound of a pruning setting, for the edge and the check alike.
+MAX_SPARSITY = 0.95
+MAX_BATCH_SIZE = 64
+SPARSITY = Bound("sparsity", 0, MAX_SPARSITY)
+SEED = Bound("seed", 0, 2**31 - 1, whole=True)
+BOUNDS = {
+    "samples": Bound("calibration samples", 1, 10_000, whole=True),
+    "stage1_samples": Bound("stage-1 samples", 1, 10_000, whole=True),
+    "batch_size": Bound("batch size", 1, MAX_BATCH_SIZE, whole=True),
+    "max_sparsity": Bound("max per-layer sparsity", 0, 1),
+    "eps": Bound("eps (the zeroth-order step; the paper's is 1e-3)", 1e-8, 0.1),
+    "noise_samples": Bound("noise samples", 1, 64, whole=True),
+    "seed": SEED,
+    "owl_m": Bound("OWL's M (outliers are scores above M times the block's mean)", 1, 100),
+    "owl_lambda": Bound("OWL's lambda (how far a block's sparsity may be from the target)", 0, 0.5),
+    "vision_sparsity": Bound("vision sparsity", 0, MAX_SPARSITY),
+}
+# None means "the default": the target + 0.1, the estimator's count, the target.
+UNSET_MEANS_DEFAULT = ("stage1_samples", "max_sparsity", "vision_sparsity")
+CHOICES = {"granularity": GRANULARITIES, "aggregate": AGGREGATES, "loss": LOSSES}
+CHOICE_NAMES = {"granularity": "granularity", "aggregate": "aggregate", "loss": "the calibration loss"}
+
+
+def check_include(include) -> tuple[str, ...]:
+    """The module sets to prune: at least one, each from INCLUDE_CHOICES."""
+    if not isinstance(include, (list, tuple)) or not all(isinstance(m, str) for m in include):
+        raise ValueError(f"modules must be a list of module sets from {', '.join(INCLUDE_CHOICES)}")
+    for m in include:
+        choice(m, "each module set", INCLUDE_CHOICES)
+    if not include:
+        raise ValueError("choose at least one module set to prune")
+    return tuple(include)
 
 
 @dataclass
@@ -60,49 +144,30 @@ class PruneOptions:
         """The largest sparsity any group may get: the reference scripts' target + 0.1."""
         return min(1.0, round(sparsity + 0.1, 10)) if self.max_sparsity is None else self.max_sparsity
 
-
-def check(method: Method, sparsity: float, options: PruneOptions) -> tuple[int, int] | None:
-    """Reject bad settings before any weight is touched; returns the parsed N:M."""
-    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 <= sparsity < 1:
-        raise ValueError(f"sparsity must be in [0, 1) (got {sparsity})")
-    nm = parse_nm(options.nm)
-    if nm and not method.allows_nm:
-        raise ValueError(f"N:M mode fixes every layer's sparsity, so it does not combine with {method.label}'s allocation")
-    bad = set(options.include) - set(INCLUDE_CHOICES)
-    if bad or not options.include:
-        raise ValueError(f"modules to prune must be chosen from {', '.join(INCLUDE_CHOICES)}")
-    if options.loss not in LOSSES:
-        raise ValueError(f"unknown calibration loss {options.loss!r}: use one of {', '.join(LOSSES)}")
-    if options.batch_size < 1:
-        raise ValueError(f"batch size must be at least 1 (got {options.batch_size})")
-    if not 0 <= options.seed < 2**31:
-        raise ValueError(f"the seed must be a whole number in [0, 2^31) (got {options.seed})")
-    if method.allocation == "ecoflap":
-        if options.granularity not in GRANULARITIES:
-            raise ValueError(f"unknown granularity {options.granularity!r}: use one of {', '.join(GRANULARITIES)}")
-        if options.aggregate not in AGGREGATES:
-            raise ValueError(f"unknown aggregate {options.aggregate!r}: use one of {', '.join(AGGREGATES)}")
-        cap = options.cap(sparsity)
-        if cap < sparsity:
-            raise ValueError(f"max per-layer sparsity ({cap}) is below the target sparsity ({sparsity})")
-        if cap > 1:
-            raise ValueError(f"max per-layer sparsity must be at most 1 (got {cap})")
-        if not (math.isfinite(options.eps) and 0 < options.eps <= 0.1):
-            raise ValueError(f"eps must be positive and at most 0.1; the paper's is 1e-3 (got {options.eps})")
-        if options.noise_samples < 1:
-            raise ValueError(f"noise samples must be at least 1 (got {options.noise_samples})")
-    if method.allocation == "owl":
-        if not (isinstance(options.owl_m, (int, float)) and OWL_M_RANGE[0] <= options.owl_m <= OWL_M_RANGE[1]):
-            raise ValueError(f"OWL's M (outliers are scores above M times the block's mean) must be from "
-                             f"{OWL_M_RANGE[0]:g} to {OWL_M_RANGE[1]:g} (got {options.owl_m})")
-        if not (isinstance(options.owl_lambda, (int, float)) and 0 <= options.owl_lambda <= OWL_LAMBDA_MAX):
-            raise ValueError(f"OWL's lambda (how far a block's sparsity may be from the target) must be from 0 to "
-                             f"{OWL_LAMBDA_MAX:g} (got {options.owl_lambda})")
-    if method.allocation == "modality" and options.vision_sparsity is not None:
-        v = options.vision_sparsity
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1:
-            raise ValueError(f"the vision sparsity must be in [0, 1) (got {v})")
-    return nm
+    def check(self, method: Method, sparsity: float) -> tuple[int, int] | None:
+        """Refuse bad settings before any weight is touched, with the edge's bounds and
+        messages; every setting is checked, whether the method reads it or not. Returns the
+        parsed N:M."""
+        SPARSITY.check(sparsity)
+        for name, bound in BOUNDS.items():
+            value = getattr(self, name)
+            if value is not None or name not in UNSET_MEANS_DEFAULT:
+                bound.check(value)
+        for name, choices in CHOICES.items():
+            choice(getattr(self, name), CHOICE_NAMES[name], choices)
+        check_include(self.include)
+        nm = parse_nm(self.nm)
+        if nm and not method.allows_nm:
+            raise ValueError(f"N:M mode fixes every layer's sparsity, so it does not combine with "
+                             f"{method.label}'s allocation")
+        if nm and abs(nm[0] / nm[1] - sparsity) > 1e-9:
+            n, m = nm
+            raise ValueError(f"{n}:{m} zeroes {n} of every {m} weights, a sparsity of {n / m:.2f}: set the "
+                             f"sparsity to {n / m:.2f} or turn N:M off (the sparsity is {sparsity:.2f})")
+        if method.allocation == "ecoflap" and self.cap(sparsity) < sparsity:
+            raise ValueError(f"max per-layer sparsity ({self.cap(sparsity)}) is below the target sparsity "
+                             f"({sparsity})")
+        return nm
 
 
 def as_report(method: Method, sparsity: float, options: PruneOptions) -> dict:
@@ -118,28 +183,17 @@ def as_report(method: Method, sparsity: float, options: PruneOptions) -> dict:
     return report
 
 
-# Values typed by a person or sent by a stranger through an API: checked one by one, each
-# refused with a message that names the setting and the allowed range.
-MAX_SPARSITY = 0.95
-MAX_BATCH_SIZE = 64
+# The edge: values typed by a person or sent by a stranger through an API (the command line
+# too), parsed one by one with the bounds above.
 
 
 def number(value, what: str, low: float, high: float, whole: bool = False):
     """A finite number (int or float, or its text) in [low, high], or a ValueError saying so."""
-    kind = "a whole number" if whole else "a number"
-    try:
-        if isinstance(value, bool) or value is None:
-            raise TypeError
-        parsed = float(value.strip()) if isinstance(value, str) else float(value)
-    except (TypeError, ValueError, OverflowError):
-        raise ValueError(f"{what} must be {kind} from {low:g} to {high:g} (got {shown(value)})") from None
-    if not math.isfinite(parsed) or not low <= parsed <= high or (whole and parsed != int(parsed)):
-        raise ValueError(f"{what} must be {kind} from {low:g} to {high:g} (got {shown(value)})")
-    return int(parsed) if whole else parsed + 0.0  # -0.0 is 0.0
+    return Bound(what, low, high, whole).parse(value)
 
 
 def sparsity_value(value) -> float:
-    return number(value, "sparsity", 0.0, MAX_SPARSITY)
+    return SPARSITY.parse(value)
 
 
 def sparsity_list(text, limit: int) -> list[float]:
@@ -163,67 +217,48 @@ def sparsity_list(text, limit: int) -> list[float]:
 
 
 def seed_list(text) -> list[int]:
-    """'0,1,2' -> [0, 1, 2]: whole numbers in [0, 2^31), each once."""
+    """'0,1,2' -> [0, 1, 2]: seeds within SEED's bounds, each once."""
     entries = [e.strip() for e in str(text).split(",")]
     if any(not e for e in entries):
         raise ValueError("seeds are whole numbers separated by single commas, e.g. 0,1,2 (an entry is empty)")
-    seeds = [number(e, "each seed", 0, 2**31 - 1, whole=True) for e in entries]
+    seeds = [SEED.parse(e) for e in entries]
     if len(set(seeds)) != len(seeds):
         raise ValueError("each seed may appear only once")
     return seeds
 
 
-def choice(value, what: str, choices) -> str:
-    if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"{what} must be one of {', '.join(choices)} (got {shown(value, 30)})")
-    return value
-
-
 DEFAULTS = PruneOptions()  # the one place defaults are written: the CLI's and the app's come from here
 
 
-def from_settings(sparsity: float, nm=None, modules=None, samples=DEFAULTS.samples, stage1_samples=None,
+def from_settings(nm=None, modules=None, samples=DEFAULTS.samples, stage1_samples=None,
                   batch_size=DEFAULTS.batch_size, granularity=DEFAULTS.granularity, aggregate=DEFAULTS.aggregate,
                   max_sparsity=None, eps=DEFAULTS.eps, noise_samples=DEFAULTS.noise_samples, seed=DEFAULTS.seed,
                   owl_m=DEFAULTS.owl_m, owl_lambda=DEFAULTS.owl_lambda, vision_sparsity=None,
                   loss=DEFAULTS.loss) -> PruneOptions:
     """PruneOptions from settings as a form or an API sends them (text, None, 0 for "default";
-    the vision sparsity: None or empty for "the target", since 0 means a dense encoder)."""
+    the vision sparsity: None or empty for "the target", since 0 means a dense encoder).
+    Each value is parsed with its bound; what depends on the method and the sparsity (N:M,
+    the cap against the target) is `PruneOptions.check`'s, which the callers run next."""
     if nm in (None, "", "off", "none"):
         nm = None
     elif not isinstance(nm, str):
         raise ValueError("N:M must be text like 2:4, or off")
-    parsed_nm = parse_nm(nm)
-    if parsed_nm and abs(parsed_nm[0] / parsed_nm[1] - sparsity) > 1e-9:
-        n, m = parsed_nm
-        raise ValueError(f"{n}:{m} zeroes {n} of every {m} weights, a sparsity of {n / m:.2f}: set the sparsity "
-                         f"to {n / m:.2f} or turn N:M off (the sparsity is {sparsity:.2f})")
+    parse_nm(nm)
     if modules is None:
         include = DEFAULT_INCLUDE
-    elif isinstance(modules, (list, tuple)) and all(isinstance(m, str) for m in modules):
-        include = tuple(dict.fromkeys(choice(m, "each module set", INCLUDE_CHOICES) for m in modules))
-        if not include:
-            raise ValueError("choose at least one module set to prune")
     else:
-        raise ValueError(f"modules must be a list of module sets from {', '.join(INCLUDE_CHOICES)}")
-    cap = None if max_sparsity in (None, 0, "0", "") else number(max_sparsity, "max per-layer sparsity", 0, 1)
-    first = None if stage1_samples in (None, 0, "0", "") else number(stage1_samples, "stage-1 samples", 1, 10_000, True)
-    unset = vision_sparsity is None or (isinstance(vision_sparsity, str) and not vision_sparsity.strip())
-    vision = None if unset else number(vision_sparsity, "vision sparsity", 0, MAX_SPARSITY)
-    return PruneOptions(
-        nm=nm,
-        include=include,
-        samples=number(samples, "calibration samples", 1, 10_000, True),
-        batch_size=number(batch_size, "batch size", 1, MAX_BATCH_SIZE, True),
-        granularity=choice(granularity, "granularity", GRANULARITIES),
-        aggregate=choice(aggregate, "aggregate", AGGREGATES),
-        max_sparsity=cap,
-        eps=number(eps, "eps (the zeroth-order step)", 1e-8, 0.1),
-        noise_samples=number(noise_samples, "noise samples", 1, 64, True),
-        stage1_samples=first,
-        seed=number(seed, "seed", 0, 2**31 - 1, True),
-        owl_m=number(owl_m, "OWL's M", *OWL_M_RANGE),
-        owl_lambda=number(owl_lambda, "OWL's lambda", 0, OWL_LAMBDA_MAX),
-        vision_sparsity=vision,
-        loss=choice(loss, "the calibration loss", LOSSES),
-    )
+        include = tuple(dict.fromkeys(check_include(modules)))
+    values = dict(samples=samples, stage1_samples=stage1_samples, batch_size=batch_size, max_sparsity=max_sparsity,
+                  eps=eps, noise_samples=noise_samples, seed=seed, owl_m=owl_m, owl_lambda=owl_lambda,
+                  vision_sparsity=vision_sparsity)
+    parsed = {}
+    for name, value in values.items():
+        blank = value is None or (isinstance(value, str) and not value.strip())
+        zero_is_default = name != "vision_sparsity" and value in (0, "0")  # a dense encoder is 0
+        if name in UNSET_MEANS_DEFAULT and (blank or zero_is_default):
+            parsed[name] = None
+        else:
+            parsed[name] = BOUNDS[name].parse(value)
+    for name, value in dict(granularity=granularity, aggregate=aggregate, loss=loss).items():
+        parsed[name] = choice(value, CHOICE_NAMES[name], CHOICES[name])
+    return PruneOptions(nm=nm, include=include, **parsed)

@@ -74,7 +74,7 @@ def owl_sparsities(ratios: Sequence[float], sizes: Sequence[int], sparsity: floa
     on the piece that holds the target. With equal sizes and values inside the band this
     is the reference's formula; a common shift and the clip keep its order.
     """
-    _check(ratios, sizes, sparsity, lam)
+    _check(ratios, sizes)
     low, high = min(ratios), max(ratios)
     norm = [0.0] * len(ratios) if high == low else [(r - low) / (high - low) * 2 * lam for r in ratios]
     base = [sparsity + lam - x for x in norm]
@@ -107,13 +107,10 @@ def owl_budget(groups: list[Group], sparsity: float, lam: float) -> LayerBudget:
     return group_budget(groups, owl_keep_counts(ratios, sizes, sparsity, lam), {"band": list(band(sparsity, lam))})
 
 
-def _check(ratios, sizes, sparsity, lam):
+def _check(ratios, sizes):
+    """What the measurement must give; the target and lambda come checked (`PruneOptions.check`)."""
     if len(ratios) != len(sizes) or not sizes:
         raise ValueError("OWL needs one outlier ratio per block and at least one block")
-    if not 0 <= sparsity < 1:
-        raise ValueError(f"sparsity must be in [0, 1) (got {sparsity})")
-    if not (math.isfinite(lam) and lam >= 0):
-        raise ValueError(f"OWL's lambda must be finite and non-negative (got {lam})")
     if not all(math.isfinite(r) for r in ratios) or any(n <= 0 for n in sizes):
         raise ValueError("OWL needs finite outlier ratios and blocks of at least one weight")
 

@@ -20,7 +20,7 @@ from .importance import first_order_scores, resolvable_step, zeroth_order_scores
 from .memory import PeakMemory
 from .methods import Method, get_method
 from .models import LoadedModel
-from .options import PruneOptions, as_report, check
+from .options import PruneOptions, as_report
 from .owl import dense_outlier_ratios, owl_budget
 from .progress import Progress, StopCheck, prefixed, stop_if_asked
 from .pruners.magnitude import prune_magnitude
@@ -56,8 +56,8 @@ def prune(
     long loops); once it says yes, `Cancelled` is raised and the caller restores the weights.
     """
     method, options = get_method(method), options or PruneOptions()
+    nm = options.check(method, sparsity)
     layers = prunable_layers(loaded.model, options.include)
-    nm = check(method, sparsity, options)
     check_offload(loaded.model, method, options)
     check_nm_widths(layers, nm)
     drawn = None

@@ -60,6 +60,7 @@ def group_allocation(loaded: LoadedModel, method: str, sparsity: float, options:
                      calibration: list[Example]) -> dict[str, tuple[float, float]]:
     """{group: (sparsity, score)} of a method's stage 1 on the loaded model; no weight changes."""
     method = get_method(method)
+    options.check(method, sparsity)
     layers = prunable_layers(loaded.model, options.include)
     examples = examples_for(options.loss, calibration, options.seed)
     budget = allocate(loaded, method, layers, sparsity, options, examples, None)

@@ -290,7 +290,8 @@ class Session:
         method = get_method(method)
         sparsity = sparsity_value(sparsity)
         if options is None:
-            options = from_settings(sparsity, **settings)
+            options = from_settings(**settings)
+        options.check(method, sparsity)  # refused at once, not when the job's turn comes
         if calibration_images and isinstance(calibration_images, (list, tuple)):
             # a person's few pictures: calibrate on all of them rather than refuse for too few
             k = len(calibration_images)

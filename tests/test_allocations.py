@@ -270,14 +270,14 @@ def test_kth_smallest_magnitude_matches_a_sort(loaded):
 # settings ---------------------------------------------------------------------------------
 
 def test_settings_parse_the_new_knobs():
-    options = from_settings(0.6, owl_m="7", owl_lambda=0.1, vision_sparsity="0.4")
+    options = from_settings(owl_m="7", owl_lambda=0.1, vision_sparsity="0.4")
     assert (options.owl_m, options.owl_lambda, options.vision_sparsity) == (7.0, 0.1, 0.4)
-    assert from_settings(0.6, vision_sparsity="").vision_sparsity is None
-    assert from_settings(0.6, vision_sparsity=0).vision_sparsity == 0.0
+    assert from_settings(vision_sparsity="").vision_sparsity is None
+    assert from_settings(vision_sparsity=0).vision_sparsity == 0.0
     for bad, message in [({"owl_m": 0.5}, "OWL's M"), ({"owl_lambda": 0.9}, "OWL's lambda"),
                          ({"vision_sparsity": 1.0}, "vision sparsity")]:
         with pytest.raises(ValueError, match=message):
-            from_settings(0.6, **bad)
+            from_settings(**bad)
     assert seed_list("0, 1,2") == [0, 1, 2]
     with pytest.raises(ValueError, match="only once"):
         seed_list("1,1")
@@ -358,11 +358,6 @@ def test_random_cases_budget_cap_and_order(seed):
 def test_cap_below_target_is_rejected():
     with pytest.raises(ValueError, match="max per-layer sparsity"):
         allocate_sparsity([1.0, 1.0], [10, 10], sparsity=0.5, max_sparsity=0.4)
-
-
-def test_sparsity_outside_range_is_rejected():
-    with pytest.raises(ValueError, match=r"\[0, 1\)"):
-        allocate_sparsity([1.0], [10], sparsity=1.0, max_sparsity=1.0)
 
 
 def test_split_count_is_exact_and_proportional():

@@ -244,3 +244,12 @@ def test_a_picture_the_shapes_model_cannot_understand_is_told_beside_its_answers
     assert page.index("not one of the shapes pictures") > page.index("Full model")  # beside the answers
     example, _ = c.predict(handle_file(str(EXAMPLE)), "what is this?", api_name="/ask")
     assert "not one of the shapes pictures" not in example
+    # Teach's comparison answers the same photo: the note sits right under the answers' table
+    text = c.predict(["magnitude", "global_magnitude"], 0.5, handle_file(str(photo)), "what is this?",
+                     api_name="/compare")[0]
+    table_end = text.index("| Global magnitude @ 0.50 |")
+    note = text.index("not one of the shapes pictures")
+    assert table_end < note < text.index("Accuracy: exact match")
+    shipped = c.predict(["magnitude", "global_magnitude"], 0.5, handle_file(str(EXAMPLE)), "what is this?",
+                        api_name="/compare")[0]
+    assert "| Global magnitude @ 0.50" in shipped and "not one of the shapes pictures" not in shipped

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from conftest import client, prune
+from ecoflap.models import load_model
+from ecoflap.scoring import quick_score
 
 
 def test_recover_makes_a_new_run_with_the_zeros_held(app):
@@ -18,6 +22,12 @@ def test_recover_makes_a_new_run_with_the_zeros_held(app):
     assert labels == ["Wanda @ 0.70", "Wanda @ 0.70 + 20 steps"]
     assert export_run["value"] == dist_run["value"] == chosen["value"] != run_id
     assert "Full model" in answers and "Wanda @ 0.70 + 20 steps" in answers
+    # the score row: the full model, the run and its recovery on the same 50 questions
+    score_row = re.search(r"<tr><td[^>]*><b>accuracy</b> on 50 questions</td>(.*?)</tr>", answers).group(1)
+    full, before, after = re.findall(r"<td[^>]*>([^<]*)</td>", score_row)
+    reference = quick_score(load_model(device="cpu", dtype="float32"), 50)["value"]  # computed here, apart
+    assert full == f"{reference:.3f}"
+    assert f"**{before} → {after}**" in text
     latest = c.predict(None, 3, "lora", 2e-5, 0.05, "cosine", 4, 0, api_name="/recover")[0]
     assert "**Wanda @ 0.70 + 20 steps + 3 steps (LoRA)** done" in latest and "0 new nonzeros" in latest
     assert "bit-identical" in c.predict(api_name="/restore")

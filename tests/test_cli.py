@@ -83,6 +83,20 @@ def test_prune_bad_input_is_one_clear_line(saved_model, args, message):
     assert "Traceback" not in done.stderr
 
 
+@pytest.mark.parametrize("args,message", [
+    (["sweep", "--samples", "0"], "calibration samples must be a whole number from 1 to 10000 (got 0)"),
+    (["sweep", "--methods", "wanda", "--sparsities", "0.5", "--loss", "x"], "invalid choice"),
+    (["bench", "--batch-size", "65"], "batch size must be a whole number from 1 to 64 (got 65)"),
+    (["bench", "--sparsity", "0.96"], "sparsity must be a number from 0 to 0.95 (got 0.96)"),
+    (["eval", "--method", "wanda", "--sparsity", "1"], "sparsity must be a number from 0 to 0.95 (got 1.0)"),
+    (["eval", "--method", "wanda", "--samples", "20000"], "calibration samples must be a whole number"),
+])
+def test_every_command_refuses_bad_options_at_the_same_edge_before_loading(args, message):
+    done = run(*args, "--model", "/nonexistent/model")  # refused before the (missing) model would load
+    assert done.returncode == 2
+    assert message in done.stderr.strip().splitlines()[-1] and "no model folder" not in done.stderr
+
+
 def test_prune_owl_hits_the_budget_inside_the_band(saved_model, calibration_folder, tmp_path):
     report = tmp_path / "report.json"
     done = run("prune", "--model", str(saved_model), "--method", "owl", "--sparsity", "0.6",

@@ -28,8 +28,6 @@ def test_anatomy_forward_order_and_tags(loaded, family):
     everything = prunable_layers(loaded.model, ALL)
     assert {layer.modality for layer in everything} == {"vision", "qformer", "projection", "language"}
     assert any(layer.name == "language_projection" for layer in everything)
-    with pytest.raises(ValueError, match="unknown module set"):
-        prunable_layers(loaded.model, ("vision", "embeddings"))
 
 
 @pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
@@ -193,12 +191,12 @@ def test_restore_is_bit_identical_after_any_method(loaded, examples, method):
     "method,sparsity,options,message",
     [
         ("nope", 0.5, PruneOptions(), "unknown method"),
-        ("wanda", 1.0, PruneOptions(), r"\[0, 1\)"),
-        ("wanda", -0.1, PruneOptions(), r"\[0, 1\)"),
+        ("wanda", 1.0, PruneOptions(), "sparsity must be a number from 0 to 0.95"),
+        ("wanda", -0.1, PruneOptions(), "sparsity must be a number from 0 to 0.95"),
         ("ecoflap", 0.5, PruneOptions(max_sparsity=0.4), "below the target"),
         ("ecoflap", 0.5, PruneOptions(eps=0), "eps"),
         ("wanda", 0.5, PruneOptions(nm="4:2"), "N:M"),
-        ("wanda", 0.5, PruneOptions(samples=0), "at least 1"),
+        ("wanda", 0.5, PruneOptions(samples=0), "calibration samples must be a whole number from 1 to 10000"),
         ("wanda", 0.5, PruneOptions(samples=10_000), "only 32"),
         ("ecoflap", 0.5, PruneOptions(granularity="row"), "granularity"),
         ("ecoflap", 0.5, PruneOptions(aggregate="max"), "aggregate"),

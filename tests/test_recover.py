@@ -283,3 +283,32 @@ def test_shipped_recovery_is_summarised_over_seeds_and_said_in_one_sentence(tmp_
     assert table[3] == "| ECoFLaP, 2 seeds | 0.7 | 55.0% (50.0% to 60.0%) | 80.0% (70.0% to 90.0%) | 15 |"
     figure = loss_figure([1.0] * 5 + [0.0] * 10, steps=40)
     assert list(figure.data[1].y)[-1] == 0.0 and figure.data[1].y[9] == 0.5 and figure.layout.xaxis.range == (1, 40)
+
+
+def test_shipped_lora_recovery_is_its_own_row_beside_the_full_way(tmp_path):
+    from ecoflap.curves import recovery_sentence, shipped_recovery
+    from ecoflap.toy.card import recovery_gaps, recovery_table
+
+    def row(method, label, way, before, after, **more):
+        return {"method": method, "label": label, "sparsity": 0.7, "steps": 100, "lr": 2e-5, "seed": 0,
+                "before": before, "after": after, "recover_cpu_s": 10, **({"way": way} if way else {}), **more}
+
+    rows = [row("wanda", "Wanda", None, 0.4, 0.6), row("ecoflap_zeroth", "ECoFLaP", "full", 0.5, 0.7),
+            row("wanda", "Wanda", "lora", 0.4, 0.45, rank=8, merge_densification=0),
+            row("ecoflap_zeroth", "ECoFLaP", "lora", 0.5, 0.52, rank=8, merge_densification=0)]
+    (tmp_path / "recovery.json").write_text(json.dumps({"rows": rows}))
+    summary = shipped_recovery(str(tmp_path))
+    assert [(r["method"], r["way"], r["after"], r["merge_densification"]) for r in summary] == [
+        ("wanda", "full", 0.6, None), ("ecoflap_zeroth", "full", 0.7, None),
+        ("wanda", "lora", 0.45, 0), ("ecoflap_zeroth", "lora", 0.52, 0)]
+    assert recovery_sentence(summary) == (  # the Teach tab speaks of the Recover tab's default way
+        "Recovery measured on this model (fine-tuning with every zero held, lr 2e-05): at 0.7 after 100 steps: "
+        "Wanda 40.0% → 60.0%, ECoFLaP 50.0% → 70.0%.")
+    assert recovery_table(summary).splitlines()[2:] == [
+        "| Wanda | 0.7 | 40.0% | 60.0% | 10 |", "| ECoFLaP | 0.7 | 50.0% | 70.0% | 10 |",
+        "| Wanda, masked LoRA rank 8 | 0.7 | 40.0% | 45.0% | 10 |",
+        "| ECoFLaP, masked LoRA rank 8 | 0.7 | 50.0% | 52.0% | 10 |"]
+    assert recovery_gaps(summary).split("\n\n") == [
+        "ECoFLaP minus Wanda, accuracy (means over seeds): at 0.7: +10.0 points before, +10.0 after 100 steps.",
+        "ECoFLaP minus Wanda (masked LoRA, lr 2e-05), accuracy (means over seeds): at 0.7: +10.0 points before, "
+        "+7.0 after 100 steps."]

@@ -21,6 +21,7 @@ import torch
 
 from ..curves import FILE, RECOVERY_FILE, leaders, shipped_recovery, summarise
 from ..models import load_model
+from ..recover import RecoverOptions
 from ..workbench import Workbench
 from ..shapes.evaluate import CARD_SEED, evaluate, make_eval_set
 from ..shapes.independent import independent_examples
@@ -149,16 +150,26 @@ Measured in about {max(1, round(data['seconds'] / 60))} minutes of wall time on 
 """
 
 
+def way_label(row: dict, lr: float | None = None) -> str:
+    """A summary row's method and, for the LoRA way, its rank (and its lr where it differs from `lr`)."""
+    if row.get("way", "full") == "full":
+        return row["label"]
+    rank = f" rank {row['rank']}" if row.get("rank") else ""
+    return f"{row['label']}, masked LoRA{rank}" + (f", lr {row['lr']:g}" if lr is not None and row["lr"] != lr else "")
+
+
 def recovery_table(summary: list[dict], full_score: float | None = None) -> str:
-    """Before and after each number of steps, per method and sparsity: the mean over seeds
-    with its range where there are several, and the CPU time of one recovery."""
+    """Before and after each number of steps, per method, way and sparsity: the mean over
+    seeds with its range where there are several, and the CPU time of one recovery."""
     steps = sorted({r["steps"] for r in summary})
+    lr = summary[0]["lr"]
     lines = ["| method | sparsity | before | " + " | ".join(f"after {n} steps" for n in steps)
              + " | CPU s per recovery |", "|---" * (len(steps) + 4) + "|"]
     if full_score is not None:
         lines.append(f"| full model | 0 | {full_score:.1%} | " + " | ".join("" for _ in steps) + " | |")
-    for method, sparsity in dict.fromkeys((r["method"], r["sparsity"]) for r in summary):
-        rows = {r["steps"]: r for r in summary if (r["method"], r["sparsity"]) == (method, sparsity)}
+    keys = dict.fromkeys((r["method"], r.get("way", "full"), r["lr"], r["sparsity"]) for r in summary)
+    for key in sorted(keys, key=lambda k: (k[3], k[1] != "full", k[2], list(keys).index(k))):
+        rows = {r["steps"]: r for r in summary if (r["method"], r.get("way", "full"), r["lr"], r["sparsity"]) == key}
         first = next(iter(rows.values()))
         seeds = max(r["seeds"] for r in rows.values())
         cells = []
@@ -169,33 +180,39 @@ def recovery_table(summary: list[dict], full_score: float | None = None) -> str:
                 cell += f" ({r['after_min']:.1%} to {r['after_max']:.1%})"
             cells.append(cell)
         cpu = " / ".join(f"{rows[n]['cpu_s']:.0f}" for n in steps if n in rows)
-        label = first["label"] + (f", {seeds} seeds" if seeds > 1 else "")
+        label = way_label(first, lr) + (f", {seeds} seeds" if seeds > 1 else "")
         before = f"{first['before']:.1%}" + (f" ({first['before_min']:.1%} to {first['before_max']:.1%})"
                                              if first["seeds"] > 1 else "")
-        lines.append(f"| {label} | {sparsity:g} | {before} | " + " | ".join(cells) + f" | {cpu} |")
+        lines.append(f"| {label} | {key[3]:g} | {before} | " + " | ".join(cells) + f" | {cpu} |")
     return "\n".join(lines)
 
 
 def recovery_gaps(summary: list[dict]) -> str:
     """The gap between the first two methods (mean over seeds) before and after each number
-    of steps, per sparsity: does recovery close it?"""
-    methods = list(dict.fromkeys(r["method"] for r in summary))[:2]
-    if len(methods) < 2:
-        return ""
-    label = {r["method"]: r["label"] for r in summary}
-    parts = []
-    for sparsity in sorted({r["sparsity"] for r in summary}):
-        by = {(r["method"], r["steps"]): r for r in summary if r["sparsity"] == sparsity}
-        steps = sorted(n for (m, n) in by if m == methods[0] and (methods[1], n) in by)
-        if not steps:
+    of steps, per way and sparsity: does recovery close it?"""
+    sentences = []
+    for way, lr in dict.fromkeys((r.get("way", "full"), r["lr"]) for r in summary):
+        same = [r for r in summary if (r.get("way", "full"), r["lr"]) == (way, lr)]
+        methods = list(dict.fromkeys(r["method"] for r in same))[:2]
+        if len(methods) < 2:
             continue
-        a, b = by[(methods[0], steps[0])], by[(methods[1], steps[0])]
-        gaps = [f"{100 * (b['before'] - a['before']):+.1f} points before"]
-        gaps += [f"{100 * (by[(methods[1], n)]['after'] - by[(methods[0], n)]['after']):+.1f} after {n} steps"
-                 for n in steps]
-        parts.append(f"at {sparsity:g}: " + ", ".join(gaps))
-    return (f"{label[methods[1]]} minus {label[methods[0]]}, accuracy (means over seeds): "
-            + "; ".join(parts) + ".")
+        label = {r["method"]: r["label"] for r in same}
+        parts = []
+        for sparsity in sorted({r["sparsity"] for r in same}):
+            by = {(r["method"], r["steps"]): r for r in same if r["sparsity"] == sparsity}
+            steps = sorted(n for (m, n) in by if m == methods[0] and (methods[1], n) in by)
+            if not steps:
+                continue
+            a, b = by[(methods[0], steps[0])], by[(methods[1], steps[0])]
+            gaps = [f"{100 * (b['before'] - a['before']):+.1f} points before"]
+            gaps += [f"{100 * (by[(methods[1], n)]['after'] - by[(methods[0], n)]['after']):+.1f} after {n} steps"
+                     for n in steps]
+            parts.append(f"at {sparsity:g}: " + ", ".join(gaps))
+        if parts:
+            how = "" if way == "full" else f" (masked LoRA, lr {lr:g})"
+            sentences.append(f"{label[methods[1]]} minus {label[methods[0]]}{how}, accuracy (means over seeds): "
+                             + "; ".join(parts) + ".")
+    return "\n\n".join(sentences)
 
 
 def _before_note(data: dict, curves: dict) -> str:
@@ -218,6 +235,18 @@ def _recovery(folder: Path, curves: dict) -> str:
     if not summary:
         return ""
     data = json.loads((folder / RECOVERY_FILE).read_text())
+    lora = [r for r in summary if r["way"] == "lora"]
+    if lora:
+        densified = max(r["merge_densification"] for r in lora)
+        rows = sum(1 for r in data["rows"] if r.get("way") == "lora")
+        lr_flag = "" if lora[0]["lr"] == RecoverOptions.lr else f" --lr {lora[0]['lr']:g}"
+        ways = (f" The masked-LoRA rows train a rank-{lora[0]['rank']} LoRA per pruned matrix instead (PEFT's "
+                f"layer, the same optimiser, schedule and data), merged as W + ΔW ⊙ M: {densified} new nonzeros "
+                f"in the merged weights of any of its {rows} recoveries (reproduce: `{data['command']} --way lora"
+                f"{lr_flag}`).")
+        missing = "other learning rates" if len({r["lr"] for r in lora}) > 1 else "the LoRA way at other learning rates"
+    else:
+        ways, missing = "", "the LoRA way, other learning rates"
     return f"""
 ## Recovery: fine-tuning after pruning, every zero held
 
@@ -226,7 +255,7 @@ AdamW, lr {summary[0]['lr']:g}, weight decay 0.05, cosine schedule, batch 8, gra
 update masked so every zero stays zero; each number of steps is its own run with its own
 schedule, on freshly generated scenes, never the evaluation questions). Accuracy on the
 pruning table's {data['eval_n']} questions (seed {SCORE_SEED}); "before" is measured again before each
-recovery{_before_note(data, curves)}:
+recovery{_before_note(data, curves)}.{ways}
 
 {recovery_table(summary, curves["full_score"])}
 
@@ -234,8 +263,7 @@ recovery{_before_note(data, curves)}:
 
 CPU time: process CPU seconds of one recovery with one thread (training and the two scorings),
 on 2 CPU cores shared with other work. Rows in `{RECOVERY_FILE}`. Reproduce: `{data['command']}`.
-Not measured here: the LoRA way, other learning rates, more steps, and the paper's
-10-epoch fine-tuning.
+Not measured here: {missing}, more steps, and the paper's 10-epoch fine-tuning.
 """
 
 

@@ -29,6 +29,7 @@ from ..report import write_json
 from ..scoring import HELD_OUT_N, SCORE_SEED, held_out_examples, quality_against_full, reference_for
 from ..workbench import Workbench
 from .pruning_curves import METHODS, SEEDS, SPARSITIES
+from .resumable import ResumeError, resume
 
 FILE = "label-free.json"
 COMMAND = "python -m ecoflap.toy.label_free"
@@ -81,22 +82,26 @@ def points(folder: Path) -> list[dict]:
     return [p for p in out if p["sparsity"] in SPARSITIES]
 
 
+def key(row: dict) -> tuple:
+    """What identifies a row (and a point to measure)."""
+    return row["method"], float(row["sparsity"]), int(row["seed"])
+
+
 def correlations(rows: list[dict]) -> dict:
     accuracy = [r["quality"]["accuracy"] for r in rows]
     return {f: spearman([r["quality"][f] for r in rows], accuracy) for f in FIGURES}
 
 
 def measure(folder: Path, out: Path, log=print) -> dict:
+    resumed = resume(out, key)
     torch.set_num_threads(2)
     workbench = Workbench(load_model(str(folder), device="cpu"))
-    done = json.loads(out.read_text()) if out.is_file() else {}
-    rows = done.get("rows", [])
-    started = time.perf_counter() - done.get("seconds", 0)
+    rows = resumed.rows
+    started = time.perf_counter() - resumed.seconds()
     examples = held_out_examples(n=HELD_OUT_N, seed=SCORE_SEED)
     reference = workbench.using(None, lambda loaded: reference_for(loaded, examples))
-    have = {(r["method"], r["sparsity"], r["seed"]) for r in rows}
     for p in points(folder):
-        if (p["method"], p["sparsity"], p["seed"]) in have:
+        if key(p) in resumed.done:
             continue
         options = PruneOptions(seed=p["seed"], vision_sparsity=p["vision_sparsity"])
         result, _, quality = workbench.prune(p["method"], p["sparsity"], options,
@@ -133,7 +138,10 @@ def main(argv=None):
     parser.add_argument("--out", default=None, help=f"default: the model folder's {FILE}")
     args = parser.parse_args(argv)
     folder = Path(args.folder)
-    result = measure(folder, Path(args.out) if args.out else folder / FILE)
+    try:
+        result = measure(folder, Path(args.out) if args.out else folder / FILE)
+    except ResumeError as err:
+        parser.exit(2, f"{err}\n")
     print(json.dumps(result["spearman_with_accuracy"], indent=1))
 
 

@@ -14,7 +14,6 @@ measurement can be stopped and resumed; the informative points come first.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from ..scoring import SCORE_SEED, quick_score
 from ..sources import Source, labeller, parse
 from ..workbench import Workbench
 from .pruning_curves import EVAL_N
+from .resumable import ResumeError, resume
 
 FILE = "self-labelled.json"
 COMMAND = "python -m ecoflap.toy.self_labels"
@@ -36,6 +36,11 @@ LABELS = ("labelled", "self-labelled")
 POINTS = [("wanda", 0.6, 0), ("ecoflap_zeroth", 0.6, 0), ("wanda", 0.7, 0), ("ecoflap_zeroth", 0.7, 0),
           ("ecoflap_zeroth", 0.6, 1), ("ecoflap_zeroth", 0.7, 1), ("ecoflap_zeroth", 0.6, 2),
           ("ecoflap_zeroth", 0.7, 2)]
+
+
+def key(row: dict) -> tuple:
+    """What identifies a row: the point and which targets it calibrated on."""
+    return row["method"], float(row["sparsity"]), int(row["seed"]), row["targets"]
 
 
 def calibrations(workbench: Workbench) -> dict:
@@ -49,19 +54,18 @@ def calibrations(workbench: Workbench) -> dict:
 
 
 def measure(folder: Path, out: Path, log=print) -> dict:
+    resumed = resume(out, key)
     torch.set_num_threads(2)
     workbench = Workbench(load_model(str(folder), device="cpu"))
-    done = json.loads(out.read_text()) if out.is_file() else {}
-    rows = done.get("rows", [])
-    started = time.perf_counter() - done.get("seconds", 0)
+    rows = resumed.rows
+    started = time.perf_counter() - resumed.seconds()
     sets = calibrations(workbench)
     differ = sum(a.answer.strip() != b.answer.strip()
                  for a, b in zip(sets["labelled"].examples, sets["self-labelled"].examples))
     full = workbench.using(None, lambda loaded: quick_score(loaded, EVAL_N, SCORE_SEED))["value"]
-    have = {(r["method"], r["sparsity"], r["seed"], r["targets"]) for r in rows}
     for method, sparsity, seed in POINTS:
         for targets in LABELS:
-            if (method, sparsity, seed, targets) in have:
+            if (method, sparsity, seed, targets) in resumed.done:
                 continue
             result, _, score = workbench.prune(method, sparsity, PruneOptions(seed=seed), sets[targets],
                                                then=lambda loaded, _r: quick_score(loaded, EVAL_N, SCORE_SEED))
@@ -104,7 +108,10 @@ def main(argv=None):
     parser.add_argument("--out", default=None, help=f"default: the model folder's {FILE}")
     args = parser.parse_args(argv)
     folder = Path(args.folder)
-    print(table(measure(folder, Path(args.out) if args.out else folder / FILE)))
+    try:
+        print(table(measure(folder, Path(args.out) if args.out else folder / FILE)))
+    except ResumeError as err:
+        parser.exit(2, f"{err}\n")
 
 
 if __name__ == "__main__":
