@@ -37,7 +37,7 @@ PRUNE_METHODS = [(m.label, m.name) for m in sorted(
     ecoflap.METHODS.values(), key=lambda m: ALLOCATION_ORDER.index(m.allocation)
     if m.allocation in ALLOCATION_ORDER else len(ALLOCATION_ORDER))]
 TEACH_DEFAULT = ["wanda", "ecoflap_zeroth"]
-SWEEP_COLUMNS = ["method", "sparsity", "accuracy or loss", "achieved sparsity", "prune s", "point s (with scoring)"]
+SWEEP_COLUMNS = ["method", "sparsity", "accuracy or KL", "achieved", "prune s", "point s"]
 DEFAULTS = ecoflap.PruneOptions()  # the advanced settings start at the library's defaults
 # Stopping is a normal action: one calm line, whichever route stopped the work first.
 STOPPED = "Stopped. Nothing from the stopped job was stored, and the shared model keeps its full weights."
@@ -625,7 +625,8 @@ def stopped_comparison(me: ecoflap.Session, finished):
 
 async def sweep(server: ecoflap.Server, methods, sparsities, token, progress=gr.Progress()):
     """Score against sparsity for the chosen methods (the shared model is never left pruned),
-    beside the full model's score. A stopped sweep keeps the points it finished."""
+    beside the full model's score, with every quality figure measured against the full
+    model. A stopped sweep keeps the points it finished."""
     me = session_of(server, token)
     finished: list[dict] = []
     try:
@@ -639,24 +640,34 @@ async def sweep(server: ecoflap.Server, methods, sparsities, token, progress=gr.
         return sweep_outputs(me, finished, None, f"Stopped: {kept} Nothing else was stored, and the shared model "
                                                  "keeps its full weights.")
     except EXPECTED as err:
-        return refuse(err, 4)
+        return refuse(err, 6)
     prune_s, wall_s = sum(r["seconds"] for r in rows), sum(r["wall_seconds"] for r in rows)
-    same = full["metric"] == rows[0]["metric"]  # the baseline only where it is the same measure
-    line = f" The grey line is the full model ({full['metric']} {full['value']:.4f})." if same else ""
-    return sweep_outputs(me, rows, full if same else None,
+    return sweep_outputs(me, rows, full,
                          f"{len(rows)} points measured in {wall_s:.1f} s: {prune_s:.1f} s pruning, the rest scoring "
-                         f"each pruned model (and waiting for the shared model).{line}")
+                         f"each pruned model (and waiting for the shared model).")
 
 
 def sweep_outputs(me: ecoflap.Session, rows: list[dict], full: dict | None, status: str):
-    """Chart, table, files and status of one sweep's rows: always the same rows in all of them."""
-    metric = rows[0]["metric"] if rows else "score"
-    table = [[r["label"], r["sparsity"], round(r["score"], 4), round(r["achieved_sparsity"], 4),
-              round(r["seconds"], 2), round(r["wall_seconds"], 2)] for r in rows]
-    chart = ecoflap.plots.sweep_figure(rows, metric, full_score=full["value"] if full else None) if rows else None
+    """Chart, table, status, files, y-axis choices and the stored rows of one sweep: always
+    the same rows in all of them."""
+    y = ecoflap.sweep.default_y(rows)
+    headers, table = ecoflap.sweep.table(rows)
+    chart = ecoflap.plots.sweep_chart(rows, y, full) if rows else None
+    baseline = ecoflap.sweep.full_value(rows, y, full) if rows else None
+    if baseline is not None:
+        itself = "; against itself: KL 0, agreement 1" if "kl_mean" in rows[0] and y != "kl_mean" else ""
+        status += f" The grey line is the full model ({ecoflap.sweep.y_name(rows, y)} {baseline:.4f}{itself})."
     files = [str(p) for p in me.export_table("sweep", rows)] if rows else None
-    columns = ["method", "sparsity", metric, "achieved sparsity", "prune s", "point s (with scoring)"]
-    return chart, pd.DataFrame(table, columns=columns), with_notices(me, status), files
+    picker = gr.update(choices=ecoflap.sweep.y_choices(rows), value=y if rows else None)
+    return (chart, pd.DataFrame(table, columns=headers), with_notices(me, status), files, picker,
+            {"rows": rows, "full": full})
+
+
+def sweep_axis(stored, y):
+    """The last sweep's chart with another y-axis, drawn from its stored rows."""
+    if not stored or not stored["rows"] or y not in ecoflap.sweep.measured(stored["rows"]):
+        return gr.skip()
+    return ecoflap.plots.sweep_chart(stored["rows"], y, stored["full"])
 
 
 def export(server: ecoflap.Server, run_id, with_model, token):
@@ -946,8 +957,14 @@ def build_app(server: ecoflap.Server, stats_key: str | None = None) -> gr.Blocks
                     sweep_status = gr.Markdown("Choose methods and sparsities, then Run sweep.",
                                                elem_id="sweep-status", elem_classes=["status-box"], scale=2,
                                                min_width=240)
+                sweep_y = gr.Dropdown([], label="Y-axis", elem_id="sweep-y", interactive=True,
+                                      info="the measures this sweep has; changing it redraws the same points")
+                sweep_rows = gr.State(None)
                 sweep_plot = gr.Plot(show_label=False, elem_id="sweep-chart")
-                sweep_table = gr.Dataframe(headers=SWEEP_COLUMNS, elem_id="sweep-table")
+                sweep_table = gr.Dataframe(headers=SWEEP_COLUMNS, elem_id="sweep-table",
+                                           label="Each point: the figures against the full model, the achieved "
+                                                 "sparsity, the prune's seconds and the point's (prune, scoring, "
+                                                 "waiting for the shared model)")
                 sweep_files = gr.File(label="This sweep (CSV, JSON)", file_count="multiple", height=110,
                                       elem_id="sweep-files")
             with gr.Tab("Export"):
@@ -994,8 +1011,9 @@ def build_app(server: ecoflap.Server, stats_key: str | None = None) -> gr.Blocks
         teach_stop.click(bind(server, stop_comparison), token, teach_status, api_visibility="private", queue=False)
         sweep_button.click(
             bind(server, sweep), [sweep_methods, sweep_sparsities, token],
-            [sweep_plot, sweep_table, sweep_status, sweep_files], api_name="sweep", preprocess=False, show_progress_on=[sweep_status], concurrency_limit=8,
-            concurrency_id="long")
+            [sweep_plot, sweep_table, sweep_status, sweep_files, sweep_y, sweep_rows], api_name="sweep",
+            preprocess=False, show_progress_on=[sweep_status], concurrency_limit=8, concurrency_id="long")
+        sweep_y.input(sweep_axis, [sweep_rows, sweep_y], sweep_plot, api_visibility="private", queue=False)
         sweep_stop.click(bind(server, stop), token, sweep_status, api_visibility="private", queue=False)
         recover_tab.select(bind(server, recover_choices), [recover_run, token], recover_run,
                            api_visibility="private")

@@ -10,7 +10,7 @@ One model in a notebook or a script:
 Many people on one deployment (what the app does): a `Server` and a `Session` each.
 """
 
-from . import curves, lessons, naming, plots, quality
+from . import curves, lessons, naming, plots, quality, sweep
 from .allocation import allocate_sparsity
 from .anatomy import DEFAULT_INCLUDE, GRANULARITIES, INCLUDE_CHOICES, MODALITIES, parameter_counts, prunable_layers
 from .answers import MAX_QUESTION_CHARS, ask
@@ -79,5 +79,6 @@ __all__ = [
     "recover_options",
     "return_freed_memory_to_the_system",
     "save_pruned",
+    "sweep",
     "write_json",
 ]

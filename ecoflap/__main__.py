@@ -15,7 +15,6 @@ from tqdm import tqdm
 from .anatomy import INCLUDE_CHOICES, prunable_layers
 from .answers import ask
 from .benchmark import bench, sparsegpt_layer_peak
-from .curves import summarise
 from .images import open_image
 from .losses import LOSSES
 from .methods import METHODS, get_method, method_names
@@ -23,16 +22,16 @@ from .models import ModelLoadError, load_model, offloaded, random_model, resolve
 from .offload import resolve_offload
 from .options import DEFAULTS, from_settings, seed_list, sparsity_list, sparsity_value
 from .pipeline import prune
-from .plots import sweep_figure
+from .plots import sweep_chart
 from .recover import recover, recover_options
-from .report import SWEEP_COLUMNS, save_pruned, table_csv, write_json, write_text
+from .report import save_pruned, table_csv, write_json, write_text
 from .quality import summary
 from .scoring import held_out_examples, quality_against_full, quick_score, reference_for
 from .shapes.evaluate import CARD_SEED
 from .soak import soak
 from .sources import deployment_default, labeller, parse
 from .stats import achieved_sparsity, layer_table
-from .sweep import QUALITY_COLUMNS, Y_CHOICES, sweep, with_y
+from .sweep import Y_CHOICES, default_y, export_columns, sweep
 from .workbench import Workbench
 
 log = logging.getLogger("ecoflap")
@@ -193,8 +192,9 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--json", default=None, help="also write the rows as JSON here")
     w.add_argument("--csv", default="sweep.csv")
     w.add_argument("--html", default="sweep.html", help="plotly chart")
-    w.add_argument("--y", default="score", choices=Y_CHOICES, help="the chart's y-axis: the score (accuracy or "
-                   "calibration loss) or a figure against the full model (accuracy and flips: shapes models)")
+    w.add_argument("--y", default=None, choices=Y_CHOICES, help="the chart's y-axis: the score (accuracy or "
+                   "calibration loss) or a figure against the full model (accuracy and flips: shapes models); "
+                   "default: accuracy where the model has labels, else the mean KL")
     b = sub.add_parser("bench", help="time and memory of every method, side by side, in one process")
     _model_args(b)
     b.add_argument("--arch", default=None, help="build a full-size architecture instead of loading: "
@@ -459,9 +459,8 @@ def cmd_sweep(args) -> int:
                                    f"{args.samples} samples, loss {args.loss}",
                     "command": "python -m ecoflap " + " ".join(shlex.quote(a) for a in args.argv),
                     "calibration": calibration.report() if calibration else None, "rows": rows}, args.json)
-    write_text(table_csv(rows, (*SWEEP_COLUMNS, *QUALITY_COLUMNS)), args.csv)
-    shown, name = with_y(rows, args.y)
-    figure = sweep_figure(summarise(shown), name)
+    write_text(table_csv(rows, export_columns(rows)), args.csv)
+    figure = sweep_chart(rows, args.y or default_y(rows))
     write_text(figure.to_html(include_plotlyjs=True), args.html)
     print(f"wrote {args.csv} and {args.html}")
     return 0

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import plotly.graph_objects as go
 
+from .curves import summarise
 from .naming import friendly
+from .sweep import full_value, with_y
 
 MODALITY_COLORS = {"vision": "#1f77b4", "qformer": "#9467bd", "projection": "#8c564b", "language": "#d62728"}
 MODALITY_NAMES = {"vision": "Vision", "qformer": "Q-Former", "projection": "Projection", "language": "Language"}
@@ -172,9 +174,21 @@ def sweep_figure(rows: list[dict], score_name: str, title: str | None = None,
             line={"color": style["color"], "dash": style["dash"]}, error_y=error, customdata=notes,
             hovertemplate="sparsity %{x:.2f}<br>" + score_name + " %{y:.4f}%{customdata}<extra>" + label + "</extra>",
         ))
-    fig.update_layout(title={"text": title or f"{score_name} against sparsity", "y": 0.97},
+    # a long measure's name ("99th percentile KL(full || pruned)") would run off a phone's chart
+    joint = "<br>" if len(score_name) > 20 else " "
+    fig.update_layout(title={"text": title or f"{score_name}{joint}against sparsity", "y": 0.97},
                       xaxis_title="sparsity", yaxis_title=score_name, **LAYOUT)
     return fig
+
+
+def sweep_chart(rows: list[dict], y: str, full_score: dict | None = None, title: str | None = None) -> go.Figure:
+    """A sweep's rows (`sweep.sweep`) drawn with column `y` as the curve (see
+    `sweep.y_choices`), with the full model's line where the measure has one; repeated
+    seeds become a mean with its range. Only draws: nothing is measured again."""
+    shown, name = with_y(rows, y)
+    if len({(r["method"], r["sparsity"]) for r in shown}) < len(shown):
+        shown = summarise(shown)
+    return sweep_figure(shown, name, title, full_value(rows, y, full_score))
 
 
 def distribution_figures(distributions: dict) -> tuple[go.Figure, go.Figure]:

@@ -57,7 +57,7 @@ from .quality import labelled_counts
 from .scoring import SCORE_SEED, held_out_examples, quality_against_full, quick_score, speaks_shapes
 from .sources import Calibration
 from .stats import gradient_histograms, weight_histograms
-from .sweep import sweep
+from .sweep import export_columns, sweep
 from .weights import RunWeights
 from .workbench import Cancelled, Workbench
 
@@ -478,11 +478,14 @@ class Session:
         if image is not None:
             picture, fitted, _ = self._inputs(image, question, 20)
         bench = self.workbench
-        held_out = held_out_examples(None, eval_n, SCORE_SEED)
-        measured = ("score", eval_n, SCORE_SEED)
         runs, qualities = [], []
         with self._job(should_stop) as stopped:
+            # held out from the source the runs calibrate on (a real model's deployment data, not
+            # cartoons): after the hungriest method's samples, so no method calibrates on them
+            hungriest = max(chosen, key=PruneOptions().samples_used)
+            held_out = held_out_examples(self.calibration_for(hungriest, PruneOptions()), eval_n, SCORE_SEED)
             reference = bench.reference(held_out, stopped, self.id)
+            measured = ("score", eval_n, SCORE_SEED, PruneOptions().samples_used(hungriest))  # names the questions
 
             def measure(weights: RunWeights, stopped: StopCheck) -> dict:
                 return bench.using(weights, lambda loaded: quality_against_full(loaded, reference), long=True,
@@ -627,7 +630,8 @@ class Session:
         self.touch()
         folder = self.server.export_folder(self.id, kind)
         files = [folder / f"{kind}.csv", folder / f"{kind}.json"]
-        write_text(table_csv(rows, TABLE_COLUMNS[kind]), files[0])
+        columns = export_columns(rows) if kind == "sweep" else TABLE_COLUMNS[kind]  # with the quality measured
+        write_text(table_csv(rows, columns), files[0])
         write_json({"kind": kind, "model": self.describe()["name"], "rows": rows}, files[1])
         return files
 

@@ -17,6 +17,7 @@ from typing import Callable, Sequence
 from .methods import Method, get_method
 from .options import PruneOptions
 from .progress import Progress, StopCheck, prefixed
+from .report import SWEEP_COLUMNS
 from .scoring import SCORE_SEED, held_out_examples, quick_score
 from .workbench import Workbench
 
@@ -28,6 +29,15 @@ Y_NAMES = {"kl_mean": "mean KL(full || pruned)", "kl_median": "median KL(full ||
            "same_top": "same top-1 as the full model", "same_answer": "same answer as the full model",
            "accuracy": "accuracy", "right_to_wrong": "answers flipped right to wrong",
            "wrong_to_right": "answers flipped wrong to right"}
+# what the full model scores against itself: the line every curve of that measure falls from
+FULL_MODEL = {"kl_mean": 0.0, "kl_median": 0.0, "kl_p99": 0.0, "kl_p999": 0.0, "same_top": 1.0, "same_answer": 1.0,
+              "right_to_wrong": 0, "wrong_to_right": 0}
+# the picker's order: the score, then what a reader looks at first
+AXIS_ORDER = ("score", "accuracy", "kl_mean", "kl_median", "kl_p99", "kl_p999", "same_top", "same_answer",
+              "right_to_wrong", "wrong_to_right")
+# the table's columns beside method and sparsity, short enough for a phone's width
+TABLE_NAMES = {"accuracy": "accuracy", "kl_mean": "KL mean", "kl_p99": "KL p99", "same_top": "same top-1",
+               "same_answer": "same answer", "right_to_wrong": "right→wrong", "wrong_to_right": "wrong→right"}
 
 
 def sweep(
@@ -104,9 +114,72 @@ def measure_point(workbench: Workbench, method: str | Method, sparsity: float, o
 
 def quality_columns(quality: dict) -> dict:
     """A run's quality entry as flat sweep columns."""
-    flat = {k: quality[k] for k in QUALITY_COLUMNS if k in quality}
+    flat = {k: quality[k] for k in (*QUALITY_COLUMNS, "full_accuracy") if k in quality}
     flat.update(quality.get("flips", {}))
     return flat
+
+
+def measured(rows: list[dict]) -> list[str]:
+    """The y columns every row has, in `AXIS_ORDER`; the score only where it is not
+    the accuracy column again (the shapes model's score is its held-out accuracy)."""
+    present = [y for y in AXIS_ORDER if rows and all(y in r for r in rows)]
+    if "accuracy" in present and all(r["metric"] == "accuracy" and r["score"] == r["accuracy"] for r in rows):
+        present.remove("score")
+    return present
+
+
+def y_name(rows: list[dict], y: str) -> str:
+    """What column `y` is called on an axis; the score by its metric, marked as the quick
+    score where the sweep also has an accuracy of its own (on other questions)."""
+    if y != "score":
+        return Y_NAMES[y]
+    metric = rows[0]["metric"] if rows else "score"
+    return f"{metric} (quick score)" if "accuracy" in measured(rows) else metric
+
+
+def y_choices(rows: list[dict]) -> list[tuple[str, str]]:
+    """(name, column) of every y-axis this sweep can be drawn with."""
+    return [(y_name(rows, y), y) for y in measured(rows)]
+
+
+def default_y(rows: list[dict]) -> str:
+    """Accuracy where the model has labels, else the mean KL from the full model (never
+    the shapes loss of a model that does not speak the shapes world), else the score."""
+    present = measured(rows)
+    return next((y for y in ("accuracy", "kl_mean") if y in present), "score")
+
+
+def full_value(rows: list[dict], y: str, full_score: dict | None = None) -> float | None:
+    """The full model's value of column `y`: its own accuracy on the same held-out
+    questions, 0 for a divergence or a flip count, 1 for an agreement; for the score,
+    `full_score` (the full model's quick score) where it is the same measure. None: no line."""
+    if y == "score":
+        same = full_score is not None and rows and full_score.get("metric") == rows[0]["metric"]
+        return full_score["value"] if same else None
+    if y == "accuracy":
+        return rows[0].get("full_accuracy") if rows else None
+    return FULL_MODEL.get(y)
+
+
+def table(rows: list[dict]) -> tuple[list[str], list[list]]:
+    """The sweep as the app's table: headers and one row per point (method, sparsity, the
+    score where it is its own measure, the quality figures measured, the achieved
+    sparsity, the prune's seconds and the point's: prune, scoring and any wait). Short
+    headers: twelve columns fit a laptop's width."""
+    present = measured(rows)
+    shown = [y for y in ("score", *TABLE_NAMES) if y in present]
+    headers = ["method", "sparsity", *(y_name(rows, y) if y == "score" else TABLE_NAMES[y] for y in shown),
+               "achieved", "prune s", "point s"]
+    data = [[r["label"], r["sparsity"], *(round(r[y], 4) for y in shown), round(r["achieved_sparsity"], 4),
+             round(r["seconds"], 2), round(r["wall_seconds"], 2)] for r in rows]
+    return headers, data
+
+
+def export_columns(rows: list[dict]) -> tuple[str, ...]:
+    """The CSV's columns: every point's settings, score and times, and the quality figures
+    the sweep measured (the full model's accuracy beside the accuracy)."""
+    quality = [k for k in (*QUALITY_COLUMNS, "full_accuracy") if rows and all(k in r for r in rows)]
+    return (*SWEEP_COLUMNS, *quality)
 
 
 def with_y(rows: list[dict], y: str) -> tuple[list[dict], str]:

@@ -162,22 +162,29 @@ def test_bad_uploads_and_questions_give_a_clear_message(app, tmp_path):
 
 def test_sweep_uses_method_labels_and_checks_its_list(app):
     c = client(app)
-    plot, table, status, files = c.predict(["wanda"], "0.3,0.6", api_name="/sweep")
+    plot, table, status, files, axis = c.predict(["wanda"], "0.3,0.6", api_name="/sweep")
     assert [row[0] for row in table["data"]] == ["Wanda", "Wanda"] and "2 points" in status
-    # the table names its measure as the chart does, with the prune's and the scoring's seconds apart
-    assert table["headers"] == ["method", "sparsity", "accuracy", "achieved sparsity", "prune s", "point s (with scoring)"]
+    # the table names its measure as the chart does, the figures against the full model beside it, and the
+    # prune's and the scoring's seconds apart
+    assert table["headers"] == ["method", "sparsity", "accuracy", "KL mean", "KL p99", "same top-1", "same answer",
+                                "right→wrong", "wrong→right", "achieved", "prune s", "point s"]
     figure = json.loads(plot["plot"])
-    assert figure["layout"]["yaxis"]["title"]["text"] == "accuracy"
+    assert figure["layout"]["yaxis"]["title"]["text"] == "accuracy" and axis["value"] == "accuracy"
+    assert [y for _, y in axis["choices"]] == ["accuracy", "kl_mean", "kl_median", "kl_p99", "kl_p999", "same_top",
+                                              "same_answer", "right_to_wrong", "wrong_to_right"]  # what it measured
     full = [s for s in figure["layout"]["shapes"] if s["type"] == "line"]
-    assert len(full) == 1 and f"({full[0]['y0']:.4f})" in status.replace("accuracy ", "")
+    assert len(full) == 1 and f"full model (accuracy {full[0]['y0']:.4f}; against itself: KL 0" in status
     named = {Path(f).name: Path(f) for f in files}
     assert set(named) == {"sweep.csv", "sweep.json"}
     saved = json.loads(named["sweep.json"].read_text())["rows"]
     csv_rows = named["sweep.csv"].read_text().splitlines()
     assert len(saved) == 2 and len(csv_rows) == 3 and csv_rows[0].startswith("method,sparsity,metric,score")
+    assert {"kl_mean", "kl_p99", "same_top", "same_answer", "accuracy", "right_to_wrong"} <= set(csv_rows[0].split(","))
+    assert full[0]["y0"] == saved[0]["full_accuracy"]  # the full model's accuracy on the same questions
     for row, shown in zip(saved, table["data"]):
-        assert [row["label"], row["sparsity"], round(row["score"], 4), round(row["seconds"], 2),
-                round(row["wall_seconds"], 2)] == [shown[0], shown[1], shown[2], shown[4], shown[5]]
+        assert [row["label"], row["sparsity"], round(row["score"], 4), round(row["kl_mean"], 4),
+                round(row["same_top"], 4), round(row["seconds"], 2), round(row["wall_seconds"], 2)] == \
+            [shown[0], shown[1], shown[2], shown[3], shown[5], shown[10], shown[11]]
         assert row["wall_seconds"] > row["seconds"]  # the point's wall time includes its scoring
     for bad, message in [("0.5,,0.6", "empty"), ("-0", "plain decimal"), ("1e-400", "plain decimal"),
                          ("0.5,0.5", "only once")]:

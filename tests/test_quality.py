@@ -194,3 +194,48 @@ def test_label_free_table_and_correlations():
     text = table({"rows": rows, "spearman_with_accuracy": rho})
     assert "| wanda | 0.7 | 0 | 70.0% | 3 / 1 | 0.5000 |" in text
     assert "mean KL -1.000" in text and "median KL undefined (constant)" in text
+
+
+def test_sweep_rows_carry_each_runs_quality_measured_on_its_own(monkeypatch):
+    """Every sweep point's quality columns equal a computation of their own (the same run
+    repeated on a fresh copy, its distributions and answers compared here), and the full
+    model's side is measured once per sweep, not once per point."""
+    import ecoflap.workbench
+    from ecoflap.sweep import quality_columns, sweep
+
+    held_out, calibration, options = _held_out(), random_examples(8), PruneOptions(samples=8)
+    measured = []
+    reference_for = ecoflap.workbench.reference_for
+    monkeypatch.setattr(ecoflap.workbench, "reference_for",
+                        lambda loaded, examples: measured.append(1) or reference_for(loaded, examples))
+    rows = sweep(Workbench(tiny_model("opt")), ["magnitude", "wanda"], [0.6], options, calibration, eval_n=10,
+                 held_out=held_out)
+    assert len(measured) == 1 and [r["method"] for r in rows] == ["magnitude", "wanda"]
+    full = tiny_model("opt")
+    full_answers = ask(full, [e.image for e in held_out], [e.question for e in held_out])
+    forced = [Example(e.image, e.question, e.answer or a) for e, a in zip(held_out, full_answers)]
+    full_p = [_answer_distributions(full, e) for e in forced]
+    for row in rows:
+        pruned = tiny_model("opt")
+        prune(pruned, row["method"], 0.6, options, calibration)
+        kl, same_top = [], []
+        for p, example in zip(full_p, forced):
+            r = _answer_distributions(pruned, example)
+            kl += list((p * (np.log(p) - np.log(r))).sum(-1))
+            same_top += list(p.argmax(-1) == r.argmax(-1))
+        answers = ask(pruned, [e.image for e in held_out], [e.question for e in held_out])
+        assert row["kl_mean"] == pytest.approx(np.mean(kl), rel=1e-4, abs=1e-7) and row["kl_mean"] > 0
+        assert row["kl_p99"] == pytest.approx(np.percentile(kl, 99), rel=1e-4, abs=1e-7)
+        assert row["kl_median"] == pytest.approx(np.percentile(kl, 50), rel=1e-4, abs=1e-7)
+        assert row["same_top"] == pytest.approx(np.mean(same_top))
+        assert row["same_answer"] == pytest.approx(np.mean([a == b for a, b in zip(full_answers, answers)]))
+        scored = [i for i, e in enumerate(held_out) if e.answer]
+        full_right = [full_answers[i] == held_out[i].answer for i in scored]
+        right = [answers[i] == held_out[i].answer for i in scored]
+        assert row["accuracy"] == pytest.approx(np.mean(right)) and row["full_accuracy"] == pytest.approx(
+            np.mean(full_right))
+        assert (row["right_to_wrong"], row["wrong_to_right"]) == (
+            sum(f and not r for f, r in zip(full_right, right)), sum(r and not f for f, r in zip(full_right, right)))
+        # and the same figures the run's own report carries
+        again = prune(tiny_model("opt"), row["method"], 0.6, options, calibration, held_out=held_out).quality
+        assert {k: row[k] for k in quality_columns(again)} == pytest.approx(quality_columns(again))

@@ -1,6 +1,8 @@
 """A deployment shared by many sessions: ownership, quotas, notices, stops, loads, exports,
 limits, and one clear message for each bad value a stranger can send."""
 
+import csv
+import io
 import json
 import shutil
 import threading
@@ -289,6 +291,13 @@ def test_a_sweep_is_capped_in_points(model_folder, tmp_path):
         me.sweep(["wanda", "magnitude"], "0.1,0.2")
     rows = me.sweep(["magnitude"], "0.2,0.4", eval_n=10)
     assert [r["sparsity"] for r in rows] == [0.2, 0.4] and me.runs() == []
+    # the export holds every point's figures against the full model, as measured
+    written = {p.suffix: p for p in me.export_table("sweep", rows)}
+    table = list(csv.DictReader(io.StringIO(written[".csv"].read_text())))
+    for key in ("kl_mean", "kl_median", "kl_p99", "kl_p999", "same_top", "same_answer", "accuracy", "full_accuracy",
+                "right_to_wrong", "wrong_to_right"):
+        assert [float(r[key]) for r in table] == pytest.approx([row[key] for row in rows]), key
+    assert json.loads(written[".json"].read_text())["rows"] == rows
 
 
 @pytest.mark.parametrize("call,message", [

@@ -398,13 +398,20 @@ def test_a_real_model_gets_the_deployment_default_or_a_warning(tmp_path, deploym
     configured = server_for(folder, tmp_path, calibration=str(deployment_data / "good")).open_session()
     run = configured.prune("wanda", 0.5, samples=4)
     assert run.result.calibration["id"] == "good" and run.result.warnings == []
-    images, captions = rows(128, size=16)
+    images, captions = rows(140, size=16)
     (tmp_path / "big").mkdir()
     table(images, captions).to_parquet(str(tmp_path / "big" / "train.parquet"))
     configured = server_for(folder, tmp_path, calibration=str(tmp_path / "big")).open_session()
+    bench, measured_on = configured.workbench, []
+    reference = bench.reference
+    monkeypatch.setattr(bench, "reference", lambda examples, *a, **k: measured_on.append(examples) or
+                        reference(examples, *a, **k))
     compared = configured.compare(["wanda", "magnitude"], 0.5, eval_n=10)
     assert [r.result.calibration and r.result.calibration["id"] for r in compared.runs] == ["big", None]
-    bench, seen = configured.workbench, []
+    # the Teach tab measures a real model on the source's held-out rows (after the 128 calibrated on), not cartoons
+    assert measured_on and all([e.answer for e in x] == captions[128:138] for x in measured_on)
+    assert compared.metric == "mean KL from the full model" and all(r["quality"]["n"] == 10 for r in compared.rows[1:])
+    seen = []
     original = bench.prune
 
     def spy(method, sparsity, options=None, calibration=None, *args, **kwargs):

@@ -95,3 +95,93 @@ def test_shipped_curves_are_summarised_over_seeds_and_drawn(tmp_path):
     assert {r["sparsity"] for r in real["rows"]} == {0.5, 0.6, 0.7, 0.75, 0.8}
     zeroth = [r for r in real["rows"] if r["method"] == "ecoflap_zeroth"]
     assert all(r["seeds"] == 3 and r["score_min"] < r["score_max"] for r in zeroth)  # three different seeds
+
+
+def _sweep_row(method, sparsity, seed=0, shapes=True, **figures):
+    """A sweep row as `sweep.sweep` writes it, with its quality columns written out here."""
+    row = {"method": method, "label": method.title(), "sparsity": sparsity, "seed": seed,
+           "achieved_sparsity": sparsity - 0.001, "seconds": 1.25, "wall_seconds": 2.5,
+           "kl_mean": sparsity / 10, "kl_median": sparsity / 20, "kl_p99": sparsity, "kl_p999": 2 * sparsity,
+           "same_top": 1 - sparsity / 2, "same_answer": 1 - sparsity, **figures}
+    if shapes:
+        row.update(metric="accuracy", accuracy=0.9 - sparsity, full_accuracy=0.95, right_to_wrong=int(10 * sparsity),
+                   wrong_to_right=1)
+        row["score"] = row["accuracy"]
+    else:
+        row.update(metric="calibration loss", score=2 + sparsity)
+    row.update(figures)
+    return row
+
+
+def test_the_sweep_chart_draws_the_chosen_column_and_the_full_models_line():
+    from ecoflap.plots import sweep_chart
+    from ecoflap.sweep import default_y, y_choices
+
+    rows = [_sweep_row(m, s) for m in ("wanda", "magnitude") for s in (0.7, 0.3)]
+    choices = dict((y, name) for name, y in y_choices(rows))
+    # the score is the accuracy here, so it is offered once
+    assert list(choices) == ["accuracy", "kl_mean", "kl_median", "kl_p99", "kl_p999", "same_top", "same_answer",
+                             "right_to_wrong", "wrong_to_right"] and default_y(rows) == "accuracy"
+    # the full model: its own accuracy on the same questions, no divergence, full agreement, no flips
+    full_line = {"accuracy": 0.95, "kl_mean": 0, "kl_median": 0, "kl_p99": 0, "kl_p999": 0, "same_top": 1,
+                 "same_answer": 1, "right_to_wrong": 0, "wrong_to_right": 0}
+    for y in choices:
+        figure = sweep_chart(rows, y)
+        assert [t.name for t in figure.data] == ["Wanda", "Magnitude"]
+        for trace, method in zip(figure.data, ("wanda", "magnitude")):
+            by_hand = sorted((r["sparsity"], r[y]) for r in rows if r["method"] == method)
+            assert list(trace.x) == [s for s, _ in by_hand] and list(trace.y) == [v for _, v in by_hand]
+        assert figure.layout.yaxis.title.text == choices[y] and choices[y] in figure.layout.title.text
+        assert [s.y0 for s in figure.layout.shapes if s.type == "line"] == [full_line[y]]
+    # another y changes only the y data: the same points, nothing measured again
+    assert list(sweep_chart(rows, "kl_p99").data[0].y) == [0.3, 0.7]
+    assert list(sweep_chart(rows, "same_answer").data[0].y) == pytest.approx([0.7, 0.3])
+    with pytest.raises(ValueError, match="the y-axis is one of"):
+        sweep_chart(rows, "loss")
+
+
+def test_a_sweep_without_labels_offers_the_full_model_comparison_and_its_score_apart():
+    from ecoflap.plots import sweep_chart
+    from ecoflap.sweep import default_y, full_value, y_choices
+
+    rows = [_sweep_row("wanda", s, shapes=False) for s in (0.3, 0.5)]
+    assert [y for _, y in y_choices(rows)] == ["score", "kl_mean", "kl_median", "kl_p99", "kl_p999", "same_top",
+                                               "same_answer"]
+    assert default_y(rows) == "kl_mean"  # never the shapes loss of a model that does not speak shapes
+    with pytest.raises(ValueError, match="accuracy was not measured"):
+        sweep_chart(rows, "accuracy")
+    full = {"metric": "calibration loss", "value": 1.5}
+    assert full_value(rows, "score", full) == 1.5 and full_value(rows, "score", {"metric": "accuracy", "value": 1}) \
+        is None and full_value(rows, "score") is None
+    drawn = sweep_chart(rows, "score", full)
+    assert list(drawn.data[0].y) == [2.3, 2.5] and [s.y0 for s in drawn.layout.shapes] == [1.5]
+    # a shapes model whose accuracy is measured on a source's held-out examples: the quick score is its own column
+    apart = [_sweep_row("wanda", s, score=0.5) for s in (0.3, 0.5)]
+    assert dict((y, n) for n, y in y_choices(apart))["score"] == "accuracy (quick score)"
+
+
+def test_repeated_seeds_are_drawn_as_their_mean_and_range():
+    from ecoflap.plots import sweep_chart
+
+    rows = [_sweep_row("ecoflap_zeroth", 0.5, seed=s, kl_mean=k) for s, k in ((0, 0.1), (1, 0.3), (2, 0.2))]
+    trace = sweep_chart(rows, "kl_mean").data[0]
+    assert list(trace.y) == pytest.approx([0.2]) and list(trace.error_y.array) == pytest.approx([0.1])
+    assert list(trace.error_y.arrayminus) == pytest.approx([0.1])
+
+
+def test_the_sweep_table_and_export_hold_the_quality_columns():
+    from ecoflap.report import table_csv
+    from ecoflap.sweep import export_columns, table
+
+    rows = [_sweep_row("wanda", 0.5)]
+    headers, data = table(rows)
+    assert headers == ["method", "sparsity", "accuracy", "KL mean", "KL p99", "same top-1", "same answer",
+                       "right→wrong", "wrong→right", "achieved", "prune s", "point s"]
+    assert data == [["Wanda", 0.5, 0.4, 0.05, 0.5, 0.75, 0.5, 5, 1, 0.499, 1.25, 2.5]]
+    written = list(csv.DictReader(io.StringIO(table_csv(rows, export_columns(rows)))))
+    for key in ("kl_mean", "kl_median", "kl_p99", "kl_p999", "same_top", "same_answer", "accuracy", "full_accuracy",
+                "right_to_wrong", "wrong_to_right", "score", "seconds", "wall_seconds"):
+        assert float(written[0][key]) == pytest.approx(rows[0][key]), key
+    unlabelled = [_sweep_row("wanda", 0.5, shapes=False)]
+    assert table(unlabelled)[0][2:7] == ["calibration loss", "KL mean", "KL p99", "same top-1", "same answer"]
+    assert "accuracy" not in export_columns(unlabelled) and "kl_p999" in export_columns(unlabelled)
