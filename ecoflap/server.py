@@ -2,7 +2,8 @@
 
 Everything a public deployment must bound is bounded here: models in memory, stored runs
 per session and in all, sweep points, sessions in all and per client, idle sessions,
-jobs per session and per client, export files on disk, uploads per client and in all. The bounds
+jobs per session and per client, requests of one client in the web queue, export files on
+disk, uploads per client and in all. The bounds
 come from `Limits` (`Limits.from_environment()` reads the ECOFLAP_* variables, refusing
 a bad value with a message that names it). Loading a model never blocks the users of
 other models: the registry's lock only guards its table, never a load.
@@ -64,6 +65,7 @@ class Limits:
     allowed_models: tuple[str, ...] | None = None
     upload_mb: float = 20
     queue_size: int = 64
+    queued_per_client: int = 16
     uploads_per_client: int = 20
     upload_client_mb: float = 100
     upload_total_mb: float = 1024
@@ -92,6 +94,7 @@ class Limits:
         "allowed_models": "ECOFLAP_ALLOWED_MODELS",
         "upload_mb": "ECOFLAP_MAX_UPLOAD_MB",
         "queue_size": "ECOFLAP_QUEUE_SIZE",
+        "queued_per_client": "ECOFLAP_MAX_QUEUED_PER_CLIENT",
         "uploads_per_client": "ECOFLAP_MAX_UPLOADS_PER_CLIENT",
         "upload_client_mb": "ECOFLAP_MAX_UPLOAD_CLIENT_MB",
         "upload_total_mb": "ECOFLAP_MAX_UPLOAD_TOTAL_MB",
