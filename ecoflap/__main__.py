@@ -15,12 +15,13 @@ from tqdm import tqdm
 from .anatomy import INCLUDE_CHOICES, prunable_layers
 from .answers import ask
 from .benchmark import bench, sparsegpt_layer_peak
+from .forms import from_settings, seed_list, sparsity_list, sparsity_value
 from .images import open_image
 from .losses import LOSSES
 from .methods import METHODS, get_method, method_names
-from .models import ModelLoadError, load_model, offloaded, random_model, resolve_device
+from .models import ModelLoadError, load_model, offloaded, resolve_device
 from .offload import resolve_offload
-from .options import DEFAULTS, from_settings, seed_list, sparsity_list, sparsity_value
+from .options import DEFAULTS
 from .pipeline import prune
 from .plots import sweep_chart
 from .recover import recover, recover_options
@@ -28,10 +29,11 @@ from .report import save_pruned, table_csv, write_json, write_text
 from .quality import summary
 from .scoring import held_out_examples, quality_against_full, quick_score, reference_for
 from .shapes.evaluate import CARD_SEED
-from .soak import soak
+from .serve.soak import soak
 from .sources import deployment_default, labeller, parse
 from .stats import achieved_sparsity, layer_table
 from .sweep import Y_CHOICES, default_y, export_columns, sweep
+from .synthetic import random_model
 from .workbench import Workbench
 
 log = logging.getLogger("ecoflap")

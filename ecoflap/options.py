@@ -2,16 +2,15 @@
 the library's check.
 
 Each bound is written once (`Bound`), with the one message that refuses a value: the edge
-that parses what a person or an API sends and `PruneOptions.check`, which guards the
-library, refuse alike. The check runs before any weight is touched, so a bad setting never
-costs a model.
+that parses what a person or an API sends (`forms`) and `PruneOptions.check`, which guards
+the library, refuse alike. The check runs before any weight is touched, so a bad setting
+never costs a model.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
-import re
 from dataclasses import asdict, dataclass
 
 from .allocation import AGGREGATES
@@ -43,25 +42,12 @@ class Bound:
 
     def check(self, value):
         """The library's guard: `value` itself if it is a number in range (an integer where
-        whole); text and bools are refused (parsing them is the edge's work)."""
+        whole); text and bools are refused (parsing them is the edge's work: `forms`)."""
         kind = numbers.Integral if self.whole else numbers.Real
         if isinstance(value, bool) or not isinstance(value, kind) or not (
                 (isinstance(value, numbers.Integral) or math.isfinite(value)) and self.low <= value <= self.high):
             raise self.refusal(value)
         return value
-
-    def parse(self, value):
-        """The edge: a number or its text, as a form or an API sends it, checked; an int
-        where whole, and -0.0 as 0.0. A refusal quotes the value as it was sent."""
-        try:
-            if isinstance(value, bool) or value is None:
-                raise TypeError
-            parsed = float(value.strip()) if isinstance(value, str) else float(value)
-            if self.whole and math.isfinite(parsed) and parsed == int(parsed):
-                parsed = int(parsed)
-            return self.check(parsed) + 0
-        except (TypeError, ValueError, OverflowError):
-            raise self.refusal(value) from None
 
 
 def choice(value, what: str, choices) -> str:
@@ -170,6 +156,28 @@ class PruneOptions:
         return nm
 
 
+def applicable(method: Method) -> set[str]:
+    """The PruneOptions fields a method reads; changing any other leaves its result as it was."""
+    used = {"include"}
+    if method.calibrated:
+        used |= {"batch_size", "loss", "seed"}  # the seed draws the prefix-LM loss's splits
+    if method.stage2 != "magnitude" or method.allocation == "owl":
+        used.add("samples")
+    if method.stage2 == "sparsegpt":
+        used |= {"blocksize", "percdamp"}
+    if method.allows_nm:
+        used.add("nm")
+    if method.allocation == "ecoflap":
+        used |= {"granularity", "aggregate", "max_sparsity", "stage1_samples"}
+    if method.estimator == "zeroth":
+        used |= {"eps", "noise_samples"}
+    if method.allocation == "owl":
+        used |= {"owl_m", "owl_lambda"}
+    if method.allocation == "modality":
+        used.add("vision_sparsity")
+    return used
+
+
 def as_report(method: Method, sparsity: float, options: PruneOptions) -> dict:
     """Every option the run used, with the method's fixed choices and the defaults resolved."""
     report = asdict(options)
@@ -183,82 +191,4 @@ def as_report(method: Method, sparsity: float, options: PruneOptions) -> dict:
     return report
 
 
-# The edge: values typed by a person or sent by a stranger through an API (the command line
-# too), parsed one by one with the bounds above.
-
-
-def number(value, what: str, low: float, high: float, whole: bool = False):
-    """A finite number (int or float, or its text) in [low, high], or a ValueError saying so."""
-    return Bound(what, low, high, whole).parse(value)
-
-
-def sparsity_value(value) -> float:
-    return SPARSITY.parse(value)
-
-
-def sparsity_list(text, limit: int) -> list[float]:
-    """'0.1,0.3,0.5' -> [0.1, 0.3, 0.5]: plain decimals in [0, MAX_SPARSITY], each once, at most `limit`."""
-    if not isinstance(text, str):
-        raise ValueError("sparsities must be text: numbers separated by commas, e.g. 0.1,0.3,0.5")
-    entries = [e.strip() for e in text.split(",")]
-    if not text.strip() or any(not e for e in entries):
-        raise ValueError("sparsities are numbers separated by single commas, e.g. 0.1,0.3,0.5 (an entry is empty)")
-    values = []
-    for entry in entries:
-        if not re.fullmatch(r"(0|0?\.\d{1,4})", entry):
-            raise ValueError(f"each sparsity is a plain decimal from 0 to {MAX_SPARSITY} with at most 4 "
-                             f"decimals, like 0.5 (got {shown(entry, 16)})")
-        values.append(sparsity_value(entry))
-    if len(set(values)) != len(values):
-        raise ValueError("each sparsity may appear only once")
-    if len(values) > limit:
-        raise ValueError(f"a sweep takes at most {limit} points (methods x sparsities) on this deployment")
-    return values
-
-
-def seed_list(text) -> list[int]:
-    """'0,1,2' -> [0, 1, 2]: seeds within SEED's bounds, each once."""
-    entries = [e.strip() for e in str(text).split(",")]
-    if any(not e for e in entries):
-        raise ValueError("seeds are whole numbers separated by single commas, e.g. 0,1,2 (an entry is empty)")
-    seeds = [SEED.parse(e) for e in entries]
-    if len(set(seeds)) != len(seeds):
-        raise ValueError("each seed may appear only once")
-    return seeds
-
-
 DEFAULTS = PruneOptions()  # the one place defaults are written: the CLI's and the app's come from here
-
-
-def from_settings(nm=None, modules=None, samples=DEFAULTS.samples, stage1_samples=None,
-                  batch_size=DEFAULTS.batch_size, granularity=DEFAULTS.granularity, aggregate=DEFAULTS.aggregate,
-                  max_sparsity=None, eps=DEFAULTS.eps, noise_samples=DEFAULTS.noise_samples, seed=DEFAULTS.seed,
-                  owl_m=DEFAULTS.owl_m, owl_lambda=DEFAULTS.owl_lambda, vision_sparsity=None,
-                  loss=DEFAULTS.loss) -> PruneOptions:
-    """PruneOptions from settings as a form or an API sends them (text, None, 0 for "default";
-    the vision sparsity: None or empty for "the target", since 0 means a dense encoder).
-    Each value is parsed with its bound; what depends on the method and the sparsity (N:M,
-    the cap against the target) is `PruneOptions.check`'s, which the callers run next."""
-    if nm in (None, "", "off", "none"):
-        nm = None
-    elif not isinstance(nm, str):
-        raise ValueError("N:M must be text like 2:4, or off")
-    parse_nm(nm)
-    if modules is None:
-        include = DEFAULT_INCLUDE
-    else:
-        include = tuple(dict.fromkeys(check_include(modules)))
-    values = dict(samples=samples, stage1_samples=stage1_samples, batch_size=batch_size, max_sparsity=max_sparsity,
-                  eps=eps, noise_samples=noise_samples, seed=seed, owl_m=owl_m, owl_lambda=owl_lambda,
-                  vision_sparsity=vision_sparsity)
-    parsed = {}
-    for name, value in values.items():
-        blank = value is None or (isinstance(value, str) and not value.strip())
-        zero_is_default = name != "vision_sparsity" and value in (0, "0")  # a dense encoder is 0
-        if name in UNSET_MEANS_DEFAULT and (blank or zero_is_default):
-            parsed[name] = None
-        else:
-            parsed[name] = BOUNDS[name].parse(value)
-    for name, value in dict(granularity=granularity, aggregate=aggregate, loss=loss).items():
-        parsed[name] = choice(value, CHOICE_NAMES[name], CHOICES[name])
-    return PruneOptions(nm=nm, include=include, **parsed)

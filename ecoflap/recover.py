@@ -32,10 +32,11 @@ from torch.nn import functional as F
 from .offload import is_offloaded
 from .anatomy import PrunableLayer
 from .data import Example, calibration_loss, default_calibration, encode_examples, on_model
+from .forms import number, parse
 from .forwards import replaced_forward
 from .memory import PeakMemory
 from .models import LoadedModel
-from .options import BOUNDS, SEED, number
+from .options import BOUNDS, SEED
 from .progress import Progress
 from .scoring import quick_score, speaks_shapes
 from .shapes.training import RECOVERY_SEED, fresh_batches
@@ -81,10 +82,10 @@ def recover_options(steps=RecoverOptions.steps, lr=RecoverOptions.lr, weight_dec
         lr=number(lr, "the learning rate", 1e-8, 1.0),
         weight_decay=number(weight_decay, "weight decay", 0.0, 1.0),
         schedule=schedule,
-        batch_size=BOUNDS["batch_size"].parse(batch_size),
+        batch_size=parse(BOUNDS["batch_size"], batch_size),
         way=way,
         rank=number(rank, "LoRA rank", 1, 256, whole=True),
-        seed=SEED.parse(seed),
+        seed=parse(SEED, seed),
         eval_n=number(eval_n, "questions to score", 0, 1000, whole=True),
     )
 

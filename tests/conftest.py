@@ -17,7 +17,8 @@ import torch
 from PIL import Image
 
 from ecoflap.data import Example, batches
-from ecoflap.models import LoadedModel, build_blip2, build_processor, small_blip2_config
+from ecoflap.models import LoadedModel
+from ecoflap.synthetic import build_blip2, build_processor, small_blip2_config
 from ecoflap.shapes.tokenizer import build_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -189,6 +190,33 @@ def client(url):
 def prune(c, method, sparsity, **extra):
     options = {**FAST, **extra}
     return c.predict(method, sparsity, api_name="/prune", **options)
+
+
+def choose_method(page, name: str):
+    """Choose a method on the Prune tab as a person does: its allocation, then its stage 2,
+    then (ECoFLaP) its scores; after each click, wait until the page names the method made."""
+    from ecoflap.methods import METHODS, compose
+
+    def checked(group):
+        box = page.locator(f"#{group} input:checked")
+        return box.get_attribute("value") if box.count() else None
+
+    def named(label):
+        page.wait_for_function("label => { const e = document.querySelector('#prune-method-name'); "
+                               "return e && e.innerText.trim().split(' = ')[0] === 'Method: ' + label; }",
+                               arg=label, timeout=30_000)
+
+    method = METHODS[name]
+    for group, value in [("prune-allocation", method.allocation), ("prune-stage2", method.stage2),
+                         ("prune-variant", method.name)]:
+        if checked(group) in (value, None):
+            continue  # already chosen, or not asked for this allocation
+        before = {"allocation": checked("prune-allocation"), "stage2": checked("prune-stage2"),
+                  "variant": checked("prune-variant")}
+        before[group.removeprefix("prune-")] = value
+        page.locator(f"#{group} input[value='{value}']").check()
+        named(compose(**before).label)
+    named(method.label)
 
 
 def inputs_alone(loaded, layers, examples):

@@ -12,7 +12,8 @@ import torch
 from ecoflap.allocation import allocate_sparsity, kth_smallest_magnitude, split_count
 from ecoflap.anatomy import prunable_layers
 from ecoflap.data import batches
-from ecoflap.options import PruneOptions, from_settings, seed_list
+from ecoflap.forms import from_settings, seed_list
+from ecoflap.options import PruneOptions
 from ecoflap.owl import outlier_ratio, owl_keep_counts, owl_sparsities
 from ecoflap.pipeline import prune
 from ecoflap.weights import WeightStore

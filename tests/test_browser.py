@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import EXAMPLE
+import ecoflap
+from conftest import EXAMPLE, choose_method
 
 playwright = pytest.importorskip("playwright.sync_api")
 
@@ -47,7 +48,7 @@ def prune(page, method: str, sparsity: float):
     number = page.locator("#prune-sparsity input[type=number]")
     number.fill(str(sparsity))
     number.press("Enter")
-    page.locator("#prune-method").get_by_label(method, exact=True).check()
+    choose_method(page, next(m.name for m in ecoflap.METHODS.values() if m.label == method))
     page.get_by_role("button", name="Prune", exact=True).click()
     page.get_by_text(f"{method} @ {sparsity:.2f}", exact=False).first.wait_for(timeout=180_000)
     page.get_by_text("done: achieved").wait_for(timeout=180_000)
@@ -113,7 +114,7 @@ def test_a_class_session_in_the_browser(browser, app):
     assert len(legend) == 4 and all("target" in t for t in legend)
     page.screenshot(path=str(ARTIFACTS / "prune-overlay-1400.png"), full_page=True)
 
-    page.locator("#prune-method").get_by_label("ECoFLaP (first-order)", exact=True).check()
+    choose_method(page, "ecoflap_first")
     stop_soon(page, "Prune", "prune-stop")
     assert_calm(page)
     assert page.locator("#prune-chart .js-plotly-plot").is_visible()

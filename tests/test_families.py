@@ -288,7 +288,7 @@ def test_llava_prompts_are_the_chat_template_with_the_image_first(examples):
 def test_the_app_session_loads_a_local_folder_and_draws_its_chart(tmp_path):
     """What "Load another model" does, through the library the app calls (local folders
     allowed, as with ECOFLAP_LOCAL_MODELS=1)."""
-    from ecoflap.server import Limits, Server
+    from ecoflap.serve.server import Limits, Server
 
     server = Server(str(saved(tiny("instructblip"), tmp_path / "instructblip")), device="cpu",
                     limits=Limits(allow_local_models=True), export_root=tmp_path / "exports")
@@ -366,7 +366,7 @@ def test_bench_architectures_have_their_published_sizes(arch, parameters, image_
     """Built on the meta device: the architecture without its weights. The first shipped
     calibration image (191 px square) becomes the published number of image tokens."""
     from ecoflap.data import default_calibration, encode_examples
-    from ecoflap.models import random_model
+    from ecoflap.synthetic import random_model
 
     loaded = random_model(arch, device="meta")
     model = loaded.model

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from ecoflap.images import MAX_IMAGE_PIXELS, open_image
-from ecoflap.server import Limits, ModelRegistry
+from ecoflap.serve.server import Limits, ModelRegistry
 
 from gradio_client import handle_file
 

@@ -6,8 +6,9 @@ import math
 
 import pytest
 
+from ecoflap.forms import from_settings, sparsity_value
 from ecoflap.methods import get_method
-from ecoflap.options import PruneOptions, from_settings, sparsity_value
+from ecoflap.options import PruneOptions
 
 ECOFLAP = get_method("ecoflap_zeroth")  # the cap is checked against the target only where ECoFLaP allocates
 

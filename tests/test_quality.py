@@ -150,7 +150,7 @@ def test_a_model_that_is_not_the_shapes_model_is_compared_by_its_distance_from_t
     """The Teach comparison and every run's report for a model exact match cannot score."""
     from tiny_families import tiny
 
-    from ecoflap.server import Limits, Server
+    from ecoflap.serve.server import Limits, Server
 
     loaded = tiny("llava")
     loaded.model.save_pretrained(tmp_path / "llava")
@@ -177,6 +177,12 @@ def test_the_label_free_measurement_covers_the_cards_table_informative_points_fi
     assert len(chosen) == len({(p["method"], p["sparsity"], p["seed"]) for p in chosen}) == 40
     assert {p["sparsity"] for p in chosen[:12]} == {0.7, 0.8}
     assert all(p["vision_sparsity"] is not None for p in chosen if p["method"] == "per_modality")
+    rows = points(folder, by="method")
+    assert sorted(map(str, rows)) == sorted(map(str, chosen))
+    assert [(p["method"], p["sparsity"]) for p in rows[:5]] == [("wanda", s) for s in (0.7, 0.8, 0.6, 0.5, 0.75)]
+    assert [p["method"] for p in rows[5:30:5]] == ["global_magnitude", "owl", "ecoflap_first", "ecoflap_zeroth",
+                                                   "per_modality"]
+    assert [(p["method"], p["seed"]) for p in rows[30:]] == [("ecoflap_zeroth", 1)] * 5 + [("ecoflap_zeroth", 2)] * 5
 
 
 def test_label_free_table_and_correlations():

@@ -15,7 +15,7 @@ from ecoflap.options import PruneOptions
 from ecoflap.data import calibration_loss, encode_examples
 from ecoflap.pipeline import prune
 from ecoflap.recover import RecoverOptions, recover, recover_options, training_batches
-from ecoflap.server import Limits, Server
+from ecoflap.serve.server import Limits, Server
 from ecoflap.shapes.evaluate import CARD_SEED, make_eval_set
 from ecoflap.shapes.training import RECOVERY_SEED, fresh_batches
 from ecoflap.shapes.world import samples

@@ -217,7 +217,7 @@ def test_the_soak_command_runs_against_the_app_and_checks_what_matters(app, tmp_
 
 
 def test_the_soak_refuses_other_hosts_without_consent():
-    from ecoflap.soak import soak
+    from ecoflap.serve.soak import soak
 
     with pytest.raises(ValueError, match="not this machine"):
         soak("http://example.com:7860/", users=1, minutes=0.1)

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from ecoflap.models import ModelLoadError
-from ecoflap.server import Busy, ConfigError, Limits, Server, client_address
-from ecoflap.session import Session
+from ecoflap.serve.server import Busy, ConfigError, Limits, Server, client_address
+from ecoflap.serve.session import Session
 from ecoflap.workbench import Cancelled
 
 from conftest import EXAMPLE, tiny_model, wait_for
@@ -166,7 +166,7 @@ def test_stop_and_ending_a_session_store_nothing(model_folder, tmp_path):
 
 
 def test_loading_a_model_blocks_nobody_else(model_folder, tmp_path, monkeypatch):
-    import ecoflap.server as server_module
+    import ecoflap.serve.server as server_module
 
     server = make_server(model_folder, tmp_path, allow_local_models=True)
     loading, release = threading.Event(), threading.Event()

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import ecoflap.workbench as workbench_module
-from ecoflap.server import Limits, Server
+from ecoflap.serve.server import Limits, Server
 from ecoflap.workbench import Cancelled
 
 from conftest import EXAMPLE, tiny_model, wait_for

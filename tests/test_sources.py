@@ -332,7 +332,7 @@ def deployment_data(tmp_path):
 
 
 def server_for(model_folder, tmp_path, **limits):
-    from ecoflap.server import Limits, Server
+    from ecoflap.serve.server import Limits, Server
 
     return Server(str(model_folder), device="cpu", limits=Limits(**limits), export_root=tmp_path / "exports")
 
@@ -427,7 +427,7 @@ def test_a_real_model_gets_the_deployment_default_or_a_warning(tmp_path, deploym
 
 
 def test_environment_names_the_deployment_data(tmp_path, deployment_data):
-    from ecoflap.server import ConfigError, Limits
+    from ecoflap.serve.server import ConfigError, Limits
 
     limits = Limits.from_environment({"ECOFLAP_DATASETS": "hf:lmms-lab/flickr30k, a/b",
                                       "ECOFLAP_CALIBRATION": "hf:lmms-lab/flickr30k:test",

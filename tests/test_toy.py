@@ -7,7 +7,8 @@ import random
 import numpy as np
 import torch
 
-from ecoflap.models import DEFAULT_MODEL, build_blip2, build_processor, load_model, small_blip2_config
+from ecoflap.models import DEFAULT_MODEL, load_model
+from ecoflap.synthetic import build_blip2, build_processor, small_blip2_config
 from ecoflap.shapes.evaluate import evaluate, make_eval_set
 from ecoflap.shapes.independent import independent_examples
 from ecoflap.shapes.world import (

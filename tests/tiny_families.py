@@ -60,7 +60,8 @@ from ecoflap.families.idefics3 import CHAT_TEMPLATE as IDEFICS3_CHAT_TEMPLATE
 from ecoflap.families.idefics3 import ImageOnlySmolVLMProcessor
 from ecoflap.families.llava import CHAT_TEMPLATE as LLAVA_CHAT_TEMPLATE
 from ecoflap.families.qwen2_vl import CHAT_TEMPLATE as QWEN_CHAT_TEMPLATE
-from ecoflap.models import LoadedModel, build_random
+from ecoflap.models import LoadedModel
+from ecoflap.synthetic import build_random
 from ecoflap.shapes.tokenizer import build_tokenizer
 
 HIDDEN, HEADS, SIZE, PATCH = 32, 2, 32, 8

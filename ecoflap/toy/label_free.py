@@ -1,6 +1,6 @@
 """Does the label-free measure rank pruned models as accuracy does? Measured on the shipped model.
 
-    python -m ecoflap.toy.label_free [--out assets/shapes-blip2/label-free.json]
+    python -m ecoflap.toy.label_free [--out assets/shapes-blip2/label-free.json] [--by method] [--threads 1]
 
 For every method, sparsity and seed of the model card's pruning table (the per-modality
 rows at the split the card chose), one prune with the shipped calibration set and default
@@ -34,6 +34,7 @@ from .resumable import ResumeError, resume
 FILE = "label-free.json"
 COMMAND = "python -m ecoflap.toy.label_free"
 ORDER = (0.7, 0.8, 0.6, 0.5, 0.75)  # the informative sparsities first, so a partial file already ranks
+BY_METHOD = ("wanda", "global_magnitude", "owl", "ecoflap_first", "ecoflap_zeroth", "per_modality")
 FIGURES = ("kl_mean", "kl_median", "kl_p99", "same_top", "same_answer")
 
 
@@ -61,8 +62,10 @@ def spearman(x, y) -> float | None:
     return float(np.corrcoef(rx, ry)[0, 1])
 
 
-def points(folder: Path) -> list[dict]:
-    """The card's table as (method, sparsity, seed, vision sparsity) points, informative ones first."""
+def points(folder: Path, by: str = "sparsity") -> list[dict]:
+    """The card's table as (method, sparsity, seed, vision sparsity) points, informative ones
+    first: whole columns of the table (`by="sparsity"`), or whole rows (`by="method"`, the
+    cheapest methods first, ECoFLaP's other seeds last), so a partial file is a whole part."""
     splits = {}
     curves = folder / CURVES_FILE
     if curves.is_file():
@@ -79,7 +82,10 @@ def points(folder: Path) -> list[dict]:
                         continue
                     out.append({"method": method, "sparsity": s, "seed": seed,
                                 "vision_sparsity": splits.get(s) if method == "per_modality" else None})
-    return [p for p in out if p["sparsity"] in SPARSITIES]
+    out = [p for p in out if p["sparsity"] in SPARSITIES]
+    if by == "method":
+        out.sort(key=lambda p: (p["seed"] > 0, BY_METHOD.index(p["method"]), p["seed"], ORDER.index(p["sparsity"])))
+    return out
 
 
 def key(row: dict) -> tuple:
@@ -92,15 +98,15 @@ def correlations(rows: list[dict]) -> dict:
     return {f: spearman([r["quality"][f] for r in rows], accuracy) for f in FIGURES}
 
 
-def measure(folder: Path, out: Path, log=print) -> dict:
+def measure(folder: Path, out: Path, log=print, by: str = "sparsity", threads: int = 2) -> dict:
     resumed = resume(out, key)
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     workbench = Workbench(load_model(str(folder), device="cpu"))
     rows = resumed.rows
     started = time.perf_counter() - resumed.seconds()
     examples = held_out_examples(n=HELD_OUT_N, seed=SCORE_SEED)
     reference = workbench.using(None, lambda loaded: reference_for(loaded, examples))
-    for p in points(folder):
+    for p in points(folder, by):
         if key(p) in resumed.done:
             continue
         options = PruneOptions(seed=p["seed"], vision_sparsity=p["vision_sparsity"])
@@ -136,10 +142,13 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folder", nargs="?", default="assets/shapes-blip2")
     parser.add_argument("--out", default=None, help=f"default: the model folder's {FILE}")
+    parser.add_argument("--by", choices=("sparsity", "method"), default="sparsity",
+                        help="which whole part of the card's table to measure first: its columns or its rows")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (1 on a machine shared with others)")
     args = parser.parse_args(argv)
     folder = Path(args.folder)
     try:
-        result = measure(folder, Path(args.out) if args.out else folder / FILE)
+        result = measure(folder, Path(args.out) if args.out else folder / FILE, by=args.by, threads=args.threads)
     except ResumeError as err:
         parser.exit(2, f"{err}\n")
     print(json.dumps(result["spearman_with_accuracy"], indent=1))

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ..families.blip2 import encode_text
-from ..models import build_blip2, build_processor, small_blip2_config
+from ..synthetic import build_blip2, build_processor, small_blip2_config
 from ..shapes.world import COLORS, KINDS, pixel_shape_labels, questions, random_scene, render
 from ..shapes.tokenizer import build_tokenizer
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import threading
 from typing import Callable, Hashable
 
-from .progress import Cancelled, Progress, StopCheck
+from ..progress import Cancelled, Progress, StopCheck
 
 Compute = Callable[[Progress, StopCheck], object]
 

@@ -41,8 +41,8 @@ import time
 from dataclasses import dataclass, field
 from urllib.parse import urlparse
 
-from .data import example_prompts
-from .methods import METHODS
+from ..data import example_prompts
+from ..methods import METHODS
 
 MAX_USERS = 50
 MAX_MINUTES = 30

@@ -39,27 +39,28 @@ from typing import Callable
 
 from PIL import Image
 
-from . import sources
-from .answers import MAX_QUESTION_CHARS, fit_question
-from .anatomy import prunable_layers
-from .curves import shipped_curves, shipped_recovery
-from .data import batches, default_calibration
-from .echo import is_text
-from .images import open_image
-from .methods import Method, get_method
-from .models import display_name
-from .options import PruneOptions, from_settings, number, sparsity_list, sparsity_value
-from .offload import is_offloaded
-from .progress import Progress, StopCheck, prefixed
-from .recover import OnStep, recover_options
-from .report import SWEEP_COLUMNS, PruneResult, layers_csv, save_pruned, table_csv, write_json, write_text
-from .quality import labelled_counts
-from .scoring import SCORE_SEED, held_out_examples, quality_against_full, quick_score, speaks_shapes
-from .sources import Calibration
-from .stats import gradient_histograms, weight_histograms
-from .sweep import export_columns, sweep
-from .weights import RunWeights
-from .workbench import Cancelled, Workbench
+from .. import sources
+from ..answers import MAX_QUESTION_CHARS, fit_question
+from ..anatomy import prunable_layers
+from ..curves import shipped_curves, shipped_recovery
+from ..data import batches, default_calibration
+from ..echo import is_text
+from ..forms import from_settings, number, sparsity_list, sparsity_value
+from ..images import open_image
+from ..methods import Method, get_method
+from ..models import display_name
+from ..options import PruneOptions
+from ..offload import is_offloaded
+from ..progress import Progress, StopCheck, prefixed
+from ..recover import OnStep, recover_options
+from ..report import SWEEP_COLUMNS, PruneResult, layers_csv, save_pruned, table_csv, write_json, write_text
+from ..quality import labelled_counts
+from ..scoring import SCORE_SEED, held_out_examples, quality_against_full, quick_score, speaks_shapes
+from ..sources import Calibration
+from ..stats import gradient_histograms, weight_histograms
+from ..sweep import export_columns, sweep
+from ..weights import RunWeights
+from ..workbench import Cancelled, Workbench
 
 log = logging.getLogger(__name__)
 MAX_NEW_TOKENS = 64
@@ -575,8 +576,7 @@ class Session:
         two runs' (Wanda against ECoFLaP, say); an offloaded model has no gradient
         distributions (its load says so)."""
         self.touch()
-        ids = [i for i in (run_id, other_id) if i not in (None, "")]
-        runs = [self.run(i) for k, i in enumerate(ids) if i not in ids[:k]]  # compared, not hashed: any value
+        runs = list({run.id: run for run in (self.run(i) for i in (run_id, other_id) if i not in (None, ""))}.values())
         bench = self.workbench
         calibration = list(default_calibration()[:8])
 

@@ -24,12 +24,12 @@ from collections import OrderedDict
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from .memory import resident_bytes
-from .models import DEFAULT_MODEL, ModelLoadError, display_name, load_model, not_on_hub
+from ..memory import resident_bytes
+from ..models import DEFAULT_MODEL, ModelLoadError, display_name, load_model, not_on_hub
+from ..sources import Source, SourceError, parse
+from ..workbench import Workbench
 from .session import Session
 from .sharing import Flights
-from .sources import Source, SourceError, parse
-from .workbench import Workbench
 
 log = logging.getLogger(__name__)
 HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
