@@ -681,7 +681,8 @@ async def sweep(server: ecoflap.Server, methods, sparsities, token, progress=gr.
     try:
         rows = await in_worker(me.sweep, methods, sparsities, progress=progress_reporter(progress),
                                on_row=finished.append)
-        full = await in_worker(me.full_score)
+        # the full model's quick score only where the score is a measure of its own (once per model, shared)
+        full = await in_worker(me.full_score) if "score" in ecoflap.sweep.measured(rows) else None
     except ecoflap.Cancelled:
         log.info("stopped: a sweep of session %s", me.id[:12])
         kept = (f"the {len(finished)} point(s) finished before the stop are below." if finished

@@ -32,7 +32,7 @@ from .shapes.evaluate import CARD_SEED
 from .serve.soak import soak
 from .sources import deployment_default, labeller, parse
 from .stats import achieved_sparsity, layer_table
-from .sweep import Y_CHOICES, default_y, export_columns, sweep
+from .sweep import Y_CHOICES, default_y, export_columns, full_value, sweep
 from .synthetic import random_model
 from .workbench import Workbench
 
@@ -458,8 +458,9 @@ def cmd_sweep(args) -> int:
     if args.json:  # also a deployment's precomputed curves (ECOFLAP_CURVES), shown in the Teach tab
         source = calibration.record["id"] if calibration else "the shipped shapes set"
         higher = rows[0]["metric"] == "accuracy" if rows else True
+        full = full_value(rows, "score")  # where the score repeats a figure against the full model
         write_json({"model": loaded.name, "metric": rows[0]["metric"] if rows else "score",
-                    "higher_is_better": higher,
+                    "higher_is_better": higher, **({"full_score": full} if full is not None else {}),
                     "measured_on": f"{args.eval_n} evaluation examples per point; calibration: {source}, "
                                    f"{args.samples} samples, loss {args.loss}",
                     "command": "python -m ecoflap " + " ".join(shlex.quote(a) for a in args.argv),

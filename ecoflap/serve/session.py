@@ -58,7 +58,7 @@ from ..quality import labelled_counts
 from ..scoring import SCORE_SEED, held_out_examples, quality_against_full, quick_score, speaks_shapes
 from ..sources import Calibration
 from ..stats import gradient_histograms, weight_histograms
-from ..sweep import export_columns, sweep
+from ..sweep import KL_SCORE, export_columns, sweep
 from ..weights import RunWeights
 from ..workbench import Cancelled, Workbench
 
@@ -533,7 +533,7 @@ class Session:
             return Comparison(sparsity, runs, rows, "accuracy", True,
                               f"exact match on {n} generated shapes questions (seed {SCORE_SEED}; the same "
                               f"questions for every model, none of them a calibration image)", fitted)
-        return Comparison(sparsity, runs, rows, "mean KL from the full model", False,
+        return Comparison(sparsity, runs, rows, KL_SCORE, False,
                           f"KL(full || pruned) of the next-token distributions over the answer tokens of {n} "
                           f"held-out examples that no calibration sample shows, teacher-forced on "
                           f"{reference.from_references} reference answers and {n - reference.from_references} of "
