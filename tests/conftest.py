@@ -171,7 +171,8 @@ def launch(tmp_path_factory, **env_extra):
 # Every test reaches the shared app from 127.0.0.1, as if a whole class sat behind one
 # address: the per-person bounds (tested on their own apps in test_attacks) are set wide.
 MANY_PEOPLE_ON_ONE_ADDRESS = dict(ECOFLAP_MAX_SESSIONS="2000", ECOFLAP_MAX_SESSIONS_PER_CLIENT="1000", ECOFLAP_MAX_JOBS_PER_CLIENT="64",
-                                  ECOFLAP_MAX_UPLOADS_PER_CLIENT="10000", ECOFLAP_MAX_UPLOAD_CLIENT_MB="1024")
+                                  ECOFLAP_MAX_UPLOADS_PER_CLIENT="10000", ECOFLAP_MAX_UPLOAD_CLIENT_MB="1024",
+                                  ECOFLAP_MAX_QUEUED_PER_CLIENT="1000")
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,7 @@ import httpx
 import pytest
 from gradio_client import Client, handle_file
 
-from conftest import EXAMPLE, FAST, STATS_KEY, launch
+from conftest import EXAMPLE, FAST, STATS_KEY, launch, wait_for_progress
 from ecoflap.serve.soak import FOREIGN_FILES, MARKUP, prune_values, raw_call
 
 pytestmark = pytest.mark.slow
@@ -253,4 +253,47 @@ def test_the_soak_replays_the_attacks_next_to_students(class_app, tmp_path):
     assert result["attacker"]["refused"] > 0 and result["attacker"]["uncalm"] == 0, result["attacker"]
     assert result["students_refused"] == 0 and result["prune_seconds"]["n"] > 0
     assert "attacker:" in done.stdout and "students' prunes served" in done.stdout
+    assert "Traceback" not in log.read_text()
+
+
+@pytest.fixture(scope="module")
+def queue_app(tmp_path_factory):
+    """The app with room for three requests of one client in gradio's queue."""
+    process, url, log, _ = launch(tmp_path_factory, ECOFLAP_BEHIND_PROXY="1", ECOFLAP_MAX_QUEUED_PER_CLIENT="3")
+    yield url, log
+    process.terminate()
+    process.wait(timeout=30)
+
+
+def post(url: str, api: str, data: list, address: str) -> httpx.Response:
+    """Only the POST of the raw /call API: the request takes its place in the queue (or is refused)."""
+    body = {"data": data, "session_hash": uuid.uuid4().hex}
+    return httpx.post(f"{url.rstrip('/')}/gradio_api/call/{api}", content=json.dumps(body), timeout=60,
+                      headers={"X-Forwarded-For": address, "content-type": "application/json"})
+
+
+def test_one_client_cannot_fill_the_web_queue(queue_app):
+    """The job bounds act inside a handler, once the request's turn has come; before this
+    bound one client's asks and comparisons, from as many sessions as it liked, took every
+    place in gradio's queue while the model was busy. Now its fourth is refused at the door."""
+    url, log = queue_app
+    image = {"path": str(EXAMPLE)}
+    ask, compare = ("ask", [image, ""]), ("compare", [["wanda", "magnitude"], 0.5, None, ""])
+    holder = visitor(url, "10.0.0.1")
+    for _ in range(3):  # a prune holds the model while the stranger posts (a fast machine may need another)
+        job = holder.submit("ecoflap_zeroth", 0.5, api_name="/prune", samples=128, stage1_samples=128)
+        wait_for_progress(job)
+        answers = [post(url, api, data, "10.6.6.6") for api, data in [ask, compare, ask, ask, compare, ask, ask]]
+        someone_else = post(url, *ask, "10.0.0.2")
+        if not job.done():  # the model was busy throughout: none of the stranger's requests could finish
+            break
+    else:
+        pytest.fail("the prune that holds the model finished before eight requests were posted, three times")
+    codes = [r.status_code for r in answers]
+    assert codes == [200] * 3 + [503] * 4, codes
+    refused = {r.json()["detail"] for r in answers[3:]}
+    assert refused == {"You already have 3 requests waiting or running here (at most 3 per person): wait for "
+                       "them to finish."}, refused
+    assert someone_else.status_code == 200  # the stranger's bound is its own
+    assert "ECoFLaP (zeroth-order) @ 0.50" in job.result()[0]  # the holder's own prune, unharmed
     assert "Traceback" not in log.read_text()

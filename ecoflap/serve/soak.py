@@ -20,6 +20,12 @@ surrogates, hand-made file payloads). The report then also says how often the st
 was refused, that every refusal was one calm line, and whether any student was refused.
 Each simulated person sends its own X-Forwarded-For address: start the app with
 ECOFLAP_BEHIND_PROXY=1 so the deployment tells them apart, as it would behind a proxy.
+
+    python -m ecoflap soak --same-runs ...
+
+plays the lesson where the teacher says "everyone: Wanda at 0.5": every student's prune
+is one of the same two runs (`SAME_RUNS`), so the report's computations (from `/stats`)
+against prunes served say how much the deployment shared.
 """
 
 from __future__ import annotations
@@ -91,6 +97,9 @@ def raw_call(url: str, api: str, data: list, address: str | None = None,
     return kind, None
 
 
+SAME_RUNS = [("wanda", 0.5), ("ecoflap_zeroth", 0.6)]  # what the whole class asks for with --same-runs
+
+
 @dataclass
 class Findings:
     """What the students saw, shared by all of them (guarded by `lock`)."""
@@ -123,7 +132,8 @@ class Findings:
 class Student:
     """One simulated person with their own session and their own idea of their runs."""
 
-    def __init__(self, url: str, baseline: dict, findings: Findings, rng: random.Random, examples):
+    def __init__(self, url: str, baseline: dict, findings: Findings, rng: random.Random, examples,
+                 same_runs: bool = False):
         from gradio_client import Client
 
         with findings.lock:
@@ -133,6 +143,7 @@ class Student:
         self.client = Client(url, verbose=False, headers={"X-Forwarded-For": f"10.20.{self.index // 250}."
                                                                              f"{self.index % 250 + 1}"})
         self.runs: dict[str, str] = {}  # run id -> label
+        self.same_runs = same_runs
 
     def leave(self):
         self.client.close()
@@ -142,8 +153,11 @@ class Student:
             self.runs = {i: kept for i, kept in self.runs.items() if kept != label}
 
     def prune(self):
-        method = self.rng.choice(list(METHODS))
-        sparsity = self.rng.choice([0.3, 0.5, 0.6, 0.7])
+        if self.same_runs:
+            method, sparsity = self.rng.choice(SAME_RUNS)
+        else:
+            method = self.rng.choice(list(METHODS))
+            sparsity = self.rng.choice([0.3, 0.5, 0.6, 0.7])
         with self.findings.lock:
             self.findings.pruning_now += 1
         started = time.perf_counter()
@@ -325,9 +339,9 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def soak(url: str, users: int = 20, minutes: float = 3, seed: int = 0, allow_remote: bool = False,
-         log=print, stats_key: str | None = None, attacker: bool = False) -> dict:
+         log=print, stats_key: str | None = None, attacker: bool = False, same_runs: bool = False) -> dict:
     """Run the students (and with `attacker`, one stranger) against `url`; returns the
-    findings and the server's samples."""
+    findings and the server's samples. `same_runs`: every prune is one of `SAME_RUNS`."""
     from gradio_client import Client, handle_file
 
     host = urlparse(url).hostname or ""
@@ -359,7 +373,7 @@ def soak(url: str, users: int = 20, minutes: float = 3, seed: int = 0, allow_rem
         student = None
         while time.monotonic() < stop_at:
             try:
-                student = student or Student(url, baseline, findings, rng, examples)
+                student = student or Student(url, baseline, findings, rng, examples, same_runs)
                 if student.act() == "leave":
                     student.leave()
                     student = None
@@ -391,10 +405,11 @@ def soak(url: str, users: int = 20, minutes: float = 3, seed: int = 0, allow_rem
         t.join(minutes * 60 + 600)
     samples.append({"t": round(time.monotonic() - started, 1), **probe.predict(stats_key, api_name="/stats")})
     probe.close()
-    return summarise(findings, samples, users, minutes, attacker)
+    return summarise(findings, samples, users, minutes, attacker, same_runs)
 
 
-def summarise(findings: Findings, samples: list[dict], users: int, minutes: float, attacker: bool = False) -> dict:
+def summarise(findings: Findings, samples: list[dict], users: int, minutes: float, attacker: bool = False,
+              same_runs: bool = False) -> dict:
     during = [t for t, busy in findings.asks if busy]
     everything = [t for t, _ in findings.asks]
     warm = [s for s in samples if s["t"] >= samples[-1]["t"] / 3] or samples
@@ -415,6 +430,10 @@ def summarise(findings: Findings, samples: list[dict], users: int, minutes: floa
         "prune_seconds": {"n": len(findings.prunes), "p50": percentile(findings.prunes, 0.5),
                           "p95": percentile(findings.prunes, 0.95), "max": longest_prune},
         "students_refused": len(findings.refused),
+        "same_runs": same_runs,
+        # prunes computed on the server (a deployment that does not share them does not count them)
+        "computations": samples[-1].get("computations"),
+        "shared_results": samples[-1].get("shared_results"),
         "resident_mib": {"start": samples[0]["resident_mib"], "after_warm_up": warm[0]["resident_mib"],
                          "max_after_warm_up": max(s["resident_mib"] for s in warm),
                          "end": samples[-1]["resident_mib"]},
