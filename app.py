@@ -31,11 +31,25 @@ log = logging.getLogger("ecoflap.app")
 
 MODULE_LABELS = {"vision": "Vision encoder", "qformer": "Q-Former", "projection": "Projection",
                  "language": "Language model"}
-ALLOCATION_ORDER = ["uniform", "ecoflap", "owl", "modality", "global"]
 # grouped by what they do: the allocation first, then stage 2 within it
 PRUNE_METHODS = [(m.label, m.name) for m in sorted(
-    ecoflap.METHODS.values(), key=lambda m: ALLOCATION_ORDER.index(m.allocation)
-    if m.allocation in ALLOCATION_ORDER else len(ALLOCATION_ORDER))]
+    ecoflap.METHODS.values(), key=lambda m: ecoflap.methods.ALLOCATIONS.index(m.allocation))]
+# The Prune tab asks the paper's two questions in turn; the method is what the answers make.
+ALLOCATION_LABELS = {"uniform": "Uniform", "ecoflap": "ECoFLaP", "owl": "OWL", "modality": "Per-modality",
+                     "global": "Global"}
+STAGE2_LABELS = {"magnitude": "Magnitude", "wanda": "Wanda", "sparsegpt": "SparseGPT"}
+VARIANT_LABELS = {("zeroth", "matrix"): "Zeroth-order (the paper's)", ("zeroth", "group"): "Zeroth-order, one nudge "
+                  "per group", ("first", "matrix"): "First-order (gradients)"}
+ALLOCATION_INFO = ("Uniform: every layer at the target. ECoFLaP: by each block's importance to the whole model. "
+                   "OWL: by outliers. Per-modality: one sparsity for the vision encoder. Global: one |W| threshold.")
+STAGE2_INFO = "Magnitude: the smallest |W|, no data. Wanda: |W| x input norm. SparseGPT: second order, with updates."
+START_METHOD = ecoflap.METHODS["ecoflap_zeroth"]
+# the advanced settings each shown for the methods that read them (ecoflap.options.applicable)
+OPTION_IDS = {"granularity": "prune-granularity", "max_sparsity": "prune-max-sparsity",
+              "stage1_samples": "prune-stage1-samples", "eps": "prune-eps", "nm": "prune-nm",
+              "samples": "prune-samples", "batch_size": "prune-batch-size", "include": "prune-modules",
+              "vision_sparsity": "prune-vision-sparsity", "owl_m": "prune-owl-m", "owl_lambda": "prune-owl-lambda",
+              "loss": "calibration-data"}
 TEACH_DEFAULT = ["wanda", "ecoflap_zeroth"]
 SWEEP_COLUMNS = ["method", "sparsity", "accuracy or KL", "achieved", "prune s", "point s"]
 DEFAULTS = ecoflap.PruneOptions()  # the advanced settings start at the library's defaults
@@ -349,9 +363,8 @@ def status_of(run: ecoflap.Run) -> str:
     split = f" ({c['split']})" if c and c["split"] else ""
     data = f" Calibrated on {c['count']} samples of {c['id']}{split}, loss {c['loss']}." if c else ""
     warnings = "".join(f"\n\n> ⚠ {w[:1].upper() + w[1:]}" for w in r.warnings)
-    under = (" Under the target because each row of a matrix zeroes a whole number of its weights, rounded down "
-             "(a row of 96 weights at 0.60 zeroes 57, not 57.6)." if r.achieved_sparsity < r.target_sparsity - 5e-4
-             else "")
+    under = ecoflap.lessons.rounding_reason(r.layers, r.target_sparsity, r.achieved_sparsity)
+    under = f" {under}" if under else ""
     return (f"**{run.label}** done: achieved sparsity **{r.achieved_sparsity:.4f}** (target "
             f"{r.target_sparsity:.2f}); {parts}.{under} Time: {stages}. Peak during the run: "
             f"{r.peak_memory_bytes / 2**20:,.1f} MiB ({memory}).{data}"
@@ -359,15 +372,51 @@ def status_of(run: ecoflap.Run) -> str:
             + warnings)
 
 
-def method_options(method):
-    """Only the options the chosen method reads: ECoFLaP's for ECoFLaP, OWL's for OWL, ..."""
-    m = ecoflap.METHODS.get(method)
-    allocation = m.allocation if m else None
-    ecoflap_on, zeroth = allocation == "ecoflap", bool(m and m.estimator == "zeroth")
-    return (gr.update(visible=ecoflap_on), gr.update(visible=ecoflap_on), gr.update(visible=ecoflap_on),
-            gr.update(visible=ecoflap_on and zeroth), gr.update(visible=allocation == "uniform"),
-            gr.update(visible=allocation == "modality"), gr.update(visible=allocation == "owl"),
-            gr.update(visible=allocation == "owl"))
+def variant_label(m: ecoflap.Method) -> str:
+    return VARIANT_LABELS.get((m.estimator, m.perturb), m.label)
+
+
+def method_line(m: ecoflap.Method) -> str:
+    """What the two choices make: the method's name, as its runs are labelled."""
+    paper = ": the ECoFLaP paper's method" if m.name == "ecoflap_zeroth" else ""
+    return f"Method: **{m.label}** = {ALLOCATION_LABELS[m.allocation]} allocation + {STAGE2_LABELS[m.stage2]}{paper}"
+
+
+def method_controls(m: ecoflap.Method) -> dict:
+    """The choices that go with a method, and which advanced settings it reads."""
+    stages = ecoflap.methods.stage2_for(m.allocation)
+    kinds = ecoflap.methods.variants(m.allocation, m.stage2)
+    used = ecoflap.options.applicable(m)
+    return {"stage2": ([(STAGE2_LABELS[s], s) for s in stages], m.stage2),
+            "variant": ([(variant_label(v), v.name) for v in kinds], m.name, len(kinds) > 1),
+            "shown": {field: field in used for field in OPTION_IDS}}
+
+
+STAGE1_DEFAULTS = {DEFAULTS.stage1_sample_count(m) for m in ecoflap.METHODS.values() if m.allocation == "ecoflap"}
+
+
+def choose_method(allocation, stage2, variant, stage1_samples):
+    """The method of the two choices (and ECoFLaP's scores), and only the settings it reads;
+    stage-1 samples left at one estimator's default take the new one's."""
+    m = ecoflap.methods.compose(allocation, stage2, variant)
+    c = method_controls(m)
+    (stage_choices, stage), (kinds, kind, several) = c["stage2"], c["variant"]
+    shown = {field: gr.update(visible=c["shown"][field]) for field in OPTION_IDS}
+    if m.allocation == "ecoflap" and (stage1_samples in (None, 0) or stage1_samples in STAGE1_DEFAULTS):
+        shown["stage1_samples"] = gr.update(visible=True, value=DEFAULTS.stage1_sample_count(m))
+    return (gr.update(choices=stage_choices, value=stage), gr.update(choices=kinds, value=kind, visible=several),
+            m.name, method_line(m), *shown.values())
+
+
+def follow_target(sparsity, max_sparsity, vision_sparsity, previous):
+    """The settings whose default follows the sparsity (ECoFLaP's cap, the per-modality vision
+    sparsity) move with it while they hold that default; a value a person typed stays."""
+    if not isinstance(sparsity, (int, float)) or not 0 <= sparsity < 1:
+        return gr.skip(), gr.skip(), previous
+    cap = gr.update(value=DEFAULTS.cap(sparsity)) if max_sparsity in (None, 0, DEFAULTS.cap(previous)) else gr.skip()
+    followed = str(vision_sparsity or "").strip() in ("", f"{previous:.2f}", str(previous))
+    vision = gr.update(value=f"{sparsity:.2f}") if followed else gr.skip()
+    return cap, vision, sparsity
 
 
 def uploaded_images(payload) -> list[str]:
@@ -632,7 +681,8 @@ async def sweep(server: ecoflap.Server, methods, sparsities, token, progress=gr.
     try:
         rows = await in_worker(me.sweep, methods, sparsities, progress=progress_reporter(progress),
                                on_row=finished.append)
-        full = await in_worker(me.full_score)
+        # the full model's quick score only where the score is a measure of its own (once per model, shared)
+        full = await in_worker(me.full_score) if "score" in ecoflap.sweep.measured(rows) else None
     except ecoflap.Cancelled:
         log.info("stopped: a sweep of session %s", me.id[:12])
         kept = (f"the {len(finished)} point(s) finished before the stop are below." if finished
@@ -773,6 +823,46 @@ async def _plain(send, status: int, text: str):
     await send({"type": "http.response.body", "body": text.encode("utf-8")})
 
 
+class QueueGuard:
+    """Gradio's queue holds `ECOFLAP_QUEUE_SIZE` requests for everyone, and the job bounds act
+    only once a request's turn comes (inside its handler): one client could fill the queue
+    with asks or comparisons from many sessions, and everyone else would be turned away.
+    This stands in front of the queue's `push`: a client with `Limits.queued_per_client`
+    requests already waiting or running is refused there, in one line, before its request
+    takes a place."""
+
+    def __init__(self, queue, server: ecoflap.Server):
+        self.queue, self.server, self.push = queue, server, queue.push
+
+    def client_of(self, request) -> str | None:
+        if request is None:
+            return None
+        peer = request.client.host if getattr(request, "client", None) else None
+        return ecoflap.client_address(peer, request.headers.get("x-forwarded-for"), self.server.limits.behind_proxy)
+
+    def held_by(self, client: str) -> int:
+        waiting = [e for q in self.queue.event_queue_per_concurrency_id.values() for e in q.queue]
+        running = [e for job in self.queue.active_jobs if job for e in job]
+        return sum(1 for e in waiting + running if not getattr(e, "closed", False)
+                   and self.client_of(getattr(e, "request", None)) == client)
+
+    async def __call__(self, body, request, username):
+        limit = self.server.limits.queued_per_client
+        client = self.client_of(request)
+        if client is not None:
+            held = self.held_by(client)
+            if held >= limit:
+                log.info("refused: a client with %d requests in the queue", held)
+                return (False, f"You already have {held} requests waiting or running here (at most {limit} per "
+                               f"person): wait for them to finish.", "queue_full")
+        return await self.push(body, request, username)
+
+
+def guard_queue(demo: gr.Blocks, server: ecoflap.Server):
+    """Bound each client's places in gradio's queue (call after `demo.queue()`)."""
+    demo._queue.push = QueueGuard(demo._queue, server)
+
+
 class Page(gr.Blocks):
     """The page's Blocks. A request gradio itself cannot read (a hand-made FileData, a
     string or a list where a file goes, too few values) gets one calm line, not an empty
@@ -809,37 +899,58 @@ def build_app(server: ecoflap.Server, stats_key: str | None = None) -> gr.Blocks
                     with gr.Column(scale=1):
                         sparsity = gr.Slider(0.0, ecoflap.MAX_SPARSITY, value=0.5, step=0.05, label="Sparsity",
                                              elem_id="prune-sparsity")
-                        method = gr.Radio(PRUNE_METHODS, value="ecoflap_zeroth", label="Method",
-                                          info="Grouped by allocation (how sparse each layer may be): uniform, "
-                                               "ECoFLaP, OWL, per-modality, global; then by stage 2 (which weights).",
+                        first = method_controls(START_METHOD)
+                        allocation = gr.Radio([(label, a) for a, label in ALLOCATION_LABELS.items()],
+                                              value=START_METHOD.allocation, elem_id="prune-allocation",
+                                              label="1 · Allocation: how sparse each layer may be",
+                                              info=ALLOCATION_INFO)
+                        stage2 = gr.Radio(first["stage2"][0], value=first["stage2"][1], elem_id="prune-stage2",
+                                          label="2 · Stage 2: which weights of each layer go", info=STAGE2_INFO)
+                        variant = gr.Radio(first["variant"][0], value=first["variant"][1], elem_id="prune-variant",
+                                           label="ECoFLaP's importance scores", visible=first["variant"][2])
+                        method_name = gr.Markdown(method_line(START_METHOD), elem_id="prune-method-name")
+                        # what the API's /prune takes: a method name, set here from the choices above
+                        method = gr.Radio(PRUNE_METHODS, value=START_METHOD.name, label="Method", visible=False,
                                           elem_id="prune-method")
-                        with gr.Accordion("Advanced", open=False):
+                        shown = first["shown"]
+                        target = gr.State(0.5)  # the sparsity the following defaults were set for
+                        with gr.Accordion("Advanced", open=False, elem_id="prune-advanced"):
                             granularity = gr.Radio(list(ecoflap.GRANULARITIES), value=DEFAULTS.granularity,
-                                                   label="ECoFLaP granularity")
-                            max_sparsity = gr.Number(value=0, label="ECoFLaP: max per-layer sparsity (0: the "
-                                                                    "sparsity + 0.1)")
-                            samples = gr.Number(value=DEFAULTS.samples, precision=0,
-                                                label="Calibration samples (layer-wise stage)")
-                            stage1_samples = gr.Number(value=0, precision=0,
-                                                       label="ECoFLaP: stage-1 samples (0: 32 zeroth-order, "
-                                                             "128 first-order)")
-                            eps = gr.Number(value=DEFAULTS.eps, label="ECoFLaP zeroth-order: eps (the step of the nudge)")
+                                                   label="ECoFLaP: granularity (what one score covers)",
+                                                   elem_id=OPTION_IDS["granularity"], visible=shown["granularity"])
+                            max_sparsity = gr.Number(value=DEFAULTS.cap(0.5), label="ECoFLaP: max per-layer sparsity",
+                                                     info="by default the sparsity + 0.1 (it follows the slider)",
+                                                     elem_id=OPTION_IDS["max_sparsity"], visible=shown["max_sparsity"])
+                            zeroth, first_order = (DEFAULTS.stage1_sample_count(ecoflap.METHODS[n])
+                                                   for n in ("ecoflap_zeroth", "ecoflap_first"))
+                            stage1_samples = gr.Number(
+                                value=DEFAULTS.stage1_sample_count(START_METHOD), precision=0,
+                                label="ECoFLaP: stage-1 samples", elem_id=OPTION_IDS["stage1_samples"],
+                                info=f"by default {zeroth} for zeroth-order, {first_order} for first-order scores",
+                                visible=shown["stage1_samples"])
+                            eps = gr.Number(value=DEFAULTS.eps, label="ECoFLaP zeroth-order: eps (the step of the nudge)",
+                                            elem_id=OPTION_IDS["eps"], visible=shown["eps"])
                             nm = gr.Dropdown(["off", "2:4", "4:8", "1:4"], value="off", allow_custom_value=True,
-                                             visible=False,
-                                             label="N:M (uniform methods; sets the sparsity to N/M)")
-                            batch_size = gr.Number(value=DEFAULTS.batch_size, precision=0, label="Batch size")
+                                             elem_id=OPTION_IDS["nm"], visible=shown["nm"],
+                                             label="N:M (uniform allocation; sets the sparsity to N/M)")
+                            samples = gr.Number(value=DEFAULTS.samples, precision=0, elem_id=OPTION_IDS["samples"],
+                                                label="Calibration samples (layer-wise stage)", visible=shown["samples"])
+                            batch_size = gr.Number(value=DEFAULTS.batch_size, precision=0, label="Batch size",
+                                                   elem_id=OPTION_IDS["batch_size"], visible=shown["batch_size"])
                             modules = gr.CheckboxGroup([(label, key) for key, label in MODULE_LABELS.items()],
-                                                       value=list(DEFAULTS.include), label="Modules to prune")
-                            vision_sparsity = gr.Textbox(value="", max_lines=1, elem_id="prune-vision-sparsity",
-                                                         visible=False,
-                                                         label="Per-modality: vision sparsity (empty: the target; "
-                                                               "the language model takes the rest of the budget)")
-                            with gr.Row():
-                                owl_m = gr.Number(value=DEFAULTS.owl_m, label="OWL: M (outlier = score above M x mean)",
-                                                  visible=False)
-                                owl_lambda = gr.Number(value=DEFAULTS.owl_lambda,
-                                                       label="OWL: lambda (band around the target)", visible=False)
-                        with gr.Accordion("Calibration data", open=False, elem_id="calibration-data"):
+                                                       value=list(DEFAULTS.include), label="Modules to prune",
+                                                       elem_id=OPTION_IDS["include"])
+                            vision_sparsity = gr.Textbox(value="0.50", max_lines=1, elem_id=OPTION_IDS["vision_sparsity"],
+                                                         visible=shown["vision_sparsity"],
+                                                         info="by default the target (it follows the slider); the "
+                                                              "language model takes the rest of the budget",
+                                                         label="Per-modality: vision sparsity")
+                            owl_m = gr.Number(value=DEFAULTS.owl_m, label="OWL: M (outlier = score above M x mean)",
+                                              elem_id=OPTION_IDS["owl_m"], visible=shown["owl_m"])
+                            owl_lambda = gr.Number(value=DEFAULTS.owl_lambda, label="OWL: lambda (band around the target)",
+                                                   elem_id=OPTION_IDS["owl_lambda"], visible=shown["owl_lambda"])
+                        with gr.Accordion("Calibration data", open=False, elem_id=OPTION_IDS["loss"],
+                                          visible=shown["loss"]) as calibration_box:
                             gr.Markdown(calibration_note(server))
                             calibration = gr.Textbox(value="", max_lines=1, max_length=200, elem_id="calibration-source",
                                                      label="Dataset (empty: this deployment's default)",
@@ -926,7 +1037,8 @@ def build_app(server: ecoflap.Server, stats_key: str | None = None) -> gr.Blocks
                 with gr.Row():
                     teach_methods = gr.CheckboxGroup(PRUNE_METHODS, value=TEACH_DEFAULT, label="Methods (two to four)",
                                                      elem_id="teach-methods", min_width=340)
-                    teach_sparsity = gr.Slider(0.0, ecoflap.MAX_SPARSITY, value=0.6, step=0.05, label="Sparsity")
+                    teach_sparsity = gr.Slider(0.0, ecoflap.MAX_SPARSITY, value=0.6, step=0.05, label="Sparsity",
+                                               elem_id="teach-sparsity")
                 with gr.Row():
                     teach_image = gr.Image(lesson_image, type="filepath", label="Image (optional)",
                                            sources=["upload", "clipboard"], elem_id="teach-image")
@@ -981,9 +1093,16 @@ def build_app(server: ecoflap.Server, stats_key: str | None = None) -> gr.Blocks
             [model_info, load_status, *run_outputs, sparsity_plot, groups_plot], api_name="load_model",
             preprocess=False).then(bind(server, curves), token, [teach_curve, teach_curve_note, teach_curve_details],
                                    api_visibility="private")
-        method.change(method_options, method,
-                      [granularity, max_sparsity, stage1_samples, eps, nm, vision_sparsity, owl_m, owl_lambda],
-                      api_visibility="private", queue=False)
+        option_boxes = {"granularity": granularity, "max_sparsity": max_sparsity, "stage1_samples": stage1_samples,
+                        "eps": eps, "nm": nm, "samples": samples, "batch_size": batch_size, "include": modules,
+                        "vision_sparsity": vision_sparsity, "owl_m": owl_m, "owl_lambda": owl_lambda,
+                        "loss": calibration_box}
+        for choice in (allocation, stage2, variant):
+            choice.input(choose_method, [allocation, stage2, variant, stage1_samples],
+                         [stage2, variant, method, method_name, *(option_boxes[f] for f in OPTION_IDS)],
+                         api_visibility="private", queue=False)
+        sparsity.change(follow_target, [sparsity, max_sparsity, vision_sparsity, target],
+                        [max_sparsity, vision_sparsity, target], api_visibility="private", queue=False)
         prune_button.click(
             bind(server, prune),
             [method, sparsity, granularity, max_sparsity, samples, stage1_samples, eps, nm, modules, batch_size,
@@ -1107,6 +1226,7 @@ def main(argv=None):
         raise SystemExit(f"error: {err}") from None
     demo = build_app(server, os.environ.get("ECOFLAP_STATS_TOKEN") or None)
     demo.queue(max_size=server.limits.queue_size, default_concurrency_limit=4)
+    guard_queue(demo, server)
     demo.launch(server_name=args.host, server_port=args.port,
                 max_file_size=f"{int(server.limits.upload_mb)}mb", i18n=SCREEN_READER_WORDS, css=CSS,
                 app_kwargs={"middleware": [Middleware(UploadGuard, server=server)]})

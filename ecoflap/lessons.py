@@ -8,6 +8,10 @@ the command that made the curves) stays in the report and a "how it was measured
 
 from __future__ import annotations
 
+import math
+
+from .naming import friendly
+
 CLOSE = 0.03  # within three points of accuracy: "about as good as the full model" for a class
 
 
@@ -102,3 +106,27 @@ def gradient_reading(gradients: dict[str, dict]) -> str:
             f"{PART_NAMES.get(low, low)}'s the smallest (typical |dL/dW| {typical[top]:.1e} against "
             f"{typical[low]:.1e}, {ratio:.0f}x): a change to one {PART_NAMES.get(top, top)} weight moves the loss "
             "more, which is what ECoFLaP's scores measure.")
+
+
+def rounding_reason(layers: list[dict], target: float, achieved: float) -> str:
+    """Why a run's achieved sparsity is under its target, from its report's layers, when the
+    reason is that every row zeroes a whole number of weights, floor(columns x s) (Wanda,
+    Magnitude and SparseGPT at a uniform target do); otherwise nothing."""
+    if achieved >= target - 5e-5 or not layers or any(not r.get("columns") for r in layers):
+        return ""
+
+    def per_row(r):
+        return int(math.floor(r["columns"] * r["target_sparsity"] + 1e-9))
+
+    if any(r.get("target_sparsity") is None or r["zeros"] != r["numel"] // r["columns"] * per_row(r)
+           for r in layers):
+        return ""  # some layer was given an exact count, not a per-row share: rounding is not the story
+    short = {r["name"]: r["numel"] * r["target_sparsity"] - r["zeros"] for r in layers}
+    worst = max(layers, key=lambda r: short[r["name"]])
+    asked = sum(r["numel"] for r in layers) * target
+    made = sum(r["zeros"] for r in layers)
+    exact = worst["columns"] * worst["target_sparsity"]
+    return (f"Under the target because each row of a matrix zeroes a whole number of its weights, rounded down: "
+            f"{friendly(worst['name'])} has rows of {worst['columns']} weights, and at "
+            f"{worst['target_sparsity']:.2f} each row zeroes {per_row(worst)}, not {exact:.4g}; in all "
+            f"{made:,} zeros where the target asks for {asked:,.0f}.")

@@ -69,6 +69,35 @@ METHODS: dict[str, Method] = {
 ALIASES = {"ecoflap": "ecoflap_zeroth"}
 
 
+# The two choices the paper makes, in the order a person meets them: where the sparsity
+# goes, then which weights of a layer go. Names are Method.allocation and Method.stage2.
+ALLOCATIONS = ("uniform", "ecoflap", "owl", "modality", "global")
+STAGE2 = ("magnitude", "wanda", "sparsegpt")
+
+
+def stage2_for(allocation: str) -> list[str]:
+    """The stage-2 methods that exist after an allocation, in STAGE2's order."""
+    made = {m.stage2 for m in METHODS.values() if m.allocation == allocation}
+    return [s for s in STAGE2 if s in made]
+
+
+def variants(allocation: str, stage2: str) -> list[Method]:
+    """The methods made of one allocation and one stage 2: one, except ECoFLaP's stage-1
+    estimators (zeroth-order per matrix or per group, first-order)."""
+    return [m for m in METHODS.values() if m.allocation == allocation and m.stage2 == stage2]
+
+
+def compose(allocation: str, stage2: str | None = None, variant: str | None = None) -> Method:
+    """The method of these choices; a stage 2 or variant (a method name) that does not go with
+    the allocation gives way to the first that does (Wanda first), so a choice is never refused."""
+    if allocation not in ALLOCATIONS:
+        raise ValueError(f"unknown allocation {shown(allocation)}: use one of {', '.join(ALLOCATIONS)}")
+    stages = stage2_for(allocation)
+    stage = stage2 if stage2 in stages else "wanda" if "wanda" in stages else stages[0]
+    made = variants(allocation, stage)
+    return next((m for m in made if m.name == variant), made[0])
+
+
 def get_method(name: str | Method) -> Method:
     """The method of a name (or alias), or a ValueError listing the names."""
     if isinstance(name, Method):

@@ -156,6 +156,28 @@ class PruneOptions:
         return nm
 
 
+def applicable(method: Method) -> set[str]:
+    """The PruneOptions fields a method reads; changing any other leaves its result as it was."""
+    used = {"include"}
+    if method.calibrated:
+        used |= {"batch_size", "loss", "seed"}  # the seed draws the prefix-LM loss's splits
+    if method.stage2 != "magnitude" or method.allocation == "owl":
+        used.add("samples")
+    if method.stage2 == "sparsegpt":
+        used |= {"blocksize", "percdamp"}
+    if method.allows_nm:
+        used.add("nm")
+    if method.allocation == "ecoflap":
+        used |= {"granularity", "aggregate", "max_sparsity", "stage1_samples"}
+    if method.estimator == "zeroth":
+        used |= {"eps", "noise_samples"}
+    if method.allocation == "owl":
+        used |= {"owl_m", "owl_lambda"}
+    if method.allocation == "modality":
+        used.add("vision_sparsity")
+    return used
+
+
 def as_report(method: Method, sparsity: float, options: PruneOptions) -> dict:
     """Every option the run used, with the method's fixed choices and the defaults resolved."""
     report = asdict(options)

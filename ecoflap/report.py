@@ -66,7 +66,7 @@ def save_pruned(loaded, report: dict, folder: str | Path):
         raise
 
 
-LAYER_COLUMNS = ("name", "modality", "stack", "block", "numel", "zeros", "sparsity", "target_sparsity")
+LAYER_COLUMNS = ("name", "modality", "stack", "block", "numel", "columns", "zeros", "sparsity", "target_sparsity")
 SWEEP_COLUMNS = ("method", "sparsity", "metric", "score", "achieved_sparsity", "seconds", "wall_seconds", "seed",
                  "label")
 

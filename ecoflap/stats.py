@@ -12,7 +12,8 @@ from .offload import is_offloaded, read_weight
 
 
 def layer_table(layers: list[PrunableLayer]) -> list[dict]:
-    """Per layer, in forward order: name, modality, stack, block, numel, zeros, sparsity."""
+    """Per layer, in forward order: name, modality, stack, block, numel, columns (the length of
+    a row, which stage 2 prunes a whole number of weights from), zeros, sparsity."""
     rows = []
     for layer in layers:
         zeros = int((read_weight(layer.module) == 0).sum().item())
@@ -23,6 +24,7 @@ def layer_table(layers: list[PrunableLayer]) -> list[dict]:
                 "stack": layer.stack,
                 "block": layer.block,
                 "numel": layer.numel,
+                "columns": layer.module.in_features,
                 "zeros": zeros,
                 "sparsity": zeros / layer.numel,
             }

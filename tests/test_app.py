@@ -260,3 +260,23 @@ def test_a_picture_the_shapes_model_cannot_understand_is_told_beside_its_answers
     shipped = c.predict(["magnitude", "global_magnitude"], 0.5, handle_file(str(EXAMPLE)), "what is this?",
                         api_name="/compare")[0]
     assert "| Global magnitude @ 0.50" in shipped and "not one of the shapes pictures" not in shipped
+
+
+def test_the_prune_api_takes_what_it_took_before_the_tab_asked_two_questions(app):
+    """The tab now asks for an allocation and a stage 2 and shows every default's value; /prune
+    still takes one method name (its alias too) and 0 or "" for "the default", over raw HTTP."""
+    def call(method, cap, stage1, vision):
+        kind, out = _call(app, "prune", [method, 0.5, "block", cap, 16, stage1, 1e-3, "off", ["vision", "language"],
+                                         8, 5, 0.08, vision, "", [], "", "answer"])
+        assert kind == "complete", out
+        return out[7]
+
+    before = call("ecoflap", 0, 0, "")  # as a client sent it before
+    assert before["method"] == "ecoflap_zeroth"
+    assert before["options"]["max_sparsity"] == 0.6 and before["options"]["stage1_samples"] == 32
+    shown = call("ecoflap_zeroth", 0.6, 32, "")  # what the tab sends now: the values it shows
+    assert [r["zeros"] for r in shown["layers"]] == [r["zeros"] for r in before["layers"]]
+    split = call("per_modality", 0, 0, "")
+    assert split["options"]["vision_sparsity"] == 0.5
+    typed = call("per_modality", 0.6, 32, "0.50")
+    assert [r["zeros"] for r in typed["layers"]] == [r["zeros"] for r in split["layers"]]

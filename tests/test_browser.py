@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import EXAMPLE
+import ecoflap
+from conftest import EXAMPLE, choose_method
 
 playwright = pytest.importorskip("playwright.sync_api")
 
@@ -47,7 +48,7 @@ def prune(page, method: str, sparsity: float):
     number = page.locator("#prune-sparsity input[type=number]")
     number.fill(str(sparsity))
     number.press("Enter")
-    page.locator("#prune-method").get_by_label(method, exact=True).check()
+    choose_method(page, next(m.name for m in ecoflap.METHODS.values() if m.label == method))
     page.get_by_role("button", name="Prune", exact=True).click()
     page.get_by_text(f"{method} @ {sparsity:.2f}", exact=False).first.wait_for(timeout=180_000)
     page.get_by_text("done: achieved").wait_for(timeout=180_000)
@@ -113,7 +114,7 @@ def test_a_class_session_in_the_browser(browser, app):
     assert len(legend) == 4 and all("target" in t for t in legend)
     page.screenshot(path=str(ARTIFACTS / "prune-overlay-1400.png"), full_page=True)
 
-    page.locator("#prune-method").get_by_label("ECoFLaP (first-order)", exact=True).check()
+    choose_method(page, "ecoflap_first")
     stop_soon(page, "Prune", "prune-stop")
     assert_calm(page)
     assert page.locator("#prune-chart .js-plotly-plot").is_visible()
@@ -133,9 +134,12 @@ def test_a_class_session_in_the_browser(browser, app):
     page.locator("#teach-methods").get_by_label("Magnitude", exact=True).check()
     page.get_by_role("button", name="Compare", exact=True).click()
     page.get_by_text("Vision and language columns").wait_for(timeout=300_000)
-    # the Prune tab already made an ECoFLaP run at 0.60, so this one is told apart by its number
-    for label in ["Full model", "Wanda @ 0.60", "ECoFLaP (zeroth-order) @ 0.60 #2", "Magnitude @ 0.60"]:
+    # the Prune tab already made the identical ECoFLaP run at 0.60: the comparison reuses it (no "#2")
+    for label in ["Full model", "Wanda @ 0.60", "ECoFLaP (zeroth-order) @ 0.60", "Magnitude @ 0.60"]:
         assert page.get_by_role("cell", name=label, exact=True).count() == 1, label
+    assert page.get_by_text("@ 0.60 #2").count() == 0
+    # the three runs are reused at once; SparseGPT at 0.60 is new, so there is a prune to stop
+    page.locator("#teach-methods").get_by_label("SparseGPT", exact=True).check()
     stop_soon(page, "Compare", "teach-stop")
     assert_calm(page)
 

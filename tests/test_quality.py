@@ -150,13 +150,9 @@ def test_a_model_that_is_not_the_shapes_model_is_compared_by_its_distance_from_t
     """The Teach comparison and every run's report for a model exact match cannot score."""
     from tiny_families import tiny
 
-    from ecoflap.server import Limits, Server
+    from conftest import make_server, saved
 
-    loaded = tiny("llava")
-    loaded.model.save_pretrained(tmp_path / "llava")
-    loaded.processor.save_pretrained(tmp_path / "llava")
-    me = Server(str(tmp_path / "llava"), device="cpu", limits=Limits(allow_local_models=True),
-                export_root=tmp_path / "exports").open_session()
+    me = make_server(saved(tiny("llava"), tmp_path / "llava"), tmp_path, allow_local_models=True).open_session()
     run = me.prune("wanda", 0.5, samples=8)
     assert run.result.quality["n"] == 100 and "accuracy" not in run.result.quality
     comparison = me.compare(["magnitude", "wanda"], 0.6, eval_n=10)
