@@ -676,7 +676,8 @@ async def sweep(server: ecoflap.Server, methods, sparsities, token, progress=gr.
     try:
         rows = await in_worker(me.sweep, methods, sparsities, progress=progress_reporter(progress),
                                on_row=finished.append)
-        full = await in_worker(me.full_score)
+        # the full model's quick score only where the score is a measure of its own (once per model, shared)
+        full = await in_worker(me.full_score) if "score" in ecoflap.sweep.measured(rows) else None
     except ecoflap.Cancelled:
         log.info("stopped: a sweep of session %s", me.id[:12])
         kept = (f"the {len(finished)} point(s) finished before the stop are below." if finished
@@ -815,6 +816,46 @@ async def _plain(send, status: int, text: str):
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"text/plain; charset=utf-8")]})
     await send({"type": "http.response.body", "body": text.encode("utf-8")})
+
+
+class QueueGuard:
+    """Gradio's queue holds `ECOFLAP_QUEUE_SIZE` requests for everyone, and the job bounds act
+    only once a request's turn comes (inside its handler): one client could fill the queue
+    with asks or comparisons from many sessions, and everyone else would be turned away.
+    This stands in front of the queue's `push`: a client with `Limits.queued_per_client`
+    requests already waiting or running is refused there, in one line, before its request
+    takes a place."""
+
+    def __init__(self, queue, server: ecoflap.Server):
+        self.queue, self.server, self.push = queue, server, queue.push
+
+    def client_of(self, request) -> str | None:
+        if request is None:
+            return None
+        peer = request.client.host if getattr(request, "client", None) else None
+        return ecoflap.client_address(peer, request.headers.get("x-forwarded-for"), self.server.limits.behind_proxy)
+
+    def held_by(self, client: str) -> int:
+        waiting = [e for q in self.queue.event_queue_per_concurrency_id.values() for e in q.queue]
+        running = [e for job in self.queue.active_jobs if job for e in job]
+        return sum(1 for e in waiting + running if not getattr(e, "closed", False)
+                   and self.client_of(getattr(e, "request", None)) == client)
+
+    async def __call__(self, body, request, username):
+        limit = self.server.limits.queued_per_client
+        client = self.client_of(request)
+        if client is not None:
+            held = self.held_by(client)
+            if held >= limit:
+                log.info("refused: a client with %d requests in the queue", held)
+                return (False, f"You already have {held} requests waiting or running here (at most {limit} per "
+                               f"person): wait for them to finish.", "queue_full")
+        return await self.push(body, request, username)
+
+
+def guard_queue(demo: gr.Blocks, server: ecoflap.Server):
+    """Bound each client's places in gradio's queue (call after `demo.queue()`)."""
+    demo._queue.push = QueueGuard(demo._queue, server)
 
 
 class Page(gr.Blocks):
@@ -991,7 +1032,8 @@ def build_app(server: ecoflap.Server, stats_key: str | None = None) -> gr.Blocks
                 with gr.Row():
                     teach_methods = gr.CheckboxGroup(PRUNE_METHODS, value=TEACH_DEFAULT, label="Methods (two to four)",
                                                      elem_id="teach-methods", min_width=340)
-                    teach_sparsity = gr.Slider(0.0, ecoflap.MAX_SPARSITY, value=0.6, step=0.05, label="Sparsity")
+                    teach_sparsity = gr.Slider(0.0, ecoflap.MAX_SPARSITY, value=0.6, step=0.05, label="Sparsity",
+                                               elem_id="teach-sparsity")
                 with gr.Row():
                     teach_image = gr.Image(lesson_image, type="filepath", label="Image (optional)",
                                            sources=["upload", "clipboard"], elem_id="teach-image")
@@ -1182,6 +1224,7 @@ def main(argv=None):
         raise SystemExit(f"error: {err}") from None
     demo = build_app(server, os.environ.get("ECOFLAP_STATS_TOKEN") or None)
     demo.queue(max_size=server.limits.queue_size, default_concurrency_limit=4)
+    guard_queue(demo, server)
     demo.launch(server_name=args.host, server_port=args.port,
                 max_file_size=f"{int(server.limits.upload_mb)}mb", i18n=SCREEN_READER_WORDS, css=CSS,
                 app_kwargs={"middleware": [Middleware(UploadGuard, server=server)]})

@@ -23,8 +23,8 @@ from .options import MAX_SPARSITY, PruneOptions
 from .pipeline import prune
 from .recover import RecoverOptions, Recovery, recover, recover_options
 from .report import PruneResult, save_pruned, write_json
-from .server import Busy, ConfigError, Limits, Server, client_address
-from .session import Answers, Comparison, Run, Session
+from .serve.server import Busy, ConfigError, Limits, Server, client_address
+from .serve.session import Answers, Comparison, Run, Session
 from .weights import WeightStore
 from .workbench import Cancelled, Workbench
 

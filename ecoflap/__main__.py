@@ -29,10 +29,10 @@ from .report import save_pruned, table_csv, write_json, write_text
 from .quality import summary
 from .scoring import held_out_examples, quality_against_full, quick_score, reference_for
 from .shapes.evaluate import CARD_SEED
-from .soak import soak
+from .serve.soak import soak
 from .sources import deployment_default, labeller, parse
 from .stats import achieved_sparsity, layer_table
-from .sweep import Y_CHOICES, default_y, export_columns, sweep
+from .sweep import Y_CHOICES, default_y, export_columns, full_value, sweep
 from .synthetic import random_model
 from .workbench import Workbench
 
@@ -228,6 +228,9 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("--attacker", action="store_true",
                    help="add one stranger replaying attacks (session, job, export and upload floods, junk values) "
                         "next to the students; start the app with ECOFLAP_BEHIND_PROXY=1")
+    k.add_argument("--same-runs", action="store_true",
+                   help="every student's prune is one of the same two runs (Wanda at 0.5, ECoFLaP at 0.6): "
+                        "the report says how many the server computed")
     k.add_argument("--stats-key", default=os.environ.get("ECOFLAP_STATS_TOKEN"),
                    help="the deployment's ECOFLAP_STATS_TOKEN, to sample its memory and disk (default: $ECOFLAP_STATS_TOKEN)")
     return parser
@@ -455,8 +458,9 @@ def cmd_sweep(args) -> int:
     if args.json:  # also a deployment's precomputed curves (ECOFLAP_CURVES), shown in the Teach tab
         source = calibration.record["id"] if calibration else "the shipped shapes set"
         higher = rows[0]["metric"] == "accuracy" if rows else True
+        full = full_value(rows, "score")  # where the score repeats a figure against the full model
         write_json({"model": loaded.name, "metric": rows[0]["metric"] if rows else "score",
-                    "higher_is_better": higher,
+                    "higher_is_better": higher, **({"full_score": full} if full is not None else {}),
                     "measured_on": f"{args.eval_n} evaluation examples per point; calibration: {source}, "
                                    f"{args.samples} samples, loss {args.loss}",
                     "command": "python -m ecoflap " + " ".join(shlex.quote(a) for a in args.argv),
@@ -554,7 +558,7 @@ def _bench_sparsegpt_layers(args) -> int:
 
 def cmd_soak(args) -> int:
     result = soak(args.url, args.users, args.minutes, args.seed, args.yes_i_own_it, stats_key=args.stats_key,
-                  attacker=args.attacker)
+                  attacker=args.attacker, same_runs=args.same_runs)
     ask, busy, rss = result["ask_seconds"], result["ask_seconds_while_pruning"], result["resident_mib"]
     print(f"{args.users} users for {args.minutes:g} min: {sum(result['actions'].values())} actions {result['actions']}")
     print(f"full answers changed: {result['changed_full_answers']}; leaks: {result['leaks']}; "
@@ -565,6 +569,9 @@ def cmd_soak(args) -> int:
     prunes = result["prune_seconds"]
     print(f"students' prunes served: {prunes['n']}, seconds p50 {prunes['p50']:.1f}, p95 {prunes['p95']:.1f}, "
           f"max {prunes['max']:.1f}; students refused by a bound: {result['students_refused']}")
+    if result["computations"] is not None:
+        print(f"prunes computed on the server: {result['computations']} (results handed to a request that did not "
+              f"compute them: {result['shared_results']})")
     print(f"resident MiB: start {rss['start']}, after warm-up {rss['after_warm_up']}, max after warm-up "
           f"{rss['max_after_warm_up']}, end {rss['end']}; export MiB max {result['export_mib']['max']}, end "
           f"{result['export_mib']['end']}; upload MiB max {result['upload_mib']['max']}, end "

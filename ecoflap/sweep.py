@@ -29,6 +29,7 @@ Y_NAMES = {"kl_mean": "mean KL(full || pruned)", "kl_median": "median KL(full ||
            "same_top": "same top-1 as the full model", "same_answer": "same answer as the full model",
            "accuracy": "accuracy", "right_to_wrong": "answers flipped right to wrong",
            "wrong_to_right": "answers flipped wrong to right"}
+KL_SCORE = "mean KL from the full model"  # the score of a model without labels
 # what the full model scores against itself: the line every curve of that measure falls from
 FULL_MODEL = {"kl_mean": 0.0, "kl_median": 0.0, "kl_p99": 0.0, "kl_p999": 0.0, "same_top": 1.0, "same_answer": 1.0,
               "right_to_wrong": 0, "wrong_to_right": 0}
@@ -89,7 +90,8 @@ def measure_point(workbench: Workbench, method: str | Method, sparsity: float, o
     (with the vision/language split where the allocation has one); with `held_out`, also
     the run against the full model on them. `score_from_quality`: the held-out examples
     are those questions, so where the quality has an accuracy it is the score (the
-    answers are generated once, not twice). `seconds` is the prune's own time,
+    answers are generated once, not twice); where it has none (a model that does not
+    speak the shapes world), the score is the mean KL from the full model. `seconds` is the prune's own time,
     `wall_seconds` the whole point's: the prune, scoring it, and any wait for the shared model."""
     method = get_method(method)
 
@@ -97,6 +99,10 @@ def measure_point(workbench: Workbench, method: str | Method, sparsity: float, o
         quality = result.quality or {}
         if score_from_quality and "accuracy" in quality:
             return {"metric": "accuracy", "value": quality["accuracy"]}
+        if quality and "accuracy" not in quality:
+            # a model without the shapes world's labels is scored by its distance from the full model,
+            # never by a loss on cartoons (and no second pass over other questions is spent on it)
+            return {"metric": KL_SCORE, "value": quality["kl_mean"]}
         return quick_score(loaded, eval_n, eval_seed, should_stop=should_stop)
 
     started = time.perf_counter()
@@ -123,9 +129,18 @@ def measured(rows: list[dict]) -> list[str]:
     """The y columns every row has, in `AXIS_ORDER`; the score only where it is not
     the accuracy column again (the shapes model's score is its held-out accuracy)."""
     present = [y for y in AXIS_ORDER if rows and all(y in r for r in rows)]
-    if "accuracy" in present and all(r["metric"] == "accuracy" and r["score"] == r["accuracy"] for r in rows):
+    if "score" in present and _score_is(rows) in present:
         present.remove("score")
     return present
+
+
+def _score_is(rows: list[dict]) -> str | None:
+    """The quality column the score repeats (accuracy, or the mean KL of a model without
+    labels), if it repeats one."""
+    for column, metric in (("accuracy", "accuracy"), ("kl_mean", KL_SCORE)):
+        if rows and all(r["metric"] == metric and r.get(column) == r["score"] for r in rows):
+            return column
+    return None
 
 
 def y_name(rows: list[dict], y: str) -> str:
@@ -152,10 +167,12 @@ def default_y(rows: list[dict]) -> str:
 def full_value(rows: list[dict], y: str, full_score: dict | None = None) -> float | None:
     """The full model's value of column `y`: its own accuracy on the same held-out
     questions, 0 for a divergence or a flip count, 1 for an agreement; for the score,
-    `full_score` (the full model's quick score) where it is the same measure. None: no line."""
+    `full_score` (the full model's quick score) where it is the same measure, else the
+    value of the column the score repeats. None: no line."""
     if y == "score":
         same = full_score is not None and rows and full_score.get("metric") == rows[0]["metric"]
-        return full_score["value"] if same else None
+        repeated = _score_is(rows)
+        return full_score["value"] if same else full_value(rows, repeated) if repeated else None
     if y == "accuracy":
         return rows[0].get("full_accuracy") if rows else None
     return FULL_MODEL.get(y)

@@ -32,6 +32,14 @@ def page(app):
         browser.close()
 
 
+def at_sparsity(page, value: str):
+    """The Teach tab's sparsity. Identical prunes are shared across the app's sessions, so a
+    test that must see a comparison compute picks a sparsity no other test compares at."""
+    box = page.locator("#teach-sparsity input[type=number]")
+    box.fill(value)
+    box.press("Enter")
+
+
 def choose(page, group: str, methods: list[str]):
     boxes = page.locator(f"#{group}")
     for box in boxes.locator("input[type=checkbox]").all():
@@ -89,10 +97,11 @@ def test_the_first_compare_and_sweep_show_their_progress(page):
 
     page.get_by_role("tab", name="Teach").click()
     choose(page, "teach-methods", ["Magnitude", "Wanda"])
+    at_sparsity(page, "0.65")
     compare = page.get_by_role("button", name="Compare", exact=True)
     compare.evaluate("e => e.scrollIntoView({block: 'center'})")  # where a person looks at the button
     compare.click()
-    assert "@ 0.60" in progress_on_screen(page, "teach-status")
+    assert "@ 0.65" in progress_on_screen(page, "teach-status")
     page.locator("#teach-stop").click()
     wait_idle(page, "teach-status")
     assert_calm(page)
@@ -167,15 +176,29 @@ def test_a_stop_keeps_what_finished_and_what_is_shown_belongs_together(page):
     assert [r.inner_text().split()[:2] for r in rows.all()] == [["Magnitude", s] for s in ["0.3", "0.5"][:finished]]
     page.wait_for_function(f"() => document.querySelectorAll('#sweep-chart .scatterlayer .point').length == {finished}")
     wait_idle(page, "sweep-status")
+    # another y-axis redraws the same stored points with it (the shapes model opens on accuracy)
+    assert page.locator("#sweep-chart .gtitle").text_content().startswith("accuracy")
+    page.locator("#sweep-y input").click()
+    page.get_by_role("option", name="mean KL(full || pruned)").click()
+    page.wait_for_function("() => document.querySelector('#sweep-chart .gtitle').textContent.startsWith('mean KL')",
+                           timeout=60_000)
+    assert page.locator("#sweep-chart .scatterlayer .point").count() == finished
+    assert "Stopped" in page.locator("#sweep-status").inner_text()  # nothing was run again
 
     # a stopped rerun: its own points only (none, or the one whose scoring the stop met), never the old ones
     page.get_by_label("Sparsities").fill("0.7,0.8")
     page.get_by_role("button", name="Run sweep").click()
     page.locator(f"#sweep-status {TRACKER} .progress-level").wait_for(state="attached", timeout=60_000)
     page.locator("#sweep-stop").click()
-    told = page.get_by_text(re.compile(r"Stopped: (no point had finished|the 1 point\(s\) finished)"))
-    told.wait_for(timeout=120_000)
-    finished = 0 if "no point" in told.inner_text() else 1
+    # the rerun's own outcome: the first stop's words ("the 1 point(s) finished") may still be on the page, so
+    # its status and its table are waited for together (0.7 is this sweep's first point, never the first's)
+    page.wait_for_function("""() => {
+        const status = document.querySelector('#sweep-status').innerText;
+        const rows = [...document.querySelectorAll('#sweep-table .virtual-row')].map(r => r.innerText.split(/\\s+/));
+        return (status.includes('Stopped: no point had finished') && rows.length == 0) ||
+               (status.includes('Stopped: the 1 point(s) finished') && rows.length == 1 && rows[0][1] == '0.7');
+    }""", timeout=120_000)
+    finished = 0 if "no point" in page.locator("#sweep-status").inner_text() else 1
     page.wait_for_function(f"() => document.querySelectorAll('#sweep-table .virtual-row').length == {finished}")
     assert [r.inner_text().split()[:2] for r in page.locator("#sweep-table .virtual-row").all()] == \
         [["Magnitude", "0.7"]][:finished]
@@ -184,13 +207,14 @@ def test_a_stop_keeps_what_finished_and_what_is_shown_belongs_together(page):
 
     page.get_by_role("tab", name="Teach").click()
     choose(page, "teach-methods", ["Magnitude", "Wanda"])
+    at_sparsity(page, "0.55")
     page.get_by_role("button", name="Compare", exact=True).click()
     page.locator(f"#teach-status {TRACKER}", has_text="(2 of 2)").wait_for(timeout=180_000)
     page.locator("#teach-stop").click()
     told = page.get_by_text(re.compile(r"Finished before the stop: (.*) \(their chart"))
     told.wait_for(timeout=120_000)
     finished = re.search(r"Finished before the stop: (.*) \(their chart", told.inner_text()).group(1).split(", ")
-    assert finished[0] == "Magnitude @ 0.60" and finished[1:] in ([], ["Wanda @ 0.60"])
+    assert finished[0] == "Magnitude @ 0.55" and finished[1:] in ([], ["Wanda @ 0.55"])
     page.wait_for_function(
         f"() => document.querySelectorAll('#teach-chart .scatterlayer .trace').length == {len(finished)}")
     legend = chart_traces(page, "teach-chart")

@@ -140,24 +140,28 @@ def test_the_sweep_chart_draws_the_chosen_column_and_the_full_models_line():
         sweep_chart(rows, "loss")
 
 
-def test_a_sweep_without_labels_offers_the_full_model_comparison_and_its_score_apart():
+def test_a_sweep_without_labels_is_drawn_by_its_distance_from_the_full_model():
     from ecoflap.plots import sweep_chart
-    from ecoflap.sweep import default_y, full_value, y_choices
+    from ecoflap.sweep import KL_SCORE, default_y, full_value, y_choices
 
-    rows = [_sweep_row("wanda", s, shapes=False) for s in (0.3, 0.5)]
-    assert [y for _, y in y_choices(rows)] == ["score", "kl_mean", "kl_median", "kl_p99", "kl_p999", "same_top",
-                                               "same_answer"]
-    assert default_y(rows) == "kl_mean"  # never the shapes loss of a model that does not speak shapes
+    rows = [_sweep_row("wanda", s, shapes=False, metric=KL_SCORE, score=s / 10) for s in (0.3, 0.5)]
+    # the score is the mean KL there: offered once, and never the shapes loss of a model that does not speak shapes
+    assert [y for _, y in y_choices(rows)] == ["kl_mean", "kl_median", "kl_p99", "kl_p999", "same_top", "same_answer"]
+    assert default_y(rows) == "kl_mean" and full_value(rows, "score") == 0
     with pytest.raises(ValueError, match="accuracy was not measured"):
         sweep_chart(rows, "accuracy")
+    # a score of its own (measured apart from the quality) gets the full model's line only from its own measure
+    own = [_sweep_row("wanda", s, shapes=False) for s in (0.3, 0.5)]
+    assert [y for _, y in y_choices(own)][:2] == ["score", "kl_mean"]
     full = {"metric": "calibration loss", "value": 1.5}
-    assert full_value(rows, "score", full) == 1.5 and full_value(rows, "score", {"metric": "accuracy", "value": 1}) \
-        is None and full_value(rows, "score") is None
-    drawn = sweep_chart(rows, "score", full)
+    assert full_value(own, "score", full) == 1.5 and full_value(own, "score", {"metric": "accuracy", "value": 1}) \
+        is None and full_value(own, "score") is None
+    drawn = sweep_chart(own, "score", full)
     assert list(drawn.data[0].y) == [2.3, 2.5] and [s.y0 for s in drawn.layout.shapes] == [1.5]
     # a shapes model whose accuracy is measured on a source's held-out examples: the quick score is its own column
     apart = [_sweep_row("wanda", s, score=0.5) for s in (0.3, 0.5)]
     assert dict((y, n) for n, y in y_choices(apart))["score"] == "accuracy (quick score)"
+    assert full_value(apart, "score") is None
 
 
 def test_repeated_seeds_are_drawn_as_their_mean_and_range():
@@ -182,8 +186,8 @@ def test_the_sweep_table_and_export_hold_the_quality_columns():
     for key in ("kl_mean", "kl_median", "kl_p99", "kl_p999", "same_top", "same_answer", "accuracy", "full_accuracy",
                 "right_to_wrong", "wrong_to_right", "score", "seconds", "wall_seconds"):
         assert float(written[0][key]) == pytest.approx(rows[0][key]), key
-    unlabelled = [_sweep_row("wanda", 0.5, shapes=False)]
-    assert table(unlabelled)[0][2:7] == ["calibration loss", "KL mean", "KL p99", "same top-1", "same answer"]
+    unlabelled = [_sweep_row("wanda", 0.5, shapes=False, metric="mean KL from the full model", score=0.05)]
+    assert table(unlabelled)[0][2:7] == ["KL mean", "KL p99", "same top-1", "same answer", "achieved"]
     assert "accuracy" not in export_columns(unlabelled) and "kl_p999" in export_columns(unlabelled)
 
 

@@ -3,8 +3,8 @@ deleted (the bounds themselves; tests/test_attacks.py tries them over HTTP)."""
 
 import pytest
 
-from ecoflap.server import Busy
-from ecoflap.uploads import MiB, Uploads
+from ecoflap.serve.server import Busy
+from ecoflap.serve.uploads import MiB, Uploads
 
 
 class Clock:

@@ -16,6 +16,11 @@ server's shared memory for runs must drop one, or its model is unloaded, only it
 is told, the next time they look (`notices()`). Every long job can be stopped (`stop()`,
 its own `should_stop`, or the session ending): it stops within one layer and stores
 nothing.
+
+Identical prunes of different sessions (same model, method, sparsity, options and seed,
+and a public calibration source: never a person's own uploads) are computed once and
+shared as a result (see `sharing`): each session still gets a run of its own, with its
+own id, label and quota, and the weights are held once however many runs share them.
 """
 
 from __future__ import annotations
@@ -28,34 +33,34 @@ import threading
 import time
 import weakref
 from collections import OrderedDict
-from dataclasses import dataclass, field, replace
+from dataclasses import astuple, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
 from PIL import Image
 
-from . import sources
-from .answers import MAX_QUESTION_CHARS, fit_question
-from .anatomy import prunable_layers
-from .curves import shipped_curves, shipped_recovery
-from .data import batches, default_calibration
-from .echo import is_text
-from .forms import from_settings, number, sparsity_list, sparsity_value
-from .images import open_image
-from .methods import Method, get_method
-from .models import display_name
-from .options import PruneOptions
-from .offload import is_offloaded
-from .progress import Progress, StopCheck, prefixed
-from .recover import OnStep, recover_options
-from .report import SWEEP_COLUMNS, PruneResult, layers_csv, save_pruned, table_csv, write_json, write_text
-from .quality import labelled_counts
-from .scoring import SCORE_SEED, held_out_examples, quick_score, speaks_shapes
-from .sources import Calibration
-from .stats import gradient_histograms, weight_histograms
-from .sweep import export_columns, sweep
-from .weights import RunWeights
-from .workbench import Cancelled, Workbench
+from .. import sources
+from ..answers import MAX_QUESTION_CHARS, fit_question
+from ..anatomy import prunable_layers
+from ..curves import shipped_curves, shipped_recovery
+from ..data import batches, default_calibration
+from ..echo import is_text
+from ..forms import from_settings, number, sparsity_list, sparsity_value
+from ..images import open_image
+from ..methods import Method, get_method
+from ..models import display_name
+from ..options import PruneOptions
+from ..offload import is_offloaded
+from ..progress import Progress, StopCheck, prefixed
+from ..recover import OnStep, recover_options
+from ..report import SWEEP_COLUMNS, PruneResult, layers_csv, save_pruned, table_csv, write_json, write_text
+from ..quality import labelled_counts
+from ..scoring import SCORE_SEED, held_out_examples, quality_against_full, quick_score, speaks_shapes
+from ..sources import Calibration
+from ..stats import gradient_histograms, weight_histograms
+from ..sweep import KL_SCORE, export_columns, sweep
+from ..weights import RunWeights
+from ..workbench import Cancelled, Workbench
 
 log = logging.getLogger(__name__)
 MAX_NEW_TOKENS = 64
@@ -76,6 +81,7 @@ class Run:
     workbench: Workbench = field(repr=False)
     owner: str = field(repr=False)
     created: float = field(default_factory=time.time)
+    shared: tuple | None = field(default=None, repr=False)  # what names it for other sessions (None: never)
 
     def summary(self) -> dict:
         return {"id": self.id, "label": self.label, "method": self.result.method,
@@ -293,18 +299,68 @@ class Session:
             options = replace(options, samples=min(options.samples, k),
                               stage1_samples=min(options.stage1_sample_count(method), k))
         bench = self.workbench
-        with self._job(should_stop) as stopped:
-            drawn = self.calibration_for(method, options, calibration, calibration_images, calibration_question)
+        key = self._share_key(bench, method, sparsity, options, calibration, calibration_images, ("held-out", QUALITY_N))
+
+        def compute(progress, stopped):
+            drawn = self.calibration_for(method, options, calibration, calibration_images, calibration_question, bench)
             result, weights, _ = bench.prune(method, sparsity, options, drawn, progress, stopped,
                                              owner=self.id, held_out=held_out_examples(drawn, QUALITY_N))
+            return result, weights
+
+        with self._job(should_stop) as stopped:
+            if key is not None:
+                return self._shared(key, compute, progress, stopped,
+                                    lambda result, weights: self._keep(method, result, weights, bench, shared=key))
+            result, weights = compute(progress, stopped)
             if stopped():
                 raise Cancelled("stopped by the user")
         return self._keep(method, result, weights, bench)
 
+    def _identical(self, key: tuple | None) -> Run | None:
+        """This session's latest run with the same weights as `key` names (however it was
+        measured), so a comparison reuses it instead of making "Wanda @ 0.60 #2"."""
+        if key is None:
+            return None
+        with self._lock:
+            return next((r for r in reversed(self._runs.values()) if r.shared and r.shared[:-1] == key[:-1]), None)
+
+    def _share_key(self, bench: Workbench, method: Method, sparsity: float, options: PruneOptions, calibration,
+                   images, measured: tuple) -> tuple | None:
+        """What names a prune for other sessions, or None for one never shared: one calibrated
+        on a person's own uploads, or on examples handed over in code."""
+        if images:
+            return None
+        if not method.calibrated:
+            source = "none"
+        elif isinstance(calibration, (Calibration, list)):
+            return None
+        elif calibration in (None, ""):
+            source = "default"
+        else:
+            self.server.calibration_source(calibration)  # refused here, before anybody waits
+            source = calibration.strip()
+        return (bench, method.name, float(sparsity), astuple(options), source, measured)
+
+    def _shared(self, key: tuple, compute, progress: Progress | None, stopped: StopCheck, keep) -> Run:
+        """A prune computed once for everyone asking for it at once (or a result still held):
+        this session waits for it, following its progress, and keeps its own run of it. Its
+        Stop stops only its own wait; the computation stops when nobody waits for it."""
+        flights = self.server.flights
+        flight = flights.join(key, compute, f"prune of {self.id[:16]}")
+        try:
+            result, weights = flights.wait(flight, progress, stopped)
+            if stopped():
+                raise Cancelled("stopped by the user")
+            return keep(result, weights)  # stored before leaving, so the next identical request finds it
+        finally:
+            flights.leave(flight)
+
     def calibration_for(self, method: Method, options: PruneOptions, calibration=None, images=None,
-                        question="") -> Calibration | list | None:
-        """What a prune of this session calibrates on (None: the shipped shapes set). Drawn
-        sets are kept, so pruning again on the same data reads and labels it once."""
+                        question="", bench: Workbench | None = None) -> Calibration | list | None:
+        """What a prune of this session calibrates on (None: the shipped shapes set), labelled
+        by `bench`'s model (default: the session's). Drawn sets are kept, so pruning again on
+        the same data reads and labels it once."""
+        bench = bench or self.workbench
         if not method.calibrated:
             return None
         if images:
@@ -319,10 +375,9 @@ class Session:
             source = self.server.calibration_source(calibration)
         else:
             default = self.server.limits.calibration
-            if not default or speaks_shapes(self.workbench.loaded):
+            if not default or speaks_shapes(bench.loaded):
                 return None
             source = sources.parse(default)
-        bench = self.workbench
         n = options.samples_used(method)
         label = sources.labeller(lambda pictures, questions: bench.ask(pictures, questions))
         # and held-out examples of the same source, that the run is measured on against the full model
@@ -355,14 +410,14 @@ class Session:
                           label=f"{source.label} + {options.steps} steps{way_note}")
 
     def _keep(self, method: Method, result: PruneResult, weights: RunWeights, bench: Workbench,
-              label: str | None = None) -> Run:
+              label: str | None = None, shared: tuple | None = None) -> Run:
         if self.ended:
             raise Cancelled("the session ended")
         label = label or f"{method.label} @ {result.target_sparsity:.2f}"
         with self._lock:
             same = sum(1 for r in self._runs.values() if r.label.split(" #")[0] == label)
             run = Run(self.server.new_id("run"), f"{label} #{same + 1}" if same else label, result, weights,
-                      bench, self.id)
+                      bench, self.id, shared=shared)
             self._runs[run.id] = run
             over = []
             while len(self._runs) > self.server.limits.runs_per_session:
@@ -410,7 +465,8 @@ class Session:
 
     def compare(self, methods, sparsity, image=None, question="", eval_n: int = 200,
                 progress: Progress | None = None, should_stop: StopCheck | None = None) -> Comparison:
-        """Prune with each method at one sparsity (each its own run), measure every run
+        """Prune with each method at one sparsity (each its own run; an identical run this
+        session already has is reused, not made again), measure every run
         against the full model on the same held-out questions (accuracy and flips where
         the model speaks the shapes world, else the mean KL from the full model), and
         answer one question with each."""
@@ -423,27 +479,48 @@ class Session:
         if image is not None:
             picture, fitted, _ = self._inputs(image, question, 20)
         bench = self.workbench
-        runs = []
+        runs, qualities = [], []
         with self._job(should_stop) as stopped:
             # held out from the source the runs calibrate on (a real model's deployment data, not
             # cartoons): after the hungriest method's samples, so no method calibrates on them
             hungriest = max(chosen, key=PruneOptions().samples_used)
             held_out = held_out_examples(self.calibration_for(hungriest, PruneOptions()), eval_n, SCORE_SEED)
             reference = bench.reference(held_out, stopped, self.id)
+            measured = ("score", eval_n, SCORE_SEED, PruneOptions().samples_used(hungriest))  # names the questions
+
+            def measure(weights: RunWeights, stopped: StopCheck) -> dict:
+                return bench.using(weights, lambda loaded: quality_against_full(loaded, reference), long=True,
+                                   should_stop=stopped, owner=self.id)
+
             for i, method in enumerate(chosen):
                 step = f"{method.label} @ {sparsity:.2f} ({i + 1} of {len(chosen)})"
-                result, weights, _ = bench.prune(method, sparsity, PruneOptions(),
-                                                 self.calibration_for(method, PruneOptions()),
-                                                 progress=prefixed(progress, f"{step} · "), should_stop=stopped,
-                                                 owner=self.id, held_out=held_out)
-                runs.append(self._keep(method, result, weights, bench))
-            labelled = "accuracy" in runs[0].result.quality
+                key = self._share_key(bench, method, sparsity, PruneOptions(), None, None, measured)
+                run = self._identical(key)
+                if run is None:
+                    def compute(progress, stopped, method=method, key=key):
+                        held = self.server.held(key, measured_otherwise=True)
+                        if held is not None:  # the same weights, measured on other questions: measured here
+                            result, weights = held
+                            return replace(result, quality=measure(weights, stopped)), weights
+                        result, weights, _ = bench.prune(method, sparsity, PruneOptions(),
+                                                         self.calibration_for(method, PruneOptions(), bench=bench),
+                                                         progress=progress, should_stop=stopped, owner=self.id,
+                                                         held_out=held_out)
+                        return result, weights
+
+                    run = self._shared(key, compute, prefixed(progress, f"{step} · "), stopped,
+                                       lambda result, weights, method=method, key=key:
+                                       self._keep(method, result, weights, bench, shared=key))
+                quality = run.result.quality if run.shared == key else measure(run.weights, stopped)
+                runs.append(run)
+                qualities.append(quality)
+            labelled = "accuracy" in qualities[0]
             full = {"n": len(held_out), "kl_mean": 0.0, "same_top": 1.0, "same_answer": 1.0}
             if labelled:
                 full.update(labelled_counts(reference.answers, reference.answers, reference.expected))
             rows = []
-            for label, quality, weights in [("Full model", full, None)] + [(r.label, r.result.quality, r.weights)
-                                                                          for r in runs]:
+            for label, quality, weights in [("Full model", full, None)] + [(r.label, q, r.weights)
+                                                                          for r, q in zip(runs, qualities)]:
                 if stopped():
                     raise Cancelled("stopped by the user")
                 answer = bench.ask([picture], [fitted], weights)[0] if picture is not None else None
@@ -456,7 +533,7 @@ class Session:
             return Comparison(sparsity, runs, rows, "accuracy", True,
                               f"exact match on {n} generated shapes questions (seed {SCORE_SEED}; the same "
                               f"questions for every model, none of them a calibration image)", fitted)
-        return Comparison(sparsity, runs, rows, "mean KL from the full model", False,
+        return Comparison(sparsity, runs, rows, KL_SCORE, False,
                           f"KL(full || pruned) of the next-token distributions over the answer tokens of {n} "
                           f"held-out examples that no calibration sample shows, teacher-forced on "
                           f"{reference.from_references} reference answers and {n - reference.from_references} of "
@@ -499,7 +576,7 @@ class Session:
         two runs' (Wanda against ECoFLaP, say); an offloaded model has no gradient
         distributions (its load says so)."""
         self.touch()
-        runs = [self.run(i) for i in dict.fromkeys(i for i in (run_id, other_id) if i not in (None, ""))]
+        runs = list({run.id: run for run in (self.run(i) for i in (run_id, other_id) if i not in (None, ""))}.values())
         bench = self.workbench
         calibration = list(default_calibration()[:8])
 

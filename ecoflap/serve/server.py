@@ -2,7 +2,8 @@
 
 Everything a public deployment must bound is bounded here: models in memory, stored runs
 per session and in all, sweep points, sessions in all and per client, idle sessions,
-jobs per session and per client, export files on disk, uploads per client and in all. The bounds
+jobs per session and per client, requests of one client in the web queue, export files on
+disk, uploads per client and in all. The bounds
 come from `Limits` (`Limits.from_environment()` reads the ECOFLAP_* variables, refusing
 a bad value with a message that names it). Loading a model never blocks the users of
 other models: the registry's lock only guards its table, never a load.
@@ -23,11 +24,12 @@ from collections import OrderedDict
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from .memory import resident_bytes
-from .models import DEFAULT_MODEL, ModelLoadError, display_name, load_model, not_on_hub
+from ..memory import resident_bytes
+from ..models import DEFAULT_MODEL, ModelLoadError, display_name, load_model, not_on_hub
+from ..sources import Source, SourceError, parse
+from ..workbench import Workbench
 from .session import Session
-from .sources import Source, SourceError, parse
-from .workbench import Workbench
+from .sharing import Flights
 
 log = logging.getLogger(__name__)
 HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
@@ -63,6 +65,7 @@ class Limits:
     allowed_models: tuple[str, ...] | None = None
     upload_mb: float = 20
     queue_size: int = 64
+    queued_per_client: int = 16
     uploads_per_client: int = 20
     upload_client_mb: float = 100
     upload_total_mb: float = 1024
@@ -91,6 +94,7 @@ class Limits:
         "allowed_models": "ECOFLAP_ALLOWED_MODELS",
         "upload_mb": "ECOFLAP_MAX_UPLOAD_MB",
         "queue_size": "ECOFLAP_QUEUE_SIZE",
+        "queued_per_client": "ECOFLAP_MAX_QUEUED_PER_CLIENT",
         "uploads_per_client": "ECOFLAP_MAX_UPLOADS_PER_CLIENT",
         "upload_client_mb": "ECOFLAP_MAX_UPLOAD_CLIENT_MB",
         "upload_total_mb": "ECOFLAP_MAX_UPLOAD_TOTAL_MB",
@@ -267,6 +271,7 @@ class Server:
         self._issued: set[str] = set()
         self._lock = threading.RLock()
         self._tidied = 0.0
+        self.flights = Flights(held=self.held)
         from .uploads import Uploads
 
         self.uploads = Uploads.from_limits(self.limits)
@@ -392,7 +397,9 @@ class Server:
             "sessions": len(sessions),
             "jobs_running": sum(len(s._jobs) for s in sessions),
             "stored_runs": len(runs),
-            "stored_run_mib": round(sum(r.weights.nbytes for r in runs) / 2**20, 3),
+            "stored_run_mib": round(_held_bytes(runs) / 2**20, 3),
+            "computations": self.flights.computations,
+            "shared_results": self.flights.shared,
             "models": [b.loaded.name for b in self.models.loaded()],
             "resident_mib": round(resident_bytes() / 2**20, 1),
             "export_mib": round(self.export_disk_bytes() / 2**20, 3),
@@ -420,15 +427,20 @@ class Server:
 
     def admit(self, run) -> list:
         """Account a new run; drop the oldest runs of any session while over the memory bound
-        (never the new one). Each dropped run's owner is told; the caller is not."""
+        (never the new one). Weights shared by several runs count once, and go together: the
+        runs holding the oldest weights are dropped at once (dropping one would free nothing).
+        Each dropped run's owner is told; the caller is not."""
         budget = self.limits.run_memory_mb * 2**20
         dropped = []
         with self._lock:
             self._runs[run.id] = run
-            while sum(r.weights.nbytes for r in self._runs.values()) > budget and len(self._runs) > 1:
-                oldest = next(r for r in self._runs.values() if r is not run)
-                self._runs.pop(oldest.id)
-                dropped.append(oldest)
+            while _held_bytes(self._runs.values()) > budget:
+                oldest = next((r for r in self._runs.values() if r.weights is not run.weights), None)
+                if oldest is None:
+                    break
+                for victim in [r for r in self._runs.values() if r.weights is oldest.weights]:
+                    self._runs.pop(victim.id)
+                    dropped.append(victim)
         for old in dropped:
             owner = self._sessions.get(old.owner)
             if owner is not None:
@@ -440,10 +452,19 @@ class Server:
         with self._lock:
             self._runs.pop(run.id, None)
 
+    def held(self, key, measured_otherwise: bool = False) -> tuple | None:
+        """The result and weights of a stored run of any session that `key` names (see
+        `Session._share_key`), for an identical request to reuse; None if none is held.
+        `measured_otherwise`: a run with the same weights, however its quality was measured."""
+        same = (lambda r: r.shared and r.shared[:-1] == key[:-1]) if measured_otherwise else (lambda r: r.shared == key)
+        with self._lock:
+            run = next((r for r in reversed(self._runs.values()) if same(r)), None)
+        return None if run is None else (run.result, run.weights)
+
     @property
     def stored_run_bytes(self) -> int:
         with self._lock:
-            return sum(r.weights.nbytes for r in self._runs.values())
+            return _held_bytes(self._runs.values())
 
     def _model_unloaded(self, bench: Workbench):
         with self._lock:
@@ -508,6 +529,12 @@ class Server:
 
     def export_disk_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.export_root.rglob("*") if p.is_file())
+
+
+def _held_bytes(runs) -> int:
+    """The memory the runs' weights take, each set of weights counted once however many
+    runs share it."""
+    return sum(w.nbytes for w in {id(r.weights): r.weights for r in runs}.values())
 
 
 def _export_prefix(session_id: str) -> str:
