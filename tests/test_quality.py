@@ -182,7 +182,7 @@ def test_the_label_free_measurement_covers_the_cards_table_informative_points_fi
 
 
 def test_label_free_table_and_correlations():
-    from ecoflap.toy.label_free import correlations, table
+    from ecoflap.toy.label_free import correlations, correlations_by_sparsity, table
 
     def row(method, accuracy, kl, same):
         return {"method": method, "sparsity": 0.7, "seed": 0, "quality": {
@@ -196,6 +196,14 @@ def test_label_free_table_and_correlations():
     text = table({"rows": rows, "spearman_with_accuracy": rho})
     assert "| wanda | 0.7 | 0 | 70.0% | 3 / 1 | 0.5000 |" in text
     assert "mean KL -1.000" in text and "median KL undefined (constant)" in text
+    assert text.splitlines()[-1] == "| 0.7 | 3 | -1.000 | constant | -1.000 | +0.500 | +1.000 |"
+    # at 0.8, accuracy 0.3, 0.4, 0.2 ranks (2, 3, 1); KL 0.9, 0.8, 0.7 ranks (3, 2, 1): d = (1, 1, 0), 1 - 6 * 2 / 24
+    rows += [{**row(m, a, kl, 0.5), "sparsity": 0.8} for m, a, kl in [("wanda", 0.3, 0.9), ("owl", 0.4, 0.8),
+                                                                      ("global_magnitude", 0.2, 0.7)]]
+    within = correlations_by_sparsity(rows)
+    assert list(within) == ["0.7", "0.8"] and within["0.8"]["rows"] == 3
+    assert within["0.8"]["kl_mean"] == pytest.approx(0.5) and within["0.7"]["kl_mean"] == pytest.approx(-1)
+    assert within["0.8"]["same_top"] is None
 
 
 def test_sweep_rows_carry_each_runs_quality_measured_on_its_own(monkeypatch):
