@@ -76,13 +76,29 @@ def calibration_folder(tmp_path, examples):
     return folder
 
 
-@pytest.fixture
-def saved_model(tmp_path, family):
-    loaded = tiny_model(family)
-    folder = tmp_path / f"tiny-{family}"
+def saved(loaded: LoadedModel, folder: Path) -> Path:
+    """A `save_pretrained` folder of a model and its processor."""
     loaded.model.save_pretrained(folder)
     loaded.processor.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture
+def saved_model(tmp_path, family):
+    return saved(tiny_model(family), tmp_path / f"tiny-{family}")
+
+
+@pytest.fixture
+def model_folder(tmp_path):
+    """A tiny OPT BLIP-2 saved to a folder: the model of a deployment's tests."""
+    return saved(tiny_model("opt"), tmp_path / "tiny-opt")
+
+
+def make_server(folder, tmp_path, **limits):
+    """A deployment of the model in `folder` on the CPU, with `limits` and its exports under tmp_path."""
+    from ecoflap.serve.server import Limits, Server
+
+    return Server(str(folder), device="cpu", limits=Limits(**limits), export_root=tmp_path / "exports")
 
 
 SLOW_FIXTURES = {"app", "strict_app", "browser"}  # each starts the app in its own process, or a browser
@@ -242,6 +258,28 @@ def inputs_alone(loaded, layers, examples):
         for h in handles:
             h.remove()
     return sums
+
+
+def assert_replay_sees_inputs_alone(loaded, examples, batch_size: int, scaled: bool = False):
+    """Block by block over padded batches, every prunable layer's input statistics are those
+    of plain forward passes over each example alone: the same rows, sums of squares and
+    X^T X (float32 sums against float64; `scaled`: the tolerance relative to the largest
+    sum of squares, for wider models)."""
+    from ecoflap.anatomy import INCLUDE_CHOICES, prunable_layers
+    from ecoflap.replay import BlockReplay
+
+    layers = prunable_layers(loaded.model, INCLUDE_CHOICES)
+    seen = {}
+    for block in BlockReplay(loaded.model, batches(loaded, examples, batch_size)).blocks(layers):
+        seen.update(block.input_statistics(hessian=True))
+    reference = inputs_alone(loaded, layers, examples)
+    assert set(seen) == {layer.name for layer in layers}
+    for name, (sq, hessian, rows) in reference.items():
+        stats = seen[name]
+        scale = float(sq.max()) if scaled else 1.0
+        assert stats.tokens == rows, name
+        assert torch.allclose(stats.sq_norm.double(), sq, rtol=1e-4, atol=1e-6 * scale), name
+        assert torch.allclose(stats.hessian.double(), hessian, rtol=1e-4, atol=1e-5 * scale), name
 
 
 def masks_at_batch_sizes(loaded, method, batch_sizes, examples, samples):

@@ -9,8 +9,8 @@ import pytest
 from gradio_client import handle_file
 
 import ecoflap
+from ecoflap.serve.soak import prune_values, raw_call
 from conftest import EXAMPLE, FAST, client, prune
-from test_security import _call
 
 METHODS = list(ecoflap.METHODS)
 
@@ -233,8 +233,8 @@ def test_calibration_sources_through_the_api(app, tmp_path):
         assert message in str(info.value)
     file_data = {"path": "/etc/passwd", "meta": {"_type": "gradio.FileData"}}
     for paths in ([file_data], [{"path": "/etc/passwd"}], ["/etc/passwd"]):  # raw HTTP, as a stranger sends it
-        kind, result = _call(app, "prune", ["wanda", 0.5, "block", 0, 8, 8, 1e-3, "off", ["vision", "language"], 8,
-                                            5, 0.08, "", "", paths, "", "answer"])
+        kind, result = raw_call(app, "prune", prune_values(method="wanda", samples=8, stage1_samples=8,
+                                                           calibration_images=paths))
         assert kind == "error" and "/etc" not in json.dumps(result)  # gradio or the upload check refuses
     assert "bit-identical" in c.predict(api_name="/restore")
 
@@ -266,8 +266,8 @@ def test_the_prune_api_takes_what_it_took_before_the_tab_asked_two_questions(app
     """The tab now asks for an allocation and a stage 2 and shows every default's value; /prune
     still takes one method name (its alias too) and 0 or "" for "the default", over raw HTTP."""
     def call(method, cap, stage1, vision):
-        kind, out = _call(app, "prune", [method, 0.5, "block", cap, 16, stage1, 1e-3, "off", ["vision", "language"],
-                                         8, 5, 0.08, vision, "", [], "", "answer"])
+        kind, out = raw_call(app, "prune", prune_values(method=method, max_sparsity=cap, samples=16,
+                                                        stage1_samples=stage1, vision_sparsity=vision))
         assert kind == "complete", out
         return out[7]
 

@@ -17,6 +17,7 @@ import pytest
 from gradio_client import Client, handle_file
 
 from conftest import EXAMPLE, FAST, STATS_KEY, launch, wait_for_progress
+from ecoflap.serve.soak import FOREIGN_FILES, MARKUP, prune_values, raw_call
 
 pytestmark = pytest.mark.slow
 LIMITS = dict(ECOFLAP_BEHIND_PROXY="1", ECOFLAP_MAX_SESSIONS="16", ECOFLAP_MAX_SESSIONS_PER_CLIENT="3",
@@ -37,27 +38,6 @@ def visitor(url: str, address: str) -> Client:
     return Client(url, verbose=False, headers={"X-Forwarded-For": address})
 
 
-def call(url: str, api: str, data: list, address: str, session_hash: str | None = None) -> tuple[str, object]:
-    """POST the raw /call API as `address`, then read its result: ("complete" | "error", data)."""
-    base = url.rstrip("/") + "/gradio_api"
-    headers = {"X-Forwarded-For": address}
-    body = {"data": data, "session_hash": session_hash or uuid.uuid4().hex}
-    posted = httpx.post(f"{base}/call/{api}", content=json.dumps(body), timeout=60,  # ASCII: "\\ud800" can travel
-                        headers={**headers, "content-type": "application/json"})
-    if posted.status_code != 200:
-        return "refused", posted.text
-    kind, payload = None, None
-    with httpx.stream("GET", f"{base}/call/{api}/{posted.json()['event_id']}", headers=headers,
-                      timeout=300) as stream:
-        for line in stream.iter_lines():
-            if line.startswith("event:"):
-                kind = line.split(":", 1)[1].strip()
-            elif line.startswith("data:") and kind in ("complete", "error"):
-                payload = json.loads(line.split(":", 1)[1])
-                break
-    return kind, payload
-
-
 def stats(url: str) -> dict:
     return visitor(url, "127.0.0.1").predict(STATS_KEY, api_name="/stats")
 
@@ -72,12 +52,12 @@ def test_a_flood_of_new_sessions_wipes_nobody(guarded):
     runs = [c.predict("magnitude", 0.5, api_name="/prune", **FAST)[-2] for c in students]
     before = stats(url)["sessions"]
     for _ in range(20):  # the page's own start: not in the API, and it holds nothing
-        call(url, "new_session", [], "10.6.6.6")
+        raw_call(url, "new_session", [], "10.6.6.6")
     assert stats(url)["sessions"] == before
 
     def flood(address):
         for _ in range(10):
-            call(url, "describe", [], address)
+            raw_call(url, "describe", [], address)
 
     threads = [threading.Thread(target=flood, args=(f"10.6.6.{i}",)) for i in range(6)]  # 18 + 2 > 16 sessions
     for t in threads:
@@ -90,8 +70,8 @@ def test_a_flood_of_new_sessions_wipes_nobody(guarded):
     attacker = "10.6.6.9"
     hashes = [uuid.uuid4().hex for _ in range(3)]
     for h in hashes:
-        assert call(url, "prune", PRUNE, attacker, h)[0] == "complete"
-    kind, result = call(url, "describe", [], attacker)
+        assert raw_call(url, "prune", prune_values(), attacker, h)[0] == "complete"
+    kind, result = raw_call(url, "describe", [], attacker)
     assert kind == "error" and "already have 3 sessions with work in them" in json.dumps(result)
     assert "Traceback" not in log.read_text()
 
@@ -116,36 +96,24 @@ def test_one_client_cannot_take_the_long_slots(guarded):
     assert all("already have" in r and "wait for one to finish" in r for r in refused)
 
 
-PRUNE = ["magnitude", 0.5, "block", 0, 32, 8, 0.001, "off", ["vision", "language"], 8, 5, 0.08, "", "", [], "",
-         "answer"]
-
-
-def prune_with(**changes) -> list:
-    names = ["method", "sparsity", "granularity", "max_sparsity", "samples", "stage1_samples", "eps", "nm", "modules",
-             "batch_size", "owl_m", "owl_lambda", "vision_sparsity", "calibration", "calibration_images",
-             "calibration_question", "loss"]
-    return [changes.get(name, value) for name, value in zip(names, PRUNE)]
-
-
 def refused_with(url: str, api: str, data: list, address: str = "10.7.7.7") -> str:
-    kind, result = call(url, api, data, address)
+    kind, result = raw_call(url, api, data, address)
     assert kind == "error" and isinstance(result, dict) and result.get("error"), (api, kind, str(result)[:300])
     return result["error"]
 
 
 def test_what_a_stranger_typed_comes_back_cut_and_inert(guarded):
     url, log, _ = guarded
-    for data in (prune_with(nm="2:" + "4" * 1_000_000), prune_with(vision_sparsity="9" * 1_000_000, method="per_modality"),
-                 prune_with(method="w" * 1_000_000), prune_with(granularity="g" * 1_000_000)):
+    for data in (prune_values(nm="2:" + "4" * 1_000_000), prune_values(vision_sparsity="9" * 1_000_000, method="per_modality"),
+                 prune_values(method="w" * 1_000_000), prune_values(granularity="g" * 1_000_000)):
         message = refused_with(url, "prune", data)
         assert len(message) < 400 and "4" * 100 not in message and "9" * 100 not in message, message[:200]
     assert len(refused_with(url, "sweep", [["wanda"], "0." + "5" * 1_000_000])) < 400
-    markup = "<img src=x onerror=alert(1)>"
-    for data in (prune_with(vision_sparsity=markup, method="per_modality"), prune_with(nm=markup),
-                 prune_with(method=markup), prune_with(granularity=markup, method="ecoflap_zeroth")):
+    for data in (prune_values(vision_sparsity=MARKUP, method="per_modality"), prune_values(nm=MARKUP),
+                 prune_values(method=MARKUP), prune_values(granularity=MARKUP, method="ecoflap_zeroth")):
         message = refused_with(url, "prune", data)
         assert "<img" not in message and "<" not in message, message
-    assert "<" not in refused_with(url, "sweep", [[markup], "0.5"])
+    assert "<" not in refused_with(url, "sweep", [[MARKUP], "0.5"])
     assert len(log.read_text().splitlines()[-1]) < 600  # the log line is cut too
 
 
@@ -154,15 +122,14 @@ def test_lone_surrogates_get_a_message(guarded):
     image = {"path": str(EXAMPLE)}
     assert "not text" in refused_with(url, "ask", [image, "\ud800"])
     assert "not text" in refused_with(url, "compare", [["wanda", "magnitude"], 0.5, image, "what \udfff"])
-    for data in (prune_with(nm="\ud800"), prune_with(vision_sparsity="\ud800", method="per_modality"),
-                 prune_with(method="\ud800")):
+    for data in (prune_values(nm="\ud800"), prune_values(vision_sparsity="\ud800", method="per_modality"),
+                 prune_values(method="\ud800")):
         assert "\\ud800" in refused_with(url, "prune", data)
     refused_with(url, "load_model", ["a\ud800/b"])
     assert "Traceback" not in log.read_text()
 
 
-@pytest.mark.parametrize("payload", [{"path": "/etc/passwd", "meta": {"_type": "gradio.FileData"}}, "/etc/passwd",
-                                     ["/etc/passwd"], [{"path": "/etc/passwd"}], 7])
+@pytest.mark.parametrize("payload", FOREIGN_FILES)
 def test_payloads_gradio_cannot_read_get_one_calm_line(guarded, payload):
     url, log, _ = guarded
     message = refused_with(url, "ask", [payload, ""])
@@ -188,14 +155,14 @@ def test_a_folder_on_the_server_answers_like_a_missing_hub_id(guarded):
 
 def test_minus_zero_sparsity_is_zero(guarded):
     url, _, _ = guarded
-    kind, result = call(url, "prune", prune_with(sparsity=-0.0), "10.7.7.8")
+    kind, result = raw_call(url, "prune", prune_values(sparsity=-0.0), "10.7.7.8")
     assert kind == "complete" and "Magnitude @ 0.00" in result[0] and "-0.00" not in json.dumps(result)
 
 
 def test_stats_answer_only_the_owner(guarded):
     url, _, _ = guarded
     for key in ([""], ["guess"], [None], [STATS_KEY[:-1]], [STATS_KEY + "x"]):
-        kind, result = call(url, "stats", key, "10.7.7.9")
+        kind, result = raw_call(url, "stats", key, "10.7.7.9")
         assert kind == "error" and "for the deployment's owner" in json.dumps(result), (key, result)
     with pytest.raises(Exception, match="for the deployment's owner"):
         visitor(url, "10.7.7.9").predict(api_name="/stats")
@@ -209,12 +176,12 @@ def files_under(folder) -> dict:
 def test_exports_have_one_copy_which_the_bounds_reach(guarded):
     url, _, uploads = guarded
     session = uuid.uuid4().hex
-    kind, result = call(url, "prune", PRUNE, "10.8.8.8", session)
+    kind, result = raw_call(url, "prune", prune_values(), "10.8.8.8", session)
     run_id = result[-2]
     before = files_under(uploads)
     served = []
     for _ in range(3):
-        kind, result = call(url, "export", [run_id, True], "10.8.8.8", session)
+        kind, result = raw_call(url, "export", [run_id, True], "10.8.8.8", session)
         assert kind == "complete", result
         served.append(result[0])
     added = {p: size for p, size in files_under(uploads).items() if p not in before}

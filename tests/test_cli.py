@@ -155,11 +155,9 @@ def test_load_model_errors(tmp_path):
 
 
 def test_t5_refuses_float16(tmp_path):
-    from conftest import tiny_model
+    from conftest import saved, tiny_model
 
-    loaded = tiny_model("t5")
-    loaded.model.save_pretrained(tmp_path)
-    loaded.processor.save_pretrained(tmp_path)
+    saved(tiny_model("t5"), tmp_path)
     with pytest.raises(ModelLoadError, match="float16"):
         load_model(str(tmp_path), device="cpu", dtype="float16")
     assert load_model(str(tmp_path), device="cpu", dtype="bfloat16").model.dtype == torch.bfloat16

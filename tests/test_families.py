@@ -25,10 +25,9 @@ from ecoflap.models import ModelLoadError, load_model
 from ecoflap.options import PruneOptions
 from ecoflap.pipeline import prune
 from ecoflap.pruners.masks import per_row_count
-from ecoflap.replay import BlockReplay
 from ecoflap.weights import WeightStore
 
-from conftest import EXAMPLE, ROOT, inputs_alone, masks_at_batch_sizes
+from conftest import EXAMPLE, ROOT, assert_replay_sees_inputs_alone, make_server, masks_at_batch_sizes, saved
 from tiny_families import BUILDERS, tiny, varied_examples
 
 FAMILIES = list(BUILDERS)
@@ -53,12 +52,6 @@ def examples():
 @pytest.fixture(params=FAMILIES)
 def family(request):
     return request.param
-
-
-def saved(loaded, folder):
-    loaded.model.save_pretrained(folder)
-    loaded.processor.save_pretrained(folder)
-    return folder
 
 
 def _block_of(model, module):
@@ -169,21 +162,8 @@ def test_ecoflap_allocation_is_an_exact_recomputable_budget(family, examples):
 def test_sequential_calibration_sees_what_a_plain_forward_sees(family, examples):
     """Nothing pruned: block by block, padded batches with image tokens of different counts
     give every layer exactly the rows of plain forward passes over each example alone."""
-    loaded = tiny(family)
-    layers = prunable_layers(loaded.model, INCLUDE_CHOICES)
-    chosen = examples[:8]
-    seen = {}
-    for block in BlockReplay(loaded.model, batches(loaded, chosen, 4)).blocks(layers):
-        seen.update(block.input_statistics(hessian=True))
-    reference = inputs_alone(loaded, layers, chosen)
-    assert set(seen) == {layer.name for layer in layers}
-    for name, (sq, hessian, rows) in reference.items():
-        stats = seen[name]
-        assert stats.tokens == rows, name
-        # float32 sums of hundreds of rows: entries that cancel out are exact to ~1e-6 of the largest
-        scale = float(sq.max())
-        assert torch.allclose(stats.sq_norm.double(), sq, rtol=1e-4, atol=1e-6 * scale), name
-        assert torch.allclose(stats.hessian.double(), hessian, rtol=1e-4, atol=1e-5 * scale), name
+    # float32 sums of hundreds of rows: entries that cancel out are exact to ~1e-6 of the largest
+    assert_replay_sees_inputs_alone(tiny(family), examples[:8], 4, scaled=True)
 
 
 def test_tokenizers_that_pad_on_the_left_give_the_same_batches(family, examples):
@@ -288,10 +268,7 @@ def test_llava_prompts_are_the_chat_template_with_the_image_first(examples):
 def test_the_app_session_loads_a_local_folder_and_draws_its_chart(tmp_path):
     """What "Load another model" does, through the library the app calls (local folders
     allowed, as with ECOFLAP_LOCAL_MODELS=1)."""
-    from ecoflap.serve.server import Limits, Server
-
-    server = Server(str(saved(tiny("instructblip"), tmp_path / "instructblip")), device="cpu",
-                    limits=Limits(allow_local_models=True), export_root=tmp_path / "exports")
+    server = make_server(saved(tiny("instructblip"), tmp_path / "instructblip"), tmp_path, allow_local_models=True)
     me = server.open_session()
     for family in ("llava", "qwen2_5_vl", "smolvlm"):
         folder = saved(tiny(family), tmp_path / family)

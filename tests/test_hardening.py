@@ -152,14 +152,11 @@ def test_a_model_too_big_for_the_device_leaves_the_loaded_one(tmp_path, monkeypa
     for real) is one clear message, and the registry still serves the model it had."""
     from transformers import Blip2ForConditionalGeneration
 
-    from conftest import tiny_model
+    from conftest import saved, tiny_model
     from ecoflap.models import ModelLoadError
 
     loaded = tiny_model("opt")
-    first, second = tmp_path / "first", tmp_path / "second"
-    for folder in (first, second):
-        loaded.model.save_pretrained(folder)
-        loaded.processor.save_pretrained(folder)
+    first, second = saved(loaded, tmp_path / "first"), saved(loaded, tmp_path / "second")
     registry = ModelRegistry(str(first), device="cpu", dtype="auto", limits=Limits(allow_local_models=True))
     before = registry.get(str(first))
 

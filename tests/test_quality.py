@@ -150,13 +150,9 @@ def test_a_model_that_is_not_the_shapes_model_is_compared_by_its_distance_from_t
     """The Teach comparison and every run's report for a model exact match cannot score."""
     from tiny_families import tiny
 
-    from ecoflap.serve.server import Limits, Server
+    from conftest import make_server, saved
 
-    loaded = tiny("llava")
-    loaded.model.save_pretrained(tmp_path / "llava")
-    loaded.processor.save_pretrained(tmp_path / "llava")
-    me = Server(str(tmp_path / "llava"), device="cpu", limits=Limits(allow_local_models=True),
-                export_root=tmp_path / "exports").open_session()
+    me = make_server(saved(tiny("llava"), tmp_path / "llava"), tmp_path, allow_local_models=True).open_session()
     run = me.prune("wanda", 0.5, samples=8)
     assert run.result.quality["n"] == 100 and "accuracy" not in run.result.quality
     comparison = me.compare(["magnitude", "wanda"], 0.6, eval_n=10)
@@ -186,7 +182,7 @@ def test_the_label_free_measurement_covers_the_cards_table_informative_points_fi
 
 
 def test_label_free_table_and_correlations():
-    from ecoflap.toy.label_free import correlations, table
+    from ecoflap.toy.label_free import correlations, correlations_by_sparsity, table
 
     def row(method, accuracy, kl, same):
         return {"method": method, "sparsity": 0.7, "seed": 0, "quality": {
@@ -200,6 +196,14 @@ def test_label_free_table_and_correlations():
     text = table({"rows": rows, "spearman_with_accuracy": rho})
     assert "| wanda | 0.7 | 0 | 70.0% | 3 / 1 | 0.5000 |" in text
     assert "mean KL -1.000" in text and "median KL undefined (constant)" in text
+    assert text.splitlines()[-1] == "| 0.7 | 3 | -1.000 | constant | -1.000 | +0.500 | +1.000 |"
+    # at 0.8, accuracy 0.3, 0.4, 0.2 ranks (2, 3, 1); KL 0.9, 0.8, 0.7 ranks (3, 2, 1): d = (1, 1, 0), 1 - 6 * 2 / 24
+    rows += [{**row(m, a, kl, 0.5), "sparsity": 0.8} for m, a, kl in [("wanda", 0.3, 0.9), ("owl", 0.4, 0.8),
+                                                                      ("global_magnitude", 0.2, 0.7)]]
+    within = correlations_by_sparsity(rows)
+    assert list(within) == ["0.7", "0.8"] and within["0.8"]["rows"] == 3
+    assert within["0.8"]["kl_mean"] == pytest.approx(0.5) and within["0.7"]["kl_mean"] == pytest.approx(-1)
+    assert within["0.8"]["same_top"] is None
 
 
 def test_sweep_rows_carry_each_runs_quality_measured_on_its_own(monkeypatch):

@@ -15,14 +15,14 @@ from ecoflap.options import PruneOptions
 from ecoflap.data import calibration_loss, encode_examples
 from ecoflap.pipeline import prune
 from ecoflap.recover import RecoverOptions, recover, recover_options, training_batches
-from ecoflap.serve.server import Limits, Server
+from ecoflap.serve.server import Limits
 from ecoflap.shapes.evaluate import CARD_SEED, make_eval_set
 from ecoflap.shapes.training import RECOVERY_SEED, fresh_batches
 from ecoflap.shapes.world import samples
 from ecoflap.scoring import SCORE_SEED
 from ecoflap.workbench import Cancelled
 
-from conftest import EXAMPLE, tiny_model
+from conftest import EXAMPLE, make_server, tiny_model
 
 FAST = dict(samples=8, stage1_samples=8)
 
@@ -100,19 +100,6 @@ def test_fresh_scenes_are_never_the_evaluation_questions():
         assert not taken & {(s.scene, s.question) for s in samples(1000, seed)}
     held_out = make_eval_set(20, SCORE_SEED)
     assert all(a.image.tobytes() != b.image.tobytes() for a in fresh[:20] for b in held_out)
-
-
-@pytest.fixture
-def model_folder(tmp_path):
-    loaded = tiny_model("opt")
-    folder = tmp_path / "tiny-opt"
-    loaded.model.save_pretrained(folder)
-    loaded.processor.save_pretrained(folder)
-    return folder
-
-
-def make_server(folder, tmp_path, **limits) -> Server:
-    return Server(str(folder), device="cpu", limits=Limits(**limits), export_root=tmp_path / "exports")
 
 
 def test_a_recovered_run_is_a_run_and_the_shared_model_is_untouched(model_folder, tmp_path):

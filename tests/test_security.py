@@ -18,29 +18,10 @@ import pytest
 from gradio_client import handle_file
 
 from conftest import APP_FILES, EXAMPLE, STATS_KEY, client, prune, wait_for_progress
+from ecoflap.serve.soak import raw_call
 
 PATHS = ["/etc/passwd", "/etc/shadow", "/root", "/no/such/file.png", "/proc/self/environ",
          "/tmp/../etc/passwd", "assets/examples/scene1.png", "../../../../etc/hosts", "", "\x00"]
-
-
-def _call(url: str, api: str, data: list, session_hash: str | None = None) -> tuple[str, object]:
-    """POST the raw /call API, then read its result: ("complete" | "error", data)."""
-    base = url.rstrip("/") + "/gradio_api"
-    body = {"data": data}
-    if session_hash:
-        body["session_hash"] = session_hash
-    posted = httpx.post(f"{base}/call/{api}", json=body, timeout=60)
-    assert posted.status_code == 200, posted.text
-    event = posted.json()["event_id"]
-    kind, payload = None, None
-    with httpx.stream("GET", f"{base}/call/{api}/{event}", timeout=300) as stream:
-        for line in stream.iter_lines():
-            if line.startswith("event:"):
-                kind = line.split(":", 1)[1].strip()
-            elif line.startswith("data:") and kind in ("complete", "error"):
-                payload = json.loads(line.split(":", 1)[1])
-                break
-    return kind, payload
 
 
 def _no_server_detail(text: str):
@@ -58,8 +39,9 @@ def test_raw_paths_are_never_opened_nor_echoed(app, payload):
     if not shipped and payload not in ("", {"path": ""}):
         calls.append(("compare", [["wanda", "magnitude"], 0.5, payload, ""]))
     for api, data in calls:
-        kind, result = _call(app, api, data)
+        kind, result = raw_call(app, api, data)
         text = json.dumps(result)
+        assert kind in ("complete", "error"), (api, payload, text[:200])  # never a refused request
         if payload == {"path": "/tmp/../etc/passwd"} or kind == "error":
             assert kind == "error", (api, payload, text[:200])
         _no_server_detail(text)
@@ -72,7 +54,7 @@ def test_a_link_in_the_upload_folder_to_a_server_file_is_refused(app):
     link = APP_FILES["uploads"] / f"{uuid.uuid4().hex}.png"
     os.symlink("/etc/hostname" if os.path.exists("/etc/hostname") else "/etc/passwd", link)
     try:
-        kind, result = _call(app, "ask", [{"path": str(link)}, ""])
+        kind, result = raw_call(app, "ask", [{"path": str(link)}, ""])
     finally:
         link.unlink()
     assert kind == "error" and "uploaded to this page" in json.dumps(result)
@@ -82,15 +64,15 @@ def test_a_stranger_cannot_reach_another_sessions_run(app):
     owner = client(app)
     *_, run_id, _ = prune(owner, "magnitude", 0.8)
     for api, data in [("export", [run_id, True]), ("export", [run_id, False]), ("distributions", [run_id, None])]:
-        kind, result = _call(app, api, data, session_hash=uuid.uuid4().hex)
+        kind, result = raw_call(app, api, data, session=uuid.uuid4().hex)
         assert kind == "error" and "No run with that id in this session" in json.dumps(result)
-    kind, result = _call(app, "ask", [{"path": str(EXAMPLE)}, ""], session_hash=uuid.uuid4().hex)
+    kind, result = raw_call(app, "ask", [{"path": str(EXAMPLE)}, ""], session=uuid.uuid4().hex)
     assert kind == "complete" and run_id not in json.dumps(result)
 
 
 def test_questions_must_be_text(app):
     for question in (42, ["what?"], {"q": 1}):
-        kind, result = _call(app, "ask", [{"path": str(EXAMPLE)}, question])
+        kind, result = raw_call(app, "ask", [{"path": str(EXAMPLE)}, question])
         assert kind == "error" and "question must be text" in json.dumps(result)
 
 
@@ -173,10 +155,9 @@ def test_many_strangers_at_once_never_change_the_full_answers(app):
 
     def stranger(i):
         try:
-            for payload in PATHS[:5]:
-                _call(app, "ask", [{"path": payload}, "x" * (i * 300)])
-            _call(app, "prune", ["wanda", "abc"])
-            _call(app, "export", ["run-" + "A" * 16, True])
+            for api, data in [("ask", [{"path": p}, "x" * (i * 300)]) for p in PATHS[:5]] + [
+                    ("prune", ["wanda", "abc"]), ("export", ["run-" + "A" * 16, True])]:
+                assert raw_call(app, api, data)[0] in ("complete", "error"), api
         except Exception as err:  # reported below
             errors.append(err)
 

@@ -12,26 +12,13 @@ import pytest
 import torch
 
 from ecoflap.models import ModelLoadError
-from ecoflap.serve.server import Busy, ConfigError, Limits, Server, client_address
+from ecoflap.serve.server import Busy, ConfigError, Limits, client_address
 from ecoflap.serve.session import Session
 from ecoflap.workbench import Cancelled
 
-from conftest import EXAMPLE, tiny_model, wait_for
+from conftest import EXAMPLE, make_server, tiny_model, wait_for
 
 FAST = dict(samples=8, stage1_samples=8)
-
-
-@pytest.fixture
-def model_folder(tmp_path):
-    loaded = tiny_model("opt")
-    folder = tmp_path / "tiny-opt"
-    loaded.model.save_pretrained(folder)
-    loaded.processor.save_pretrained(folder)
-    return folder
-
-
-def make_server(folder, tmp_path, **limits) -> Server:
-    return Server(str(folder), device="cpu", limits=Limits(**limits), export_root=tmp_path / "exports")
 
 
 def test_sessions_see_only_their_own_runs_and_ids_reach_nothing_else(model_folder, tmp_path):

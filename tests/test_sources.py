@@ -23,7 +23,7 @@ from ecoflap.options import PruneOptions
 from ecoflap.pipeline import prune
 from ecoflap.sources import SourceError, parse
 
-from conftest import WORDS, tiny_model
+from conftest import WORDS, make_server, saved, tiny_model
 from test_cli import run
 
 datasets = pytest.importorskip("datasets")
@@ -312,12 +312,6 @@ def test_open_image_bound_reads_only_the_header():
 
 # the deployment: what a person may name, their own images, the default for real models, curves
 
-def saved(loaded, folder):
-    loaded.model.save_pretrained(folder)
-    loaded.processor.save_pretrained(folder)
-    return folder
-
-
 @pytest.fixture
 def deployment_data(tmp_path):
     images, captions = rows(6)
@@ -330,12 +324,6 @@ def deployment_data(tmp_path):
     (data / "scripted" / "scripted.py").write_text("raise SystemExit('dataset code ran')\n")
     table([], []).to_parquet(str(data / "empty" / "train.parquet"))
     return data
-
-
-def server_for(model_folder, tmp_path, **limits):
-    from ecoflap.serve.server import Limits, Server
-
-    return Server(str(model_folder), device="cpu", limits=Limits(**limits), export_root=tmp_path / "exports")
 
 
 @pytest.mark.parametrize("spec, message", [
@@ -353,7 +341,7 @@ def test_bad_sources_leave_the_session_model_and_runs_intact(tmp_path, deploymen
     import huggingface_hub
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    server = server_for(saved(tiny_model("opt"), tmp_path / "tiny-opt"), tmp_path, local_data=str(deployment_data),
+    server = make_server(saved(tiny_model("opt"), tmp_path / "tiny-opt"), tmp_path, local_data=str(deployment_data),
                         allowed_datasets=("lmms-lab/flickr30k",))
     me = server.open_session()
     kept = me.prune("wanda", 0.5, calibration="local:good", samples=4)
@@ -368,7 +356,7 @@ def test_bad_sources_leave_the_session_model_and_runs_intact(tmp_path, deploymen
 def test_own_uploads_are_labelled_by_the_full_model_and_bounded(tmp_path):
     from ecoflap.images import MAX_IMAGE_PIXELS
 
-    server = server_for(saved(tiny_model("opt"), tmp_path / "tiny-opt"), tmp_path)
+    server = make_server(saved(tiny_model("opt"), tmp_path / "tiny-opt"), tmp_path)
     me = server.open_session()
     paths = []
     for i, image in enumerate(rows(3)[0]):
@@ -394,15 +382,15 @@ def test_a_real_model_gets_the_deployment_default_or_a_warning(tmp_path, deploym
     from tiny_families import tiny_llava
 
     folder = saved(tiny_llava(), tmp_path / "tiny-llava")
-    plain = server_for(folder, tmp_path).open_session().prune("wanda", 0.5, samples=4)
+    plain = make_server(folder, tmp_path).open_session().prune("wanda", 0.5, samples=4)
     assert plain.result.calibration["kind"] == "shapes" and plain.result.warnings == [sources.SYNTHETIC]
-    configured = server_for(folder, tmp_path, calibration=str(deployment_data / "good")).open_session()
+    configured = make_server(folder, tmp_path, calibration=str(deployment_data / "good")).open_session()
     run = configured.prune("wanda", 0.5, samples=4)
     assert run.result.calibration["id"] == "good" and run.result.warnings == []
     images, captions = rows(140, size=16)
     (tmp_path / "big").mkdir()
     table(images, captions).to_parquet(str(tmp_path / "big" / "train.parquet"))
-    configured = server_for(folder, tmp_path, calibration=str(tmp_path / "big")).open_session()
+    configured = make_server(folder, tmp_path, calibration=str(tmp_path / "big")).open_session()
     bench, measured_on = configured.workbench, []
     reference = bench.reference
     monkeypatch.setattr(bench, "reference", lambda examples, *a, **k: measured_on.append(examples) or
@@ -425,7 +413,7 @@ def test_a_real_model_gets_the_deployment_default_or_a_warning(tmp_path, deploym
     assert len(swept) == 2 and all(r["metric"] == "mean KL from the full model" and r["score"] == r["kl_mean"] > 0
                                    and "accuracy" not in r for r in swept)
     assert seen == ["big", "big"]  # magnitude reads none of it, but the sweep hands every point the same set
-    shapes_model = server_for(saved(tiny_model("opt"), tmp_path / "tiny-opt"), tmp_path,
+    shapes_model = make_server(saved(tiny_model("opt"), tmp_path / "tiny-opt"), tmp_path,
                               calibration=str(deployment_data / "good"))
     assert shapes_model.open_session().prune("wanda", 0.5, samples=4).result.calibration["kind"] == "shapes"
 
@@ -456,12 +444,12 @@ def test_a_deployment_shows_its_own_precomputed_curves(tmp_path, saved_model, pa
     written = json.loads((curves / "mine.json").read_text())
     assert written["calibration"]["id"] == "tiny-captions" and "--sparsities 0.3,0.5" in written["command"]
     (curves / "other.json").write_text(json.dumps({**written, "model": "someone-else"}))
-    me = server_for(saved_model, tmp_path, curves=str(curves)).open_session()
+    me = make_server(saved_model, tmp_path, curves=str(curves)).open_session()
     shown = me.shipped_curves()
     assert shown["model"] == written["model"] and shown["measured_on"] == written["measured_on"]
     by = {(r["method"], r["sparsity"]): r["score"] for r in shown["rows"]}
     assert by == {(r["method"], r["sparsity"]): r["score"] for r in written["rows"]}
-    assert server_for(saved_model, tmp_path).open_session().shipped_curves() is None
+    assert make_server(saved_model, tmp_path).open_session().shipped_curves() is None
 
 
 def test_self_labelled_table_is_means_over_seeds_of_the_rows():

@@ -8,27 +8,11 @@ the test's own on every prunable layer.
 import pytest
 import torch
 
-from ecoflap.anatomy import INCLUDE_CHOICES, prunable_layers
-from ecoflap.data import batches
-from ecoflap.replay import BlockReplay
-
-from conftest import inputs_alone, masks_at_batch_sizes, tiny_model
+from conftest import assert_replay_sees_inputs_alone, masks_at_batch_sizes, tiny_model
 
 
 def test_statistics_are_sums_over_exactly_the_real_tokens(family, examples):
-    loaded = tiny_model(family)
-    layers = prunable_layers(loaded.model, INCLUDE_CHOICES)
-    chosen = examples[:12]
-    seen = {}
-    for block in BlockReplay(loaded.model, batches(loaded, chosen, 8)).blocks(layers):
-        seen.update(block.input_statistics(hessian=True))
-    reference = inputs_alone(loaded, layers, chosen)
-    assert set(seen) == {layer.name for layer in layers}
-    for name, (sq, hessian, rows) in reference.items():
-        stats = seen[name]
-        assert stats.tokens == rows, name
-        assert torch.allclose(stats.sq_norm.double(), sq, rtol=1e-4, atol=1e-6), name
-        assert torch.allclose(stats.hessian.double(), hessian, rtol=1e-4, atol=1e-5), name
+    assert_replay_sees_inputs_alone(tiny_model(family), examples[:12], 8)
 
 
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt"])

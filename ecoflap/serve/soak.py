@@ -50,11 +50,53 @@ LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 DROPPED = re.compile(r"Your run (.+?) was dropped")
 REFUSED = ("already have", "serving as many people", "uploaded", "space for uploads", "per person")
 ATTACKER = "10.66.0.1"
-# /prune's values after the method, in the page's order, as a script sends them raw: sparsity,
-# granularity, cap, samples, stage-1 samples, eps, N:M, modules, batch size, OWL's M and
-# lambda, vision sparsity, calibration source, calibration images and question, loss
-PRUNE_SETTINGS = [0.5, "block", 0, 32, 8, 0.001, "off", ["vision", "language"], 8, 5, 0.08, "", "", [], "", "answer"]
+# /prune's values in the page's order, as a script sends them raw (a quick magnitude at 0.5)
+PRUNE_FIELDS = ("method", "sparsity", "granularity", "max_sparsity", "samples", "stage1_samples", "eps", "nm",
+                "modules", "batch_size", "owl_m", "owl_lambda", "vision_sparsity", "calibration",
+                "calibration_images", "calibration_question", "loss")
+PRUNE_VALUES = ("magnitude", 0.5, "block", 0, 32, 8, 0.001, "off", ["vision", "language"], 8, 5, 0.08, "", "", [], "",
+                "answer")
 FAST = {"samples": 32, "stage1_samples": 8}
+# What a stranger sends that no form does; each must come back as one calm line (the soak's
+# attacker and tests/test_attacks.py send them).
+MARKUP = "<img src=x onerror=alert(1)>"
+JUNK_PRUNES = (dict(nm="2:" + "4" * 1_000_000), dict(vision_sparsity=MARKUP, method="per_modality"),
+               dict(nm="\ud800"), dict(method="x" * 100_000), dict(sparsity="abc"))
+FOREIGN_FILES = ({"path": "/etc/passwd", "meta": {"_type": "gradio.FileData"}}, {"path": "/etc/passwd"},
+                 "/etc/passwd", ["/etc/passwd"], [{"path": "/etc/passwd"}], 7)
+
+
+def prune_values(**changes) -> list:
+    """/prune's values as a script sends them raw: PRUNE_VALUES but for `changes` (by field name)."""
+    return [changes.get(name, value) for name, value in zip(PRUNE_FIELDS, PRUNE_VALUES)]
+
+
+def raw_call(url: str, api: str, data: list, address: str | None = None,
+             session: str | None = None) -> tuple[str | None, object]:
+    """The raw /call API as a script uses it, without gradio_client, from `address` (sent as
+    X-Forwarded-For): POST the values, then read the event stream: ("complete" | "error",
+    its data), or ("refused", the text) where the POST itself is refused. The body is ASCII
+    JSON, so a lone surrogate can travel."""
+    import httpx
+
+    base = url.rstrip("/") + "/gradio_api"
+    headers = {"X-Forwarded-For": address} if address else {}
+    body = json.dumps({"data": data, "session_hash": session or uuid.uuid4().hex})
+    posted = httpx.post(f"{base}/call/{api}", content=body, timeout=60,
+                        headers={**headers, "content-type": "application/json"})
+    if posted.status_code != 200:
+        return "refused", posted.text
+    kind = None
+    with httpx.stream("GET", f"{base}/call/{api}/{posted.json()['event_id']}", headers=headers,
+                      timeout=300) as stream:
+        for line in stream.iter_lines():
+            if line.startswith("event:"):
+                kind = line.split(":", 1)[1].strip()
+            elif line.startswith("data:") and kind in ("complete", "error"):
+                return kind, json.loads(line.split(":", 1)[1])
+    return kind, None
+
+
 SAME_RUNS = [("wanda", 0.5), ("ecoflap_zeroth", 0.6)]  # what the whole class asks for with --same-runs
 
 
@@ -223,25 +265,10 @@ class Attacker:
 
     def _call(self, api: str, data: list, session: str | None = None) -> tuple[str | None, object]:
         """The raw /call API, as a script would use it; a refusal must be one calm line."""
-        import httpx
-
-        body = json.dumps({"data": data, "session_hash": session or uuid.uuid4().hex})
-        posted = httpx.post(f"{self.base}/call/{api}", content=body, timeout=60,
-                            headers={**self.headers, "content-type": "application/json"})
-        if posted.status_code != 200:
-            return "refused", posted.text
-        kind = None
-        with httpx.stream("GET", f"{self.base}/call/{api}/{posted.json()['event_id']}", headers=self.headers,
-                          timeout=300) as stream:
-            for line in stream.iter_lines():
-                if line.startswith("event:"):
-                    kind = line.split(":", 1)[1].strip()
-                elif line.startswith("data:") and kind in ("complete", "error"):
-                    payload = json.loads(line.split(":", 1)[1])
-                    if kind == "error":
-                        self._refused(payload.get("error") if isinstance(payload, dict) else None, api)
-                    return kind, payload
-        return kind, None
+        kind, payload = raw_call(self.url, api, data, ATTACKER, session)
+        if kind == "error":
+            self._refused(payload.get("error") if isinstance(payload, dict) else None, api)
+        return kind, payload
 
     def _refused(self, message, what: str):
         with self.findings.lock:
@@ -271,7 +298,7 @@ class Attacker:
 
     def flood_exports(self):
         session = uuid.uuid4().hex
-        kind, result = self._call("prune", ["magnitude", *PRUNE_SETTINGS], session)
+        kind, result = self._call("prune", prune_values(), session)
         if kind == "complete":
             for _ in range(4):
                 self._call("export", [result[-2], True], session)
@@ -286,12 +313,9 @@ class Attacker:
                 self._refused(posted.text, "upload")
 
     def junk(self):
-        prune = ["wanda", *PRUNE_SETTINGS]
-        for index, value in [(7, "2:" + "4" * 1_000_000), (12, "<img src=x onerror=alert(1)>"), (7, "\ud800"),
-                             (0, "x" * 100_000), (1, "abc")]:
-            self._call("prune", prune[:index] + [value] + prune[index + 1:])
-        for image in ({"path": "/etc/passwd", "meta": {"_type": "gradio.FileData"}}, "/etc/passwd",
-                      ["/etc/passwd"], {"path": "/etc/passwd"}):
+        for junk in JUNK_PRUNES:
+            self._call("prune", prune_values(**{"method": "wanda", **junk}))
+        for image in FOREIGN_FILES:
             self._call("ask", [image, "\ud800"])
         self._call("ask", [None, "<script>alert(1)</script>"])
         self._call("load_model", ["assets/shapes-blip2"])

@@ -98,6 +98,17 @@ def correlations(rows: list[dict]) -> dict:
     return {f: spearman([r["quality"][f] for r in rows], accuracy) for f in FIGURES}
 
 
+def correlations_by_sparsity(rows: list[dict]) -> dict:
+    """The same correlations among the runs of one sparsity (at least three), where the
+    sparsity itself cannot do the ranking: does the measure tell the methods apart?"""
+    out = {}
+    for s in sorted({float(r["sparsity"]) for r in rows}):
+        same = [r for r in rows if float(r["sparsity"]) == s]
+        if len(same) > 2:
+            out[f"{s:g}"] = {"rows": len(same), **correlations(same)}
+    return out
+
+
 def measure(folder: Path, out: Path, log=print, by: str = "sparsity", threads: int = 2) -> dict:
     resumed = resume(out, key)
     torch.set_num_threads(threads)
@@ -133,6 +144,7 @@ def summary(rows: list[dict], full_accuracy, seconds: float) -> dict:
         "command": COMMAND,
         "full_accuracy": full_accuracy,
         "spearman_with_accuracy": correlations(rows) if len(rows) > 2 else {},
+        "spearman_by_sparsity": correlations_by_sparsity(rows),
         "rows": rows,
         "seconds": round(seconds),
     }
@@ -174,5 +186,14 @@ def table(data: dict) -> str:
              "same_answer": "same answer"}
     measured = ", ".join(f"{names[k]} {v:+.3f}" if v is not None else f"{names[k]} undefined (constant)"
                          for k, v in rho.items())
-    return "\n".join(lines) + (f"\n\nSpearman rank correlation with accuracy over these {len(rows)} rows: "
+    text = "\n".join(lines) + (f"\n\nSpearman rank correlation with accuracy over these {len(rows)} rows: "
                                f"{measured}." if rho else "")
+    within = correlations_by_sparsity(data["rows"])
+    if not within:
+        return text
+    lines = ["| sparsity | runs | " + " | ".join(names[f] for f in FIGURES) + " |", "|---" * (len(FIGURES) + 2) + "|"]
+    for s, rho in within.items():
+        lines.append(f"| {s} | {rho['rows']} | " + " | ".join("constant" if rho[f] is None else f"{rho[f]:+.3f}"
+                                                            for f in FIGURES) + " |")
+    return (text + "\n\nThe same correlations among the runs of one sparsity, where the sparsity cannot do the "
+            "ranking (the methods against each other; ECoFLaP's seeds count as runs):\n\n" + "\n".join(lines))

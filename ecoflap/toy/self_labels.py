@@ -1,6 +1,6 @@
 """Self-labelled against labelled calibration, measured on the shipped model.
 
-    python -m ecoflap.toy.self_labels [--out assets/shapes-blip2/self-labelled.json]
+    python -m ecoflap.toy.self_labels [--out assets/shapes-blip2/self-labelled.json] [--threads 1]
 
 The same 128 shipped calibration images, once with their ground-truth captions and once
 with the full model's own greedy captions as targets (what a person gets who calibrates
@@ -53,9 +53,9 @@ def calibrations(workbench: Workbench) -> dict:
     return {"labelled": labelled, "self-labelled": own}
 
 
-def measure(folder: Path, out: Path, log=print) -> dict:
+def measure(folder: Path, out: Path, log=print, threads: int = 2) -> dict:
     resumed = resume(out, key)
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     workbench = Workbench(load_model(str(folder), device="cpu"))
     rows = resumed.rows
     started = time.perf_counter() - resumed.seconds()
@@ -106,10 +106,11 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folder", nargs="?", default="assets/shapes-blip2")
     parser.add_argument("--out", default=None, help=f"default: the model folder's {FILE}")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (1 on a machine shared with others)")
     args = parser.parse_args(argv)
     folder = Path(args.folder)
     try:
-        print(table(measure(folder, Path(args.out) if args.out else folder / FILE)))
+        print(table(measure(folder, Path(args.out) if args.out else folder / FILE, threads=args.threads)))
     except ResumeError as err:
         parser.exit(2, f"{err}\n")
 
