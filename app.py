@@ -118,16 +118,11 @@ whose loss gradients are large matter more to the output, which is what ECoFLaP'
 # (the old text stays readable under it: Stop writes there while the job winds down).
 CSS = """
 .status-box { min-height: 4.5em; }
-/* a phone sees every tab: the tabs gradio would fold into its "more" menu wrap onto a
-   second line instead */
+/* on a phone the charts' toolbar would sit over their titles: touch zooms and pans there anyway */
 @media (max-width: 640px) {
-  .tab-wrapper { flex-wrap: wrap; height: auto !important; }
-  .tab-wrapper .overflow-menu > button { display: none; }
-  .tab-wrapper .overflow-dropdown { display: flex !important; flex-direction: row !important; flex-wrap: wrap;
-                                    position: static !important;
-                                    box-shadow: none !important; border: none !important; padding: 0 !important;
-                                    background: none !important; min-width: 0 !important; }
-  .tab-wrapper .overflow-menu { position: static; }
+  .js-plotly-plot .modebar-container { display: none !important; }
+  /* a Stop button beside a status that wraps to many lines keeps a button's height */
+  #teach-stop, #sweep-stop { align-self: flex-start; }
 }
 """
 MAX_MESSAGE = 400  # a refusal's length, whatever it quotes
@@ -893,7 +888,7 @@ def build_app(server: ecoflap.Server, stats_key: str | None = None) -> gr.Blocks
                 model_name = gr.Textbox(label="Hub id", placeholder="Salesforce/blip2-opt-2.7b", scale=4, max_length=200)
                 load_button = gr.Button("Load", scale=1)
             load_status = gr.Markdown()
-        with gr.Tabs():
+        with gr.Tabs(overflow_behavior="wrap") as tabs:  # a phone sees every tab, on a second row, not a menu
             with gr.Tab("Prune"):
                 with gr.Row():
                     with gr.Column(scale=1):
@@ -1085,6 +1080,9 @@ def build_app(server: ecoflap.Server, stats_key: str | None = None) -> gr.Blocks
                 export_button = gr.Button("Export")
                 export_files = gr.File(label="Files", file_count="multiple")
 
+        # a chart drawn while its tab was hidden took plotly's default width (700 px, wider than a
+        # phone): the resize plotly listens for redraws it at its tab's width once the tab shows
+        tabs.select(None, js="() => { setTimeout(() => window.dispatchEvent(new Event('resize')), 100); }")
         run_outputs = [runs_selected, export_run, dist_run]
         demo.load(bind(server, describe), token, model_info, api_name="describe")
         demo.load(bind(server, curves), token, [teach_curve, teach_curve_note, teach_curve_details], api_visibility="private")

@@ -21,6 +21,37 @@ LAYOUT = dict(template="plotly_white", margin={"t": 60, "l": 55, "r": 55, "b": 4
               legend={"orientation": "h", "y": -0.18, "x": 0})
 
 
+# What one line of a title holds on a phone's chart (about 320 px wide): titles wrap there
+# instead of running off the edge.
+TITLE_CHARS, NOTE_CHARS = 34, 50
+
+
+def _lines(pieces, width: int) -> list[str]:
+    """Greedy wrap that never breaks a piece (a run's label, a measure's name) inside itself."""
+    words = pieces.split() if isinstance(pieces, str) else [p for p in pieces if p]
+    lines: list[str] = []
+    for word in words:
+        if lines and len(lines[-1]) + 1 + len(word) <= width:
+            lines[-1] += " " + word
+        else:
+            lines.append(word)
+    return lines
+
+
+def _title(fig: go.Figure, main, notes=()):
+    """Set a title that fits a phone: `main` (text, or pieces kept whole) in large type,
+    each note under it in small type."""
+    big = _lines(main, TITLE_CHARS)
+    small = [line for note in notes for line in _lines(note, NOTE_CHARS)]
+    text = "<br>".join(big) + "".join(f"<br><sup>{line}</sup>" for line in small)
+    # above the plotting area (and the band labels on its edge), in a top margin made to hold it
+    # (plotly's automargin redraws the axes after the traces, which a phone shows mid-way). Plotly
+    # puts the first line at the anchor and the others below it: the padding lifts them all.
+    below = 24 * (len(big) - 1) + 16 * len(small)
+    fig.update_layout(title={"text": text, "yref": "paper", "y": 1, "yanchor": "bottom", "pad": {"b": 26 + below}},
+                      margin={**LAYOUT["margin"], "t": 64 + below})
+
+
 def _run_style(i: int) -> dict:
     return {"color": RUN_COLORS[i % len(RUN_COLORS)], "dash": RUN_DASHES[i % len(RUN_DASHES)]}
 
@@ -67,11 +98,11 @@ def sparsity_figure(runs: list[dict]) -> go.Figure:
     if runs:
         _bands(fig, runs[0]["layers"], "stack", "stack")
     warned = list(dict.fromkeys(w.split(":")[0] for run in runs for w in run.get("warnings") or []))
-    named = f": {runs[0]['label']}" if len(runs) == 1 else ""  # a single run's chart says whose it is
-    title = f"Sparsity of each prunable layer{named}" + "".join(f"<br><sup>⚠ {w}</sup>" for w in warned)
-    fig.update_layout(title={"text": title, "y": 0.97},
-                      xaxis_title="prunable layer (forward order)", yaxis_title="sparsity of the layer",
+    named = [runs[0]["label"]] if len(runs) == 1 else []  # a single run's chart says whose it is
+    fig.update_layout(xaxis_title="prunable layer (forward order)", yaxis_title="sparsity of the layer",
                       yaxis_range=[0, 1.02], **LAYOUT)
+    _title(fig, ["Sparsity", "of", "each", "prunable", "layer" + (":" if named else ""), *named],
+           [f"⚠ {w}" for w in warned])
     return fig
 
 
@@ -108,11 +139,11 @@ def group_scores_figure(runs: list[dict]) -> go.Figure:
         _bands(fig, [{**g, "part": g["name"].rsplit(".", 1)[0]} for g in groups], "part", "part")
         fig.update_xaxes(tickvals=list(range(len(groups))),
                          ticktext=[g["name"].rsplit(".", 1)[-1] for g in groups])
-    fig.update_layout(title={"text": "Share of the score and sparsity per group", "y": 0.97},
-                      barmode="group", xaxis_title="group (block) in forward order",
+    fig.update_layout(barmode="group", xaxis_title="group (block) in forward order",
                       yaxis={"title": "share of the total score", "rangemode": "tozero"},
                       yaxis2={"title": "allocated sparsity", "overlaying": "y", "side": "right", "range": [0, 1]},
                       **LAYOUT)
+    _title(fig, "Share of the score and sparsity per group")
     return fig
 
 
@@ -138,14 +169,14 @@ def histogram_figure(series: dict[str, dict[str, dict]], title: str, xlabel: str
                 hovertemplate="|value| %{x:.2e}<br>fraction %{y:.4f}<extra>" + name + "</extra>",
             ))
     # ticks as powers of ten (10⁻⁶), not SI prefixes ("1µ", "100n") that read as units
-    fig.update_layout(title={"text": title, "y": 0.97},
-                      xaxis={"title": xlabel, "type": "log", "exponentformat": "power", "dtick": 1},
+    fig.update_layout(xaxis={"title": xlabel, "type": "log", "exponentformat": "power", "dtick": 1},
                       yaxis_title="fraction of the modality's weights", **LAYOUT)
+    _title(fig, title)
     return fig
 
 
 def sweep_figure(rows: list[dict], score_name: str, title: str | None = None,
-                 full_score: float | None = None) -> go.Figure:
+                 full_score: float | None = None, subtitle: tuple[str, ...] = ()) -> go.Figure:
     """Score against sparsity, one line per method; rows are {method, label?, sparsity,
     score, score_min?, score_max?, seeds?} (the range over seeds as error bars). The full
     model's score, where given, is a grey line: the baseline every curve falls from."""
@@ -174,10 +205,9 @@ def sweep_figure(rows: list[dict], score_name: str, title: str | None = None,
             line={"color": style["color"], "dash": style["dash"]}, error_y=error, customdata=notes,
             hovertemplate="sparsity %{x:.2f}<br>" + score_name + " %{y:.4f}%{customdata}<extra>" + label + "</extra>",
         ))
-    # a long measure's name ("99th percentile KL(full || pruned)") would run off a phone's chart
-    joint = "<br>" if len(score_name) > 20 else " "
-    fig.update_layout(title={"text": title or f"{score_name}{joint}against sparsity", "y": 0.97},
-                      xaxis_title="sparsity", yaxis_title=score_name, **LAYOUT)
+    fig.update_layout(xaxis_title="sparsity", yaxis_title=score_name, **LAYOUT)
+    # the measure's name stays whole ("99th percentile KL(full || pruned)"): it is what the axis says
+    _title(fig, title or [score_name, "against", "sparsity"], subtitle)
     return fig
 
 
@@ -205,8 +235,8 @@ def curves_figure(curves: dict) -> go.Figure:
     """The accuracy-against-sparsity curves shipped with a model (see `curves.shipped_curves`)."""
     seeds = max((r["seeds"] for r in curves["rows"]), default=1)
     spread = f"; mean and range over {seeds} seeds where a method is random" if seeds > 1 else ""
-    return sweep_figure(curves["rows"], curves["metric"],
-                        f"Measured ahead: {curves['metric']} against sparsity{spread}", curves.get("full_score"))
+    return sweep_figure(curves["rows"], curves["metric"], None, curves.get("full_score"),
+                        (f"measured ahead of time{spread}",))
 
 
 def loss_figure(losses: list[float], steps: int | None = None, title: str = "Fine-tuning loss") -> go.Figure:
@@ -220,6 +250,7 @@ def loss_figure(losses: list[float], steps: int | None = None, title: str = "Fin
                              line={"color": "#bbbbbb", "width": 1}))
     fig.add_trace(go.Scatter(x=x, y=smooth, mode="lines", name="mean of the last 10 steps",
                              line={"color": RUN_COLORS[1], "width": 2}))
-    fig.update_layout(title=title, xaxis_title="step", yaxis_title="loss (target tokens)", **LAYOUT)
+    fig.update_layout(xaxis_title="step", yaxis_title="loss (target tokens)", **LAYOUT)
+    _title(fig, title)
     fig.update_xaxes(range=[1, max(steps or len(losses), 2)], tickformat="d")
     return fig

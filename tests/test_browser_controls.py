@@ -28,11 +28,11 @@ ORDER = ["owl", "magnitude", "ecoflap_first", "global_magnitude", "per_modality_
          "sparsegpt", "ecoflap_sparsegpt", "per_modality", "wanda", "owl_sparsegpt", "ecoflap_zeroth"]
 
 
-@pytest.fixture
-def page(app):
+@pytest.fixture(params=[1400])
+def page(app, request):
     with playwright.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page = browser.new_page(viewport={"width": request.param, "height": 1000})
         page.goto(app)
         page.get_by_text("prunable by default").wait_for(timeout=60_000)
         yield page
@@ -101,5 +101,53 @@ def test_defaults_show_their_values_and_follow_the_sparsity_until_set(page):
     choose_method(page, "global_magnitude")
     page.get_by_role("button", name="Prune", exact=True).click()
     page.get_by_text("Global magnitude @ 0.60 done").wait_for(timeout=180_000)
-    page.locator("#prune-chart .gtitle", has_text="Sparsity of each prunable layer: Global magnitude @ 0.60").wait_for(
-        timeout=30_000)  # a single run's chart names the run
+    title = page.locator("#prune-chart .gtitle", has_text="Global magnitude @ 0.60")  # a single run's chart names it
+    title.wait_for(timeout=30_000)
+    assert title.text_content().startswith("Sparsity of each prunable layer:")  # an SVG text, two lines
+
+
+FITS = """id => { const c = document.getElementById(id); const p = c && c.querySelector('.js-plotly-plot');
+    const t = c && c.querySelector('.gtitle'); if (!p || !p._fullLayout || !t) return false;
+    const box = c.getBoundingClientRect(), title = t.getBoundingClientRect();
+    return p._fullLayout.width <= box.width && title.right <= box.right && title.left >= box.left; }"""
+
+
+def wait_until_it_fits(page, chart: str):
+    """The chart is drawn at its box's width, its title inside it (not cut at the edge)."""
+    page.wait_for_function(FITS, arg=chart, timeout=15_000)
+
+
+@pytest.mark.parametrize("page", [390], indirect=True)
+def test_a_phone_sees_every_tab_and_whole_charts(page):
+    """At 390 px every tab is on the page (wrapped to a second row, not behind a menu), and a
+    chart drawn while its tab was hidden is redrawn at the phone's width, its title wrapped."""
+    for tab in ["Prune", "Recover", "Ask", "Why", "Teach", "Sweep", "Export"]:
+        box = page.get_by_role("tab", name=tab).bounding_box()
+        assert box and box["width"] > 0 and box["x"] >= 0 and box["x"] + box["width"] <= 390, tab
+    assert page.locator("button[aria-label='More tabs']").count() == 0
+    page.get_by_role("tab", name="Teach").click()
+    wait_until_it_fits(page, "teach-curve")
+    page.get_by_role("tab", name="Prune").click()
+    choose_method(page, "global_magnitude")
+    page.get_by_role("button", name="Prune", exact=True).click()
+    page.get_by_text("Global magnitude @ 0.50 done").wait_for(timeout=180_000)
+    page.locator("#prune-chart .gtitle", has_text="Global magnitude @ 0.50").wait_for(timeout=30_000)
+    wait_until_it_fits(page, "prune-chart")
+    # a comparison on Teach ticks its runs in Prune's overlay, which redraws Prune's chart hidden
+    page.get_by_role("tab", name="Teach").click()
+    boxes = page.locator("#teach-methods")
+    for box in boxes.locator("input[type=checkbox]").all():
+        if box.is_checked():
+            box.uncheck()
+    for name in ("Magnitude", "Global magnitude"):
+        boxes.get_by_label(name, exact=True).check()
+    page.get_by_role("button", name="Compare", exact=True).click()
+    page.get_by_text("Compared 2 methods").wait_for(timeout=300_000)
+    page.locator("#overlay-runs").get_by_label("Global magnitude @ 0.60", exact=True).wait_for(state="attached",
+                                                                                             timeout=30_000)
+    page.get_by_role("tab", name="Prune").click()
+    page.locator("#prune-chart .legendtext", has_text="Global magnitude @ 0.60").wait_for(timeout=30_000)
+    wait_until_it_fits(page, "prune-chart")
+    page.locator("#prune-chart .nsewdrag").first.hover()  # a touch is a hover: the toolbar stays off the title
+    assert page.locator("#prune-chart .modebar-container").evaluate_all(
+        "bars => bars.every(b => { const r = b.getBoundingClientRect(); return r.width == 0 || r.height == 0; })")

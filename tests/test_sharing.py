@@ -199,3 +199,22 @@ def test_compare_reuses_the_sessions_identical_runs_and_shares_across_sessions(m
     fresh = make_server(model_folder, tmp_path / "fresh").open_session().compare(["wanda", "magnitude"], 0.6, eval_n=10)
     assert [r["score"] for r in first.rows] == [r["score"] for r in fresh.rows] == [r["score"] for r in theirs.rows]
     assert [r["score"] for r in second.rows] == [fresh.rows[0]["score"], fresh.rows[2]["score"], fresh.rows[1]["score"]]
+
+
+def test_a_default_left_unset_and_the_same_value_typed_share_one_computation(model_folder, tmp_path, monkeypatch):
+    """The Prune tab sends every default as its value (cap 0.6, 8 stage-1 samples here, the
+    vision sparsity as the target) where an API client sends 0 or nothing: one computation.
+    An option the method never reads does not split it either; one it reads does."""
+    gate = Gate(monkeypatch)
+    gate.release.set()
+    server = make_server(model_folder, tmp_path)
+    a, b, c = (server.open_session() for _ in range(3))
+    first = a.prune("ecoflap_zeroth", 0.5, samples=8, stage1_samples=8, max_sparsity=0)
+    typed = b.prune("ecoflap_zeroth", 0.5, samples=8, stage1_samples=8, max_sparsity=0.6, owl_m=7,
+                    vision_sparsity="0.3")
+    assert gate.calls == 1 and typed.weights is first.weights
+    assert c.prune("ecoflap_zeroth", 0.5, samples=8, stage1_samples=8, max_sparsity=0.55) and gate.calls == 2
+    split = a.prune("per_modality", 0.5, samples=8, vision_sparsity="")
+    assert b.prune("per_modality", 0.5, samples=8, vision_sparsity="0.50").weights is split.weights
+    assert gate.calls == 3
+    assert c.prune("per_modality", 0.5, samples=8, vision_sparsity="0.4") and gate.calls == 4

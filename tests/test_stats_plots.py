@@ -189,3 +189,32 @@ def test_the_sweep_table_and_export_hold_the_quality_columns():
     unlabelled = [_sweep_row("wanda", 0.5, shapes=False, metric="mean KL from the full model", score=0.05)]
     assert table(unlabelled)[0][2:7] == ["KL mean", "KL p99", "same top-1", "same answer", "achieved"]
     assert "accuracy" not in export_columns(unlabelled) and "kl_p999" in export_columns(unlabelled)
+
+
+def test_titles_wrap_to_fit_a_phone_and_keep_names_whole():
+    """A phone's chart holds about 34 characters of title per line: longer titles wrap at
+    words, a run's label or a measure's name is never split, notes go small under it."""
+    from ecoflap.plots import NOTE_CHARS, TITLE_CHARS, curves_figure
+
+    layer = {"name": "vision_model.encoder.layers.0.mlp.fc1", "modality": "vision", "stack": "vision", "block": 0,
+             "numel": 10, "zeros": 5, "sparsity": 0.5}
+    label = "ECoFLaP (zeroth-order, one perturbation per group) @ 0.50"
+    one = sparsity_figure([{"label": label, "layers": [layer], "target_sparsity": 0.5,
+                            "warnings": ["the calibration data is not what the model was trained on: a long note"]}])
+    text = one.layout.title.text
+    big, _, small = text.partition("<br><sup>")
+    assert big.split("<br>") == ["Sparsity of each prunable layer:", label]  # the label whole, on its own line
+    notes = [line.removeprefix("<sup>").removesuffix("</sup>") for line in ("<sup>" + small).split("<br>")]
+    assert " ".join(notes).startswith("⚠ the calibration data") and all(len(n) <= NOTE_CHARS for n in notes)
+    assert one.layout.title.yanchor == "bottom" and one.layout.margin.t == 64 + 24 + 16 * len(notes)
+    two = sparsity_figure([{"label": "Wanda @ 0.50", "layers": [layer], "target_sparsity": 0.5},
+                           {"label": "OWL @ 0.50", "layers": [layer], "target_sparsity": 0.5}])
+    assert two.layout.title.text == "Sparsity of each prunable layer"
+    name = "99th percentile KL(full || pruned) of the answer"
+    long = sweep_figure([{"method": "wanda", "sparsity": 0.5, "score": 1.0}], name).layout.title.text
+    assert long.split("<br>") == [name, "against sparsity"]
+    curves = curves_figure({"metric": "accuracy", "rows": [{"method": "wanda", "sparsity": 0.5, "score": 0.9,
+                                                            "score_min": 0.8, "score_max": 0.95, "seeds": 3}]})
+    lines = curves.layout.title.text.split("<br>")
+    assert lines[0] == "accuracy against sparsity" and all(len(line) <= TITLE_CHARS for line in lines[:1])
+    assert "measured ahead of time" in lines[1]

@@ -33,7 +33,7 @@ import threading
 import time
 import weakref
 from collections import OrderedDict
-from dataclasses import astuple, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -49,7 +49,7 @@ from ..forms import from_settings, number, sparsity_list, sparsity_value
 from ..images import open_image
 from ..methods import Method, get_method
 from ..models import display_name
-from ..options import PruneOptions
+from ..options import PruneOptions, applicable, as_report
 from ..offload import is_offloaded
 from ..progress import Progress, StopCheck, prefixed
 from ..recover import OnStep, recover_options
@@ -125,6 +125,15 @@ class Comparison:
                  "language_sparsity": r["sparsity_by_modality"].get("language"), "answer": r["answer"]}
                 for r in self.rows]
 
+
+
+def settings_key(method: Method, sparsity: float, options: PruneOptions) -> tuple:
+    """The settings a prune's result depends on, defaults resolved: a cap left unset and the
+    same cap typed (the Prune tab shows the default's value) name one computation, and an
+    option the method never reads (OWL's M for Wanda) does not tell two prunes apart."""
+    used = applicable(method)
+    resolved = as_report(method, sparsity, options)
+    return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in resolved.items() if k in used))
 
 class Session:
     """One person's runs on one model, and everything they can do with them."""
@@ -339,7 +348,7 @@ class Session:
         else:
             self.server.calibration_source(calibration)  # refused here, before anybody waits
             source = calibration.strip()
-        return (bench, method.name, float(sparsity), astuple(options), source, measured)
+        return (bench, method.name, float(sparsity), settings_key(method, sparsity, options), source, measured)
 
     def _shared(self, key: tuple, compute, progress: Progress | None, stopped: StopCheck, keep) -> Run:
         """A prune computed once for everyone asking for it at once (or a result still held):
