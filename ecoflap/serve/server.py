@@ -28,6 +28,7 @@ from ..memory import resident_bytes
 from ..models import DEFAULT_MODEL, ModelLoadError, display_name, load_model, not_on_hub
 from ..sources import Source, SourceError, parse
 from ..workbench import Workbench
+from .runs import RunStore
 from .session import Session
 from .sharing import Flights
 
@@ -267,7 +268,7 @@ class Server:
         self.export_root.mkdir(parents=True, exist_ok=True)
         self._sessions: OrderedDict[str, "Session"] = OrderedDict()
         self._ended: OrderedDict[str, _Ended] = OrderedDict()
-        self._runs: OrderedDict[str, object] = OrderedDict()
+        self.runs = RunStore(self.limits)  # every session's runs: the one place they are kept
         self._issued: set[str] = set()
         self._lock = threading.RLock()
         self._tidied = 0.0
@@ -392,12 +393,11 @@ class Server:
         """What the deployment holds now: for its owner's monitoring and the soak command."""
         with self._lock:
             sessions = list(self._sessions.values())
-            runs = list(self._runs.values())
         return {
             "sessions": len(sessions),
             "jobs_running": sum(len(s._jobs) for s in sessions),
-            "stored_runs": len(runs),
-            "stored_run_mib": round(_held_bytes(runs) / 2**20, 3),
+            "stored_runs": len(self.runs),
+            "stored_run_mib": round(self.runs.nbytes / 2**20, 3),
             "computations": self.flights.computations,
             "shared_results": self.flights.shared,
             "models": [b.loaded.name for b in self.models.loaded()],
@@ -423,58 +423,38 @@ class Server:
             with session._lock:
                 session._jobs.add(flag)
 
-    # runs of all sessions, bounded in memory together
+    # runs of all sessions (kept in `runs`), bounded per session and in memory together
 
-    def admit(self, run) -> list:
-        """Account a new run; drop the oldest runs of any session while over the memory bound
-        (never the new one). Weights shared by several runs count once, and go together: the
-        runs holding the oldest weights are dropped at once (dropping one would free nothing).
-        Each dropped run's owner is told; the caller is not."""
-        budget = self.limits.run_memory_mb * 2**20
-        dropped = []
-        with self._lock:
-            self._runs[run.id] = run
-            while _held_bytes(self._runs.values()) > budget:
-                oldest = next((r for r in self._runs.values() if r.weights is not run.weights), None)
-                if oldest is None:
-                    break
-                for victim in [r for r in self._runs.values() if r.weights is oldest.weights]:
-                    self._runs.pop(victim.id)
-                    dropped.append(victim)
-        for old in dropped:
-            owner = self._sessions.get(old.owner)
-            if owner is not None:
-                owner.drop(old.id, "the server's memory for stored runs "
-                                   f"({self.limits.run_memory_mb:g} MiB, shared by everyone) was full")
-        return dropped
-
-    def forget(self, run):
-        with self._lock:
-            self._runs.pop(run.id, None)
+    def store(self, owner: str, make) -> object:
+        """Store the run `make(the owner's runs)` builds (see `RunStore.add`); the owner of
+        every run dropped to make room is told which and why, the next time they look."""
+        run, dropped = self.runs.add(owner, make)
+        self._tell_dropped(dropped)
+        return run
 
     def held(self, key, measured_otherwise: bool = False) -> tuple | None:
         """The result and weights of a stored run of any session that `key` names (see
         `Session._share_key`), for an identical request to reuse; None if none is held.
         `measured_otherwise`: a run with the same weights, however its quality was measured."""
         same = (lambda r: r.shared and r.shared[:-1] == key[:-1]) if measured_otherwise else (lambda r: r.shared == key)
-        with self._lock:
-            run = next((r for r in reversed(self._runs.values()) if same(r)), None)
+        run = self.runs.latest(same)
         return None if run is None else (run.result, run.weights)
 
     @property
     def stored_run_bytes(self) -> int:
-        with self._lock:
-            return _held_bytes(self._runs.values())
+        return self.runs.nbytes
 
     def _model_unloaded(self, bench: Workbench):
-        with self._lock:
-            victims = [r for r in self._runs.values() if r.workbench is bench]
-        for run in victims:
-            owner = self._sessions.get(run.owner)
+        why = (f"its model {bench.loaded.name} was unloaded to make room for another "
+               f"(this deployment keeps {self.limits.max_models} models)")
+        self._tell_dropped([(run, why) for run in self.runs.remove(lambda r: r.workbench is bench)])
+
+    def _tell_dropped(self, dropped):
+        for run, why in dropped:
+            with self._lock:
+                owner = self._sessions.get(run.owner)
             if owner is not None:
-                owner.drop(run.id, f"its model {bench.loaded.name} was unloaded to make room for another "
-                                   f"(this deployment keeps {self.limits.max_models} models)")
-            self.forget(run)
+                owner.tell(f"Your run {run.label} was dropped: {why}.")
 
     # calibration data
 
@@ -529,12 +509,6 @@ class Server:
 
     def export_disk_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.export_root.rglob("*") if p.is_file())
-
-
-def _held_bytes(runs) -> int:
-    """The memory the runs' weights take, each set of weights counted once however many
-    runs share it."""
-    return sum(w.nbytes for w in {id(r.weights): r.weights for r in runs}.values())
 
 
 def _export_prefix(session_id: str) -> str:

@@ -32,7 +32,6 @@ import shutil
 import threading
 import time
 import weakref
-from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
@@ -143,7 +142,6 @@ class Session:
         self.id = session_id
         self.client = client  # who opened it (an address), for the per-client bounds
         self.model_name = server.default_model
-        self._runs: OrderedDict[str, Run] = OrderedDict()
         self._notices: list[str] = []
         self._jobs: set[threading.Event] = set()
         self._lock = threading.Lock()
@@ -162,7 +160,7 @@ class Session:
     @property
     def empty(self) -> bool:
         """No runs and no jobs: closing it costs its owner nothing."""
-        return not self._runs and not self._jobs
+        return not self._jobs and not self.server.runs.of(self.id)
 
     def tell(self, message: str):
         with self._lock:
@@ -175,21 +173,9 @@ class Session:
             told, self._notices = self._notices, []
         return told
 
-    def drop(self, run_id: str, why: str):
-        """Forget a run of this session and tell its owner (this session) why."""
-        with self._lock:
-            run = self._runs.pop(run_id, None)
-        if run is not None:
-            self.server.forget(run)
-            self.tell(f"Your run {run.label} was dropped: {why}.")
-
     def clear_runs(self) -> int:
         """Forget every run of this session; returns how many there were."""
-        with self._lock:
-            runs, self._runs = list(self._runs.values()), OrderedDict()
-        for run in runs:
-            self.server.forget(run)
-        return len(runs)
+        return len(self.server.runs.remove(lambda r: r.owner == self.id))
 
     def stop(self) -> int:
         """Stop every job of this session that is running now; returns how many."""
@@ -233,12 +219,8 @@ class Session:
             self.tell(f"The model {display_name(self.model_name)} was unloaded to make room for another; "
                       f"you are back on the default model. Load it again to go on with it.")
             self.model_name = self.server.default_model
-        with self._lock:
-            stale = [r for r in self._runs.values() if r.workbench is not self.server.models.current(self.model_name)]
-            for run in stale:
-                self._runs.pop(run.id)
-        for run in stale:
-            self.server.forget(run)
+        current = self.server.models.current(self.model_name)
+        self.server.runs.remove(lambda r: r.owner == self.id and r.workbench is not current)
 
     def describe(self) -> dict:
         self.touch()
@@ -264,10 +246,8 @@ class Session:
         name = self.server.models.check_allowed(name)
         bench = self.server.models.get(name, checked=True)
         with self._lock:
-            previous, self._runs = list(self._runs.values()), OrderedDict()
             self.model_name = name
-        for run in previous:
-            self.server.forget(run)
+        previous = self.server.runs.remove(lambda r: r.owner == self.id)
         dropped = (f" Your {len(previous)} run(s) of the previous model were dropped: a session keeps the runs "
                    f"of its current model only." if previous else "")
         return f"Loaded {bench.loaded.name}.{dropped}"
@@ -276,14 +256,12 @@ class Session:
 
     def runs(self) -> list[Run]:
         self._check_model()
-        with self._lock:
-            return list(self._runs.values())
+        return self.server.runs.of(self.id)
 
     def run(self, run_id) -> Run:
         """This session's run of an id; any other id, stale or guessed, is unknown."""
         self._check_model()
-        with self._lock:
-            run = self._runs.get(run_id) if isinstance(run_id, str) else None
+        run = self.server.runs.get(self.id, run_id)
         if run is None:
             raise KeyError("no run with that id in this session (runs are per session and bounded; "
                            "prune again, or pick one of your runs)")
@@ -330,8 +308,7 @@ class Session:
         measured), so a comparison reuses it instead of making "Wanda @ 0.60 #2"."""
         if key is None:
             return None
-        with self._lock:
-            return next((r for r in reversed(self._runs.values()) if r.shared and r.shared[:-1] == key[:-1]), None)
+        return next((r for r in reversed(self.server.runs.of(self.id)) if r.shared and r.shared[:-1] == key[:-1]), None)
 
     def _share_key(self, bench: Workbench, method: Method, sparsity: float, options: PruneOptions, calibration,
                    images, measured: tuple) -> tuple | None:
@@ -423,20 +400,15 @@ class Session:
         if self.ended:
             raise Cancelled("the session ended")
         label = label or f"{method.label} @ {result.target_sparsity:.2f}"
-        with self._lock:
-            same = sum(1 for r in self._runs.values() if r.label.split(" #")[0] == label)
-            run = Run(self.server.new_id("run"), f"{label} #{same + 1}" if same else label, result, weights,
-                      bench, self.id, shared=shared)
-            self._runs[run.id] = run
-            over = []
-            while len(self._runs) > self.server.limits.runs_per_session:
-                over.append(self._runs.popitem(last=False)[1])
-        for old in over:
-            self.server.forget(old)
-            self.tell(f"Your run {old.label} was dropped: each session keeps at most "
-                      f"{self.server.limits.runs_per_session} runs (the oldest goes first).")
-        self.server.admit(run)
-        return run
+
+        run_id = self.server.new_id("run")  # before the store locks: its lock is never held around the server's
+
+        def make(mine: list[Run]) -> Run:
+            same = sum(1 for r in mine if r.label.split(" #")[0] == label)
+            return Run(run_id, f"{label} #{same + 1}" if same else label, result, weights, bench, self.id,
+                       shared=shared)
+
+        return self.server.store(self.id, make)
 
     # use cases
 
