@@ -295,6 +295,11 @@ def test_shipped_lora_recovery_is_its_own_row_beside_the_full_way(tmp_path):
         "| Wanda | 0.7 | 40.0% | 60.0% | 10 |", "| ECoFLaP | 0.7 | 50.0% | 70.0% | 10 |",
         "| Wanda, masked LoRA rank 8 | 0.7 | 40.0% | 45.0% | 10 |",
         "| ECoFLaP, masked LoRA rank 8 | 0.7 | 50.0% | 52.0% | 10 |"]
+    from ecoflap.toy.card import lora_commands
+
+    rows.append(row("wanda", "Wanda", "lora", 0.4, 0.5, rank=8, merge_densification=0, lr=1e-4, seed=0))
+    assert lora_commands({"command": "c", "rows": rows}) == ["`c --way lora --seeds 0`",
+                                                             "`c --way lora --lr 0.0001 --seeds 0`"]
     assert recovery_gaps(summary).split("\n\n") == [
         "ECoFLaP minus Wanda, accuracy (means over seeds): at 0.7: +10.0 points before, +10.0 after 100 steps.",
         "ECoFLaP minus Wanda (masked LoRA, lr 2e-05), accuracy (means over seeds): at 0.7: +10.0 points before, "

@@ -229,6 +229,16 @@ def _before_note(data: dict, curves: dict) -> str:
             f"was measured with an earlier version of the code)")
 
 
+def lora_commands(data: dict) -> list[str]:
+    """The commands that measured the LoRA rows of a recovery file, one per learning rate."""
+    out = []
+    for lr in sorted({float(r["lr"]) for r in data["rows"] if r.get("way") == "lora"}):
+        seeds = sorted({int(r["seed"]) for r in data["rows"] if r.get("way") == "lora" and float(r["lr"]) == lr})
+        out.append(f"`{data['command']} --way lora" + ("" if lr == RecoverOptions.lr else f" --lr {lr:g}")
+                   + ("" if seeds == [0, 1, 2] else f" --seeds {','.join(map(str, seeds))}") + "`")
+    return out
+
+
 def _recovery(folder: Path, curves: dict) -> str:
     """The card's section on fine-tuning after pruning, where it has been measured."""
     summary = shipped_recovery(str(folder))
@@ -239,11 +249,10 @@ def _recovery(folder: Path, curves: dict) -> str:
     if lora:
         densified = max(r["merge_densification"] for r in lora)
         rows = sum(1 for r in data["rows"] if r.get("way") == "lora")
-        lr_flag = "" if lora[0]["lr"] == RecoverOptions.lr else f" --lr {lora[0]['lr']:g}"
         ways = (f" The masked-LoRA rows train a rank-{lora[0]['rank']} LoRA per pruned matrix instead (PEFT's "
-                f"layer, the same optimiser, schedule and data), merged as W + ΔW ⊙ M: {densified} new nonzeros "
-                f"in the merged weights of any of its {rows} recoveries (reproduce: `{data['command']} --way lora"
-                f"{lr_flag}`).")
+                f"layer; the same optimiser, schedule and data, at lr {summary[0]['lr']:g} unless the row names "
+                f"another), merged as W + ΔW ⊙ M: {densified} new nonzeros in the merged weights of any of its "
+                f"{rows} recoveries (reproduce: {', '.join(lora_commands(data))}).")
         missing = "other learning rates" if len({r["lr"] for r in lora}) > 1 else "the LoRA way at other learning rates"
     else:
         ways, missing = "", "the LoRA way, other learning rates"
