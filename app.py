@@ -123,6 +123,9 @@ CSS = """
   .js-plotly-plot .modebar-container { display: none !important; }
   /* a Stop button beside a status that wraps to many lines keeps a button's height */
   #teach-stop, #sweep-stop { align-self: flex-start; }
+  /* the comparison's table scrolls sideways rather than breaking its words a letter a line */
+  #teach-result table { display: block; overflow-x: auto; border: 0; }
+  #teach-result th, #teach-result td { white-space: nowrap; }
 }
 """
 MAX_MESSAGE = 400  # a refusal's length, whatever it quotes
