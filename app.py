@@ -44,6 +44,7 @@ ALLOCATION_INFO = ("Uniform: every layer at the target. ECoFLaP: by each block's
                    "OWL: by outliers. Per-modality: one sparsity for the vision encoder. Global: one |W| threshold.")
 STAGE2_INFO = "Magnitude: the smallest |W|, no data. Wanda: |W| x input norm. SparseGPT: second order, with updates."
 START_METHOD = ecoflap.METHODS["ecoflap_zeroth"]
+START_SPARSITY = 0.5
 # the advanced settings each shown for the methods that read them (ecoflap.options.applicable)
 OPTION_IDS = {"granularity": "prune-granularity", "max_sparsity": "prune-max-sparsity",
               "stage1_samples": "prune-stage1-samples", "eps": "prune-eps", "nm": "prune-nm",
@@ -123,6 +124,9 @@ CSS = """
   .js-plotly-plot .modebar-container { display: none !important; }
   /* a Stop button beside a status that wraps to many lines keeps a button's height */
   #teach-stop, #sweep-stop { align-self: flex-start; }
+  /* the comparison's table scrolls sideways rather than breaking its words a letter a line */
+  #teach-result table { display: block; overflow-x: auto; border: 0; }
+  #teach-result th, #teach-result td { white-space: nowrap; }
 }
 """
 MAX_MESSAGE = 400  # a refusal's length, whatever it quotes
@@ -401,6 +405,11 @@ def choose_method(allocation, stage2, variant, stage1_samples):
         shown["stage1_samples"] = gr.update(visible=True, value=DEFAULTS.stage1_sample_count(m))
     return (gr.update(choices=stage_choices, value=stage), gr.update(choices=kinds, value=kind, visible=several),
             m.name, method_line(m), *shown.values())
+
+
+def shown_defaults():
+    """What the Advanced panel shows on open for the tab's starting sparsity and method."""
+    return DEFAULTS.cap(START_SPARSITY), DEFAULTS.stage1_sample_count(START_METHOD), f"{START_SPARSITY:.2f}"
 
 
 def follow_target(sparsity, max_sparsity, vision_sparsity, previous):
@@ -892,7 +901,7 @@ def build_app(server: ecoflap.Server, stats_key: str | None = None) -> gr.Blocks
             with gr.Tab("Prune"):
                 with gr.Row():
                     with gr.Column(scale=1):
-                        sparsity = gr.Slider(0.0, ecoflap.MAX_SPARSITY, value=0.5, step=0.05, label="Sparsity",
+                        sparsity = gr.Slider(0.0, ecoflap.MAX_SPARSITY, value=START_SPARSITY, step=0.05, label="Sparsity",
                                              elem_id="prune-sparsity")
                         first = method_controls(START_METHOD)
                         allocation = gr.Radio([(label, a) for a, label in ALLOCATION_LABELS.items()],
@@ -908,18 +917,18 @@ def build_app(server: ecoflap.Server, stats_key: str | None = None) -> gr.Blocks
                         method = gr.Radio(PRUNE_METHODS, value=START_METHOD.name, label="Method", visible=False,
                                           elem_id="prune-method")
                         shown = first["shown"]
-                        target = gr.State(0.5)  # the sparsity the following defaults were set for
+                        target = gr.State(START_SPARSITY)  # the sparsity the following defaults were set for
                         with gr.Accordion("Advanced", open=False, elem_id="prune-advanced"):
                             granularity = gr.Radio(list(ecoflap.GRANULARITIES), value=DEFAULTS.granularity,
                                                    label="ECoFLaP: granularity (what one score covers)",
                                                    elem_id=OPTION_IDS["granularity"], visible=shown["granularity"])
-                            max_sparsity = gr.Number(value=DEFAULTS.cap(0.5), label="ECoFLaP: max per-layer sparsity",
+                            max_sparsity = gr.Number(value=0, label="ECoFLaP: max per-layer sparsity",
                                                      info="by default the sparsity + 0.1 (it follows the slider)",
                                                      elem_id=OPTION_IDS["max_sparsity"], visible=shown["max_sparsity"])
                             zeroth, first_order = (DEFAULTS.stage1_sample_count(ecoflap.METHODS[n])
                                                    for n in ("ecoflap_zeroth", "ecoflap_first"))
                             stage1_samples = gr.Number(
-                                value=DEFAULTS.stage1_sample_count(START_METHOD), precision=0,
+                                value=0, precision=0,
                                 label="ECoFLaP: stage-1 samples", elem_id=OPTION_IDS["stage1_samples"],
                                 info=f"by default {zeroth} for zeroth-order, {first_order} for first-order scores",
                                 visible=shown["stage1_samples"])
@@ -935,7 +944,7 @@ def build_app(server: ecoflap.Server, stats_key: str | None = None) -> gr.Blocks
                             modules = gr.CheckboxGroup([(label, key) for key, label in MODULE_LABELS.items()],
                                                        value=list(DEFAULTS.include), label="Modules to prune",
                                                        elem_id=OPTION_IDS["include"])
-                            vision_sparsity = gr.Textbox(value="0.50", max_lines=1, elem_id=OPTION_IDS["vision_sparsity"],
+                            vision_sparsity = gr.Textbox(value="", max_lines=1, elem_id=OPTION_IDS["vision_sparsity"],
                                                          visible=shown["vision_sparsity"],
                                                          info="by default the target (it follows the slider); the "
                                                               "language model takes the rest of the budget",
@@ -1085,6 +1094,10 @@ def build_app(server: ecoflap.Server, stats_key: str | None = None) -> gr.Blocks
         tabs.select(None, js="() => { setTimeout(() => window.dispatchEvent(new Event('resize')), 100); }")
         run_outputs = [runs_selected, export_run, dist_run]
         demo.load(bind(server, describe), token, model_info, api_name="describe")
+        # The page shows each default's value; the API's /prune keeps 0 and "" for "the default"
+        # (gradio_client sends a component's first value for a parameter left out).
+        demo.load(shown_defaults, None, [max_sparsity, stage1_samples, vision_sparsity], api_visibility="private",
+                  queue=False)
         demo.load(bind(server, curves), token, [teach_curve, teach_curve_note, teach_curve_details], api_visibility="private")
         load_button.click(
             bind(server, load_model), [model_name, token],

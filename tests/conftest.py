@@ -94,6 +94,24 @@ def model_folder(tmp_path):
     return saved(tiny_model("opt"), tmp_path / "tiny-opt")
 
 
+@pytest.fixture(scope="module")
+def shared_model_folder(tmp_path_factory):
+    """A tiny OPT BLIP-2 saved once for a whole test module, for deployments that only read it."""
+    return saved(tiny_model("opt"), tmp_path_factory.mktemp("shared") / "tiny-opt")
+
+
+@pytest.fixture(scope="module")
+def few_quality_questions():
+    """Every run measured against the full model on 10 held-out questions instead of 100 (the
+    hundred answers it generates are nearly all of a tiny model's prune): for the deployment's
+    tests, which check who holds what and what is refused, not how good a run is."""
+    from ecoflap.serve import session
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(session, "QUALITY_N", 10)
+        yield
+
+
 def make_server(folder, tmp_path, **limits):
     """A deployment of the model in `folder` on the CPU, with `limits` and its exports under tmp_path."""
     from ecoflap.serve.server import Limits, Server

@@ -248,6 +248,7 @@ def test_eval_against_the_full_model_saved_or_pruned_now(saved_model, calibratio
     assert done.returncode == 2 and "not both" in done.stderr
 
 
+@pytest.mark.slow  # many prunes and scores end to end
 def test_sweep_columns_and_y_axis_against_the_full_model(saved_model, calibration_folder, tmp_path):
     csv, html, out = tmp_path / "sweep.csv", tmp_path / "sweep.html", tmp_path / "sweep.json"
     done = run("sweep", "--model", str(saved_model), "--calibration", str(calibration_folder),

@@ -265,6 +265,7 @@ def test_llava_prompts_are_the_chat_template_with_the_image_first(examples):
         assert labels[labels != -100].tolist() == answer
 
 
+@pytest.mark.usefixtures("few_quality_questions")
 def test_the_app_session_loads_a_local_folder_and_draws_its_chart(tmp_path):
     """What "Load another model" does, through the library the app calls (local folders
     allowed, as with ECOFLAP_LOCAL_MODELS=1)."""

@@ -176,6 +176,7 @@ def test_an_offloaded_pruned_model_exports_its_pruned_weights(saved_model, tmp_p
     assert sum(int((b.module.weight == 0).sum()) for b in prunable_layers(back.model)) > 0
 
 
+@pytest.mark.slow  # the bench command end to end, as test_cli's bench
 def test_bench_runs_offloaded_and_says_what_it_leaves_out(saved_model, calibration_folder, tmp_path):
     import json
 

@@ -146,15 +146,17 @@ def test_spearman_by_hand():
     assert spearman([1, 1, 1], [1, 2, 3]) is None
 
 
+@pytest.mark.usefixtures("few_quality_questions")
 def test_a_model_that_is_not_the_shapes_model_is_compared_by_its_distance_from_the_full_model(tmp_path):
     """The Teach comparison and every run's report for a model exact match cannot score."""
     from tiny_families import tiny
 
     from conftest import make_server, saved
+    from ecoflap.serve.session import QUALITY_N
 
     me = make_server(saved(tiny("llava"), tmp_path / "llava"), tmp_path, allow_local_models=True).open_session()
     run = me.prune("wanda", 0.5, samples=8)
-    assert run.result.quality["n"] == 100 and "accuracy" not in run.result.quality
+    assert run.result.quality["n"] == QUALITY_N == 10 and "accuracy" not in run.result.quality
     comparison = me.compare(["magnitude", "wanda"], 0.6, eval_n=10)
     assert comparison.metric == "mean KL from the full model" and not comparison.higher_is_better
     full, *runs = comparison.rows

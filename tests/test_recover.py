@@ -25,6 +25,7 @@ from ecoflap.workbench import Cancelled
 from conftest import EXAMPLE, make_server, tiny_model
 
 FAST = dict(samples=8, stage1_samples=8)
+pytestmark = pytest.mark.usefixtures("few_quality_questions")
 
 
 def pruned_tiny(family, examples, sparsity=0.6):
@@ -165,6 +166,14 @@ def test_a_stop_mid_way_stores_nothing(model_folder, tmp_path):
     assert me.workbench.store.is_original()
 
 
+@pytest.fixture(scope="module")
+def one_run(shared_model_folder, tmp_path_factory, few_quality_questions):
+    """A session (at most 20 recovery steps) holding one run, shared by the refusal tests:
+    each refusal must leave it so."""
+    me = make_server(shared_model_folder, tmp_path_factory.mktemp("deployment"), recover_steps=20).open_session()
+    return me, me.prune("magnitude", 0.5)
+
+
 @pytest.mark.parametrize("settings,error,message", [
     (dict(steps=None), ValueError, "give the number of fine-tuning steps"),
     (dict(steps=""), ValueError, "give the number of fine-tuning steps"),
@@ -178,9 +187,8 @@ def test_a_stop_mid_way_stores_nothing(model_folder, tmp_path):
     (dict(steps=5, batch_size=0), ValueError, "batch size must be a whole number"),
     (dict(steps=5, weight_decay=-1), ValueError, "weight decay must be a number"),
 ])
-def test_bad_settings_get_one_clear_message_and_change_nothing(model_folder, tmp_path, settings, error, message):
-    me = make_server(model_folder, tmp_path, recover_steps=20).open_session()
-    run = me.prune("magnitude", 0.5)
+def test_bad_settings_get_one_clear_message_and_change_nothing(one_run, settings, error, message):
+    me, run = one_run
     with pytest.raises(error, match=message):
         me.recover(run.id, **settings)
     assert [r.id for r in me.runs()] == [run.id] and me.workbench.store.is_original()

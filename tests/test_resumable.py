@@ -38,6 +38,7 @@ def test_each_measurement_recognises_its_own_finished_points(tmp_path):
         [True, False] * 3 + [False, False] * (len(self_labels.POINTS) - 3)
 
 
+@pytest.mark.slow  # a measurement on the shipped model end to end: prunes, recoveries, scores
 def test_a_rerun_keeps_the_finished_rows_and_measures_only_the_rest(tmp_path):
     out = tmp_path / "recovery.json"
     kept = {"method": "wanda", "label": "Wanda", "sparsity": 0.7, "seed": 0, "steps": 1, "lr": 2e-5,

@@ -19,6 +19,14 @@ from ecoflap.workbench import Cancelled
 from conftest import EXAMPLE, make_server, tiny_model, wait_for
 
 FAST = dict(samples=8, stage1_samples=8)
+pytestmark = pytest.mark.usefixtures("few_quality_questions")
+
+
+@pytest.fixture(scope="module")
+def one_run(shared_model_folder, tmp_path_factory, few_quality_questions):
+    """A session holding one run, shared by the refusal tests: each refusal must leave it so."""
+    me = make_server(shared_model_folder, tmp_path_factory.mktemp("deployment")).open_session()
+    return me, me.prune("magnitude", 0.5)
 
 
 def test_sessions_see_only_their_own_runs_and_ids_reach_nothing_else(model_folder, tmp_path):
@@ -243,10 +251,8 @@ def test_bad_model_folders_get_one_specific_line(model_folder, tmp_path):
     (dict(granularity="row"), "granularity must be one of"),
     (dict(max_sparsity=0.3), "below the target"),
 ])
-def test_bad_prune_values_get_one_specific_message_and_change_nothing(model_folder, tmp_path, settings, message):
-    server = make_server(model_folder, tmp_path)
-    me = server.open_session()
-    kept = me.prune("magnitude", 0.5)
+def test_bad_prune_values_get_one_specific_message_and_change_nothing(one_run, settings, message):
+    me, kept = one_run
     call = {"method": "ecoflap_zeroth", "sparsity": 0.5, **settings}
     with pytest.raises(ValueError, match=message):
         me.prune(call.pop("method"), call.pop("sparsity"), **call)

@@ -8,25 +8,12 @@ import pytest
 import torch
 
 import ecoflap.workbench as workbench_module
-from ecoflap.serve.server import Limits, Server
 from ecoflap.workbench import Cancelled
 
-from conftest import EXAMPLE, tiny_model, wait_for
+from conftest import EXAMPLE, make_server, wait_for
 
 FAST = dict(samples=8, stage1_samples=8)
-
-
-@pytest.fixture
-def model_folder(tmp_path):
-    loaded = tiny_model("opt")
-    folder = tmp_path / "tiny-opt"
-    loaded.model.save_pretrained(folder)
-    loaded.processor.save_pretrained(folder)
-    return folder
-
-
-def make_server(folder, tmp_path, **limits) -> Server:
-    return Server(str(folder), device="cpu", limits=Limits(**limits), export_root=tmp_path / "exports")
+pytestmark = pytest.mark.usefixtures("few_quality_questions")
 
 
 class Gate:

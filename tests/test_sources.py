@@ -27,6 +27,7 @@ from conftest import WORDS, make_server, saved, tiny_model
 from test_cli import run
 
 datasets = pytest.importorskip("datasets")
+pytestmark = pytest.mark.usefixtures("few_quality_questions")
 
 
 def rows(n: int, seed: int = 0, size: int = 32) -> tuple[list[Image.Image], list[str]]:

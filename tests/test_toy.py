@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 import numpy as np
+import pytest
 import torch
 
 from ecoflap.models import DEFAULT_MODEL, load_model
@@ -92,6 +93,7 @@ def test_training_steps_reduce_the_loss():
     assert losses[-1] < 0.8 * losses[0]
 
 
+@pytest.mark.slow  # the whole shipped model answering hundreds of questions
 def test_shipped_model_meets_the_bar_on_held_out_examples():
     loaded = load_model(DEFAULT_MODEL, device="cpu")
     result = evaluate(loaded, make_eval_set(250, seed=424242))
@@ -100,6 +102,7 @@ def test_shipped_model_meets_the_bar_on_held_out_examples():
         assert accuracy >= (0.8 if kind == "caption" else 0.9), (kind, result)
 
 
+@pytest.mark.slow  # the whole shipped model answering sixty scenes of another renderer
 def test_shipped_model_reads_images_drawn_by_other_code():
     loaded = load_model(DEFAULT_MODEL, device="cpu")
     examples = independent_examples(60, seed=99)
