@@ -29,7 +29,7 @@ from ..models import DEFAULT_MODEL, ModelLoadError, display_name, load_model, no
 from ..sources import Source, SourceError, parse
 from ..workbench import Workbench
 from .runs import RunStore
-from .session import Session
+from .session import Session, same_prune
 from .sharing import Flights
 
 log = logging.getLogger(__name__)
@@ -436,7 +436,7 @@ class Server:
         """The result and weights of a stored run of any session that `key` names (see
         `Session._share_key`), for an identical request to reuse; None if none is held.
         `measured_otherwise`: a run with the same weights, however its quality was measured."""
-        same = (lambda r: r.shared and r.shared[:-1] == key[:-1]) if measured_otherwise else (lambda r: r.shared == key)
+        same = (lambda r: same_prune(r, key)) if measured_otherwise else (lambda r: r.shared == key)
         run = self.runs.latest(same)
         return None if run is None else (run.result, run.weights)
 

@@ -125,7 +125,6 @@ class Comparison:
                 for r in self.rows]
 
 
-
 def settings_key(method: Method, sparsity: float, options: PruneOptions) -> tuple:
     """The settings a prune's result depends on, defaults resolved: a cap left unset and the
     same cap typed (the Prune tab shows the default's value) name one computation, and an
@@ -133,6 +132,13 @@ def settings_key(method: Method, sparsity: float, options: PruneOptions) -> tupl
     used = applicable(method)
     resolved = as_report(method, sparsity, options)
     return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in resolved.items() if k in used))
+
+
+def same_prune(run: "Run", key: tuple) -> bool:
+    """Whether `run` holds the weights of the prune `key` names, however its quality was
+    measured (a key's last part: see `Session._share_key`)."""
+    return bool(run.shared) and run.shared[:-1] == key[:-1]
+
 
 class Session:
     """One person's runs on one model, and everything they can do with them."""
@@ -308,7 +314,7 @@ class Session:
         measured), so a comparison reuses it instead of making "Wanda @ 0.60 #2"."""
         if key is None:
             return None
-        return next((r for r in reversed(self.server.runs.of(self.id)) if r.shared and r.shared[:-1] == key[:-1]), None)
+        return next((r for r in reversed(self.server.runs.of(self.id)) if same_prune(r, key)), None)
 
     def _share_key(self, bench: Workbench, method: Method, sparsity: float, options: PruneOptions, calibration,
                    images, measured: tuple) -> tuple | None:
