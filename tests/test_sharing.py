@@ -134,12 +134,19 @@ def test_a_prune_calibrated_on_uploads_is_never_shared(model_folder, tmp_path, m
     assert server.flights.computations == 0 and server.flights.shared == 0
 
 
-def test_one_waiters_stop_leaves_the_computation_to_the_others(model_folder, tmp_path, monkeypatch):
+def two_waiting_for_one_prune(model_folder, tmp_path, monkeypatch):
+    """Two sessions asking for the same prune, both waiting for its one computation (held
+    at its gate): (gate, server, a, b, threads, runs, errors)."""
     gate = Gate(monkeypatch)
     server = make_server(model_folder, tmp_path)
     a, b = server.open_session(), server.open_session()
     threads, runs, errors = in_threads([lambda: a.prune("wanda", 0.6, **FAST), lambda: b.prune("wanda", 0.6, **FAST)])
     wait_for(lambda: server.flights.shared == 1, 60, "both sessions to wait for one computation")
+    return gate, server, a, b, threads, runs, errors
+
+
+def test_one_waiters_stop_leaves_the_computation_to_the_others(model_folder, tmp_path, monkeypatch):
+    gate, server, a, b, threads, runs, errors = two_waiting_for_one_prune(model_folder, tmp_path, monkeypatch)
     assert a.stop() == 1
     threads[0].join(60)  # a's Stop returns while the computation is still held at its gate
     assert not threads[0].is_alive() and isinstance(errors[0], Cancelled) and not gate.release.is_set()
@@ -151,11 +158,7 @@ def test_one_waiters_stop_leaves_the_computation_to_the_others(model_folder, tmp
 
 
 def test_the_last_waiters_stop_stops_the_computation(model_folder, tmp_path, monkeypatch):
-    gate = Gate(monkeypatch)
-    server = make_server(model_folder, tmp_path)
-    a, b = server.open_session(), server.open_session()
-    threads, runs, errors = in_threads([lambda: a.prune("wanda", 0.6, **FAST), lambda: b.prune("wanda", 0.6, **FAST)])
-    wait_for(lambda: server.flights.shared == 1, 60, "both sessions to wait for one computation")
+    gate, server, a, b, threads, runs, errors = two_waiting_for_one_prune(model_folder, tmp_path, monkeypatch)
     a.stop()
     threads[0].join(60)
     assert gate.stopped == 0
