@@ -194,9 +194,9 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--json", default=None, help="also write the rows as JSON here")
     w.add_argument("--csv", default="sweep.csv")
     w.add_argument("--html", default="sweep.html", help="plotly chart")
-    w.add_argument("--y", default=None, choices=Y_CHOICES, help="the chart's y-axis: the score (accuracy or "
-                   "calibration loss) or a figure against the full model (accuracy and flips: shapes models); "
-                   "default: accuracy where the model has labels, else the mean KL")
+    w.add_argument("--y", default=None, choices=Y_CHOICES, help="the chart's y-axis: the score (accuracy, or "
+                   "the mean KL for a model without labels) or a figure against the full model (accuracy and "
+                   "flips: shapes models); default: accuracy where the model has labels, else the mean KL")
     b = sub.add_parser("bench", help="time and memory of every method, side by side, in one process")
     _model_args(b)
     b.add_argument("--arch", default=None, help="build a full-size architecture instead of loading: "
@@ -290,7 +290,6 @@ def cmd_prune(args) -> int:
     return _write_outputs(args, loaded, report, "pruned model")
 
 
-
 def _write_outputs(args, loaded, report: dict, what: str) -> int:
     """The report and the saved folder a command was asked for, each named on stdout."""
     if args.report:
@@ -300,6 +299,7 @@ def _write_outputs(args, loaded, report: dict, what: str) -> int:
         save_pruned(loaded, report, args.save)
         print(f"{what}: {args.save}")
     return 0
+
 
 def _recovery_examples(args, loaded):
     """Examples to fine-tune on from --calibration (or the deployment's default); None:

@@ -34,8 +34,7 @@ KL_SCORE = "mean KL from the full model"  # the score of a model without labels
 FULL_MODEL = {"kl_mean": 0.0, "kl_median": 0.0, "kl_p99": 0.0, "kl_p999": 0.0, "same_top": 1.0, "same_answer": 1.0,
               "right_to_wrong": 0, "wrong_to_right": 0}
 # the picker's order: the score, then what a reader looks at first
-AXIS_ORDER = ("score", "accuracy", "kl_mean", "kl_median", "kl_p99", "kl_p999", "same_top", "same_answer",
-              "right_to_wrong", "wrong_to_right")
+AXIS_ORDER = ("score", "accuracy", *(c for c in QUALITY_COLUMNS if c != "accuracy"))
 # the table's columns beside method and sparsity, short enough for a phone's width
 TABLE_NAMES = {"accuracy": "accuracy", "kl_mean": "KL mean", "kl_p99": "KL p99", "same_top": "same top-1",
                "same_answer": "same answer", "right_to_wrong": "right→wrong", "wrong_to_right": "wrong→right"}
