@@ -76,16 +76,16 @@ def allocation_distance(a: dict[str, tuple[float, float]], b: dict[str, tuple[fl
 
 def rank_correlation(x: list[float], y: list[float]) -> float:
     """Spearman's correlation (ties share their mean rank)."""
-    rx, ry = _ranks(x), _ranks(y)
+    rx, ry = (torch.tensor(ranks(v), dtype=torch.float64) for v in (x, y))
     rx, ry = rx - rx.mean(), ry - ry.mean()
     denominator = float((rx.square().sum() * ry.square().sum()).sqrt())
     return float((rx * ry).sum()) / denominator if denominator else 1.0
 
 
-def _ranks(values: list[float]) -> torch.Tensor:
-    v = torch.tensor(values, dtype=torch.float64)
-    return torch.tensor([float((v < x).sum()) + (float((v == x).sum()) - 1) / 2 for x in v.tolist()],
-                        dtype=torch.float64)
+def ranks(values) -> list[float]:
+    """1-based ranks, tied values sharing the mean of the ranks they span."""
+    v = [float(x) for x in values]
+    return [sum(u < x for u in v) + (sum(u == x for u in v) + 1) / 2 for x in v]
 
 
 def allocation_drift(

@@ -13,7 +13,8 @@ from ecoflap.options import PruneOptions
 from ecoflap.pipeline import prune
 from ecoflap.quality import against_full, full_reference, labelled_counts
 from ecoflap.scoring import fingerprint, held_out_examples
-from ecoflap.toy.label_free import ranks, spearman
+from ecoflap.precision import ranks
+from ecoflap.toy.label_free import spearman
 from ecoflap.workbench import Workbench
 
 

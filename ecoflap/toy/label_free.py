@@ -19,12 +19,12 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ..curves import FILE as CURVES_FILE
 from ..models import load_model
 from ..options import PruneOptions
+from ..precision import rank_correlation
 from ..report import write_json
 from ..scoring import HELD_OUT_N, SCORE_SEED, held_out_examples, quality_against_full, reference_for
 from ..workbench import Workbench
@@ -38,28 +38,12 @@ BY_METHOD = ("wanda", "global_magnitude", "owl", "ecoflap_first", "ecoflap_zerot
 FIGURES = ("kl_mean", "kl_median", "kl_p99", "same_top", "same_answer")
 
 
-def ranks(values) -> np.ndarray:
-    """1-based ranks, tied values sharing the mean of the ranks they span."""
-    values = np.asarray(values, dtype=float)
-    order = np.argsort(values, kind="stable")
-    out = np.empty(len(values))
-    i = 0
-    while i < len(values):
-        j = i
-        while j + 1 < len(values) and values[order[j + 1]] == values[order[i]]:
-            j += 1
-        out[order[i : j + 1]] = (i + j) / 2 + 1
-        i = j + 1
-    return out
-
-
 def spearman(x, y) -> float | None:
-    """Spearman's rank correlation: Pearson's correlation of the ranks (ties averaged);
-    None where either side is constant."""
-    rx, ry = ranks(x), ranks(y)
-    if rx.std() == 0 or ry.std() == 0:
+    """Spearman's rank correlation (`precision.rank_correlation`: ties share their mean
+    rank); None where either side is constant."""
+    if len(set(map(float, x))) < 2 or len(set(map(float, y))) < 2:
         return None
-    return float(np.corrcoef(rx, ry)[0, 1])
+    return rank_correlation(list(x), list(y))
 
 
 def points(folder: Path, by: str = "sparsity") -> list[dict]:
