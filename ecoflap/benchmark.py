@@ -144,9 +144,9 @@ def bench(
             result = run(name)
         timings = timed.setdefault(name, result).timings
         results[name] = {
-            "stage1_s": round(timings.get("stage1_s", 0.0), 4),
-            "stage2_s": round(timings["stage2_s"], 4),
-            "total_s": round(timings["total_s"], 4),
+            "stage1_s": round(timings.get("stage1_s", 0.0), 6),
+            "stage2_s": round(timings["stage2_s"], 6),
+            "total_s": round(timings["total_s"], 6),
             "forward_equivalents": round(timings["total_s"] / forward_s, 3),
             "peak_bytes": meter.peak,
             "peak_vs_inference": round((meter.peak + resident) / (inference.peak + resident), 3)
@@ -177,7 +177,7 @@ def bench(
         "dtype": str(loaded.dtype).replace("torch.", ""),
         "sparsity": sparsity,
         "calibration_samples": options.samples,
-        "forward_pass_s": round(forward_s, 4),
+        "forward_pass_s": round(forward_s, 6),
         "inference_peak_bytes": inference.peak,
         "weights_bytes_added_to_ratios": resident,
         "peak_kind": "cuda_max_allocated" if loaded.device.type == "cuda" else "cpu_rss_growth",
