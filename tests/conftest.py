@@ -152,6 +152,15 @@ def wait_for_progress(job, timeout: float = 120):
         raise AssertionError("the job finished before it reported any progress")
 
 
+def when_running(url: str, timeout: float = 120):
+    """Until the app holds a running job (its /stats, read with the owner's key): a page's
+    progress shows while the job still waits for its worker thread, and a Stop pressed then
+    finds nothing to stop."""
+    owner = client(url)
+    wait_for(lambda: owner.predict(STATS_KEY, api_name="/stats")["jobs_running"] > 0, timeout,
+             "the job to run on the server")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 import ecoflap
-from conftest import EXAMPLE, choose_method
+from conftest import EXAMPLE, choose_method, when_running
 
 playwright = pytest.importorskip("playwright.sync_api")
 
@@ -73,6 +73,7 @@ def assert_calm(page):
 def stop_soon(page, start_button: str, stop: str):
     page.get_by_role("button", name=start_button, exact=True).click()
     page.locator(".progress-text, .eta-bar, .progress-level").filter(visible=True).first.wait_for(timeout=60_000)
+    when_running(page.url)
     page.locator(f"#{stop}").click()
     # a busy CI machine can take a while to reach the next stop check (a block, a batch of
     # questions): generous waits, since what is tested is that it stops and says so

@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 
-from conftest import choose_method
+from conftest import choose_method, when_running
 
 playwright = pytest.importorskip("playwright.sync_api")
 
@@ -189,6 +189,7 @@ def test_a_stop_keeps_what_finished_and_what_is_shown_belongs_together(page):
     page.get_by_label("Sparsities").fill("0.7,0.8")
     page.get_by_role("button", name="Run sweep").click()
     page.locator(f"#sweep-status {TRACKER} .progress-level").wait_for(state="attached", timeout=60_000)
+    when_running(page.url)
     page.locator("#sweep-stop").click()
     # the rerun's own outcome: the first stop's words ("the 1 point(s) finished") may still be on the page, so
     # its status and its table are waited for together (0.7 is this sweep's first point, never the first's)
